@@ -1,0 +1,137 @@
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// Response body of [`Cache`](super::Cache): a stored body, the inner
+    /// body untouched, or the frames read while trying to store followed by
+    /// the rest of the inner body.
+    #[project = BodyProj]
+    pub struct ResponseBody<B>
+    where
+        B: Body,
+    {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B>
+    where
+        B: Body,
+    {
+        Full { data: Option<Bytes> },
+        Inner { #[pin] body: B },
+        Prefixed {
+            frames: VecDeque<Frame<Bytes>>,
+            error: Option<B::Error>,
+            failed: bool,
+            body: Pin<Box<B>>,
+        },
+    }
+}
+
+impl<B: Body> ResponseBody<B> {
+    pub(crate) fn full(data: Bytes) -> Self {
+        Self {
+            kind: Kind::Full { data: Some(data) },
+        }
+    }
+
+    pub(crate) fn empty() -> Self {
+        Self {
+            kind: Kind::Full { data: None },
+        }
+    }
+
+    pub(crate) fn inner(body: B) -> Self {
+        Self {
+            kind: Kind::Inner { body },
+        }
+    }
+
+    /// `frames` first, then `error` if any, else the rest of `body`.
+    pub(crate) fn prefixed(
+        frames: VecDeque<Frame<Bytes>>,
+        error: Option<B::Error>,
+        body: Pin<Box<B>>,
+    ) -> Self {
+        Self {
+            kind: Kind::Prefixed {
+                frames,
+                error,
+                failed: false,
+                body,
+            },
+        }
+    }
+}
+
+pub(crate) fn to_bytes<D: Buf>(frame: Frame<D>) -> Frame<Bytes> {
+    frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
+}
+
+impl<B: Body> Body for ResponseBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Inner { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map(to_bytes))),
+            KindProj::Prefixed {
+                frames,
+                error,
+                failed,
+                body,
+            } => {
+                if let Some(frame) = frames.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                if let Some(error) = error.take() {
+                    *failed = true;
+                    return Poll::Ready(Some(Err(error)));
+                }
+                if *failed {
+                    // The inner body already failed; it is not polled again.
+                    return Poll::Ready(None);
+                }
+                body.as_mut()
+                    .poll_frame(cx)
+                    .map(|f| f.map(|f| f.map(to_bytes)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { data } => data.is_none(),
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Prefixed {
+                frames,
+                error,
+                failed,
+                body,
+            } => frames.is_empty() && error.is_none() && (*failed || body.is_end_stream()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Prefixed { .. } => SizeHint::default(),
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! Cache-aside for reads: serve cached GET/HEAD routes from a store, fill it
+//! on a miss.
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{routing::get, Json, Router};
+//! use tower_redis_cache::{store::MemoryStore, CacheLayer, Policy, Route};
+//!
+//! async fn person() -> Json<serde_json::Value> {
+//!     Json(serde_json::json!({ "id": 1, "name": "Ana" }))
+//! }
+//!
+//! let policy = Policy::builder()
+//!     .route(Route::get("/persons/{id}").key("person:{id}").ttl(Duration::from_secs(300)))
+//!     .build()?;
+//! let app: Router = Router::new()
+//!     .route("/persons/{id}", get(person))
+//!     .layer(CacheLayer::new(policy, MemoryStore::new()));
+//! # Ok::<(), tower_redis_cache::ConfigError>(())
+//! ```
+//!
+//! # What is stored
+//!
+//! Only responses to GET on a route of the policy, with status 200, a JSON
+//! content type (`application/json` or `…+json`), no `Set-Cookie`, no
+//! `Cache-Control: no-store | no-cache | private`, no `Vary` other than on
+//! headers the key is scoped by, no `Content-Encoding` (compress outside this
+//! layer), and a body no larger than the policy's cap. A larger body streams
+//! through as it comes; at most the cap is held in memory. Only the content
+//! headers are kept (`content-type`, `content-language`, `cache-control`,
+//! `last-modified`, `etag`).
+//!
+//! # Hits, misses, bypasses
+//!
+//! On a hit the inner service is not called; HEAD is answered from the GET
+//! entry. Every response on a cached route carries `x-cache: HIT | MISS |
+//! BYPASS` and an RFC 9211 `cache-status`, such as
+//! `tower-redis-cache; hit; ttl=287` or
+//! `tower-redis-cache; fwd=uri-miss; fwd-status=200; stored`. Hits also carry
+//! `age`.
+//!
+//! A miss's response is sent once the store acknowledged the write (one round
+//! trip, bounded by the store deadline), so the next request finds the entry.
+//!
+//! # Credentials
+//!
+//! A request with `Authorization` or `Cookie` on a route with no
+//! [`Scope`](crate::Scope) bypasses the cache, unless the route is
+//! [`public`](crate::Route::public).
+//!
+//! # The store is never a dependency
+//!
+//! A store that fails, times out or returns bytes that do not decode makes a
+//! miss (or a bypass), never an error response. The failure is logged with
+//! `tracing` and counted in [`CacheStats`](crate::CacheStats).
+
+mod body;
+mod future;
+mod layer;
+mod service;
+
+pub use body::ResponseBody;
+pub use future::ResponseFuture;
+pub use layer::CacheLayer;
+pub use service::{Cache, X_CACHE};

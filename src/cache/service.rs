@@ -1,0 +1,410 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body;
+use tower_service::Service;
+
+use super::body::ResponseBody;
+use super::future::ResponseFuture;
+use crate::entry::Entry;
+use crate::policy::{Decision, Policy};
+use crate::stats::{CacheStats, Reason};
+use crate::store::{CacheKey, Lookup, Store, StoreError, StoreFuture};
+
+/// The `cache-status` cache name (RFC 9211).
+const CACHE_NAME: &str = "tower-redis-cache";
+
+/// Header telling whether the cache served the response: `HIT`, `MISS` or `BYPASS`.
+pub const X_CACHE: &str = "x-cache";
+
+/// Middleware that serves cached GET/HEAD routes from a store and fills it on
+/// a miss. See the [module docs](super) for details.
+#[derive(Clone)]
+pub struct Cache<S> {
+    pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl<S> std::fmt::Debug for Cache<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("policy", &self.shared.policy)
+            .field("store", &self.shared.store.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every clone of the layer and service shares.
+pub(crate) struct Shared {
+    pub(crate) policy: Policy,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) stats: CacheStats,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: Body,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, S, ReqBody, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let head = request.method() == Method::HEAD;
+        match self.shared.policy.decide(&request) {
+            Decision::Pass => ResponseFuture::inner(self.inner.call(request), None),
+            Decision::Bypass { route, reason } => {
+                let mut ctx = Ctx::new(&self.shared, route, head, None);
+                ctx.bypass = Some(reason);
+                ResponseFuture::inner(self.inner.call(request), Some(ctx))
+            }
+            Decision::Cache { route, key } => {
+                let lookup = self.shared.store.lookup(&key);
+                // The store answers before the inner service is called: take
+                // the service `poll_ready` readied, leave a fresh clone.
+                let clone = self.inner.clone();
+                let service = std::mem::replace(&mut self.inner, clone);
+                let ctx = Ctx::new(&self.shared, route, head, Some(key));
+                ResponseFuture::lookup(lookup, service, request, ctx)
+            }
+        }
+    }
+}
+
+/// How one request on a cached route ended.
+pub(crate) enum Outcome {
+    Hit { ttl: u64, age: u64 },
+    Stored,
+    NotStored(Reason),
+    Bypass(Reason),
+}
+
+/// Per-request state of a cached route.
+pub(crate) struct Ctx {
+    shared: Arc<Shared>,
+    route: usize,
+    key: Option<CacheKey>,
+    head: bool,
+    seen: Option<Lookup>,
+    bypass: Option<Reason>,
+    started: Instant,
+}
+
+impl Ctx {
+    fn new(shared: &Arc<Shared>, route: usize, head: bool, key: Option<CacheKey>) -> Self {
+        Self {
+            shared: shared.clone(),
+            route,
+            key,
+            head,
+            seen: None,
+            bypass: None,
+            started: Instant::now(),
+        }
+    }
+
+    pub(crate) fn ttl(&self) -> Duration {
+        self.shared.policy.route(self.route).ttl
+    }
+
+    pub(crate) fn max_body_bytes(&self) -> usize {
+        self.shared.policy.max_body_bytes()
+    }
+
+    fn label(&self) -> &str {
+        &self.shared.policy.route(self.route).label
+    }
+
+    fn key_text(&self) -> String {
+        match &self.key {
+            Some(CacheKey::Plain(key)) => key.clone(),
+            Some(CacheKey::Versioned { prefix, suffix, .. }) => {
+                format!("{prefix}{{version}}{suffix}")
+            }
+            None => String::new(),
+        }
+    }
+
+    pub(crate) fn hit<B: Body>(&self, entry: Entry) -> Response<ResponseBody<B>> {
+        let body = if self.head {
+            ResponseBody::empty()
+        } else {
+            ResponseBody::full(entry.body.clone())
+        };
+        let mut response = Response::new(body);
+        *response.status_mut() = entry.status;
+        let (ttl, age) = (entry.remaining_ttl_s(), entry.age_s());
+        let headers = response.headers_mut();
+        *headers = entry.headers;
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+        self.finish(response, Outcome::Hit { ttl, age })
+    }
+
+    pub(crate) fn missed(&mut self, found: Lookup) {
+        self.seen = Some(found);
+    }
+
+    pub(crate) fn lookup_failed(&mut self, err: &StoreError) {
+        self.shared.stats.error(self.route);
+        tracing::warn!(route = self.label(), key = %self.key_text(), error = %err, "cache lookup failed; serving from the handler");
+        self.bypass = Some(Reason::StoreError);
+    }
+
+    /// Whether the response may be stored, decided from its head alone.
+    pub(crate) fn storable<B: Body>(&self, response: &Response<B>) -> Result<(), Outcome> {
+        if let Some(reason) = self.bypass {
+            return Err(Outcome::Bypass(reason));
+        }
+        let scope = &self.shared.policy.route(self.route).scope;
+        let reason = match unstorable_reason(response.status(), response.headers(), |name| {
+            scope.covers_header(name)
+        }) {
+            Some(reason) => reason,
+            None if self.head => Reason::Head,
+            None if declared_length(response) > self.max_body_bytes() as u64 => Reason::TooLarge,
+            None => return Ok(()),
+        };
+        Err(Outcome::NotStored(reason))
+    }
+
+    pub(crate) fn write(&self, value: Bytes) -> Result<StoreFuture<bool>, Reason> {
+        let store = &self.shared.store;
+        // A delete's tombstone guards a key for `tombstone_ttl`; a miss slower
+        // than half of it might store over an expired tombstone.
+        if self.started.elapsed() > store.tombstone_ttl() / 2 {
+            return Err(Reason::SlowMiss);
+        }
+        match (&self.key, &self.seen) {
+            (Some(key), Some(seen)) => Ok(store.store(key, seen, value, self.ttl())),
+            _ => Err(Reason::StoreError),
+        }
+    }
+
+    pub(crate) fn written<B>(
+        &self,
+        response: Response<B>,
+        written: Result<bool, StoreError>,
+    ) -> Response<B> {
+        let outcome = match written {
+            Ok(true) => Outcome::Stored,
+            Ok(false) => Outcome::NotStored(Reason::Raced),
+            Err(err) => {
+                self.shared.stats.error(self.route);
+                tracing::warn!(route = self.label(), key = %self.key_text(), error = %err, "cache store failed");
+                Outcome::NotStored(Reason::StoreError)
+            }
+        };
+        self.finish(response, outcome)
+    }
+
+    /// Sets `x-cache` and `cache-status`, counts and logs the outcome.
+    pub(crate) fn finish<B>(&self, mut response: Response<B>, outcome: Outcome) -> Response<B> {
+        let stats = &self.shared.stats;
+        let took = self.started.elapsed();
+        let status = response.status().as_u16();
+        let route = self.label();
+        let key = self.key_text();
+        let (x_cache, cache_status) = match outcome {
+            Outcome::Hit { ttl, age } => {
+                stats.hit(self.route, took);
+                response
+                    .headers_mut()
+                    .insert(header::AGE, HeaderValue::from(age));
+                tracing::debug!(route, key, "cache hit");
+                ("HIT", format!("{CACHE_NAME}; hit; ttl={ttl}"))
+            }
+            Outcome::Stored => {
+                stats.miss(self.route, took);
+                stats.stored(self.route);
+                tracing::debug!(route, key, "cache miss, stored");
+                (
+                    "MISS",
+                    format!("{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; stored"),
+                )
+            }
+            Outcome::NotStored(reason) => {
+                stats.miss(self.route, took);
+                stats.skip(self.route, reason);
+                let reason = reason.as_str();
+                tracing::debug!(route, key, reason, "cache miss, not stored");
+                (
+                    "MISS",
+                    format!("{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; detail={reason}"),
+                )
+            }
+            Outcome::Bypass(reason) => {
+                stats.skip(self.route, reason);
+                let reason = reason.as_str();
+                tracing::debug!(route, reason, "cache bypassed");
+                (
+                    "BYPASS",
+                    format!("{CACHE_NAME}; fwd=bypass; detail={reason}"),
+                )
+            }
+        };
+        let headers = response.headers_mut();
+        headers.insert(X_CACHE, HeaderValue::from_static(x_cache));
+        if let Ok(value) = HeaderValue::try_from(cache_status) {
+            headers.insert("cache-status", value);
+        }
+        response
+    }
+}
+
+/// Why a response with this head must not be stored, if it must not.
+/// `scoped` says whether the key is already scoped by a request header.
+pub(crate) fn unstorable_reason(
+    status: StatusCode,
+    headers: &HeaderMap,
+    scoped: impl Fn(&str) -> bool,
+) -> Option<Reason> {
+    if status != StatusCode::OK {
+        return Some(Reason::Status);
+    }
+    if !headers.get(header::CONTENT_TYPE).is_some_and(is_json) {
+        return Some(Reason::NotJson);
+    }
+    if headers.contains_key(header::SET_COOKIE) {
+        return Some(Reason::SetCookie);
+    }
+    let directives = comma_separated(headers, header::CACHE_CONTROL);
+    if directives.iter().any(|d| {
+        let name = d.split('=').next().unwrap_or("").trim();
+        ["no-store", "no-cache", "private"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+    }) {
+        return Some(Reason::CacheControl);
+    }
+    if comma_separated(headers, header::VARY)
+        .iter()
+        .any(|v| v == "*" || !scoped(v))
+    {
+        return Some(Reason::Vary);
+    }
+    if headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Some(Reason::ContentEncoding);
+    }
+    None
+}
+
+/// The body length known from the head, before reading the body.
+fn declared_length<B: Body>(response: &Response<B>) -> u64 {
+    let header = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    header.max(response.body().size_hint().lower())
+}
+
+fn comma_separated(headers: &HeaderMap, name: header::HeaderName) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+/// `application/json` or any `+json` type, parameters ignored.
+fn is_json(value: &HeaderValue) -> bool {
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    !kind.is_empty() && (subtype == "json" && kind == "application" || subtype.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(status: u16, headers: &[(&str, &str)]) -> Option<Reason> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        unstorable_reason(StatusCode::from_u16(status).unwrap(), &map, |h| {
+            h.eq_ignore_ascii_case("x-tenant-id")
+        })
+    }
+
+    const JSON: (&str, &str) = ("content-type", "application/json; charset=utf-8");
+
+    #[test]
+    fn storable_responses() {
+        assert_eq!(reason(200, &[JSON]), None);
+        assert_eq!(
+            reason(200, &[("content-type", "application/problem+json")]),
+            None
+        );
+        assert_eq!(reason(200, &[JSON, ("vary", "X-Tenant-Id")]), None);
+        assert_eq!(
+            reason(200, &[JSON, ("cache-control", "max-age=60, public")]),
+            None
+        );
+    }
+
+    #[test]
+    fn unstorable_responses() {
+        assert_eq!(reason(404, &[JSON]), Some(Reason::Status));
+        assert_eq!(reason(500, &[JSON]), Some(Reason::Status));
+        assert_eq!(reason(201, &[JSON]), Some(Reason::Status));
+        assert_eq!(
+            reason(200, &[("content-type", "text/html")]),
+            Some(Reason::NotJson)
+        );
+        assert_eq!(
+            reason(200, &[("content-type", "application/jsonx")]),
+            Some(Reason::NotJson)
+        );
+        assert_eq!(reason(200, &[]), Some(Reason::NotJson));
+        assert_eq!(
+            reason(200, &[JSON, ("set-cookie", "a=b")]),
+            Some(Reason::SetCookie)
+        );
+        assert_eq!(
+            reason(200, &[JSON, ("cache-control", "no-store")]),
+            Some(Reason::CacheControl)
+        );
+        assert_eq!(
+            reason(200, &[JSON, ("cache-control", "max-age=5, Private")]),
+            Some(Reason::CacheControl)
+        );
+        assert_eq!(reason(200, &[JSON, ("vary", "*")]), Some(Reason::Vary));
+        assert_eq!(
+            reason(200, &[JSON, ("vary", "accept-language")]),
+            Some(Reason::Vary)
+        );
+        assert_eq!(
+            reason(200, &[JSON, ("content-encoding", "gzip")]),
+            Some(Reason::ContentEncoding)
+        );
+    }
+}

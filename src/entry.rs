@@ -1,0 +1,224 @@
+//! The stored form of a response: a small envelope, format byte first.
+//!
+//! ```text
+//! 0x01 | status u16 | stored_at_ms u64 | ttl_s u32 | n u8 | (name_len u8, name, value_len u16, value)* | body_len u32 | body
+//! 0x02 | nonce                               (a tombstone left by an invalidation)
+//! ```
+//!
+//! Anything else — another format, truncated bytes, garbage — decodes to
+//! [`Slot::Unreadable`] and is treated as a miss.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+const FORMAT_ENTRY: u8 = 0x01;
+const FORMAT_TOMBSTONE: u8 = 0x02;
+
+/// Headers kept with a stored response; everything else is dropped.
+pub(crate) const STORED_HEADERS: [HeaderName; 5] = [
+    http::header::CONTENT_TYPE,
+    http::header::CONTENT_LANGUAGE,
+    http::header::CACHE_CONTROL,
+    http::header::LAST_MODIFIED,
+    http::header::ETAG,
+];
+
+/// A decoded cached response.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Entry {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) stored_at_ms: u64,
+    pub(crate) ttl_s: u32,
+}
+
+/// What a stored value turned out to be.
+#[derive(Debug)]
+pub(crate) enum Slot {
+    Entry(Entry),
+    Tombstone,
+    Unreadable,
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Entry {
+    pub(crate) fn new(status: StatusCode, source: &HeaderMap, body: Bytes, ttl: Duration) -> Self {
+        let mut headers = HeaderMap::new();
+        for name in &STORED_HEADERS {
+            for value in source.get_all(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        Self {
+            status,
+            headers,
+            body,
+            stored_at_ms: unix_ms(),
+            ttl_s: ttl.as_secs().min(u32::MAX as u64) as u32,
+        }
+    }
+
+    pub(crate) fn encode(&self) -> Bytes {
+        let header_len: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| 3 + n.as_str().len() + v.len())
+            .sum();
+        let mut out = BytesMut::with_capacity(16 + header_len + self.body.len());
+        out.put_u8(FORMAT_ENTRY);
+        out.put_u16(self.status.as_u16());
+        out.put_u64(self.stored_at_ms);
+        out.put_u32(self.ttl_s);
+        // Stored headers come from a fixed short list and header values are
+        // far below u16::MAX in practice; longer ones are dropped, not cut.
+        let kept: Vec<_> = self
+            .headers
+            .iter()
+            .filter(|(_, v)| v.len() <= u16::MAX as usize)
+            .take(u8::MAX as usize)
+            .collect();
+        out.put_u8(kept.len() as u8);
+        for (name, value) in kept {
+            out.put_u8(name.as_str().len() as u8);
+            out.put_slice(name.as_str().as_bytes());
+            out.put_u16(value.len() as u16);
+            out.put_slice(value.as_bytes());
+        }
+        out.put_u32(self.body.len() as u32);
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    /// Seconds left before the entry expires, as seen from now.
+    pub(crate) fn remaining_ttl_s(&self) -> u64 {
+        let age_s = unix_ms().saturating_sub(self.stored_at_ms) / 1000;
+        u64::from(self.ttl_s).saturating_sub(age_s)
+    }
+
+    pub(crate) fn age_s(&self) -> u64 {
+        unix_ms().saturating_sub(self.stored_at_ms) / 1000
+    }
+}
+
+pub(crate) fn decode(mut raw: Bytes) -> Slot {
+    match raw.first() {
+        Some(&FORMAT_ENTRY) => decode_entry(&mut raw).map_or(Slot::Unreadable, Slot::Entry),
+        Some(&FORMAT_TOMBSTONE) => Slot::Tombstone,
+        _ => Slot::Unreadable,
+    }
+}
+
+fn decode_entry(raw: &mut Bytes) -> Option<Entry> {
+    if raw.remaining() < 1 + 2 + 8 + 4 + 1 {
+        return None;
+    }
+    raw.advance(1);
+    let status = StatusCode::from_u16(raw.get_u16()).ok()?;
+    let stored_at_ms = raw.get_u64();
+    let ttl_s = raw.get_u32();
+    let count = raw.get_u8();
+    let mut headers = HeaderMap::new();
+    for _ in 0..count {
+        let name_len = usize::from(*raw.first()?);
+        raw.advance(1);
+        if raw.remaining() < name_len + 2 {
+            return None;
+        }
+        let name = HeaderName::from_bytes(&raw.split_to(name_len)).ok()?;
+        let value_len = usize::from(raw.get_u16());
+        if raw.remaining() < value_len {
+            return None;
+        }
+        let value = HeaderValue::from_maybe_shared(raw.split_to(value_len)).ok()?;
+        headers.append(name, value);
+    }
+    if raw.remaining() < 4 || raw.remaining() != 4 + raw.clone().get_u32() as usize {
+        return None;
+    }
+    raw.advance(4);
+    Some(Entry {
+        status,
+        headers,
+        body: raw.split_off(0),
+        stored_at_ms,
+        ttl_s,
+    })
+}
+
+/// A tombstone unique to this call, so that a read which saw an earlier
+/// tombstone cannot mistake this one for it.
+pub(crate) fn tombstone() -> Bytes {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = BytesMut::with_capacity(29);
+    out.put_u8(FORMAT_TOMBSTONE);
+    out.put_u32(std::process::id());
+    out.put_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    out.put_u128(nanos);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Entry {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        headers.insert("set-cookie", "a=b".parse().unwrap());
+        Entry::new(
+            StatusCode::OK,
+            &headers,
+            Bytes::from_static(b"{\"id\":1}"),
+            Duration::from_secs(300),
+        )
+    }
+
+    #[test]
+    fn round_trips_and_keeps_only_content_headers() {
+        let entry = sample();
+        assert!(entry.headers.get("set-cookie").is_none());
+        match decode(entry.encode()) {
+            Slot::Entry(decoded) => assert_eq!(decoded, entry),
+            other => panic!("expected an entry, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_unreadable_not_a_panic() {
+        let encoded = sample().encode();
+        for cut in 0..encoded.len() {
+            assert!(
+                matches!(decode(encoded.slice(..cut)), Slot::Unreadable),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_and_other_formats_are_unreadable() {
+        for raw in [&b"{\"id\":1}"[..], b"\x07abc", b"", b"\x01\xff\xff"] {
+            assert!(matches!(
+                decode(Bytes::copy_from_slice(raw)),
+                Slot::Unreadable
+            ));
+        }
+    }
+
+    #[test]
+    fn tombstones_are_unique() {
+        assert!(matches!(decode(tombstone()), Slot::Tombstone));
+        assert_ne!(tombstone(), tombstone());
+    }
+}

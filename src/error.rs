@@ -1,0 +1,105 @@
+//! Configuration errors.
+
+use std::fmt;
+
+/// A policy or rule set that cannot work, reported when it is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A path pattern that the router does not accept.
+    InvalidPattern {
+        /// The pattern as written.
+        pattern: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The same method and path pattern declared twice.
+    DuplicateRoute {
+        /// The method and pattern, as `GET /persons/{id}`.
+        route: String,
+    },
+    /// A key template that does not parse.
+    InvalidKeyTemplate {
+        /// The template as written.
+        template: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A key template names a parameter the route pattern does not bind.
+    UnknownParam {
+        /// The template as written.
+        template: String,
+        /// The parameter it names.
+        param: String,
+    },
+    /// A route without a key template.
+    MissingKey {
+        /// The route, as `GET /persons/{id}`.
+        route: String,
+    },
+    /// A template uses `{version}` without naming the group it comes from, or
+    /// names a group without using `{version}`.
+    VersionMismatch {
+        /// The route, as `GET /persons`.
+        route: String,
+    },
+    /// A TTL of zero, which would store entries that can never be served.
+    ZeroTtl {
+        /// The route, as `GET /persons/{id}`.
+        route: String,
+    },
+    /// A namespace that is empty or holds whitespace or braces.
+    InvalidNamespace(String),
+    /// A body cap of zero bytes.
+    ZeroBodyCap,
+    /// A header name that is not valid HTTP.
+    InvalidHeaderName(String),
+    /// A rule with no action, or a method that cannot be used.
+    InvalidRule {
+        /// The rule, as `POST /persons`.
+        rule: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidPattern { pattern, reason } => {
+                write!(f, "invalid path pattern `{pattern}`: {reason}")
+            }
+            Self::DuplicateRoute { route } => write!(f, "route `{route}` is declared twice"),
+            Self::InvalidKeyTemplate { template, reason } => {
+                write!(f, "invalid key template `{template}`: {reason}")
+            }
+            Self::UnknownParam { template, param } => write!(
+                f,
+                "key template `{template}` names `{{{param}}}`, which the route pattern does not bind"
+            ),
+            Self::MissingKey { route } => write!(f, "route `{route}` has no key template"),
+            Self::VersionMismatch { route } => write!(
+                f,
+                "route `{route}`: a key with `{{version}}` needs `versioned_by(group)`, and a group needs `{{version}}` in the key"
+            ),
+            Self::ZeroTtl { route } => write!(f, "route `{route}` has a TTL of zero"),
+            Self::InvalidNamespace(ns) => write!(
+                f,
+                "namespace `{ns}` must be non-empty, without whitespace or braces"
+            ),
+            Self::ZeroBodyCap => write!(f, "the body cap must be at least one byte"),
+            Self::InvalidHeaderName(name) => write!(f, "`{name}` is not a valid header name"),
+            Self::InvalidRule { rule, reason } => write!(f, "invalid rule `{rule}`: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub(crate) fn validate_namespace(namespace: &str) -> Result<(), ConfigError> {
+    let bad = |c: char| c.is_whitespace() || c.is_control() || c == '{' || c == '}';
+    if namespace.is_empty() || namespace.chars().any(bad) {
+        return Err(ConfigError::InvalidNamespace(namespace.to_owned()));
+    }
+    Ok(())
+}

@@ -1,0 +1,489 @@
+//! Key templates, path-parameter encoding, query normalisation and scopes.
+//!
+//! Every function here is deterministic and injective where it matters: two
+//! requests that differ in a path parameter, a relevant query parameter or a
+//! scope value never render the same key.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use http::{Extensions, HeaderMap, HeaderName};
+use sha2::{Digest, Sha256};
+
+use crate::error::ConfigError;
+
+/// Encoded path parameters longer than this are replaced by their hash, so
+/// that key length stays bounded whatever the request carries.
+const MAX_ENCODED_PARAM: usize = 128;
+
+/// Hex characters kept from a SHA-256 digest (128 bits).
+const HASH_HEX_LEN: usize = 32;
+
+/// One piece of a parsed key template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Segment {
+    Literal(String),
+    Param(String),
+    QueryHash,
+    Version,
+}
+
+/// A parsed key template such as `person:{id}` or
+/// `persons:list:v{version}:{query_hash}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyTemplate {
+    source: String,
+    segments: Vec<Segment>,
+}
+
+impl KeyTemplate {
+    /// Parses `template`, checking every `{name}` against `params` (the
+    /// parameters the route pattern binds). `allow_special` admits
+    /// `{query_hash}` and `{version}`.
+    pub(crate) fn parse(
+        template: &str,
+        params: &[String],
+        allow_special: bool,
+    ) -> Result<Self, ConfigError> {
+        let bad = |reason: &str| ConfigError::InvalidKeyTemplate {
+            template: template.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if template.is_empty() {
+            return Err(bad("template is empty"));
+        }
+        let mut segments = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find(['{', '}']) {
+            if rest.as_bytes()[open] == b'}' {
+                return Err(bad("unmatched `}`"));
+            }
+            if open > 0 {
+                segments.push(Segment::Literal(rest[..open].to_owned()));
+            }
+            let after = &rest[open + 1..];
+            let close = after.find('}').ok_or_else(|| bad("unclosed `{`"))?;
+            let name = &after[..close];
+            if name.contains('{') {
+                return Err(bad("nested `{`"));
+            }
+            let segment = match name {
+                "query_hash" if allow_special => Segment::QueryHash,
+                "version" if allow_special => Segment::Version,
+                _ if params.iter().any(|p| p == name) => Segment::Param(name.to_owned()),
+                _ => {
+                    return Err(ConfigError::UnknownParam {
+                        template: template.to_owned(),
+                        param: name.to_owned(),
+                    })
+                }
+            };
+            segments.push(segment);
+            rest = &after[close + 1..];
+        }
+        if !rest.is_empty() {
+            segments.push(Segment::Literal(rest.to_owned()));
+        }
+        if segments.iter().filter(|s| **s == Segment::Version).count() > 1 {
+            return Err(bad("`{version}` may appear once"));
+        }
+        Ok(Self {
+            source: template.to_owned(),
+            segments,
+        })
+    }
+
+    pub(crate) fn has(&self, segment: &Segment) -> bool {
+        self.segments.contains(segment)
+    }
+
+    /// Renders the template. `version` is what `{version}` becomes; a
+    /// template with `{version}` rendered with `None` splits there, returning
+    /// the text before and after it.
+    pub(crate) fn render(&self, params: &Params<'_>, query_hash: &str) -> Rendered {
+        let mut before = String::with_capacity(self.source.len() + 32);
+        let mut after: Option<String> = None;
+        for segment in &self.segments {
+            let out = after.as_mut().unwrap_or(&mut before);
+            match segment {
+                Segment::Literal(text) => out.push_str(text),
+                Segment::Param(name) => encode_param(params.get(name).unwrap_or(""), out),
+                Segment::QueryHash => out.push_str(query_hash),
+                Segment::Version => after = Some(String::new()),
+            }
+        }
+        match after {
+            Some(after) => Rendered::Split(before, after),
+            None => Rendered::Whole(before),
+        }
+    }
+}
+
+/// A rendered template.
+pub(crate) enum Rendered {
+    Whole(String),
+    Split(String, String),
+}
+
+/// Path parameters bound by a route pattern, as raw (still percent-encoded)
+/// strings borrowed from the request path.
+#[derive(Debug, Default)]
+pub(crate) struct Params<'a>(Vec<(&'a str, &'a str)>);
+
+impl<'a> Params<'a> {
+    pub(crate) fn from_matchit(params: &matchit::Params<'a, 'a>) -> Self {
+        Self(params.iter().collect())
+    }
+
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+    }
+}
+
+/// Names bound by a matchit route pattern: `/persons/{id}/x/{*rest}` gives
+/// `id` and `rest`.
+pub(crate) fn pattern_params(pattern: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        if after.starts_with('{') {
+            // `{{` is an escaped brace in matchit.
+            rest = &after[1..];
+            continue;
+        }
+        let Some(close) = after.find('}') else { break };
+        names.push(after[..close].trim_start_matches('*').to_owned());
+        rest = &after[close + 1..];
+    }
+    names
+}
+
+/// Writes `raw` so that distinct inputs give distinct outputs and the output
+/// holds no separator: everything but `[A-Za-z0-9._-]` is percent-encoded
+/// (including `%` itself, `:`, `*`, `~`). Long values become `~` followed by
+/// their hash; `~` never appears otherwise, so the two forms cannot meet.
+pub(crate) fn encode_param(raw: &str, out: &mut String) {
+    let unreserved = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+    let encoded_len: usize = raw.bytes().map(|b| if unreserved(b) { 1 } else { 3 }).sum();
+    if encoded_len > MAX_ENCODED_PARAM {
+        out.push('~');
+        out.push_str(&hex_digest(Sha256::digest(raw.as_bytes()).as_slice()));
+        return;
+    }
+    for b in raw.bytes() {
+        if unreserved(b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+fn hex_digest(digest: &[u8]) -> String {
+    let mut hex = String::with_capacity(HASH_HEX_LEN);
+    for byte in digest.iter().take(HASH_HEX_LEN / 2) {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
+}
+
+/// Feeds `bytes` to `hasher` with its length first, so that concatenations
+/// of different splits never hash alike.
+fn hash_field(hasher: &mut Sha256, bytes: &[u8]) {
+    hasher.update((bytes.len() as u64).to_be_bytes());
+    hasher.update(bytes);
+}
+
+/// How a route turns its query string into `{query_hash}`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct QueryRule {
+    /// Only these parameters count; `None` means all of them.
+    pub(crate) allowlist: Option<Vec<String>>,
+}
+
+impl QueryRule {
+    /// The normalised query: decoded pairs, empty values dropped, filtered by
+    /// the allowlist, sorted by name (values of a repeated name keep their
+    /// order, since an application may read them in order).
+    pub(crate) fn normalise(&self, query: Option<&str>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = query
+            .unwrap_or("")
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .filter_map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                let (name, value) = (form_decode(name), form_decode(value));
+                if value.is_empty() {
+                    return None;
+                }
+                match &self.allowlist {
+                    Some(allowed) if !allowed.iter().any(|a| a.as_bytes() == name) => None,
+                    _ => Some((name, value)),
+                }
+            })
+            .collect();
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        pairs
+    }
+
+    /// SHA-256 of the normalised query, 32 hex characters.
+    pub(crate) fn hash(pairs: &[(Vec<u8>, Vec<u8>)]) -> String {
+        let mut hasher = Sha256::new();
+        for (name, value) in pairs {
+            hash_field(&mut hasher, name);
+            hash_field(&mut hasher, value);
+        }
+        hex_digest(hasher.finalize().as_slice())
+    }
+}
+
+/// Decodes `application/x-www-form-urlencoded` text (`+` is a space, `%XX` a
+/// byte). Malformed escapes are kept as written rather than rejected.
+fn form_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex_val(bytes[i + 1]), hex_val(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Reads one scope value from a request.
+type ExtensionFn = Arc<dyn Fn(&Extensions) -> Option<String> + Send + Sync>;
+
+#[derive(Clone)]
+enum ScopePart {
+    Header(HeaderName),
+    Extension(ExtensionFn),
+}
+
+/// The request parts that scope a cache key: headers such as `Authorization`
+/// or `X-Tenant-Id`, or values an auth layer put in the request extensions.
+///
+/// Scope values are hashed (SHA-256) into the key and never stored in clear.
+/// A missing value is itself a distinct scope, never the same as an empty one.
+///
+/// ```
+/// use tower_redis_cache::Scope;
+///
+/// #[derive(Clone)]
+/// struct TenantId(u64);
+///
+/// let scope = Scope::new()
+///     .header("x-tenant-id")
+///     .extension(|ext| ext.get::<TenantId>().map(|t| t.0.to_string()));
+/// assert!(!scope.is_empty());
+/// ```
+#[derive(Clone, Default)]
+pub struct Scope {
+    parts: Vec<ScopePart>,
+    invalid_header: Option<String>,
+}
+
+impl std::fmt::Debug for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|p| match p {
+                ScopePart::Header(name) => format!("header {name}"),
+                ScopePart::Extension(_) => "extension".to_owned(),
+            })
+            .collect();
+        f.debug_struct("Scope").field("parts", &parts).finish()
+    }
+}
+
+impl Scope {
+    /// An empty scope: the key depends on the path and query alone.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a request header to the scope.
+    ///
+    /// An invalid header name is reported as a [`ConfigError`] when the
+    /// policy is built.
+    pub fn header(mut self, name: &str) -> Self {
+        match HeaderName::try_from(name) {
+            Ok(name) => self.parts.push(ScopePart::Header(name)),
+            Err(_) => self.invalid_header = Some(name.to_owned()),
+        }
+        self
+    }
+
+    /// Adds a value read from the request extensions, for example the tenant
+    /// an authentication layer resolved.
+    pub fn extension<F>(mut self, read: F) -> Self
+    where
+        F: Fn(&Extensions) -> Option<String> + Send + Sync + 'static,
+    {
+        self.parts.push(ScopePart::Extension(Arc::new(read)));
+        self
+    }
+
+    /// True when the scope has no parts.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        match &self.invalid_header {
+            Some(name) => Err(ConfigError::InvalidHeaderName(name.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Header names in the scope (a response that varies on these may be
+    /// stored, since the key already separates them).
+    pub(crate) fn covers_header(&self, name: &str) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, ScopePart::Header(h) if h.as_str().eq_ignore_ascii_case(name)))
+    }
+
+    /// `:scope=<hash>` for a scoped key, nothing for an empty scope.
+    pub(crate) fn key_suffix(&self, headers: &HeaderMap, extensions: &Extensions) -> String {
+        if self.parts.is_empty() {
+            return String::new();
+        }
+        let mut hasher = Sha256::new();
+        for part in &self.parts {
+            let value: Option<Vec<u8>> = match part {
+                ScopePart::Header(name) => {
+                    let mut values = headers.get_all(name).iter().peekable();
+                    values.peek().is_some().then(|| {
+                        let mut joined = Vec::new();
+                        for v in values {
+                            hash_field_into(&mut joined, v.as_bytes());
+                        }
+                        joined
+                    })
+                }
+                ScopePart::Extension(read) => read(extensions).map(String::into_bytes),
+            };
+            match value {
+                Some(bytes) => {
+                    hasher.update([1]);
+                    hash_field(&mut hasher, &bytes);
+                }
+                None => hasher.update([0]),
+            }
+        }
+        format!(":scope={}", hex_digest(hasher.finalize().as_slice()))
+    }
+}
+
+fn hash_field_into(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(raw: &str) -> String {
+        let mut out = String::new();
+        encode_param(raw, &mut out);
+        out
+    }
+
+    #[test]
+    fn params_are_encoded_injectively() {
+        assert_eq!(enc("42"), "42");
+        assert_eq!(enc("1:x"), "1%3Ax");
+        assert_eq!(enc("*"), "%2A");
+        assert_ne!(enc("%3A"), enc(":"));
+        assert_ne!(enc("a~b"), enc("a%7Eb"));
+        let long = "x".repeat(10_000);
+        let encoded = enc(&long);
+        assert!(encoded.starts_with('~') && encoded.len() == 1 + HASH_HEX_LEN);
+        assert_ne!(encoded, enc(&"x".repeat(9_999)));
+    }
+
+    #[test]
+    fn query_normalisation_sorts_and_drops_empties() {
+        let rule = QueryRule::default();
+        let a = QueryRule::hash(&rule.normalise(Some("b=2&a=1")));
+        let b = QueryRule::hash(&rule.normalise(Some("a=1&b=2&c=")));
+        let c = QueryRule::hash(&rule.normalise(Some("a=1&b=3")));
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            rule.normalise(Some("name=a+b")),
+            rule.normalise(Some("name=a%20b"))
+        );
+    }
+
+    #[test]
+    fn query_allowlist_ignores_other_params() {
+        let rule = QueryRule {
+            allowlist: Some(vec!["limit".into()]),
+        };
+        assert_eq!(
+            rule.normalise(Some("limit=5&utm=x")),
+            rule.normalise(Some("limit=5"))
+        );
+    }
+
+    #[test]
+    fn query_pairs_cannot_be_shifted_across_fields() {
+        let rule = QueryRule::default();
+        let a = QueryRule::hash(&rule.normalise(Some("ab=c")));
+        let b = QueryRule::hash(&rule.normalise(Some("a=bc")));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn malformed_escapes_do_not_panic() {
+        for q in ["%", "%4", "a=%zz", "%%%", "a=%E2%82"] {
+            let _ = QueryRule::default().normalise(Some(q));
+        }
+        assert_eq!(form_decode("%41%"), b"A%");
+        assert_eq!(form_decode("%4"), b"%4");
+    }
+
+    #[test]
+    fn template_rejects_unknown_params() {
+        let params = vec!["id".to_owned()];
+        assert!(KeyTemplate::parse("person:{id}", &params, true).is_ok());
+        let err = KeyTemplate::parse("person:{pid}", &params, true).unwrap_err();
+        assert!(err.to_string().contains("pid"), "{err}");
+        assert!(KeyTemplate::parse("person:{id", &params, true).is_err());
+        assert!(KeyTemplate::parse("v{version}{version}", &params, true).is_err());
+    }
+
+    #[test]
+    fn pattern_params_include_catch_all() {
+        assert_eq!(pattern_params("/a/{id}/b/{*rest}"), vec!["id", "rest"]);
+    }
+
+    #[test]
+    fn scope_absent_differs_from_empty() {
+        let scope = Scope::new().header("x-tenant-id");
+        let ext = Extensions::new();
+        let mut with_empty = HeaderMap::new();
+        with_empty.insert("x-tenant-id", "".parse().unwrap());
+        let absent = scope.key_suffix(&HeaderMap::new(), &ext);
+        assert_ne!(absent, scope.key_suffix(&with_empty, &ext));
+        assert!(!absent.contains("tenant"));
+    }
+}

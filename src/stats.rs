@@ -1,0 +1,207 @@
+//! Per-route counters, readable in-process (for a `/cache/stats` endpoint)
+//! and exportable to any metrics system.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why a response on a cached route was not served from, or stored into,
+/// the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Reason {
+    /// The request carried `Authorization` or `Cookie` on a route with no
+    /// scope that is not marked public.
+    Authorization,
+    /// The request had query parameters the key template does not use.
+    Query,
+    /// The store failed or timed out.
+    StoreError,
+    /// The status was not 200.
+    Status,
+    /// The content type was not JSON.
+    NotJson,
+    /// The response sets a cookie.
+    SetCookie,
+    /// `Cache-Control: no-store`, `no-cache` or `private`.
+    CacheControl,
+    /// `Vary: *`, or a `Vary` on a header the key is not scoped by.
+    Vary,
+    /// A `Content-Encoding` (compress outside the cache layer).
+    ContentEncoding,
+    /// The body is larger than the cap; it was streamed through.
+    TooLarge,
+    /// A HEAD miss: the handler sent no body to store.
+    Head,
+    /// The body ended with trailers.
+    Trailers,
+    /// The body failed while being read.
+    BodyError,
+    /// An invalidation happened between the lookup and the write.
+    Raced,
+    /// The handler took longer than half the tombstone TTL.
+    SlowMiss,
+}
+
+impl Reason {
+    const ALL: [Reason; 15] = [
+        Reason::Authorization,
+        Reason::Query,
+        Reason::StoreError,
+        Reason::Status,
+        Reason::NotJson,
+        Reason::SetCookie,
+        Reason::CacheControl,
+        Reason::Vary,
+        Reason::ContentEncoding,
+        Reason::TooLarge,
+        Reason::Head,
+        Reason::Trailers,
+        Reason::BodyError,
+        Reason::Raced,
+        Reason::SlowMiss,
+    ];
+
+    /// The reason as a short token, as used in `cache-status` `detail=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Authorization => "authorization",
+            Reason::Query => "query",
+            Reason::StoreError => "store-error",
+            Reason::Status => "status",
+            Reason::NotJson => "not-json",
+            Reason::SetCookie => "set-cookie",
+            Reason::CacheControl => "cache-control",
+            Reason::Vary => "vary",
+            Reason::ContentEncoding => "content-encoding",
+            Reason::TooLarge => "too-large",
+            Reason::Head => "head",
+            Reason::Trailers => "trailers",
+            Reason::BodyError => "body-error",
+            Reason::Raced => "raced",
+            Reason::SlowMiss => "slow-miss",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stores: AtomicU64,
+    errors: AtomicU64,
+    skips: [AtomicU64; Reason::ALL.len()],
+    hit_nanos: AtomicU64,
+    miss_nanos: AtomicU64,
+}
+
+/// Counters for every route of a policy. Cheap to clone; all clones share
+/// the same counters.
+#[derive(Debug, Clone)]
+pub struct CacheStats {
+    labels: Arc<[String]>,
+    counters: Arc<[Counters]>,
+}
+
+/// A snapshot of one route's counters.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RouteStats {
+    /// The route, as `GET /persons/{id}`.
+    pub route: String,
+    /// Responses served from the cache.
+    pub hits: u64,
+    /// Lookups that found nothing usable.
+    pub misses: u64,
+    /// Responses written to the cache.
+    pub stores: u64,
+    /// Store operations that failed or timed out.
+    pub errors: u64,
+    /// Responses neither served from nor stored into the cache, by reason.
+    pub skips: Vec<(Reason, u64)>,
+    /// `hits / (hits + misses)`, 0 when there was no lookup.
+    pub hit_rate: f64,
+    /// Mean time to answer a hit.
+    pub mean_hit_latency: Duration,
+    /// Mean time to answer a miss, handler included.
+    pub mean_miss_latency: Duration,
+}
+
+impl CacheStats {
+    pub(crate) fn new(labels: Vec<String>) -> Self {
+        let counters = labels.iter().map(|_| Counters::default()).collect();
+        Self {
+            labels: labels.into(),
+            counters,
+        }
+    }
+
+    pub(crate) fn hit(&self, route: usize, took: Duration) {
+        let c = &self.counters[route];
+        c.hits.fetch_add(1, Ordering::Relaxed);
+        c.hit_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn miss(&self, route: usize, took: Duration) {
+        let c = &self.counters[route];
+        c.misses.fetch_add(1, Ordering::Relaxed);
+        c.miss_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn stored(&self, route: usize) {
+        self.counters[route].stores.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn error(&self, route: usize) {
+        self.counters[route].errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn skip(&self, route: usize, reason: Reason) {
+        self.counters[route].skips[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counters of every route, in policy order.
+    pub fn snapshot(&self) -> Vec<RouteStats> {
+        self.labels
+            .iter()
+            .zip(self.counters.iter())
+            .map(|(label, c)| {
+                let hits = c.hits.load(Ordering::Relaxed);
+                let misses = c.misses.load(Ordering::Relaxed);
+                let mean = |nanos: &AtomicU64, n: u64| {
+                    Duration::from_nanos(nanos.load(Ordering::Relaxed).checked_div(n).unwrap_or(0))
+                };
+                RouteStats {
+                    route: label.clone(),
+                    hits,
+                    misses,
+                    stores: c.stores.load(Ordering::Relaxed),
+                    errors: c.errors.load(Ordering::Relaxed),
+                    skips: Reason::ALL
+                        .iter()
+                        .map(|r| (*r, c.skips[r.index()].load(Ordering::Relaxed)))
+                        .filter(|(_, n)| *n > 0)
+                        .collect(),
+                    hit_rate: if hits + misses == 0 {
+                        0.0
+                    } else {
+                        hits as f64 / (hits + misses) as f64
+                    },
+                    mean_hit_latency: mean(&c.hit_nanos, hits),
+                    mean_miss_latency: mean(&c.miss_nanos, misses),
+                }
+            })
+            .collect()
+    }
+
+    /// The snapshot of one route, by its label (`GET /persons/{id}`).
+    pub fn route(&self, label: &str) -> Option<RouteStats> {
+        self.snapshot().into_iter().find(|r| r.route == label)
+    }
+}

@@ -1,0 +1,363 @@
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{
+    fresh_version, CacheKey, Invalidation, Lookup, Observed, Store, StoreFuture,
+    DEFAULT_TOMBSTONE_TTL,
+};
+
+/// An in-process store, bounded in entries and bytes, expiring by TTL.
+///
+/// Version keys are kept apart from entries: they are never evicted and
+/// never expire, as in Redis with a `volatile-*` eviction policy.
+///
+/// ```
+/// use tower_redis_cache::store::{MemoryStore, Store};
+///
+/// let store = MemoryStore::new().max_entries(10_000).max_bytes(64 << 20);
+/// assert_eq!(store.name(), "memory");
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+    max_entries: usize,
+    max_bytes: usize,
+    tombstone_ttl: Duration,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("MemoryStore")
+            .field("entries", &state.entries.len())
+            .field("bytes", &state.bytes)
+            .field("max_entries", &self.max_entries)
+            .field("max_bytes", &self.max_bytes)
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<String, Item>,
+    /// Insertion order, oldest first, for eviction.
+    order: BTreeMap<u64, String>,
+    next_seq: u64,
+    bytes: usize,
+    versions: HashMap<String, u64>,
+    last_fresh_version: u64,
+}
+
+struct Item {
+    value: Bytes,
+    expires_at: Instant,
+    seq: u64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// A store holding at most 10 000 entries and 64 MiB.
+    pub fn new() -> Self {
+        Self {
+            state: Arc::default(),
+            max_entries: 10_000,
+            max_bytes: 64 << 20,
+            tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
+        }
+    }
+
+    /// Caps the number of entries; the oldest are evicted first.
+    pub fn max_entries(mut self, max: usize) -> Self {
+        self.max_entries = max.max(1);
+        self
+    }
+
+    /// Caps the bytes of keys and values held; the oldest are evicted first.
+    pub fn max_bytes(mut self, max: usize) -> Self {
+        self.max_bytes = max.max(1);
+        self
+    }
+
+    /// How long a delete's tombstone lives (default 5 minutes).
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
+        self
+    }
+
+    /// Number of live entries (tombstones included).
+    pub fn len(&self) -> usize {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let expired: Vec<String> = state
+            .entries
+            .iter()
+            .filter(|(_, item)| item.expires_at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in expired {
+            state.remove(&key);
+        }
+        state.entries.len()
+    }
+
+    /// True when no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes the version key `key`, as an eviction or a restart of a
+    /// store without persistence would (used to test that a lost version
+    /// never brings old entries back).
+    pub fn forget_version(&self, key: &str) {
+        self.lock().versions.remove(key);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // in a way that matters to a cache; keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lookup_now(&self, key: &CacheKey) -> Lookup {
+        let mut state = self.lock();
+        match key {
+            CacheKey::Plain(key) => Lookup {
+                version: None,
+                entry: state.get(key),
+            },
+            CacheKey::Versioned { version_key, .. } => match state.versions.get(version_key) {
+                None => Lookup {
+                    version: Some(Observed::Absent),
+                    entry: Observed::Absent,
+                },
+                Some(&version) => {
+                    let version = Bytes::from(version.to_string());
+                    let entry = state.get(&key.entry_key(&version));
+                    Lookup {
+                        version: Some(Observed::Value(version)),
+                        entry,
+                    }
+                }
+            },
+        }
+    }
+
+    fn store_now(&self, key: &CacheKey, seen: &Lookup, value: Bytes, ttl: Duration) -> bool {
+        let mut state = self.lock();
+        let entry_key = match key {
+            CacheKey::Plain(key) => {
+                if state.get(key) != seen.entry {
+                    return false;
+                }
+                key.clone()
+            }
+            CacheKey::Versioned { version_key, .. } => {
+                let current = state.versions.get(version_key).copied();
+                let version = match (current, &seen.version) {
+                    (None, Some(Observed::Absent)) => {
+                        let fresh = state.fresh_version();
+                        state.versions.insert(version_key.clone(), fresh);
+                        fresh
+                    }
+                    (Some(current), Some(Observed::Value(seen)))
+                        if seen.as_ref() == current.to_string().as_bytes() =>
+                    {
+                        current
+                    }
+                    _ => return false,
+                };
+                key.entry_key(version.to_string().as_bytes())
+            }
+        };
+        state.insert(entry_key, value, ttl, self.max_entries, self.max_bytes);
+        true
+    }
+
+    fn invalidate_now(&self, invalidation: &Invalidation) {
+        let mut state = self.lock();
+        for key in &invalidation.deletes {
+            state.insert(
+                key.clone(),
+                invalidation.tombstone.clone(),
+                self.tombstone_ttl,
+                self.max_entries,
+                self.max_bytes,
+            );
+        }
+        for key in &invalidation.bumps {
+            let next = match state.versions.get(key) {
+                Some(v) => v + 1,
+                None => state.fresh_version(),
+            };
+            state.versions.insert(key.clone(), next);
+        }
+    }
+}
+
+impl State {
+    fn get(&mut self, key: &str) -> Observed {
+        match self.entries.get(key) {
+            Some(item) if item.expires_at > Instant::now() => Observed::Value(item.value.clone()),
+            Some(_) => {
+                self.remove(key);
+                Observed::Absent
+            }
+            None => Observed::Absent,
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(item) = self.entries.remove(key) {
+            self.order.remove(&item.seq);
+            self.bytes -= key.len() + item.value.len();
+        }
+    }
+
+    fn insert(
+        &mut self,
+        key: String,
+        value: Bytes,
+        ttl: Duration,
+        max_entries: usize,
+        max_bytes: usize,
+    ) {
+        self.remove(&key);
+        let size = key.len() + value.len();
+        if size > max_bytes {
+            return;
+        }
+        while self.entries.len() + 1 > max_entries || self.bytes + size > max_bytes {
+            let Some((_, oldest)) = self.order.pop_first() else {
+                break;
+            };
+            self.remove(&oldest);
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.bytes += size;
+        self.order.insert(seq, key.clone());
+        self.entries.insert(
+            key,
+            Item {
+                value,
+                expires_at: Instant::now() + ttl,
+                seq,
+            },
+        );
+    }
+
+    fn fresh_version(&mut self) -> u64 {
+        let fresh = fresh_version().max(self.last_fresh_version + 1);
+        self.last_fresh_version = fresh;
+        fresh
+    }
+}
+
+impl Store for MemoryStore {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+        let found = self.lookup_now(key);
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn store(
+        &self,
+        key: &CacheKey,
+        seen: &Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> StoreFuture<bool> {
+        let written = self.store_now(key, seen, value, ttl);
+        Box::pin(async move { Ok(written) })
+    }
+
+    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+        self.invalidate_now(invalidation);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        self.tombstone_ttl
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(key: &str) -> CacheKey {
+        CacheKey::Plain(key.to_owned())
+    }
+
+    #[test]
+    fn evicts_oldest_past_the_entry_cap() {
+        let store = MemoryStore::new().max_entries(2);
+        let ttl = Duration::from_secs(60);
+        for key in ["a", "b", "c"] {
+            let seen = store.lookup_now(&plain(key));
+            assert!(store.store_now(&plain(key), &seen, Bytes::from_static(b"v"), ttl));
+        }
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.lookup_now(&plain("a")).entry, Observed::Absent);
+    }
+
+    #[test]
+    fn byte_cap_holds() {
+        let store = MemoryStore::new().max_bytes(100);
+        let ttl = Duration::from_secs(60);
+        for i in 0..10 {
+            let key = plain(&format!("k{i}"));
+            let seen = store.lookup_now(&key);
+            store.store_now(&key, &seen, Bytes::from(vec![0; 30]), ttl);
+        }
+        assert!(store.lock().bytes <= 100);
+    }
+
+    #[test]
+    fn a_store_after_a_delete_is_refused() {
+        let store = MemoryStore::new();
+        let key = plain("app:person:1");
+        let seen = store.lookup_now(&key);
+        store.invalidate_now(&Invalidation {
+            deletes: vec!["app:person:1".into()],
+            bumps: vec![],
+            tombstone: crate::entry::tombstone(),
+        });
+        assert!(!store.store_now(
+            &key,
+            &seen,
+            Bytes::from_static(b"old"),
+            Duration::from_secs(60)
+        ));
+    }
+
+    #[test]
+    fn a_lost_version_restarts_above_every_used_one() {
+        let store = MemoryStore::new();
+        let bump = Invalidation {
+            bumps: vec!["v".into()],
+            ..Invalidation::default()
+        };
+        store.invalidate_now(&bump);
+        store.invalidate_now(&bump);
+        let before = store.lock().versions["v"];
+        store.forget_version("v");
+        store.invalidate_now(&bump);
+        assert!(store.lock().versions["v"] > before);
+    }
+}

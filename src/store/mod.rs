@@ -1,0 +1,175 @@
+//! Where entries live: a small async trait and its two backends.
+//!
+//! [`MemoryStore`] keeps entries in this process (the default when no Redis
+//! is configured, and the fast path for tests); `RedisStore` (feature
+//! `redis`, on by default) keeps them in Redis with one shared,
+//! auto-reconnecting connection.
+//!
+//! Both implement the same semantics, which the layers rely on:
+//!
+//! - **Conditional writes.** [`Store::store`] writes only if what the lookup
+//!   saw is still there: the same version for a versioned key, the same slot
+//!   (absent, or the same tombstone or unreadable bytes) for a plain one. A
+//!   read that started before an invalidation therefore cannot store its
+//!   result after it.
+//! - **Versions that cannot lie.** A missing version key is created with the
+//!   current time in microseconds and bumped with `INCR`, so a lost key never
+//!   restarts at a number already used. Version keys have no TTL.
+//! - **Deletes leave a tombstone** for [`Store::tombstone_ttl`], so that a
+//!   read which saw the key absent cannot store over the delete.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+mod memory;
+#[cfg(feature = "redis")]
+mod redis;
+
+pub use memory::MemoryStore;
+#[cfg(feature = "redis")]
+pub use redis::{RedisStore, DEFAULT_DEADLINE};
+
+/// The future every store operation returns.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// Default time a delete's tombstone lives; a miss slower than half of it is
+/// not stored.
+pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(300);
+
+/// The key of one cache entry, with the namespace and scope already applied.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CacheKey {
+    /// A key used as is, such as `app:person:42`.
+    Plain(String),
+    /// A key that embeds the current value of a version key:
+    /// `prefix + version + suffix`, such as `app:persons:list:v` + `17` + `:3fa9…`.
+    Versioned {
+        /// The version key, such as `app:persons:list:ver`.
+        version_key: String,
+        /// The entry key before the version.
+        prefix: String,
+        /// The entry key after the version.
+        suffix: String,
+    },
+}
+
+impl CacheKey {
+    /// The entry key for `version` (a plain key ignores it).
+    pub fn entry_key(&self, version: &[u8]) -> String {
+        match self {
+            Self::Plain(key) => key.clone(),
+            Self::Versioned { prefix, suffix, .. } => {
+                format!("{prefix}{}{suffix}", String::from_utf8_lossy(version))
+            }
+        }
+    }
+}
+
+/// What a lookup found at a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Observed {
+    /// Nothing there.
+    Absent,
+    /// A string value.
+    Value(Bytes),
+    /// A value of another Redis type (a list, a hash…).
+    WrongType,
+}
+
+/// The result of [`Store::lookup`]; it is handed back to [`Store::store`] so
+/// the write happens only if nothing changed in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// The version key, for a versioned key.
+    pub version: Option<Observed>,
+    /// The entry (absent when the version was missing).
+    pub entry: Observed,
+}
+
+/// One request's invalidation, applied in one round trip.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Invalidation {
+    /// Entry keys to delete (replaced by a tombstone).
+    pub deletes: Vec<String>,
+    /// Version keys to bump.
+    pub bumps: Vec<String>,
+    /// The tombstone written at each deleted key, unique to this call.
+    pub tombstone: Bytes,
+}
+
+impl Invalidation {
+    /// True when there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.deletes.is_empty() && self.bumps.is_empty()
+    }
+}
+
+/// Why a store operation failed. The layers turn every one of them into a
+/// miss or a skipped write, never into an error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The operation did not finish within the deadline.
+    Timeout,
+    /// The store could not be reached or answered with an error.
+    Backend(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Timeout => write!(f, "store operation timed out"),
+            Self::Backend(msg) => write!(f, "store error: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A place to keep cache entries.
+///
+/// Implementations must give the guarantees listed in the
+/// [module docs](self): conditional writes, versions that never repeat, and
+/// tombstones on delete.
+pub trait Store: Send + Sync + 'static {
+    /// A short name for health output: `memory`, `redis`.
+    fn name(&self) -> &'static str;
+
+    /// Reads the entry at `key` (and its version, for a versioned key) in one
+    /// round trip.
+    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup>;
+
+    /// Writes `value` with `ttl` if the key still looks as `seen` describes.
+    /// Returns whether it wrote.
+    fn store(
+        &self,
+        key: &CacheKey,
+        seen: &Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> StoreFuture<bool>;
+
+    /// Applies every delete and bump of `invalidation` in one round trip.
+    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()>;
+
+    /// Checks that the store answers.
+    fn ping(&self) -> StoreFuture<()>;
+
+    /// How long a delete's tombstone lives.
+    fn tombstone_ttl(&self) -> Duration {
+        DEFAULT_TOMBSTONE_TTL
+    }
+}
+
+/// The first version a missing version key gets: the current time in
+/// microseconds, above any value a lost counter can have reached by `INCR`.
+pub(crate) fn fresh_version() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}

@@ -1,0 +1,318 @@
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script};
+
+use super::{
+    CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture, DEFAULT_TOMBSTONE_TTL,
+};
+
+/// Default deadline for one Redis operation.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
+
+// Shared by the scripts: the state of a key as (0 absent | 1 string | 2 other type, value).
+const READ_FN: &str = r"
+local function read(k)
+  local t = redis.call('TYPE', k)['ok']
+  if t == 'none' then return 0, '' end
+  if t ~= 'string' then return 2, '' end
+  return 1, redis.call('GET', k)
+end
+";
+
+/// KEYS[1] version key; ARGV entry prefix, suffix.
+/// Returns {version state, version, entry state, entry}.
+static LOOKUP_VERSIONED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{READ_FN}
+local vs, v = read(KEYS[1])
+if vs ~= 1 then return {{vs, '', 0, ''}} end
+local es, e = read(ARGV[1] .. v .. ARGV[2])
+return {{1, v, es, e}}"
+    ))
+});
+
+/// KEYS[1] entry key (mode p) or version key (mode v).
+/// ARGV mode, seen state, seen value, value, ttl ms[, entry prefix, suffix].
+/// Writes only if the key still reads as seen; a versioned write to a
+/// missing version first creates it with the server time in microseconds.
+static STORE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{READ_FN}
+local s, cur = read(KEYS[1])
+if s ~= tonumber(ARGV[2]) or cur ~= ARGV[3] then return 0 end
+if ARGV[1] == 'p' then
+  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+  return 1
+end
+if s ~= 1 then
+  local t = redis.call('TIME')
+  cur = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', KEYS[1], cur)
+end
+redis.call('SET', ARGV[6] .. cur .. ARGV[7], ARGV[4], 'PX', ARGV[5])
+return 1"
+    ))
+});
+
+/// KEYS deletes then bumps; ARGV number of deletes, tombstone, tombstone ttl ms.
+/// A bump of a missing or unreadable version sets the server time in
+/// microseconds, above anything the lost counter reached.
+static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local deletes = tonumber(ARGV[1])
+for i = 1, deletes do
+  redis.call('SET', KEYS[i], ARGV[2], 'PX', ARGV[3])
+end
+for i = deletes + 1, #KEYS do
+  local k = KEYS[i]
+  local n = nil
+  if redis.call('TYPE', k)['ok'] == 'string' then n = tonumber(redis.call('GET', k)) end
+  if n then
+    redis.call('INCR', k)
+  else
+    local t = redis.call('TIME')
+    redis.call('SET', k, t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+end
+return 1",
+    )
+});
+
+/// A store in Redis, over one cloneable connection.
+///
+/// With [`RedisStore::open`] the connection is a redis-rs
+/// [`ConnectionManager`]: multiplexed, shared by every request, reconnecting
+/// on its own, and opened lazily, so building the store needs no running
+/// Redis. Every operation has a deadline ([`DEFAULT_DEADLINE`] unless set);
+/// a late or failed operation is an error the layers turn into a miss.
+///
+/// Entries are written with `SET … PX ttl`; lookups are one `GET` (plain
+/// keys) or one `EVALSHA` (versioned keys); writes and invalidations are one
+/// `EVALSHA` each. No command scans the keyspace.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_redis_cache::store::RedisStore;
+///
+/// let store = RedisStore::open("redis://127.0.0.1:6379/0")?
+///     .deadline(Duration::from_millis(50));
+/// # Ok::<(), tower_redis_cache::store::StoreError>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisStore<C = ConnectionManager> {
+    conn: C,
+    deadline: Duration,
+    tombstone_ttl: Duration,
+}
+
+impl<C> std::fmt::Debug for RedisStore<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("deadline", &self.deadline)
+            .field("tombstone_ttl", &self.tombstone_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore<ConnectionManager> {
+    /// A store for the Redis at `url`, connecting on first use.
+    ///
+    /// Fails only when the URL does not parse. Must be called within a Tokio
+    /// runtime.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(backend)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(DEFAULT_DEADLINE))
+            .set_response_timeout(Some(DEFAULT_DEADLINE))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?;
+        Ok(Self::new(conn))
+    }
+}
+
+impl<C> RedisStore<C> {
+    /// A store over `conn`: a `ConnectionManager`, a `MultiplexedConnection`,
+    /// or any other cloneable async connection.
+    pub fn new(conn: C) -> Self {
+        Self {
+            conn,
+            deadline: DEFAULT_DEADLINE,
+            tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
+        }
+    }
+
+    /// The deadline for one operation (default 100 ms).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// How long a delete's tombstone lives (default 5 minutes).
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
+        self
+    }
+}
+
+fn backend(err: RedisError) -> StoreError {
+    StoreError::Backend(err.to_string())
+}
+
+async fn within<T>(
+    deadline: Duration,
+    op: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(deadline, op).await {
+        Ok(result) => result.map_err(backend),
+        Err(_) => Err(StoreError::Timeout),
+    }
+}
+
+/// (state, bytes) as the scripts report them.
+fn observed(state: i64, value: Vec<u8>) -> Observed {
+    match state {
+        0 => Observed::Absent,
+        1 => Observed::Value(Bytes::from(value)),
+        _ => Observed::WrongType,
+    }
+}
+
+fn seen_args(seen: &Observed) -> (i64, &[u8]) {
+    match seen {
+        Observed::Absent => (0, b""),
+        Observed::Value(v) => (1, v),
+        Observed::WrongType => (2, b""),
+    }
+}
+
+fn millis(ttl: Duration) -> u64 {
+    (ttl.as_millis() as u64).max(1)
+}
+
+impl<C> Store for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+        let mut conn = self.conn.clone();
+        let deadline = self.deadline;
+        let key = key.clone();
+        Box::pin(async move {
+            match key {
+                CacheKey::Plain(key) => {
+                    let mut get = redis::cmd("GET");
+                    get.arg(&key);
+                    let entry = match tokio::time::timeout(
+                        deadline,
+                        get.query_async::<Option<Vec<u8>>>(&mut conn),
+                    )
+                    .await
+                    {
+                        Err(_) => return Err(StoreError::Timeout),
+                        Ok(Ok(Some(value))) => Observed::Value(Bytes::from(value)),
+                        Ok(Ok(None)) => Observed::Absent,
+                        Ok(Err(err)) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
+                        Ok(Err(err)) => return Err(backend(err)),
+                    };
+                    Ok(Lookup {
+                        version: None,
+                        entry,
+                    })
+                }
+                CacheKey::Versioned {
+                    version_key,
+                    prefix,
+                    suffix,
+                } => {
+                    let mut invocation = LOOKUP_VERSIONED.prepare_invoke();
+                    invocation.key(&version_key).arg(&prefix).arg(&suffix);
+                    let (vs, v, es, e): (i64, Vec<u8>, i64, Vec<u8>) =
+                        within(deadline, invocation.invoke_async(&mut conn)).await?;
+                    Ok(Lookup {
+                        version: Some(observed(vs, v)),
+                        entry: observed(es, e),
+                    })
+                }
+            }
+        })
+    }
+
+    fn store(
+        &self,
+        key: &CacheKey,
+        seen: &Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> StoreFuture<bool> {
+        let mut invocation = STORE.prepare_invoke();
+        match key {
+            CacheKey::Plain(key) => {
+                let (state, current) = seen_args(&seen.entry);
+                invocation.key(key).arg("p").arg(state).arg(current);
+                invocation.arg(value.as_ref()).arg(millis(ttl));
+            }
+            CacheKey::Versioned {
+                version_key,
+                prefix,
+                suffix,
+            } => {
+                let (state, current) =
+                    seen_args(seen.version.as_ref().unwrap_or(&Observed::Absent));
+                invocation.key(version_key).arg("v").arg(state).arg(current);
+                invocation
+                    .arg(value.as_ref())
+                    .arg(millis(ttl))
+                    .arg(prefix)
+                    .arg(suffix);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let deadline = self.deadline;
+        Box::pin(async move {
+            let written: i64 = within(deadline, invocation.invoke_async(&mut conn)).await?;
+            Ok(written == 1)
+        })
+    }
+
+    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+        if invalidation.is_empty() {
+            return Box::pin(async { Ok(()) });
+        }
+        let mut invocation = INVALIDATE.prepare_invoke();
+        for key in invalidation.deletes.iter().chain(&invalidation.bumps) {
+            invocation.key(key);
+        }
+        invocation
+            .arg(invalidation.deletes.len())
+            .arg(invalidation.tombstone.as_ref())
+            .arg(millis(self.tombstone_ttl));
+        let mut conn = self.conn.clone();
+        let deadline = self.deadline;
+        Box::pin(async move {
+            let _: i64 = within(deadline, invocation.invoke_async(&mut conn)).await?;
+            Ok(())
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        let mut conn = self.conn.clone();
+        let deadline = self.deadline;
+        Box::pin(async move {
+            let _: String = within(deadline, redis::cmd("PING").query_async(&mut conn)).await?;
+            Ok(())
+        })
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        self.tombstone_ttl
+    }
+}
