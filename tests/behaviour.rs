@@ -1,0 +1,358 @@
+//! The behaviour every store must give, run against the memory store and a
+//! real `redis-server` (started per test on a free port).
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use common::{app, get_req, method_req, send, Backend, Db, CAP};
+use tower_redis_cache::store::{CacheKey, Lookup, Observed};
+use tower_redis_cache::Reason;
+
+backend_tests!(
+    miss_then_hit_calls_the_handler_once,
+    entries_expire_after_their_ttl,
+    keys_differ_across_params_query_and_scope,
+    equivalent_queries_share_an_entry,
+    uncacheable_responses_are_never_stored,
+    head_is_served_from_the_get_entry,
+    large_streamed_body_passes_through_unstored,
+    garbage_entry_is_a_miss_and_is_overwritten,
+    credentials_without_scope_bypass_the_cache,
+    tenants_never_see_each_others_entries,
+    a_write_invalidates_the_item_and_every_list,
+    a_failed_write_invalidates_nothing,
+    a_lost_version_key_never_brings_old_lists_back,
+);
+
+async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 7);
+    let (app, cache, _) = app(backend.store, db.clone());
+    let first = send(&app, get_req("/persons/1")).await;
+    let second = send(&app, get_req("/persons/1")).await;
+    assert_eq!(
+        first,
+        (
+            StatusCode::OK,
+            "MISS".into(),
+            r#"{"id":"1","rev":7}"#.into()
+        )
+    );
+    assert_eq!(second, (StatusCode::OK, "HIT".into(), first.2.clone()));
+    assert_eq!(db.calls(), 1);
+    let stats = cache.stats().route("GET /persons/{id}").unwrap();
+    assert_eq!(
+        (stats.hits, stats.misses, stats.stores, stats.errors),
+        (1, 1, 1, 0)
+    );
+}
+
+async fn entries_expire_after_their_ttl(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _, _) = app(backend.store, db.clone());
+    assert_eq!(send(&app, get_req("/short/1")).await.1, "MISS");
+    assert_eq!(send(&app, get_req("/short/1")).await.1, "HIT");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(send(&app, get_req("/short/1")).await.1, "MISS");
+    assert_eq!(db.calls(), 2);
+}
+
+async fn keys_differ_across_params_query_and_scope(backend: Backend) {
+    let db = Db::default();
+    for id in ["1", "2", "1:x", "*"] {
+        db.set(id, 1);
+    }
+    let (app, _, _) = app(backend.store, db.clone());
+    for uri in [
+        "/persons/1",
+        "/persons/2",
+        "/persons/1:x",
+        "/persons/*",
+        "/persons?limit=1",
+        "/persons?limit=2",
+    ] {
+        let (status, x_cache, _) = send(&app, get_req(uri)).await;
+        assert_eq!(
+            (status, x_cache.as_str()),
+            (StatusCode::OK, "MISS"),
+            "{uri}"
+        );
+    }
+    for tenant in ["a", "b"] {
+        let request = axum::http::Request::get("/tenant/1")
+            .header("x-tenant-id", tenant)
+            .body(Default::default())
+            .unwrap();
+        assert_eq!(send(&app, request).await.1, "MISS", "tenant {tenant}");
+    }
+    assert_eq!(db.calls(), 8);
+}
+
+async fn equivalent_queries_share_an_entry(backend: Backend) {
+    let db = Db::default();
+    let (app, _, _) = app(backend.store, db.clone());
+    assert_eq!(send(&app, get_req("/persons?b=2&a=1")).await.1, "MISS");
+    assert_eq!(send(&app, get_req("/persons?a=1&b=2&c=")).await.1, "HIT");
+    assert_eq!(send(&app, get_req("/persons?a=1&b=3")).await.1, "MISS");
+    assert_eq!(db.calls(), 2);
+}
+
+async fn uncacheable_responses_are_never_stored(backend: Backend) {
+    let db = Db::default();
+    let (app, cache, _) = app(backend.store, db.clone());
+    let cases = [
+        ("html", StatusCode::OK, Reason::NotJson),
+        ("created", StatusCode::CREATED, Reason::Status),
+        ("error", StatusCode::INTERNAL_SERVER_ERROR, Reason::Status),
+        ("nothing", StatusCode::NOT_FOUND, Reason::Status),
+        ("cookie", StatusCode::OK, Reason::SetCookie),
+        ("no-store", StatusCode::OK, Reason::CacheControl),
+        ("private", StatusCode::OK, Reason::CacheControl),
+        ("vary-star", StatusCode::OK, Reason::Vary),
+    ];
+    for (kind, status, _) in cases {
+        let uri = format!("/shape/{kind}");
+        for _ in 0..2 {
+            let (got, x_cache, _) = send(&app, get_req(&uri)).await;
+            assert_eq!((got, x_cache.as_str()), (status, "MISS"), "{kind}");
+        }
+    }
+    assert_eq!(db.calls(), 2 * cases.len());
+    let skips = cache.stats().route("GET /shape/{kind}").unwrap().skips;
+    for (kind, _, reason) in cases {
+        assert!(
+            skips.iter().any(|(r, n)| *r == reason && *n > 0),
+            "{kind}: {skips:?}"
+        );
+    }
+    // The control: a plain JSON 200 is stored.
+    send(&app, get_req("/shape/ok")).await;
+    assert_eq!(send(&app, get_req("/shape/ok")).await.1, "HIT");
+}
+
+async fn head_is_served_from_the_get_entry(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _, _) = app(backend.store, db.clone());
+    // A HEAD miss has no body to store.
+    assert_eq!(send(&app, method_req("HEAD", "/persons/1")).await.1, "MISS");
+    let (_, x_cache, body) = send(&app, get_req("/persons/1")).await;
+    assert_eq!(x_cache, "MISS");
+    let response = tower::ServiceExt::oneshot(app.clone(), method_req("HEAD", "/persons/1"))
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-cache"], "HIT");
+    assert_eq!(
+        response.headers()["content-length"],
+        body.len().to_string().as_str()
+    );
+    let head_body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    assert!(head_body.is_empty());
+    assert_eq!(db.calls(), 2);
+}
+
+async fn large_streamed_body_passes_through_unstored(backend: Backend) {
+    let db = Db::default();
+    let (app, cache, _) = app(backend.store, db.clone());
+    for _ in 0..2 {
+        let (status, x_cache, body) = send(&app, get_req("/shape/big")).await;
+        assert_eq!((status, x_cache.as_str()), (StatusCode::OK, "MISS"));
+        assert_eq!(body.len(), 16 * 1024);
+        assert!(body.len() > CAP);
+        let expected: String = (0..16u8)
+            .map(|i| String::from((b'a' + i) as char).repeat(1024))
+            .collect();
+        assert_eq!(body, expected, "every byte arrives, in order");
+    }
+    let skips = cache.stats().route("GET /shape/{kind}").unwrap().skips;
+    assert_eq!(skips, vec![(Reason::TooLarge, 2)]);
+}
+
+async fn garbage_entry_is_a_miss_and_is_overwritten(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 3);
+    let key = CacheKey::Plain("app:person:1".into());
+    let absent = Lookup {
+        version: None,
+        entry: Observed::Absent,
+    };
+    for garbage in [&b"not an entry"[..], b"\x01\x00", b"\x09future format"] {
+        let written = backend
+            .store
+            .store(
+                &key,
+                &absent,
+                Bytes::copy_from_slice(garbage),
+                Duration::from_secs(60),
+            )
+            .await;
+        assert_eq!(written, Ok(true));
+        let (app, _, _) = app(backend.store.clone(), db.clone());
+        let first = send(&app, get_req("/persons/1")).await;
+        assert_eq!(
+            first,
+            (
+                StatusCode::OK,
+                "MISS".into(),
+                r#"{"id":"1","rev":3}"#.into()
+            )
+        );
+        assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
+        let stale = Lookup {
+            version: None,
+            entry: backend.store.lookup(&key).await.unwrap().entry,
+        };
+        // Reset the key to garbage for the next round, over the stored entry.
+        backend
+            .store
+            .store(
+                &key,
+                &stale,
+                Bytes::from_static(b""),
+                Duration::from_millis(1),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn credentials_without_scope_bypass_the_cache(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _, _) = app(backend.store, db.clone());
+    let with = |uri: &str, name: &str| {
+        axum::http::Request::get(uri)
+            .header(name, "secret")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    for header in ["authorization", "cookie"] {
+        for _ in 0..2 {
+            assert_eq!(send(&app, with("/persons/1", header)).await.1, "BYPASS");
+        }
+    }
+    assert_eq!(db.calls(), 4);
+    // A public route shares its entries whatever the credentials.
+    assert_eq!(
+        send(&app, with("/public/1", "authorization")).await.1,
+        "MISS"
+    );
+    assert_eq!(send(&app, with("/public/1", "cookie")).await.1, "HIT");
+    // Nothing was stored for the bypassed requests.
+    assert_eq!(send(&app, get_req("/persons/1")).await.1, "MISS");
+}
+
+async fn tenants_never_see_each_others_entries(backend: Backend) {
+    let db = Db::default();
+    let (app, _, _) = app(backend.store, db.clone());
+    let as_tenant = |tenant: &str| {
+        axum::http::Request::get("/tenant/1")
+            .header("x-tenant-id", tenant)
+            .header("authorization", "Bearer x")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    assert_eq!(send(&app, as_tenant("acme")).await.1, "MISS");
+    let (_, x_cache, body) = send(&app, as_tenant("globex")).await;
+    assert_eq!(x_cache, "MISS");
+    assert!(body.contains("globex"), "{body}");
+    let (_, x_cache, body) = send(&app, as_tenant("acme")).await;
+    assert_eq!(x_cache, "HIT");
+    assert!(body.contains("acme"), "{body}");
+}
+
+async fn a_write_invalidates_the_item_and_every_list(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    db.set("2", 1);
+    let (app, _, invalidate) = app(backend.store, db.clone());
+    for uri in [
+        "/persons/1",
+        "/persons/2",
+        "/persons?limit=1",
+        "/persons?limit=2",
+    ] {
+        send(&app, get_req(uri)).await;
+        assert_eq!(send(&app, get_req(uri)).await.1, "HIT", "{uri}");
+    }
+    assert_eq!(
+        send(&app, method_req("PATCH", "/persons/1")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(invalidate.stats().applied, 1);
+    let (_, x_cache, body) = send(&app, get_req("/persons/1")).await;
+    assert_eq!(
+        (x_cache.as_str(), body.as_str()),
+        ("MISS", r#"{"id":"1","rev":2}"#)
+    );
+    assert_eq!(
+        send(&app, get_req("/persons/2")).await.1,
+        "HIT",
+        "other items still hit"
+    );
+    for uri in ["/persons?limit=1", "/persons?limit=2"] {
+        let (_, x_cache, body) = send(&app, get_req(uri)).await;
+        assert_eq!(x_cache, "MISS", "{uri}");
+        assert!(body.contains(r#"["1",2]"#), "{body}");
+    }
+    // A create bumps the lists only.
+    assert_eq!(
+        send(&app, method_req("POST", "/persons?3")).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(send(&app, get_req("/persons?limit=1")).await.1, "MISS");
+    assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
+}
+
+async fn a_failed_write_invalidates_nothing(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _, invalidate) = app(backend.store, db.clone());
+    send(&app, get_req("/persons/1")).await;
+    send(&app, get_req("/persons")).await;
+    let (status, _, _) = send(&app, method_req("PATCH", "/persons/1?fail=1")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
+    assert_eq!(send(&app, get_req("/persons")).await.1, "HIT");
+    assert_eq!(
+        (invalidate.stats().applied, invalidate.stats().skipped),
+        (0, 1)
+    );
+}
+
+async fn a_lost_version_key_never_brings_old_lists_back(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _, _) = app(backend.store.clone(), db.clone());
+    // Lists cached at the first version, then a write bumps it.
+    assert_eq!(send(&app, get_req("/persons")).await.1, "MISS");
+    assert_eq!(
+        send(&app, method_req("PATCH", "/persons/1")).await.0,
+        StatusCode::OK
+    );
+    let (_, x_cache, fresh) = send(&app, get_req("/persons")).await;
+    assert_eq!(x_cache, "MISS");
+    // The version key is lost: the next version must not be the first one again.
+    backend.forget_version("app:persons:list:ver").await;
+    assert_eq!(
+        send(&app, method_req("PATCH", "/persons/1")).await.0,
+        StatusCode::OK
+    );
+    let (_, x_cache, body) = send(&app, get_req("/persons")).await;
+    assert_eq!(x_cache, "MISS");
+    assert!(body.contains(r#"["1",3]"#) && body != fresh, "{body}");
+    // Lost without a write in between: still a miss, never an old page.
+    backend.forget_version("app:persons:list:ver").await;
+    let (_, x_cache, body) = send(&app, get_req("/persons")).await;
+    assert_eq!(
+        (x_cache.as_str(), body.contains(r#"["1",3]"#)),
+        ("MISS", true)
+    );
+}

@@ -1,0 +1,345 @@
+//! Shared test support: a real `redis-server` per test, a test app, and the
+//! `backend_tests!` macro that runs one suite against every store.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, Request, Response, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use tower::ServiceExt;
+use tower_redis_cache::store::{MemoryStore, RedisStore, Store};
+use tower_redis_cache::{CacheLayer, InvalidateLayer, Policy, Route, Rule, Rules, Scope};
+
+/// A `redis-server` on a free port, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server, or returns `None` (printing why) when the binary is
+    /// missing. With `REQUIRE_REDIS=1`, a missing binary fails the test.
+    pub fn start() -> Option<Self> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            if std::env::var("REQUIRE_REDIS").as_deref() == Ok("1") {
+                panic!("REQUIRE_REDIS=1 but redis-server is not on PATH");
+            }
+            eprintln!("SKIPPED: redis-server is not on PATH");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self { port, child: None };
+        server.spawn();
+        Some(server)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("redis-server did not listen on {}", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server (connection refused from now on).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// A plain connection for arranging state behind the layer's back.
+    pub async fn raw(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A store under test, and the server behind it if any.
+pub struct Backend {
+    pub store: Arc<dyn Store>,
+    pub server: Option<RedisServer>,
+    memory: Option<MemoryStore>,
+}
+
+impl Backend {
+    pub fn memory() -> Option<Self> {
+        let memory = MemoryStore::new();
+        Some(Self {
+            store: Arc::new(memory.clone()),
+            server: None,
+            memory: Some(memory),
+        })
+    }
+
+    pub fn redis() -> Option<Self> {
+        let server = RedisServer::start()?;
+        let store = RedisStore::open(&server.url()).unwrap();
+        Some(Self {
+            store: Arc::new(store),
+            server: Some(server),
+            memory: None,
+        })
+    }
+
+    /// Loses a version key, as an eviction or a restart without persistence would.
+    pub async fn forget_version(&self, key: &str) {
+        match (&self.memory, &self.server) {
+            (Some(memory), _) => memory.forget_version(key),
+            (None, Some(server)) => {
+                let _: () = redis::cmd("DEL")
+                    .arg(key)
+                    .query_async(&mut server.raw().await)
+                    .await
+                    .unwrap();
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+}
+
+/// Runs each listed async test fn against the memory store and a real Redis.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let backend = $crate::common::Backend::memory().unwrap();
+                    super::$name(backend).await;
+                }
+            )*
+        }
+        mod redis_server {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(backend) = $crate::common::Backend::redis() else { return };
+                    super::$name(backend).await;
+                }
+            )*
+        }
+    };
+}
+
+/// The records the test app serves: id → revision.
+#[derive(Clone, Default)]
+pub struct Db {
+    pub revisions: Arc<Mutex<HashMap<String, u64>>>,
+    pub calls: Arc<AtomicUsize>,
+}
+
+impl Db {
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn set(&self, id: &str, revision: u64) {
+        self.revisions
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), revision);
+    }
+}
+
+pub const CAP: usize = 4096;
+
+pub fn policy() -> Policy {
+    let json_route = |path: &str, key: &str| Route::get(path).key(key).ttl(Duration::from_secs(60));
+    Policy::builder()
+        .max_body_bytes(CAP)
+        .route(json_route("/persons/{id}", "person:{id}"))
+        .route(
+            Route::get("/persons")
+                .key("persons:list:v{version}:{query_hash}")
+                .versioned_by("persons:list")
+                .ttl(Duration::from_secs(60)),
+        )
+        .route(json_route("/short/{id}", "short:{id}").ttl(Duration::from_secs(1)))
+        .route(json_route("/tenant/{id}", "tenant:{id}").scope(Scope::new().header("x-tenant-id")))
+        .route(json_route("/public/{id}", "public:{id}").public())
+        .route(json_route("/shape/{kind}", "shape:{kind}"))
+        .build()
+        .unwrap()
+}
+
+pub fn rules() -> Rules {
+    Rules::builder()
+        .rule(Rule::new("POST /persons").bump("persons:list"))
+        .rule(
+            Rule::new("PATCH|DELETE /persons/{id}")
+                .delete("person:{id}")
+                .bump("persons:list"),
+        )
+        .build()
+        .unwrap()
+}
+
+async fn person(State(db): State<Db>, Path(id): Path<String>) -> Response<Body> {
+    db.calls.fetch_add(1, Ordering::SeqCst);
+    let revision = db.revisions.lock().unwrap().get(&id).copied();
+    match revision {
+        Some(rev) => Json(serde_json::json!({ "id": id, "rev": rev })).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({ "error": "not found" })),
+        )
+            .into_response(),
+    }
+}
+
+async fn list(State(db): State<Db>, RawQuery(query): RawQuery) -> Json<serde_json::Value> {
+    db.calls.fetch_add(1, Ordering::SeqCst);
+    let mut items: Vec<(String, u64)> = db
+        .revisions
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    items.sort();
+    Json(serde_json::json!({ "items": items, "query": query }))
+}
+
+async fn tenant(
+    State(db): State<Db>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Json<serde_json::Value> {
+    db.calls.fetch_add(1, Ordering::SeqCst);
+    let tenant = headers
+        .get("x-tenant-id")
+        .map(|v| v.to_str().unwrap().to_owned());
+    Json(serde_json::json!({ "id": id, "tenant": tenant }))
+}
+
+/// Responses of every shape the cache must refuse (or accept).
+async fn shape(State(db): State<Db>, Path(kind): Path<String>) -> Response<Body> {
+    db.calls.fetch_add(1, Ordering::SeqCst);
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    match kind.as_str() {
+        "ok" => (json, "{\"ok\":true}").into_response(),
+        "html" => ([(header::CONTENT_TYPE, "text/html")], "<p>hi</p>").into_response(),
+        "created" => (StatusCode::CREATED, json, "{}").into_response(),
+        "error" => (StatusCode::INTERNAL_SERVER_ERROR, json, "{\"error\":1}").into_response(),
+        "cookie" => (json, [(header::SET_COOKIE, "s=1")], "{}").into_response(),
+        "no-store" => (json, [(header::CACHE_CONTROL, "no-store")], "{}").into_response(),
+        "private" => (json, [(header::CACHE_CONTROL, "private, max-age=60")], "{}").into_response(),
+        "vary-star" => (json, [(header::VARY, "*")], "{}").into_response(),
+        "big" => {
+            // 16 chunks of 1 KiB, streamed, with no length announced.
+            let chunks = (0..16).map(|i| Ok::<_, std::io::Error>(vec![b'a' + i as u8; 1024]));
+            let body = Body::from_stream(futures_util::stream::iter(chunks.collect::<Vec<_>>()));
+            (json, body).into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn update(State(db): State<Db>, Path(id): Path<String>, RawQuery(q): RawQuery) -> StatusCode {
+    if q.as_deref() == Some("fail=1") {
+        return StatusCode::UNPROCESSABLE_ENTITY;
+    }
+    let mut revisions = db.revisions.lock().unwrap();
+    *revisions.entry(id).or_insert(0) += 1;
+    StatusCode::OK
+}
+
+async fn create(State(db): State<Db>, RawQuery(q): RawQuery) -> StatusCode {
+    let id = q.unwrap_or_default();
+    db.revisions.lock().unwrap().insert(id, 1);
+    StatusCode::CREATED
+}
+
+/// The test app behind both layers, sharing one store.
+pub fn app(store: Arc<dyn Store>, db: Db) -> (Router, CacheLayer, InvalidateLayer) {
+    let cache = CacheLayer::with_shared_store(policy(), store.clone());
+    let invalidate = InvalidateLayer::with_shared_store(rules(), store);
+    let router = Router::new()
+        .route("/persons", get(list).post(create))
+        .route("/persons/{id}", get(person).patch(update).delete(update))
+        .route("/short/{id}", get(person))
+        .route("/tenant/{id}", get(tenant))
+        .route("/public/{id}", get(person))
+        .route("/shape/{kind}", get(shape))
+        .with_state(db)
+        .layer(cache.clone())
+        .layer(invalidate.clone());
+    (router, cache, invalidate)
+}
+
+/// One request through `app`: (status, x-cache, body).
+pub async fn send(app: &Router, request: Request<Body>) -> (StatusCode, String, String) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let x_cache = response
+        .headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, x_cache, String::from_utf8_lossy(&body).into_owned())
+}
+
+pub fn get_req(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+pub fn method_req(method: &str, uri: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::empty())
+        .unwrap()
+}
