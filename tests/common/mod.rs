@@ -176,11 +176,21 @@ macro_rules! backend_tests {
 pub struct Db {
     pub revisions: Arc<Mutex<HashMap<String, u64>>>,
     pub calls: Arc<AtomicUsize>,
+    /// Microseconds a read handler waits between reading and answering,
+    /// which widens the cache-aside race window.
+    pub read_delay_us: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Db {
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    async fn pause(&self) {
+        let delay = self.read_delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_micros(delay)).await;
+        }
     }
 
     pub fn set(&self, id: &str, revision: u64) {
@@ -227,6 +237,7 @@ pub fn rules() -> Rules {
 async fn person(State(db): State<Db>, Path(id): Path<String>) -> Response<Body> {
     db.calls.fetch_add(1, Ordering::SeqCst);
     let revision = db.revisions.lock().unwrap().get(&id).copied();
+    db.pause().await;
     match revision {
         Some(rev) => Json(serde_json::json!({ "id": id, "rev": rev })).into_response(),
         None => (
@@ -247,6 +258,7 @@ async fn list(State(db): State<Db>, RawQuery(query): RawQuery) -> Json<serde_jso
         .map(|(k, v)| (k.clone(), *v))
         .collect();
     items.sort();
+    db.pause().await;
     Json(serde_json::json!({ "items": items, "query": query }))
 }
 

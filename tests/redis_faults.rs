@@ -1,0 +1,121 @@
+//! What only a real Redis can do to us: stop, restart, hold keys of the
+//! wrong type. Every response stays correct; none is a 5xx.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::{app, get_req, method_req, send, Db, RedisServer};
+use tower_redis_cache::store::{RedisStore, Store};
+
+fn redis_app(server: &RedisServer, db: Db) -> axum::Router {
+    let store: Arc<dyn Store> = Arc::new(RedisStore::open(&server.url()).unwrap());
+    app(store, db).0
+}
+
+#[tokio::test]
+async fn redis_stopped_and_restarted_the_handler_answers_and_caching_resumes() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let db = Db::default();
+    db.set("1", 1);
+    let app = redis_app(&server, db.clone());
+    send(&app, get_req("/persons/1")).await;
+    assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
+
+    server.stop();
+    db.set("1", 2);
+    for _ in 0..3 {
+        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, r#"{"id":"1","rev":2}"#)
+        );
+        assert_eq!(x_cache, "BYPASS");
+    }
+    assert_eq!(
+        send(&app, method_req("PATCH", "/persons/1")).await.0,
+        StatusCode::OK
+    );
+
+    server.restart();
+    let mut resumed = false;
+    for _ in 0..50 {
+        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, r#"{"id":"1","rev":3}"#)
+        );
+        if x_cache == "HIT" {
+            resumed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        resumed,
+        "caching resumed after the restart, without a new store"
+    );
+}
+
+#[tokio::test]
+async fn a_building_layer_needs_no_running_redis() {
+    // Nothing listens on port 1.
+    let store: Arc<dyn Store> = Arc::new(RedisStore::open("redis://127.0.0.1:1/").unwrap());
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, cache, _) = app(store, db);
+    let (status, x_cache, _) = send(&app, get_req("/persons/1")).await;
+    assert_eq!((status, x_cache.as_str()), (StatusCode::OK, "BYPASS"));
+    assert_eq!(cache.stats().route("GET /persons/{id}").unwrap().errors, 1);
+}
+
+#[tokio::test]
+async fn wrong_redis_types_are_misses_and_get_overwritten() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let mut raw = server.raw().await;
+    let db = Db::default();
+    db.set("1", 1);
+    let app = redis_app(&server, db.clone());
+    let _: () = redis::cmd("LPUSH")
+        .arg("app:person:1")
+        .arg("x")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("app:persons:list:ver")
+        .arg("a")
+        .arg("b")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    for uri in ["/persons/1", "/persons"] {
+        let (status, x_cache, _) = send(&app, get_req(uri)).await;
+        assert_eq!(
+            (status, x_cache.as_str()),
+            (StatusCode::OK, "MISS"),
+            "{uri}"
+        );
+        assert_eq!(send(&app, get_req(uri)).await.1, "HIT", "{uri}");
+    }
+    // A bump over a garbage version string starts a fresh version.
+    let _: () = redis::cmd("SET")
+        .arg("app:persons:list:ver")
+        .arg("garbage")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(
+        send(&app, method_req("POST", "/persons?2")).await.0,
+        StatusCode::CREATED
+    );
+    let (_, x_cache, body) = send(&app, get_req("/persons")).await;
+    assert_eq!(x_cache, "MISS");
+    assert!(body.contains(r#"["2",1]"#), "{body}");
+}
