@@ -316,3 +316,279 @@ where
         self.tombstone_ttl
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Exact Redis commands per request, through the layers, on a mock
+    //! connection: a hit is one round trip, item or list alike.
+
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Full;
+    use redis::Value;
+    use redis_test::{MockCmd, MockRedisConnection};
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+    use crate::entry::Entry;
+    use crate::{CacheLayer, InvalidateLayer, Policy, Route, Rule, Rules};
+
+    fn policy() -> Policy {
+        Policy::builder()
+            .route(
+                Route::get("/persons/{id}")
+                    .key("person:{id}")
+                    .ttl(Duration::from_secs(300)),
+            )
+            .route(
+                Route::get("/persons")
+                    .key("persons:list:v{version}:{query_hash}")
+                    .versioned_by("persons:list"),
+            )
+            .build()
+            .unwrap()
+    }
+
+    fn entry() -> Bytes {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().unwrap());
+        Entry::new(
+            StatusCode::OK,
+            &headers,
+            Bytes::from_static(b"{}"),
+            Duration::from_secs(300),
+        )
+        .encode()
+    }
+
+    fn evalsha(script: &Script) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash());
+        cmd
+    }
+
+    async fn get(
+        conn: MockRedisConnection,
+        uri: &str,
+    ) -> Response<crate::cache::ResponseBody<Full<Bytes>>> {
+        let store = RedisStore::new(conn);
+        let handler = tower::service_fn(|_req: Request<()>| async {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        });
+        let service = CacheLayer::new(policy(), store).layer(handler);
+        service
+            .oneshot(Request::get(uri).body(()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    fn list_key_parts() -> (String, String) {
+        let query_hash = crate::key::QueryRule::hash(&[]);
+        ("app:persons:list:v".to_owned(), format!(":{query_hash}"))
+    }
+
+    #[tokio::test]
+    async fn an_item_hit_is_one_get() {
+        let conn = MockRedisConnection::new([MockCmd::new(
+            redis::cmd("GET").arg("app:person:42"),
+            Ok(Value::BulkString(entry().to_vec())),
+        )])
+        .assert_all_commands_consumed();
+        let response = get(conn, "/persons/42").await;
+        assert_eq!(response.headers()["x-cache"], "HIT");
+    }
+
+    #[tokio::test]
+    async fn a_list_hit_is_one_evalsha() {
+        let (prefix, suffix) = list_key_parts();
+        let reply = Value::Array(vec![
+            Value::Int(1),
+            Value::BulkString(b"17".to_vec()),
+            Value::Int(1),
+            Value::BulkString(entry().to_vec()),
+        ]);
+        let mut lookup = evalsha(&LOOKUP_VERSIONED);
+        lookup
+            .arg(1)
+            .arg("app:persons:list:ver")
+            .arg(&prefix)
+            .arg(&suffix);
+        let conn = MockRedisConnection::new([MockCmd::new(lookup, Ok(reply))])
+            .assert_all_commands_consumed();
+        let response = get(conn, "/persons").await;
+        assert_eq!(response.headers()["x-cache"], "HIT");
+    }
+
+    #[tokio::test]
+    async fn a_miss_is_one_lookup_and_one_conditional_write() {
+        let conn = MockRedisConnection::new([
+            MockCmd::new(redis::cmd("GET").arg("app:person:42"), Ok(Value::Nil)),
+            // The write's arguments hold a timestamp; match it by shape below.
+        ]);
+        // The store call is checked separately: the mock compares whole
+        // commands, so build the write the store will send.
+        let store = RedisStore::new(conn.clone());
+        let seen = store
+            .lookup(&CacheKey::Plain("app:person:42".into()))
+            .await
+            .unwrap();
+        assert_eq!(seen.entry, Observed::Absent);
+        let value = entry();
+        let mut write = evalsha(&STORE);
+        write
+            .arg(1)
+            .arg("app:person:42")
+            .arg("p")
+            .arg(0)
+            .arg(b"")
+            .arg(value.as_ref())
+            .arg(300_000u64);
+        let conn = MockRedisConnection::new([MockCmd::new(write, Ok(Value::Int(1)))])
+            .assert_all_commands_consumed();
+        let written = RedisStore::new(conn)
+            .store(
+                &CacheKey::Plain("app:person:42".into()),
+                &seen,
+                value,
+                Duration::from_secs(300),
+            )
+            .await;
+        assert_eq!(written, Ok(true));
+    }
+
+    /// Records every command and answers GET with nil, EVALSHA with 1.
+    #[derive(Clone, Default)]
+    struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>);
+
+    impl Recorder {
+        fn commands(&self) -> Vec<Vec<String>> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl ConnectionLike for Recorder {
+        fn req_packed_command<'a>(
+            &'a mut self,
+            cmd: &'a redis::Cmd,
+        ) -> redis::RedisFuture<'a, Value> {
+            let args: Vec<String> = cmd
+                .args_iter()
+                .map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    _ => "<other>".to_owned(),
+                })
+                .collect();
+            let reply = if args[0] == "GET" {
+                Value::Nil
+            } else {
+                Value::Int(1)
+            };
+            self.0.lock().unwrap().push(args);
+            Box::pin(async move { Ok(reply) })
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a redis::Pipeline,
+            _: usize,
+            _: usize,
+        ) -> redis::RedisFuture<'a, Vec<Value>> {
+            Box::pin(async { Err((redis::ErrorKind::Client, "no pipelines expected").into()) })
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_miss_through_the_layer_is_a_get_then_one_conditional_write() {
+        let recorder = Recorder::default();
+        let store = RedisStore::new(recorder.clone());
+        let handler = tower::service_fn(|_req: Request<()>| async {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        });
+        let service = CacheLayer::new(policy(), store).layer(handler);
+        let response = service
+            .oneshot(Request::get("/persons/42").body(()).unwrap())
+            .await
+            .unwrap();
+        let status = response.headers()["cache-status"].to_str().unwrap();
+        assert!(status.ends_with("stored"), "{status}");
+        let commands = recorder.commands();
+        assert_eq!(commands.len(), 2, "{commands:?}");
+        assert_eq!(commands[0], vec!["GET", "app:person:42"]);
+        assert_eq!(
+            commands[1][..5],
+            ["EVALSHA", STORE.get_hash(), "1", "app:person:42", "p"]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_through_the_layer_is_one_evalsha() {
+        let rules = Rules::builder()
+            .rule(
+                Rule::new("PATCH /persons/{id}")
+                    .delete("person:{id}")
+                    .bump("persons:list"),
+            )
+            .build()
+            .unwrap();
+        let recorder = Recorder::default();
+        let handler = tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        });
+        let layer = InvalidateLayer::new(rules, RedisStore::new(recorder.clone()));
+        let service = layer.clone().layer(handler);
+        let response = service
+            .oneshot(Request::patch("/persons/42").body(()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(layer.stats().applied, 1);
+        let commands = recorder.commands();
+        assert_eq!(commands.len(), 1, "{commands:?}");
+        assert_eq!(
+            commands[0][..6],
+            [
+                "EVALSHA",
+                INVALIDATE.get_hash(),
+                "2",
+                "app:person:42",
+                "app:persons:list:ver",
+                "1"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_mutation_sends_nothing() {
+        let rules = Rules::builder()
+            .rule(Rule::new("POST /persons").bump("persons:list"))
+            .build()
+            .unwrap();
+        let recorder = Recorder::default();
+        let handler = tower::service_fn(|_req: Request<()>| async {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::BAD_REQUEST;
+            Ok::<_, Infallible>(response)
+        });
+        let service = InvalidateLayer::new(rules, RedisStore::new(recorder.clone())).layer(handler);
+        service
+            .oneshot(Request::post("/persons").body(()).unwrap())
+            .await
+            .unwrap();
+        assert!(recorder.commands().is_empty());
+    }
+}
