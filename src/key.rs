@@ -147,9 +147,9 @@ pub(crate) fn pattern_params(pattern: &str) -> Vec<String> {
     let mut rest = pattern;
     while let Some(open) = rest.find('{') {
         let after = &rest[open + 1..];
-        if after.starts_with('{') {
+        if let Some(escaped) = after.strip_prefix('{') {
             // `{{` is an escaped brace in matchit.
-            rest = &after[1..];
+            rest = escaped;
             continue;
         }
         let Some(close) = after.find('}') else { break };
