@@ -11,7 +11,11 @@ use common::{app, get_req, method_req, send, Db, RedisServer};
 use tower_redis_cache::store::{RedisStore, Store};
 
 fn redis_app(server: &RedisServer, db: Db) -> axum::Router {
-    let store: Arc<dyn Store> = Arc::new(RedisStore::open(&server.url()).unwrap());
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::open(&server.url())
+            .unwrap()
+            .deadline(common::TEST_DEADLINE),
+    );
     app(store, db).0
 }
 

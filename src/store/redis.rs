@@ -125,9 +125,11 @@ impl RedisStore<ConnectionManager> {
     /// runtime.
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(backend)?;
+        // Each operation is bounded by `deadline`; the manager's own limits
+        // only keep a dead connection attempt from lingering.
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(DEFAULT_DEADLINE))
-            .set_response_timeout(Some(DEFAULT_DEADLINE))
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(None)
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?;

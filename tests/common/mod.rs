@@ -122,7 +122,9 @@ impl Backend {
 
     pub fn redis() -> Option<Self> {
         let server = RedisServer::start()?;
-        let store = RedisStore::open(&server.url()).unwrap();
+        let store = RedisStore::open(&server.url())
+            .unwrap()
+            .deadline(TEST_DEADLINE);
         Some(Self {
             store: Arc::new(store),
             server: Some(server),
@@ -202,6 +204,10 @@ impl Db {
 }
 
 pub const CAP: usize = 4096;
+
+/// Generous, so that a loaded CI machine does not turn slow writes into
+/// misses; the deadline itself is not what these tests check.
+pub const TEST_DEADLINE: Duration = Duration::from_secs(2);
 
 pub fn policy() -> Policy {
     let json_route = |path: &str, key: &str| Route::get(path).key(key).ttl(Duration::from_secs(60));
