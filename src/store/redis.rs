@@ -372,8 +372,8 @@ mod tests {
         cmd
     }
 
-    async fn get(
-        conn: MockRedisConnection,
+    async fn get<C: ConnectionLike + Clone + Send + Sync + 'static>(
+        conn: C,
         uri: &str,
     ) -> Response<crate::cache::ResponseBody<Full<Bytes>>> {
         let store = RedisStore::new(conn);
@@ -513,19 +513,7 @@ mod tests {
     #[tokio::test]
     async fn a_miss_through_the_layer_is_a_get_then_one_conditional_write() {
         let recorder = Recorder::default();
-        let store = RedisStore::new(recorder.clone());
-        let handler = tower::service_fn(|_req: Request<()>| async {
-            let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
-            response
-                .headers_mut()
-                .insert("content-type", "application/json".parse().unwrap());
-            Ok::<_, Infallible>(response)
-        });
-        let service = CacheLayer::new(policy(), store).layer(handler);
-        let response = service
-            .oneshot(Request::get("/persons/42").body(()).unwrap())
-            .await
-            .unwrap();
+        let response = get(recorder.clone(), "/persons/42").await;
         let status = response.headers()["cache-status"].to_str().unwrap();
         assert!(status.ends_with("stored"), "{status}");
         let commands = recorder.commands();
