@@ -1,0 +1,315 @@
+//! The persons example end to end: the real server binary on a real TCP
+//! port, its SQLite database, a real `redis-server`, walked through the
+//! seed-000 scenario, including another tenant and Redis stopping and
+//! restarting under the running server.
+//!
+//! The example binary is built by `cargo test --all-targets`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::RedisServer;
+
+const ACME: &str = "Bearer demo-token-acme";
+const GLOBEX: &str = "Bearer demo-token-globex";
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn example_binary() -> PathBuf {
+    // target/<profile>/deps/persons_e2e-<hash> → target/<profile>/examples/persons
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let binary = profile_dir.join("examples").join("persons");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo test --all-targets`, which builds the example",
+        binary.display()
+    );
+    binary
+}
+
+fn start(redis_url: &str) -> Server {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(example_binary())
+        .env("PERSONS_ADDR", &addr)
+        .env("REDIS_URL", redis_url)
+        .env("PERSONS_SEED", "200")
+        .env("CACHE_REDIS_TIMEOUT_MS", "1000")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server { child, addr };
+    for _ in 0..300 {
+        if TcpStream::connect(&server.addr).is_ok() {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the example did not listen on {}", server.addr);
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    fn x_cache(&self) -> &str {
+        self.header("x-cache").unwrap_or("")
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+fn http(
+    server: &Server,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<&str>,
+) -> Reply {
+    let mut stream = TcpStream::connect(&server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+        server.addr
+    );
+    if let Some(auth) = auth {
+        request.push_str(&format!("Authorization: {auth}\r\n"));
+    }
+    if let Some(body) = body {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or(""));
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    Reply {
+        status,
+        headers: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+fn get(server: &Server, path: &str, auth: &str) -> Reply {
+    http(server, "GET", path, Some(auth), None)
+}
+
+#[test]
+fn seed_000_scenario_on_sqlite_and_redis() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let server = start(&redis.url());
+
+    // R4: item and list, miss then hit.
+    let first = get(&server, "/persons/1", ACME);
+    assert_eq!(
+        (first.status, first.x_cache()),
+        (200, "MISS"),
+        "{}",
+        first.body
+    );
+    let second = get(&server, "/persons/1", ACME);
+    assert_eq!((second.status, second.x_cache()), (200, "HIT"));
+    assert_eq!(first.body, second.body);
+    assert!(second.header("cache-status").unwrap().contains("hit"));
+    let list = "/persons?limit=5&sort=-name&name=Ana";
+    assert_eq!(get(&server, list, ACME).x_cache(), "MISS");
+    let same_list = "/persons?name=Ana&sort=-name&limit=5&email=";
+    assert_eq!(
+        get(&server, same_list, ACME).x_cache(),
+        "HIT",
+        "normalised query"
+    );
+
+    // R3/R6: the keys read like the seed's, under the `app:` namespace.
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut raw).unwrap();
+    assert!(
+        keys.iter().any(|k| k.starts_with("app:person:1:scope=")),
+        "{keys:?}"
+    );
+    assert!(keys.iter().any(|k| k == "app:persons:list:ver"), "{keys:?}");
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("app:persons:list:v") && k.contains(":scope=")),
+        "{keys:?}"
+    );
+    assert!(
+        keys.iter().all(|k| !k.contains("acme")),
+        "scopes are hashed: {keys:?}"
+    );
+
+    // Another tenant neither sees acme's cached person nor shares its lists.
+    let foreign = get(&server, "/persons/1", GLOBEX);
+    assert_eq!(foreign.status, 404, "{}", foreign.body);
+    assert_ne!(foreign.x_cache(), "HIT");
+    assert_eq!(get(&server, list, GLOBEX).x_cache(), "MISS");
+    // No or bad token: 401, never cached.
+    for _ in 0..2 {
+        let denied = http(&server, "GET", "/persons/1", None, None);
+        assert_eq!((denied.status, denied.x_cache()), (401, ""));
+    }
+
+    // R5: a PATCH deletes the item and bumps the lists.
+    let patched = http(
+        &server,
+        "PATCH",
+        "/persons/1",
+        Some(ACME),
+        Some(r#"{"name":"Ana Atualizada"}"#),
+    );
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    let after = get(&server, "/persons/1", ACME);
+    assert_eq!(after.x_cache(), "MISS");
+    assert!(after.body.contains("Ana Atualizada"), "{}", after.body);
+    assert_eq!(get(&server, same_list, ACME).x_cache(), "MISS");
+    assert_eq!(get(&server, "/persons/2", ACME).x_cache(), "MISS");
+    assert_eq!(get(&server, "/persons/2", ACME).x_cache(), "HIT");
+
+    // Sub-resources invalidate the person too.
+    get(&server, "/persons/1", ACME);
+    let phone = http(
+        &server,
+        "POST",
+        "/persons/1/phones",
+        Some(ACME),
+        Some(r#"{"number":"+55 11 5555-0001"}"#),
+    );
+    assert_eq!(phone.status, 201, "{}", phone.body);
+    let with_phone = get(&server, "/persons/1", ACME);
+    assert_eq!(with_phone.x_cache(), "MISS");
+    assert!(with_phone.body.contains("5555-0001"));
+    let address = http(
+        &server,
+        "POST",
+        "/persons/1/addresses",
+        Some(ACME),
+        Some(r#"{"street":"Av. Paulista 1000","city":"São Paulo"}"#),
+    );
+    assert_eq!(address.status, 201);
+    assert!(get(&server, "/persons/1", ACME).body.contains("Paulista"));
+
+    // A failed write invalidates nothing; bad input is a 4xx JSON error.
+    assert_eq!(get(&server, "/persons/1", ACME).x_cache(), "HIT");
+    let bad = http(
+        &server,
+        "PATCH",
+        "/persons/1",
+        Some(ACME),
+        Some("{not json"),
+    );
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("error"));
+    assert_eq!(get(&server, "/persons/1", ACME).x_cache(), "HIT");
+    for (path, status) in [
+        ("/persons?limit=abc", 400),
+        ("/persons?sort=age", 400),
+        ("/persons/abc", 400),
+        ("/persons/999999", 404),
+    ] {
+        for _ in 0..2 {
+            let reply = get(&server, path, ACME);
+            assert_eq!(reply.status, status, "{path}: {}", reply.body);
+            assert_ne!(reply.x_cache(), "HIT", "{path}");
+            assert!(
+                reply.body.starts_with("{\"error\""),
+                "{path}: {}",
+                reply.body
+            );
+        }
+    }
+
+    // R7: health and stats.
+    let health = http(&server, "GET", "/cache/health", None, None);
+    assert_eq!(
+        health.body,
+        r#"{"cache":"on","redis":"ok","store":"redis"}"#
+    );
+    let stats = http(&server, "GET", "/cache/stats", None, None);
+    assert!(
+        stats.body.contains(r#""route":"GET /persons/{id}""#),
+        "{}",
+        stats.body
+    );
+    assert!(stats.body.contains("hit_rate"));
+
+    // Redis stops under the running server: every answer still correct.
+    redis.stop();
+    let down = http(&server, "GET", "/cache/health", None, None);
+    assert_eq!(
+        down.body,
+        r#"{"cache":"on","redis":"down","store":"redis"}"#
+    );
+    let renamed = http(
+        &server,
+        "PATCH",
+        "/persons/1",
+        Some(ACME),
+        Some(r#"{"name":"Ana Sem Redis"}"#),
+    );
+    assert_eq!(renamed.status, 200);
+    for _ in 0..3 {
+        let reply = get(&server, "/persons/1", ACME);
+        assert_eq!(reply.status, 200);
+        assert!(reply.body.contains("Ana Sem Redis"), "{}", reply.body);
+        assert_eq!(reply.x_cache(), "BYPASS");
+    }
+
+    // And comes back: caching resumes without a restart of the server.
+    redis.restart();
+    let mut resumed = false;
+    for _ in 0..50 {
+        let reply = get(&server, "/persons/1", ACME);
+        assert_eq!(reply.status, 200);
+        assert!(reply.body.contains("Ana Sem Redis"));
+        if reply.x_cache() == "HIT" {
+            resumed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(resumed, "caching resumed after Redis came back");
+}
