@@ -461,7 +461,13 @@ async fn cache_health(State(app): State<App>) -> Json<Value> {
     };
     let reachable = store.ping().await.is_ok();
     let state = if reachable { "ok" } else { "down" };
-    let mut body = json!({"cache": "on", "store": store.name()});
+    let health = store.health();
+    let mut body = json!({
+        "cache": "on",
+        "store": store.name(),
+        "circuit": health.circuit.as_str(),
+        "pending_invalidations": health.pending_invalidations,
+    });
     body[store.name()] = json!(state);
     Json(body)
 }

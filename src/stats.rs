@@ -17,6 +17,8 @@ pub enum Reason {
     Query,
     /// The store failed or timed out.
     StoreError,
+    /// The store's circuit breaker is open: it was not tried.
+    CircuitOpen,
     /// The status was not 200.
     Status,
     /// The content type was not JSON.
@@ -44,10 +46,11 @@ pub enum Reason {
 }
 
 impl Reason {
-    const ALL: [Reason; 15] = [
+    const ALL: [Reason; 16] = [
         Reason::Authorization,
         Reason::Query,
         Reason::StoreError,
+        Reason::CircuitOpen,
         Reason::Status,
         Reason::NotJson,
         Reason::SetCookie,
@@ -68,6 +71,7 @@ impl Reason {
             Reason::Authorization => "authorization",
             Reason::Query => "query",
             Reason::StoreError => "store-error",
+            Reason::CircuitOpen => "circuit-open",
             Reason::Status => "status",
             Reason::NotJson => "not-json",
             Reason::SetCookie => "set-cookie",

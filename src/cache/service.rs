@@ -154,6 +154,10 @@ impl Ctx {
     }
 
     pub(crate) fn lookup_failed(&mut self, err: &StoreError) {
+        if *err == StoreError::CircuitOpen {
+            self.bypass = Some(Reason::CircuitOpen);
+            return;
+        }
         self.shared.stats.error(self.route);
         tracing::warn!(route = self.label(), key = %self.key_text(), error = %err, "cache lookup failed; serving from the handler");
         self.bypass = Some(Reason::StoreError);

@@ -43,7 +43,12 @@
 //! # A failed invalidation
 //!
 //! If the store fails, the error is logged and counted, and the response is
-//! returned unchanged; entries then live until their TTL at most.
+//! returned unchanged. `RedisStore` keeps the failed actions in a bounded
+//! queue and replays them before its next lookup; until they are applied,
+//! this process serves nothing from the cache. Another process sharing the
+//! Redis may still serve an entry the lost invalidation should have removed,
+//! for at most that entry's TTL. If the queue overflows, this process serves
+//! nothing from the cache for [`BreakerConfig::overflow_hold`](crate::store::BreakerConfig).
 
 mod future;
 mod layer;

@@ -25,9 +25,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+mod guard;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+
+pub use guard::{BreakerConfig, Circuit, StoreHealth};
 
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
@@ -116,15 +119,25 @@ impl Invalidation {
 pub enum StoreError {
     /// The operation did not finish within the deadline.
     Timeout,
-    /// The store could not be reached or answered with an error.
+    /// The store could not be reached (refused, dropped, reset).
+    Unreachable(String),
+    /// The store answered with an error (out of memory, read-only…).
     Backend(String),
+    /// The circuit breaker is open: the store was not tried.
+    CircuitOpen,
+    /// Invalidations are waiting for replay, or were lost; the cache is not
+    /// used until they are applied (or the entries they guard expired).
+    PendingInvalidations,
 }
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Timeout => write!(f, "store operation timed out"),
+            Self::Unreachable(msg) => write!(f, "store unreachable: {msg}"),
             Self::Backend(msg) => write!(f, "store error: {msg}"),
+            Self::CircuitOpen => write!(f, "store circuit open; not tried"),
+            Self::PendingInvalidations => write!(f, "invalidations not yet applied"),
         }
     }
 }
@@ -163,6 +176,12 @@ pub trait Store: Send + Sync + 'static {
     /// How long a delete's tombstone lives.
     fn tombstone_ttl(&self) -> Duration {
         DEFAULT_TOMBSTONE_TTL
+    }
+
+    /// The breaker's state and the invalidations waiting for replay (an
+    /// in-process store is always healthy).
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
     }
 }
 

@@ -1,10 +1,11 @@
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
+use super::guard::{BreakerConfig, Guard, StoreHealth};
 use super::{
     CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture, DEFAULT_TOMBSTONE_TTL,
 };
@@ -107,6 +108,7 @@ pub struct RedisStore<C = ConnectionManager> {
     conn: C,
     deadline: Duration,
     tombstone_ttl: Duration,
+    guard: Arc<Guard>,
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
@@ -145,7 +147,14 @@ impl<C> RedisStore<C> {
             conn,
             deadline: DEFAULT_DEADLINE,
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
+            guard: Arc::new(Guard::new(BreakerConfig::default())),
         }
+    }
+
+    /// The circuit breaker and invalidation queue thresholds.
+    pub fn breaker(mut self, config: BreakerConfig) -> Self {
+        self.guard = Arc::new(Guard::new(config));
+        self
     }
 
     /// The deadline for one operation (default 100 ms).
@@ -162,7 +171,78 @@ impl<C> RedisStore<C> {
 }
 
 fn backend(err: RedisError) -> StoreError {
-    StoreError::Backend(err.to_string())
+    if err.is_io_error()
+        || err.is_connection_refusal()
+        || err.is_connection_dropped()
+        || err.is_timeout()
+    {
+        StoreError::Unreachable(err.to_string())
+    } else {
+        StoreError::Backend(err.to_string())
+    }
+}
+
+/// Sends `invalidation` as one script call.
+async fn apply<C: ConnectionLike>(
+    conn: &mut C,
+    deadline: Duration,
+    invalidation: &Invalidation,
+    tombstone_ttl: Duration,
+) -> Result<(), StoreError> {
+    let mut invocation = INVALIDATE.prepare_invoke();
+    for key in invalidation.deletes.iter().chain(&invalidation.bumps) {
+        invocation.key(key);
+    }
+    invocation
+        .arg(invalidation.deletes.len())
+        .arg(invalidation.tombstone.as_ref())
+        .arg(millis(tombstone_ttl));
+    let _: i64 = within(deadline, invocation.invoke_async(conn)).await?;
+    Ok(())
+}
+
+/// One lookup: a `GET` for a plain key, one script call for a versioned one.
+async fn lookup<C: ConnectionLike>(
+    conn: &mut C,
+    deadline: Duration,
+    key: CacheKey,
+) -> Result<Lookup, StoreError> {
+    match key {
+        CacheKey::Plain(key) => {
+            let mut get = redis::cmd("GET");
+            get.arg(&key);
+            let entry = match tokio::time::timeout(
+                deadline,
+                get.query_async::<Option<Vec<u8>>>(conn),
+            )
+            .await
+            {
+                Err(_) => return Err(StoreError::Timeout),
+                Ok(Ok(Some(value))) => Observed::Value(Bytes::from(value)),
+                Ok(Ok(None)) => Observed::Absent,
+                Ok(Err(err)) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
+                Ok(Err(err)) => return Err(backend(err)),
+            };
+            Ok(Lookup {
+                version: None,
+                entry,
+            })
+        }
+        CacheKey::Versioned {
+            version_key,
+            prefix,
+            suffix,
+        } => {
+            let mut invocation = LOOKUP_VERSIONED.prepare_invoke();
+            invocation.key(&version_key).arg(&prefix).arg(&suffix);
+            let (vs, v, es, e): (i64, Vec<u8>, i64, Vec<u8>) =
+                within(deadline, invocation.invoke_async(conn)).await?;
+            Ok(Lookup {
+                version: Some(observed(vs, v)),
+                entry: observed(es, e),
+            })
+        }
+    }
 }
 
 async fn within<T>(
@@ -205,46 +285,34 @@ where
     }
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
-        let mut conn = self.conn.clone();
-        let deadline = self.deadline;
-        let key = key.clone();
+        if self.guard.overflowed() {
+            return Box::pin(async { Err(StoreError::PendingInvalidations) });
+        }
+        let admit = match self.guard.admit() {
+            Ok(admit) => admit,
+            Err(err) => return Box::pin(async move { Err(err) }),
+        };
+        let pending = self.guard.pending();
+        let (mut conn, deadline, tombstone_ttl) =
+            (self.conn.clone(), self.deadline, self.tombstone_ttl);
+        let (guard, key) = (self.guard.clone(), key.clone());
         Box::pin(async move {
-            match key {
-                CacheKey::Plain(key) => {
-                    let mut get = redis::cmd("GET");
-                    get.arg(&key);
-                    let entry = match tokio::time::timeout(
-                        deadline,
-                        get.query_async::<Option<Vec<u8>>>(&mut conn),
-                    )
-                    .await
-                    {
-                        Err(_) => return Err(StoreError::Timeout),
-                        Ok(Ok(Some(value))) => Observed::Value(Bytes::from(value)),
-                        Ok(Ok(None)) => Observed::Absent,
-                        Ok(Err(err)) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
-                        Ok(Err(err)) => return Err(backend(err)),
-                    };
-                    Ok(Lookup {
-                        version: None,
-                        entry,
-                    })
+            let result = async {
+                // Invalidations that failed earlier go first: nothing is
+                // served from the cache before they are applied.
+                if let Some((queued, generation)) = pending {
+                    apply(&mut conn, deadline, &queued, tombstone_ttl).await?;
+                    guard.applied(&queued, generation);
+                    tracing::info!(
+                        keys = queued.deletes.len() + queued.bumps.len(),
+                        "queued invalidations replayed"
+                    );
                 }
-                CacheKey::Versioned {
-                    version_key,
-                    prefix,
-                    suffix,
-                } => {
-                    let mut invocation = LOOKUP_VERSIONED.prepare_invoke();
-                    invocation.key(&version_key).arg(&prefix).arg(&suffix);
-                    let (vs, v, es, e): (i64, Vec<u8>, i64, Vec<u8>) =
-                        within(deadline, invocation.invoke_async(&mut conn)).await?;
-                    Ok(Lookup {
-                        version: Some(observed(vs, v)),
-                        entry: observed(es, e),
-                    })
-                }
+                lookup(&mut conn, deadline, key).await
             }
+            .await;
+            guard.record(admit, &result);
+            result
         })
     }
 
@@ -255,6 +323,9 @@ where
         value: Bytes,
         ttl: Duration,
     ) -> StoreFuture<bool> {
+        if self.guard.pending().is_some() || self.guard.overflowed() {
+            return Box::pin(async { Err(StoreError::PendingInvalidations) });
+        }
         let mut invocation = STORE.prepare_invoke();
         match key {
             CacheKey::Plain(key) => {
@@ -277,11 +348,17 @@ where
                     .arg(suffix);
             }
         }
-        let mut conn = self.conn.clone();
-        let deadline = self.deadline;
+        let admit = match self.guard.admit() {
+            Ok(admit) => admit,
+            Err(err) => return Box::pin(async move { Err(err) }),
+        };
+        let (mut conn, deadline, guard) = (self.conn.clone(), self.deadline, self.guard.clone());
         Box::pin(async move {
-            let written: i64 = within(deadline, invocation.invoke_async(&mut conn)).await?;
-            Ok(written == 1)
+            let result = within(deadline, invocation.invoke_async::<i64>(&mut conn))
+                .await
+                .map(|written| written == 1);
+            guard.record(admit, &result);
+            result
         })
     }
 
@@ -289,25 +366,31 @@ where
         if invalidation.is_empty() {
             return Box::pin(async { Ok(()) });
         }
-        let mut invocation = INVALIDATE.prepare_invoke();
-        for key in invalidation.deletes.iter().chain(&invalidation.bumps) {
-            invocation.key(key);
-        }
-        invocation
-            .arg(invalidation.deletes.len())
-            .arg(invalidation.tombstone.as_ref())
-            .arg(millis(self.tombstone_ttl));
-        let mut conn = self.conn.clone();
-        let deadline = self.deadline;
+        // Queued first, so that a failure leaves it for replay; sent together
+        // with anything queued before, in one round trip.
+        let (queued, generation) = self.guard.enqueue(invalidation);
+        let admit = match self.guard.admit() {
+            Ok(admit) => admit,
+            Err(err) => return Box::pin(async move { Err(err) }),
+        };
+        let (mut conn, deadline, tombstone_ttl) =
+            (self.conn.clone(), self.deadline, self.tombstone_ttl);
+        let guard = self.guard.clone();
         Box::pin(async move {
-            let _: i64 = within(deadline, invocation.invoke_async(&mut conn)).await?;
-            Ok(())
+            let result = apply(&mut conn, deadline, &queued, tombstone_ttl).await;
+            guard.record(admit, &result);
+            match &result {
+                Ok(()) => guard.applied(&queued, generation),
+                Err(err) => {
+                    tracing::warn!(error = %err, "invalidation kept for replay before the next lookup")
+                }
+            }
+            result
         })
     }
 
     fn ping(&self) -> StoreFuture<()> {
-        let mut conn = self.conn.clone();
-        let deadline = self.deadline;
+        let (mut conn, deadline) = (self.conn.clone(), self.deadline);
         Box::pin(async move {
             let _: String = within(deadline, redis::cmd("PING").query_async(&mut conn)).await?;
             Ok(())
@@ -316,6 +399,10 @@ where
 
     fn tombstone_ttl(&self) -> Duration {
         self.tombstone_ttl
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.guard.health()
     }
 }
 
