@@ -496,3 +496,143 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod hostile_input {
+    //! No two distinct requests map to the same key, whatever they carry;
+    //! nothing panics; keys stay short.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const MAX_KEY_LEN: usize = 256;
+
+    fn policy() -> Policy {
+        Policy::builder()
+            .route(Route::get("/p/{id}").key("person:{id}"))
+            .route(Route::get("/l").key("list:{query_hash}"))
+            .route(
+                Route::get("/t/{id}")
+                    .key("t:{id}")
+                    .scope(Scope::new().header("x-tenant-id").header("authorization")),
+            )
+            .build()
+            .unwrap()
+    }
+
+    /// Percent-encodes every byte outside `[A-Za-z0-9]`, so any string fits a URI.
+    fn uri_encode(raw: &str) -> String {
+        raw.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    fn key_of(request: Request<()>) -> String {
+        match policy().decide(&request) {
+            Decision::Cache { key, .. } => {
+                let text = format!("{key:?}");
+                assert!(
+                    text.len() <= MAX_KEY_LEN + 64,
+                    "key too long: {} bytes",
+                    text.len()
+                );
+                text
+            }
+            _ => panic!("expected a cacheable request"),
+        }
+    }
+
+    fn param() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9:*{}/%~.\\-_ \n\t]{0,12}",
+            any::<String>(),
+            Just("1:x".to_owned()),
+            Just("*".to_owned()),
+            "[a-z]{1}".prop_map(|c| c.repeat(10_000)),
+            "[a-z]{1}".prop_map(|c| c.repeat(10_000) + "x"),
+        ]
+    }
+
+    /// The reference model of normalisation: sorted by name (values of a
+    /// repeated name in order), empty values dropped.
+    fn normalised(pairs: &[(String, String)]) -> Vec<(String, String)> {
+        let mut kept: Vec<_> = pairs
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .cloned()
+            .collect();
+        kept.sort_by(|a, b| a.0.cmp(&b.0));
+        kept
+    }
+
+    fn query(pairs: &[(String, String)]) -> String {
+        pairs
+            .iter()
+            .map(|(k, v)| format!("{}={}", uri_encode(k), uri_encode(v)))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+
+    proptest! {
+        #[test]
+        fn distinct_path_params_never_share_a_key(a in param(), b in param()) {
+            // An empty segment matches no route: nothing to key.
+            prop_assume!(!a.is_empty() && !b.is_empty());
+            let ka = key_of(Request::get(format!("/p/{}", uri_encode(&a))).body(()).unwrap());
+            let kb = key_of(Request::get(format!("/p/{}", uri_encode(&b))).body(()).unwrap());
+            prop_assert_eq!(a == b, ka == kb);
+        }
+
+        #[test]
+        fn queries_share_a_key_exactly_when_they_normalise_alike(
+            a in proptest::collection::vec(("[a-c&=+%]{1,2}", "[x-z&=+%]{0,2}"), 0..5),
+            b in proptest::collection::vec(("[a-c&=+%]{1,2}", "[x-z&=+%]{0,2}"), 0..5),
+        ) {
+            let ka = key_of(Request::get(format!("/l?{}", query(&a))).body(()).unwrap());
+            let kb = key_of(Request::get(format!("/l?{}", query(&b))).body(()).unwrap());
+            prop_assert_eq!(normalised(&a) == normalised(&b), ka == kb);
+        }
+
+        #[test]
+        fn distinct_scopes_never_share_a_key(
+            a in ("[ -~]{0,20}", proptest::option::of("[ -~]{0,20}")),
+            b in ("[ -~]{0,20}", proptest::option::of("[ -~]{0,20}")),
+        ) {
+            let request = |(tenant, auth): &(String, Option<String>)| {
+                let mut builder = Request::get("/t/1").header("x-tenant-id", tenant.as_str());
+                if let Some(auth) = auth {
+                    builder = builder.header("authorization", auth.as_str());
+                }
+                builder.body(()).unwrap()
+            };
+            let (ka, kb) = (key_of(request(&a)), key_of(request(&b)));
+            prop_assert_eq!(a == b, ka == kb);
+        }
+
+        #[test]
+        fn huge_or_odd_queries_never_panic(raw in "[ -~]{0,300}", repeat in 0usize..400) {
+            let mut uri = format!("/l?{}", uri_encode(&raw).repeat(repeat.max(1)));
+            // `http` refuses URIs of 64 KiB and more before any layer sees them.
+            uri.truncate(60_000);
+            while uri.ends_with('%') || uri.as_bytes()[uri.len() - 2] == b'%' {
+                uri.pop();
+            }
+            let request = Request::get(uri).body(()).unwrap();
+            let _ = key_of(request);
+        }
+    }
+
+    #[test]
+    fn a_60_kb_query_gives_a_short_key() {
+        // The largest query `http` accepts (URIs stop short of 64 KiB).
+        let uri = format!("/l?q={}", "a".repeat(60_000));
+        let _ = key_of(Request::get(uri).body(()).unwrap());
+    }
+}
