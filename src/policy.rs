@@ -232,7 +232,11 @@ impl Policy {
                 reason: Reason::Query,
             };
         }
-        let query_hash = QueryRule::hash(&query);
+        let query_hash = if route.key.has(&Segment::QueryHash) {
+            QueryRule::hash(&query)
+        } else {
+            String::new()
+        };
         let scope = route
             .scope
             .key_suffix(request.headers(), request.extensions());
