@@ -44,7 +44,9 @@ fn options() -> Result<Options, String> {
             "--path" => options.path = value,
             "--token" => options.token = value,
             "--requests" => options.requests = value.parse().map_err(|_| "--requests: a number")?,
-            "--concurrency" => options.concurrency = value.parse().map_err(|_| "--concurrency: a number")?,
+            "--concurrency" => {
+                options.concurrency = value.parse().map_err(|_| "--concurrency: a number")?
+            }
             "--vary" => options.vary = Some(value),
             other => return Err(format!("unknown flag {other}")),
         }
@@ -60,11 +62,16 @@ async fn request(
     path: &str,
     token: &str,
 ) -> std::io::Result<(u16, String)> {
-    let head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let head =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
     stream.get_mut().write_all(head.as_bytes()).await?;
     let mut line = String::new();
     stream.read_line(&mut line).await?;
-    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let (mut length, mut x_cache) = (0usize, String::from("-"));
     loop {
         line.clear();
@@ -93,8 +100,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let mut clients = Vec::new();
     for client in 0..options.concurrency {
-        let (addr, path, token, vary) =
-            (options.addr.clone(), options.path.clone(), options.token.clone(), options.vary.clone());
+        let (addr, path, token, vary) = (
+            options.addr.clone(),
+            options.path.clone(),
+            options.token.clone(),
+            options.vary.clone(),
+        );
         clients.push(tokio::spawn(async move {
             let mut stream = BufReader::new(TcpStream::connect(&addr).await?);
             let mut samples = Vec::with_capacity(per_client);
@@ -126,7 +137,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let elapsed = started.elapsed();
     samples.sort();
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_micros();
+    let at =
+        |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_micros();
     let mean = samples.iter().sum::<Duration>().as_micros() / samples.len().max(1) as u128;
     println!(
         "requests={} concurrency={} p50_us={} p99_us={} mean_us={} rps={:.0} seen={:?}",

@@ -25,6 +25,8 @@ backend_tests!(
     a_write_invalidates_the_item_and_every_list,
     a_failed_write_invalidates_nothing,
     a_lost_version_key_never_brings_old_lists_back,
+    concurrent_cold_misses_call_the_handler_once,
+    concurrent_uncacheable_requests_all_reach_the_handler,
 );
 
 async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
@@ -355,4 +357,59 @@ async fn a_lost_version_key_never_brings_old_lists_back(backend: Backend) {
         (x_cache.as_str(), body.contains(r#"["1",3]"#)),
         ("MISS", true)
     );
+}
+
+/// `n` concurrent GETs of `uri`; returns the `cache-status` of each.
+async fn concurrently(app: &axum::Router, uri: &str, n: usize) -> Vec<String> {
+    let requests = (0..n).map(|_| {
+        let app = app.clone();
+        let uri = uri.to_owned();
+        tokio::spawn(async move {
+            let response = tower::ServiceExt::oneshot(app, get_req(&uri))
+                .await
+                .unwrap();
+            assert!(response.status().is_success() || response.status().is_client_error());
+            response
+                .headers()
+                .get("cache-status")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        })
+    });
+    let mut statuses = Vec::new();
+    for request in requests.collect::<Vec<_>>() {
+        statuses.push(request.await.unwrap());
+    }
+    statuses
+}
+
+async fn concurrent_cold_misses_call_the_handler_once(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    db.read_delay_us
+        .store(200_000, std::sync::atomic::Ordering::Relaxed);
+    let (app, _, _) = app(backend.store, db.clone());
+    let statuses = concurrently(&app, "/persons/1", 200).await;
+    assert_eq!(
+        db.calls(),
+        1,
+        "one handler call for 200 concurrent cold requests"
+    );
+    assert_eq!(statuses.iter().filter(|s| s.contains("stored")).count(), 1);
+    assert_eq!(
+        statuses.iter().filter(|s| s.ends_with("collapsed")).count(),
+        199,
+        "{statuses:?}"
+    );
+}
+
+async fn concurrent_uncacheable_requests_all_reach_the_handler(backend: Backend) {
+    let db = Db::default();
+    db.read_delay_us
+        .store(100_000, std::sync::atomic::Ordering::Relaxed);
+    let (app, _, _) = app(backend.store, db.clone());
+    concurrently(&app, "/shape/html", 50).await;
+    assert_eq!(db.calls(), 50);
+    concurrently(&app, "/persons/404", 50).await;
+    assert_eq!(db.calls(), 100);
 }

@@ -10,6 +10,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::body::{to_bytes, ResponseBody};
+use super::flight::Wait;
 use super::service::{Ctx, Outcome};
 use crate::entry::{self, Entry, Slot};
 use crate::stats::Reason;
@@ -36,6 +37,12 @@ pin_project! {
         // Waiting for the store; the readied inner service waits with the request.
         Lookup {
             lookup: StoreFuture<Lookup>,
+            service: Option<S>,
+            request: Option<Request<ReqBody>>,
+        },
+        // Another request for the same entry is calling the inner service.
+        Join {
+            wait: Wait,
             service: Option<S>,
             request: Option<Request<ReqBody>>,
         },
@@ -111,13 +118,40 @@ where
                                     return Poll::Ready(Ok(response));
                                 }
                             }
-                            ctx.missed(found);
+                            if let Some(wait) = ctx.missed(found) {
+                                let (service, request) = (service.take(), request.take());
+                                this.state.set(State::Join {
+                                    wait,
+                                    service,
+                                    request,
+                                });
+                                continue;
+                            }
                         }
                         Err(err) => ctx.lookup_failed(&err),
                     }
                     let (Some(mut service), Some(request)) = (service.take(), request.take())
                     else {
                         unreachable!("the lookup state is left once");
+                    };
+                    let future = service.call(request);
+                    this.state.set(State::Inner { future });
+                }
+                StateProj::Join {
+                    wait,
+                    service,
+                    request,
+                } => {
+                    let shared = ready!(wait.as_mut().poll(cx));
+                    let ctx = this.ctx.as_mut().expect("a join always has a context");
+                    if let Some(Slot::Entry(entry)) = shared.map(entry::decode) {
+                        let response = ctx.collapsed(entry);
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response));
+                    }
+                    let (Some(mut service), Some(request)) = (service.take(), request.take())
+                    else {
+                        unreachable!("the join state is left once");
                     };
                     let future = service.call(request);
                     this.state.set(State::Inner { future });
@@ -182,7 +216,9 @@ where
                     let body = concat(std::mem::take(frames), *size);
                     let entry = Entry::new(parts.status, &parts.headers, body.clone(), ctx.ttl());
                     let response = Response::from_parts(parts, ResponseBody::full(body));
-                    match ctx.write(entry.encode()) {
+                    let encoded = entry.encode();
+                    ctx.share(&encoded);
+                    match ctx.write(encoded) {
                         Ok(write) => this.state.set(State::Write {
                             write,
                             response: Some(response),

@@ -38,6 +38,7 @@ impl CacheLayer {
                 policy,
                 store,
                 stats,
+                flights: Default::default(),
             }),
         }
     }

@@ -42,6 +42,16 @@
 //! A miss's response is sent once the store acknowledged the write (one round
 //! trip, bounded by the store deadline), so the next request finds the entry.
 //!
+//! # Single-flight
+//!
+//! Concurrent misses for the same entry in one process call the inner
+//! service once; the others wait and get the same response, with
+//! `cache-status: tower-redis-cache; fwd=uri-miss; collapsed`. A flight is
+//! named by what its lookup saw (the version, a tombstone), so a request that
+//! looked up after an invalidation never joins a flight from before it. When
+//! the response cannot be stored (not 200 JSON, too large, a HEAD), the
+//! waiting requests call the inner service themselves.
+//!
 //! # Credentials
 //!
 //! A request with `Authorization` or `Cookie` on a route with no
@@ -55,6 +65,7 @@
 //! `tracing` and counted in [`CacheStats`](crate::CacheStats).
 
 mod body;
+mod flight;
 mod future;
 mod layer;
 mod service;

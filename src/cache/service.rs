@@ -9,6 +9,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::body::ResponseBody;
+use super::flight::{FlightTable, Leader, Role};
 use super::future::ResponseFuture;
 use crate::entry::Entry;
 use crate::policy::{Decision, Policy};
@@ -43,6 +44,7 @@ pub(crate) struct Shared {
     pub(crate) policy: Policy,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) stats: CacheStats,
+    pub(crate) flights: FlightTable,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
@@ -83,6 +85,7 @@ where
 /// How one request on a cached route ended.
 pub(crate) enum Outcome {
     Hit { ttl: u64, age: u64 },
+    Collapsed,
     Stored,
     NotStored(Reason),
     Bypass(Reason),
@@ -97,6 +100,7 @@ pub(crate) struct Ctx {
     seen: Option<Lookup>,
     bypass: Option<Reason>,
     started: Instant,
+    leader: Option<Leader>,
 }
 
 impl Ctx {
@@ -109,6 +113,7 @@ impl Ctx {
             seen: None,
             bypass: None,
             started: Instant::now(),
+            leader: None,
         }
     }
 
@@ -134,7 +139,19 @@ impl Ctx {
         }
     }
 
-    pub(crate) fn hit<B: Body>(&self, entry: Entry) -> Response<ResponseBody<B>> {
+    pub(crate) fn hit<B: Body>(&mut self, entry: Entry) -> Response<ResponseBody<B>> {
+        let (ttl, age) = (entry.remaining_ttl_s(), entry.age_s());
+        let response = self.from_entry(entry);
+        self.finish(response, Outcome::Hit { ttl, age })
+    }
+
+    /// The response a follower of a flight gets: the leader's, shared.
+    pub(crate) fn collapsed<B: Body>(&mut self, entry: Entry) -> Response<ResponseBody<B>> {
+        let response = self.from_entry(entry);
+        self.finish(response, Outcome::Collapsed)
+    }
+
+    fn from_entry<B: Body>(&self, entry: Entry) -> Response<ResponseBody<B>> {
         let body = if self.head {
             ResponseBody::empty()
         } else {
@@ -142,15 +159,35 @@ impl Ctx {
         };
         let mut response = Response::new(body);
         *response.status_mut() = entry.status;
-        let (ttl, age) = (entry.remaining_ttl_s(), entry.age_s());
         let headers = response.headers_mut();
         *headers = entry.headers;
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
-        self.finish(response, Outcome::Hit { ttl, age })
+        response
     }
 
-    pub(crate) fn missed(&mut self, found: Lookup) {
+    /// Records what the lookup saw, then leads the flight for this entry or
+    /// returns the wait of the flight already under way. A HEAD neither
+    /// leads (its response has no body to share) nor waits.
+    pub(crate) fn missed(&mut self, found: Lookup) -> Option<super::flight::Wait> {
+        let role = match (&self.key, self.head) {
+            (Some(key), false) => Some(self.shared.flights.enter(key, &found)),
+            _ => None,
+        };
         self.seen = Some(found);
+        match role? {
+            Role::Lead(leader) => {
+                self.leader = Some(leader);
+                None
+            }
+            Role::Join(wait) => Some(wait),
+        }
+    }
+
+    /// Gives the stored form of the response to the requests waiting on it.
+    pub(crate) fn share(&mut self, entry: &Bytes) {
+        if let Some(leader) = self.leader.take() {
+            leader.share(entry.clone());
+        }
     }
 
     pub(crate) fn lookup_failed(&mut self, err: &StoreError) {
@@ -194,7 +231,7 @@ impl Ctx {
     }
 
     pub(crate) fn written<B>(
-        &self,
+        &mut self,
         response: Response<B>,
         written: Result<bool, StoreError>,
     ) -> Response<B> {
@@ -211,7 +248,9 @@ impl Ctx {
     }
 
     /// Sets `x-cache` and `cache-status`, counts and logs the outcome.
-    pub(crate) fn finish<B>(&self, mut response: Response<B>, outcome: Outcome) -> Response<B> {
+    pub(crate) fn finish<B>(&mut self, mut response: Response<B>, outcome: Outcome) -> Response<B> {
+        // Followers still waiting go to the inner service themselves.
+        self.leader = None;
         let stats = &self.shared.stats;
         let took = self.started.elapsed();
         let status = response.status().as_u16();
@@ -225,6 +264,11 @@ impl Ctx {
                     .insert(header::AGE, HeaderValue::from(age));
                 tracing::debug!(route, key, "cache hit");
                 ("HIT", format!("{CACHE_NAME}; hit; ttl={ttl}"))
+            }
+            Outcome::Collapsed => {
+                stats.miss(self.route, took);
+                tracing::debug!(route, key, "cache miss, collapsed into a flight under way");
+                ("MISS", format!("{CACHE_NAME}; fwd=uri-miss; collapsed"))
             }
             Outcome::Stored => {
                 stats.miss(self.route, took);

@@ -307,6 +307,7 @@ async fn tenant(
 /// Responses of every shape the cache must refuse (or accept).
 async fn shape(State(db): State<Db>, Path(kind): Path<String>) -> Response<Body> {
     db.calls.fetch_add(1, Ordering::SeqCst);
+    db.pause().await;
     let json = [(header::CONTENT_TYPE, "application/json")];
     match kind.as_str() {
         "ok" => (json, "{\"ok\":true}").into_response(),

@@ -1,0 +1,110 @@
+//! Single-flight: concurrent misses for the same entry in one process call
+//! the inner service once; the others wait for that response.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::store::{CacheKey, Lookup, Observed};
+
+/// What a follower waits for: the leader's encoded entry, or `None` when
+/// the leader's response could not be shared (not storable, failed, dropped).
+pub(crate) type Wait = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
+
+type Flights = Arc<Mutex<HashMap<String, watch::Receiver<Option<Bytes>>>>>;
+
+/// The misses under way in this process.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct FlightTable {
+    flights: Flights,
+}
+
+/// Whether this request leads a flight or joins one.
+pub(crate) enum Role {
+    Lead(Leader),
+    Join(Wait),
+}
+
+/// Held by the request that calls the inner service; dropping it without
+/// [`Leader::share`] releases the followers to call the service themselves.
+#[derive(Debug)]
+pub(crate) struct Leader {
+    flights: Flights,
+    name: String,
+    sender: watch::Sender<Option<Bytes>>,
+}
+
+impl FlightTable {
+    /// Leads or joins the flight for `key` as the lookup saw it. The flight
+    /// is named by what the lookup saw (version, tombstone), so a request
+    /// that looked up after an invalidation never joins a flight that
+    /// started before it.
+    pub(crate) fn enter(&self, key: &CacheKey, seen: &Lookup) -> Role {
+        let name = flight_name(key, seen);
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(receiver) = flights.get(&name) {
+            let mut receiver = receiver.clone();
+            return Role::Join(Box::pin(async move {
+                receiver
+                    .wait_for(Option::is_some)
+                    .await
+                    .ok()
+                    .and_then(|v| v.clone())
+            }));
+        }
+        let (sender, receiver) = watch::channel(None);
+        flights.insert(name.clone(), receiver);
+        Role::Lead(Leader {
+            flights: self.flights.clone(),
+            name,
+            sender,
+        })
+    }
+}
+
+impl Leader {
+    /// Hands the stored form of the response to every follower.
+    pub(crate) fn share(self, entry: Bytes) {
+        self.sender.send_replace(Some(entry));
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if flights
+            .get(&self.name)
+            .is_some_and(|r| r.same_channel(&self.sender.subscribe()))
+        {
+            flights.remove(&self.name);
+        }
+    }
+}
+
+fn flight_name(key: &CacheKey, seen: &Lookup) -> String {
+    let mut name = match (key, &seen.version) {
+        (CacheKey::Versioned { .. }, Some(Observed::Value(version))) => key.entry_key(version),
+        _ => key.entry_key(b"?"),
+    };
+    for observed in [seen.version.as_ref(), Some(&seen.entry)]
+        .into_iter()
+        .flatten()
+    {
+        match observed {
+            Observed::Absent => name.push_str("|absent"),
+            Observed::WrongType => name.push_str("|wrongtype"),
+            Observed::Value(bytes) => {
+                let _ = write!(name, "|{}:", bytes.len());
+                for byte in bytes.iter().take(32) {
+                    let _ = write!(name, "{byte:02x}");
+                }
+            }
+        }
+    }
+    name
+}
