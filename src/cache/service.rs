@@ -141,17 +141,17 @@ impl Ctx {
 
     pub(crate) fn hit<B: Body>(&mut self, entry: Entry) -> Response<ResponseBody<B>> {
         let (ttl, age) = (entry.remaining_ttl_s(), entry.age_s());
-        let response = self.from_entry(entry);
+        let response = self.entry_response(entry);
         self.finish(response, Outcome::Hit { ttl, age })
     }
 
     /// The response a follower of a flight gets: the leader's, shared.
     pub(crate) fn collapsed<B: Body>(&mut self, entry: Entry) -> Response<ResponseBody<B>> {
-        let response = self.from_entry(entry);
+        let response = self.entry_response(entry);
         self.finish(response, Outcome::Collapsed)
     }
 
-    fn from_entry<B: Body>(&self, entry: Entry) -> Response<ResponseBody<B>> {
+    fn entry_response<B: Body>(&self, entry: Entry) -> Response<ResponseBody<B>> {
         let body = if self.head {
             ResponseBody::empty()
         } else {
