@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use sha2::Digest;
 
 const FORMAT_ENTRY: u8 = 0x01;
 const FORMAT_TOMBSTONE: u8 = 0x02;
@@ -154,6 +155,36 @@ fn decode_entry(raw: &mut Bytes) -> Option<Entry> {
     })
 }
 
+/// Gives a stored response a strong ETag from its body's SHA-256, unless
+/// the application set one.
+pub(crate) fn ensure_etag(headers: &mut HeaderMap, body: &[u8]) {
+    if headers.contains_key(http::header::ETAG) {
+        return;
+    }
+    let digest = sha2::Sha256::digest(body);
+    let mut tag = String::with_capacity(34);
+    tag.push('"');
+    for byte in &digest[..16] {
+        tag.push_str(&format!("{byte:02x}"));
+    }
+    tag.push('"');
+    if let Ok(value) = HeaderValue::try_from(tag) {
+        headers.insert(http::header::ETAG, value);
+    }
+}
+
+/// Whether `If-None-Match` matches `etag` (weak comparison, RFC 9110
+/// 13.1.2): `*`, or any listed tag equal to it once `W/` is set aside.
+pub(crate) fn none_match(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
+    let (Ok(list), Ok(etag)) = (if_none_match.to_str(), etag.to_str()) else {
+        return false;
+    };
+    let opaque = |tag: &str| tag.trim().trim_start_matches("W/").to_owned();
+    let etag = opaque(etag);
+    list.split(',')
+        .any(|tag| tag.trim() == "*" || opaque(tag) == etag)
+}
+
 /// A tombstone unique to this call, so that a read which saw an earlier
 /// tombstone cannot mistake this one for it.
 pub(crate) fn tombstone() -> Bytes {
@@ -214,6 +245,27 @@ mod tests {
                 Slot::Unreadable
             ));
         }
+    }
+
+    #[test]
+    fn etags_compare_weakly() {
+        let tag = HeaderValue::from_static("\"abc\"");
+        for matching in ["\"abc\"", "W/\"abc\"", "*", "\"x\", W/\"abc\""] {
+            assert!(
+                none_match(&HeaderValue::from_str(matching).unwrap(), &tag),
+                "{matching}"
+            );
+        }
+        for other in ["\"abd\"", "\"x\", \"y\"", ""] {
+            assert!(
+                !none_match(&HeaderValue::from_str(other).unwrap(), &tag),
+                "{other}"
+            );
+        }
+        let mut headers = HeaderMap::new();
+        ensure_etag(&mut headers, b"{}");
+        let strong = headers[http::header::ETAG].to_str().unwrap();
+        assert!(strong.starts_with('"') && strong.len() == 34, "{strong}");
     }
 
     #[test]

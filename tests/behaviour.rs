@@ -27,6 +27,7 @@ backend_tests!(
     a_lost_version_key_never_brings_old_lists_back,
     concurrent_cold_misses_call_the_handler_once,
     concurrent_uncacheable_requests_all_reach_the_handler,
+    etags_and_conditional_gets,
 );
 
 async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
@@ -412,4 +413,58 @@ async fn concurrent_uncacheable_requests_all_reach_the_handler(backend: Backend)
     assert_eq!(db.calls(), 50);
     concurrently(&app, "/persons/404", 50).await;
     assert_eq!(db.calls(), 100);
+}
+
+async fn etags_and_conditional_gets(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _, _) = app(backend.store, db.clone());
+    let miss = tower::ServiceExt::oneshot(app.clone(), get_req("/persons/1"))
+        .await
+        .unwrap();
+    let etag = miss.headers()["etag"].to_str().unwrap().to_owned();
+    let hit = tower::ServiceExt::oneshot(app.clone(), get_req("/persons/1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        hit.headers()["etag"],
+        etag.as_str(),
+        "the same strong ETag on miss and hit"
+    );
+    let conditional = |tag: &str| {
+        axum::http::Request::get("/persons/1")
+            .header("if-none-match", tag)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    for matching in [
+        etag.clone(),
+        format!("W/{etag}"),
+        format!("\"other\", {etag}"),
+        "*".to_owned(),
+    ] {
+        let response = tower::ServiceExt::oneshot(app.clone(), conditional(&matching))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{matching}");
+        assert_eq!(response.headers()["etag"], etag.as_str());
+        assert_eq!(response.headers()["x-cache"], "HIT");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert!(body.is_empty());
+    }
+    let (status, x_cache, body) = send(&app, conditional("\"stale\"")).await;
+    assert_eq!(
+        (status, x_cache.as_str(), body.as_str()),
+        (StatusCode::OK, "HIT", r#"{"id":"1","rev":1}"#)
+    );
+    assert_eq!(db.calls(), 1, "conditional hits never reach the handler");
+    // After a write the tag changes and the old one no longer matches.
+    send(&app, method_req("PATCH", "/persons/1")).await;
+    let (status, _, body) = send(&app, conditional(&etag)).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, r#"{"id":"1","rev":2}"#)
+    );
 }

@@ -214,6 +214,8 @@ where
                         return Poll::Ready(Ok(ctx.finish(response, Outcome::NotStored(reason))));
                     }
                     let body = concat(std::mem::take(frames), *size);
+                    let mut parts = parts;
+                    entry::ensure_etag(&mut parts.headers, &body);
                     let entry = Entry::new(parts.status, &parts.headers, body.clone(), ctx.ttl());
                     let response = Response::from_parts(parts, ResponseBody::full(body));
                     let encoded = entry.encode();

@@ -42,6 +42,13 @@
 //! A miss's response is sent once the store acknowledged the write (one round
 //! trip, bounded by the store deadline), so the next request finds the entry.
 //!
+//! # ETag and conditional GET
+//!
+//! A stored response gets a strong `ETag` from its body's SHA-256 (unless the
+//! application set one), on the miss that stores it and on every hit. A hit
+//! whose `If-None-Match` matches (weak comparison: `W/` tags, `*`, lists) is
+//! answered `304 Not Modified`, without the handler.
+//!
 //! # Single-flight
 //!
 //! Concurrent misses for the same entry in one process call the inner

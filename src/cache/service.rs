@@ -75,7 +75,8 @@ where
                 // the service `poll_ready` readied, leave a fresh clone.
                 let clone = self.inner.clone();
                 let service = std::mem::replace(&mut self.inner, clone);
-                let ctx = Ctx::new(&self.shared, route, head, Some(key));
+                let mut ctx = Ctx::new(&self.shared, route, head, Some(key));
+                ctx.if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
                 ResponseFuture::lookup(lookup, service, request, ctx)
             }
         }
@@ -101,6 +102,7 @@ pub(crate) struct Ctx {
     bypass: Option<Reason>,
     started: Instant,
     leader: Option<Leader>,
+    if_none_match: Option<HeaderValue>,
 }
 
 impl Ctx {
@@ -114,6 +116,7 @@ impl Ctx {
             bypass: None,
             started: Instant::now(),
             leader: None,
+            if_none_match: None,
         }
     }
 
@@ -141,7 +144,24 @@ impl Ctx {
 
     pub(crate) fn hit<B: Body>(&mut self, entry: Entry) -> Response<ResponseBody<B>> {
         let (ttl, age) = (entry.remaining_ttl_s(), entry.age_s());
-        let response = self.entry_response(entry);
+        let not_modified = match (&self.if_none_match, entry.headers.get(header::ETAG)) {
+            (Some(condition), Some(etag)) => crate::entry::none_match(condition, etag),
+            _ => false,
+        };
+        let mut response = self.entry_response(entry);
+        if not_modified {
+            // RFC 9110 15.4.5: the validator and caching headers, no content.
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            *response.body_mut() = ResponseBody::empty();
+            let headers = response.headers_mut();
+            for name in [
+                header::CONTENT_LENGTH,
+                header::CONTENT_TYPE,
+                header::CONTENT_LANGUAGE,
+            ] {
+                headers.remove(name);
+            }
+        }
         self.finish(response, Outcome::Hit { ttl, age })
     }
 
