@@ -99,10 +99,15 @@ impl Entry {
         out.freeze()
     }
 
-    /// Seconds left before the entry expires, as seen from now.
-    pub(crate) fn remaining_ttl_s(&self) -> u64 {
-        let age_s = unix_ms().saturating_sub(self.stored_at_ms) / 1000;
-        u64::from(self.ttl_s).saturating_sub(age_s)
+    /// Seconds left before the entry goes stale, negative once it has.
+    pub(crate) fn remaining_ttl_s(&self) -> i64 {
+        i64::from(self.ttl_s) - self.age_s() as i64
+    }
+
+    /// True once the entry outlived its TTL (served only within a
+    /// stale-while-revalidate window).
+    pub(crate) fn is_stale(&self) -> bool {
+        unix_ms() >= self.stored_at_ms + u64::from(self.ttl_s) * 1000
     }
 
     pub(crate) fn age_s(&self) -> u64 {

@@ -39,6 +39,7 @@ pub struct Route {
     pattern: String,
     key: Option<String>,
     ttl: Option<Duration>,
+    stale_window: Duration,
     scope: Scope,
     public: bool,
     query: QueryRule,
@@ -53,6 +54,7 @@ impl Route {
             pattern: pattern.to_owned(),
             key: None,
             ttl: None,
+            stale_window: Duration::ZERO,
             scope: Scope::new(),
             public: false,
             query: QueryRule::default(),
@@ -75,6 +77,14 @@ impl Route {
     /// How long entries live (the policy default if unset).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
+        self
+    }
+
+    /// Serves an entry for up to `window` after its TTL, at once, while one
+    /// request refreshes it in the background (`stale-while-revalidate`).
+    /// Never past the window, never after an invalidation. Off by default.
+    pub fn stale_while_revalidate(mut self, window: Duration) -> Self {
+        self.stale_window = window;
         self
     }
 
@@ -123,6 +133,7 @@ pub(crate) struct CompiledRoute {
     key: KeyTemplate,
     group: Option<KeyTemplate>,
     pub(crate) ttl: Duration,
+    pub(crate) stale_window: Duration,
     pub(crate) scope: Scope,
     public: bool,
     query: QueryRule,
@@ -332,6 +343,7 @@ impl PolicyBuilder {
                 key,
                 group,
                 ttl,
+                stale_window: route.stale_window,
                 scope: route.scope,
                 public: route.public,
                 query: route.query,

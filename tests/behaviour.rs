@@ -28,6 +28,8 @@ backend_tests!(
     concurrent_cold_misses_call_the_handler_once,
     concurrent_uncacheable_requests_all_reach_the_handler,
     etags_and_conditional_gets,
+    stale_entries_are_served_while_one_refresh_runs,
+    stale_entries_are_never_served_past_the_window_or_after_a_write,
 );
 
 async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
@@ -466,5 +468,59 @@ async fn etags_and_conditional_gets(backend: Backend) {
     assert_eq!(
         (status, body.as_str()),
         (StatusCode::OK, r#"{"id":"1","rev":2}"#)
+    );
+}
+
+async fn stale_entries_are_served_while_one_refresh_runs(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _, _) = app(backend.store, db.clone());
+    assert_eq!(send(&app, get_req("/swr/1")).await.1, "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    db.set("1", 2);
+    // The refresh takes a while: every request meanwhile gets the stale entry at once.
+    db.read_delay_us
+        .store(300_000, std::sync::atomic::Ordering::Relaxed);
+    let statuses = concurrently(&app, "/swr/1", 20).await;
+    assert!(
+        statuses
+            .iter()
+            .all(|s| s.contains("detail=stale-while-revalidate")),
+        "{statuses:?}"
+    );
+    assert_eq!(db.calls(), 2, "one background refresh for 20 stale hits");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (_, x_cache, body) = send(&app, get_req("/swr/1")).await;
+    assert_eq!(
+        (x_cache.as_str(), body.as_str()),
+        ("HIT", r#"{"id":"1","rev":2}"#),
+        "refreshed"
+    );
+    assert_eq!(db.calls(), 2);
+}
+
+async fn stale_entries_are_never_served_past_the_window_or_after_a_write(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _, _) = app(backend.store, db.clone());
+    send(&app, get_req("/swr-short/1")).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        send(&app, get_req("/swr-short/1")).await.1,
+        "MISS",
+        "past TTL + window"
+    );
+
+    send(&app, get_req("/swr/1")).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        send(&app, method_req("PATCH", "/swr/1")).await.0,
+        StatusCode::OK
+    );
+    let (_, x_cache, body) = send(&app, get_req("/swr/1")).await;
+    assert_eq!(
+        (x_cache.as_str(), body.as_str()),
+        ("MISS", r#"{"id":"1","rev":2}"#),
+        "never stale after a write"
     );
 }

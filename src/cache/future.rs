@@ -92,9 +92,13 @@ impl<F, S, ReqBody, ResBody: Body> ResponseFuture<F, S, ReqBody, ResBody> {
 
 impl<F, S, ReqBody, ResBody, E> Future for ResponseFuture<F, S, ReqBody, ResBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>, Error = E, Future = F>,
-    F: Future<Output = Result<Response<ResBody>, E>>,
-    ResBody: Body,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>, Error = E, Future = F>
+        + Send
+        + 'static,
+    F: Future<Output = Result<Response<ResBody>, E>> + Send,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
 {
     type Output = Result<Response<ResponseBody<ResBody>>, E>;
 
@@ -113,6 +117,9 @@ where
                         Ok(found) => {
                             if let Observed::Value(raw) = &found.entry {
                                 if let Slot::Entry(entry) = entry::decode(raw.clone()) {
+                                    if ctx.is_stale(&entry) {
+                                        refresh_in_background(ctx, &found, service, request);
+                                    }
                                     let response = ctx.hit(entry);
                                     this.state.set(State::Done);
                                     return Poll::Ready(Ok(response));
@@ -243,6 +250,30 @@ where
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
         }
+    }
+}
+
+/// Starts the refresh of a stale entry with the request that found it, on
+/// the service `poll_ready` readied, unless a refresh is under way.
+fn refresh_in_background<S, ReqBody, ResBody>(
+    ctx: &Ctx,
+    found: &Lookup,
+    service: &mut Option<S>,
+    request: &mut Option<Request<ReqBody>>,
+) where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if let (Some(refresh), Some(service), Some(request)) =
+        (ctx.refresh(found), service.take(), request.take())
+    {
+        runtime.spawn(refresh.run(service, request));
     }
 }
 

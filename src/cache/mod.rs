@@ -59,6 +59,16 @@
 //! the response cannot be stored (not 200 JSON, too large, a HEAD), the
 //! waiting requests call the inner service themselves.
 //!
+//! # Stale-while-revalidate
+//!
+//! A route with [`Route::stale_while_revalidate`](crate::Route::stale_while_revalidate)
+//! keeps entries for the window past their TTL. A request that finds one
+//! stale gets it at once (`cache-status: …; hit; ttl=-3;
+//! detail=stale-while-revalidate`) and, unless a refresh is already under
+//! way, refreshes it in the background with its own request on the inner
+//! service (a Tokio task; the conditional write still applies). Deletes and
+//! version bumps reach stale entries like fresh ones.
+//!
 //! # Credentials
 //!
 //! A request with `Authorization` or `Cookie` on a route with no

@@ -2,7 +2,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
@@ -49,8 +49,11 @@ pub(crate) struct Shared {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
-    ResBody: Body,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -85,7 +88,7 @@ where
 
 /// How one request on a cached route ended.
 pub(crate) enum Outcome {
-    Hit { ttl: u64, age: u64 },
+    Hit { ttl: i64, age: u64, stale: bool },
     Collapsed,
     Stored,
     NotStored(Reason),
@@ -143,7 +146,11 @@ impl Ctx {
     }
 
     pub(crate) fn hit<B: Body>(&mut self, entry: Entry) -> Response<ResponseBody<B>> {
-        let (ttl, age) = (entry.remaining_ttl_s(), entry.age_s());
+        let (ttl, age, stale) = (
+            entry.remaining_ttl_s(),
+            entry.age_s(),
+            self.is_stale(&entry),
+        );
         let not_modified = match (&self.if_none_match, entry.headers.get(header::ETAG)) {
             (Some(condition), Some(etag)) => crate::entry::none_match(condition, etag),
             _ => false,
@@ -162,7 +169,7 @@ impl Ctx {
                 headers.remove(name);
             }
         }
-        self.finish(response, Outcome::Hit { ttl, age })
+        self.finish(response, Outcome::Hit { ttl, age, stale })
     }
 
     /// The response a follower of a flight gets: the leader's, shared.
@@ -200,6 +207,27 @@ impl Ctx {
                 None
             }
             Role::Join(wait) => Some(wait),
+        }
+    }
+
+    /// True when `entry` is past its TTL on a route that serves stale
+    /// entries while refreshing them.
+    pub(crate) fn is_stale(&self, entry: &Entry) -> bool {
+        !self.shared.policy.route(self.route).stale_window.is_zero() && entry.is_stale()
+    }
+
+    /// The background refresh of a stale entry, unless one is under way.
+    pub(crate) fn refresh(&self, seen: &Lookup) -> Option<Refresh> {
+        let key = self.key.clone()?;
+        match self.shared.flights.enter(&key, seen) {
+            Role::Lead(leader) => Some(Refresh {
+                shared: self.shared.clone(),
+                route: self.route,
+                key,
+                seen: seen.clone(),
+                _leader: leader,
+            }),
+            Role::Join(_) => None,
         }
     }
 
@@ -244,8 +272,9 @@ impl Ctx {
         if self.started.elapsed() > store.tombstone_ttl() / 2 {
             return Err(Reason::SlowMiss);
         }
+        let ttl = self.ttl() + self.shared.policy.route(self.route).stale_window;
         match (&self.key, &self.seen) {
-            (Some(key), Some(seen)) => Ok(store.store(key, seen, value, self.ttl())),
+            (Some(key), Some(seen)) => Ok(store.store(key, seen, value, ttl)),
             _ => Err(Reason::StoreError),
         }
     }
@@ -277,13 +306,18 @@ impl Ctx {
         let route = self.label();
         let key = self.key_text();
         let (x_cache, cache_status) = match outcome {
-            Outcome::Hit { ttl, age } => {
+            Outcome::Hit { ttl, age, stale } => {
                 stats.hit(self.route, took);
                 response
                     .headers_mut()
                     .insert(header::AGE, HeaderValue::from(age));
-                tracing::debug!(route, key, "cache hit");
-                ("HIT", format!("{CACHE_NAME}; hit; ttl={ttl}"))
+                tracing::debug!(route, key, stale, "cache hit");
+                let detail = if stale {
+                    "; detail=stale-while-revalidate"
+                } else {
+                    ""
+                };
+                ("HIT", format!("{CACHE_NAME}; hit; ttl={ttl}{detail}"))
             }
             Outcome::Collapsed => {
                 stats.miss(self.route, took);
@@ -326,6 +360,82 @@ impl Ctx {
         }
         response
     }
+}
+
+/// A stale entry's refresh: the inner service called in the background with
+/// the request that found the entry stale, its response stored if it may be.
+/// Holding the flight keeps other stale hits from refreshing too.
+pub(crate) struct Refresh {
+    shared: Arc<Shared>,
+    route: usize,
+    key: CacheKey,
+    seen: Lookup,
+    _leader: Leader,
+}
+
+impl Refresh {
+    pub(crate) async fn run<S, ReqBody, ResBody>(self, mut service: S, request: Request<ReqBody>)
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: Body,
+    {
+        let route = self.shared.policy.route(self.route);
+        let Ok(response) = service.call(request).await else {
+            return;
+        };
+        let scope = &route.scope;
+        let cap = self.shared.policy.max_body_bytes();
+        let refused = unstorable_reason(response.status(), response.headers(), |h| {
+            scope.covers_header(h)
+        });
+        let (mut parts, body) = response.into_parts();
+        let collected = match refused {
+            Some(reason) => Err(reason),
+            None => collect_capped(body, cap).await,
+        };
+        let body = match collected {
+            Ok(body) => body,
+            Err(reason) => {
+                self.shared.stats.skip(self.route, reason);
+                return;
+            }
+        };
+        crate::entry::ensure_etag(&mut parts.headers, &body);
+        let entry = Entry::new(parts.status, &parts.headers, body, route.ttl).encode();
+        let stored = self
+            .shared
+            .store
+            .store(&self.key, &self.seen, entry, route.ttl + route.stale_window)
+            .await;
+        match stored {
+            Ok(true) => self.shared.stats.stored(self.route),
+            Ok(false) => self.shared.stats.skip(self.route, Reason::Raced),
+            Err(err) => {
+                self.shared.stats.error(self.route);
+                tracing::warn!(route = route.label, error = %err, "stale entry refresh not stored");
+            }
+        }
+        tracing::debug!(route = route.label, "stale entry refreshed");
+    }
+}
+
+/// The whole body, if it holds no more than `cap` bytes and no trailers.
+async fn collect_capped<B: Body>(body: B, cap: usize) -> Result<Bytes, Reason> {
+    let mut body = std::pin::pin!(body);
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        let Ok(frame) = frame else {
+            return Err(Reason::BodyError);
+        };
+        let Ok(mut data) = frame.into_data() else {
+            return Err(Reason::Trailers);
+        };
+        if out.len() + data.remaining() > cap {
+            return Err(Reason::TooLarge);
+        }
+        out.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+    }
+    Ok(out.freeze())
 }
 
 /// Why a response with this head must not be stored, if it must not.

@@ -248,6 +248,16 @@ pub fn policy() -> Policy {
         .route(json_route("/tenant/{id}", "tenant:{id}").scope(Scope::new().header("x-tenant-id")))
         .route(json_route("/public/{id}", "public:{id}").public())
         .route(json_route("/shape/{kind}", "shape:{kind}"))
+        .route(
+            json_route("/swr/{id}", "swr:{id}")
+                .ttl(Duration::from_secs(1))
+                .stale_while_revalidate(Duration::from_secs(30)),
+        )
+        .route(
+            json_route("/swr-short/{id}", "swr-short:{id}")
+                .ttl(Duration::from_secs(1))
+                .stale_while_revalidate(Duration::from_secs(1)),
+        )
         .build()
         .unwrap()
 }
@@ -255,6 +265,7 @@ pub fn policy() -> Policy {
 pub fn rules() -> Rules {
     Rules::builder()
         .rule(Rule::new("POST /persons").bump("persons:list"))
+        .rule(Rule::new("PATCH /swr/{id}").delete("swr:{id}"))
         .rule(
             Rule::new("PATCH|DELETE /persons/{id}")
                 .delete("person:{id}")
@@ -351,6 +362,8 @@ pub fn app(store: Arc<dyn Store>, db: Db) -> (Router, CacheLayer, InvalidateLaye
         .route("/persons", get(list).post(create))
         .route("/persons/{id}", get(person).patch(update).delete(update))
         .route("/short/{id}", get(person))
+        .route("/swr/{id}", get(person).patch(update))
+        .route("/swr-short/{id}", get(person))
         .route("/tenant/{id}", get(tenant))
         .route("/public/{id}", get(person))
         .route("/shape/{kind}", get(shape))
