@@ -11,6 +11,20 @@ use common::{app, get_req, method_req, send, Db, RedisServer};
 use tower_redis_cache::store::{BreakerConfig, Circuit, RedisStore, Store};
 use tower_redis_cache::Reason;
 
+/// Requests `/persons/1` until it is a hit (at most 5 s), asserting every
+/// answer is a 200 with `body`: the cache came back without serving wrong data.
+async fn until_hit(app: &axum::Router, body: &str) -> bool {
+    for _ in 0..100 {
+        let (status, x_cache, got) = send(app, get_req("/persons/1")).await;
+        assert_eq!((status, got.as_str()), (StatusCode::OK, body), "{x_cache}");
+        if x_cache == "HIT" {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 fn redis_app(server: &RedisServer, db: Db) -> axum::Router {
     let store: Arc<dyn Store> = Arc::new(
         RedisStore::open(&server.url())
@@ -47,19 +61,7 @@ async fn redis_stopped_and_restarted_the_handler_answers_and_caching_resumes() {
     );
 
     server.restart();
-    let mut resumed = false;
-    for _ in 0..50 {
-        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
-        assert_eq!(
-            (status, body.as_str()),
-            (StatusCode::OK, r#"{"id":"1","rev":3}"#)
-        );
-        if x_cache == "HIT" {
-            resumed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let resumed = until_hit(&app, r#"{"id":"1","rev":3}"#).await;
     assert!(
         resumed,
         "caching resumed after the restart, without a new store"
@@ -184,20 +186,7 @@ async fn hung_redis_costs_the_deadline_then_nothing_and_lost_invalidations_repla
     // Redis answers again: the probe replays the lost invalidation before
     // anything is served, so the old entry (rev 1) never comes back.
     server.resume();
-    let mut hit = false;
-    for _ in 0..50 {
-        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
-        assert_eq!(
-            (status, body.as_str()),
-            (StatusCode::OK, r#"{"id":"1","rev":2}"#),
-            "{x_cache}"
-        );
-        if x_cache == "HIT" {
-            hit = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let hit = until_hit(&app, r#"{"id":"1","rev":2}"#).await;
     assert!(hit, "caching resumed");
     assert_eq!(store.health().circuit, Circuit::Closed);
     assert_eq!(store.health().pending_invalidations, 0);
@@ -224,19 +213,7 @@ async fn client_kill_of_our_connection_reconnects() {
         .await
         .unwrap();
     assert!(killed >= 1);
-    let mut hit = false;
-    for _ in 0..50 {
-        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
-        assert_eq!(
-            (status, body.as_str()),
-            (StatusCode::OK, r#"{"id":"1","rev":1}"#)
-        );
-        if x_cache == "HIT" {
-            hit = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let hit = until_hit(&app, r#"{"id":"1","rev":1}"#).await;
     assert!(hit, "the connection came back by itself");
 }
 
