@@ -468,7 +468,7 @@ async fn cache_health(State(app): State<App>) -> Json<Value> {
         "circuit": health.circuit.as_str(),
         "pending_invalidations": health.pending_invalidations,
     });
-    body[store.name()] = json!(state);
+    body["redis"] = json!(if store.name() == "redis" { state } else { "not-configured" });
     Json(body)
 }
 
