@@ -1,5 +1,6 @@
-//! In-process cost of the cache layer: a hit and a miss through
-//! `CacheLayer` with the memory store, against the bare handler.
+//! In-process cost of the cache layer: policy match with key rendering,
+//! entry encode/decode, and a hit and a miss through `CacheLayer` with the
+//! memory store, against the bare handler.
 //!
 //! Run with `cargo bench --bench hot_path`.
 
@@ -7,12 +8,12 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
 use tower_redis_cache::store::MemoryStore;
-use tower_redis_cache::{CacheLayer, Policy, Route};
+use tower_redis_cache::{bench_support, CacheLayer, Policy, Route};
 
 fn handler() -> impl Service<
     Request<()>,
@@ -35,6 +36,40 @@ fn policy(ttl: Duration) -> Policy {
         .route(Route::get("/persons/{id}").key("person:{id}").ttl(ttl))
         .build()
         .unwrap()
+}
+
+fn pieces(c: &mut Criterion) {
+    let policy = Policy::builder()
+        .route(Route::get("/persons/{id}").key("person:{id}"))
+        .route(
+            Route::get("/persons")
+                .key("persons:list:v{version}:{query_hash}")
+                .versioned_by("persons:list")
+                .query_allowlist(["limit", "skip", "name", "email", "sort"]),
+        )
+        .build()
+        .unwrap();
+    let item = Request::get("/persons/42").body(()).unwrap();
+    let list = Request::get("/persons?sort=-name&name=Ana&limit=20&utm=x")
+        .body(())
+        .unwrap();
+    c.bench_function("policy match + item key", |b| {
+        b.iter(|| policy.key_for(black_box(&item)))
+    });
+    c.bench_function("policy match + list key (query hash)", |b| {
+        b.iter(|| policy.key_for(black_box(&list)))
+    });
+    let body = Bytes::from(format!(
+        "{{\"items\":[{}]}}",
+        "{\"id\":1,\"name\":\"Ana\"},".repeat(50)
+    ));
+    let encoded = bench_support::encode_entry(body.clone());
+    c.bench_function("entry encode (1.3 KB body)", |b| {
+        b.iter(|| bench_support::encode_entry(black_box(body.clone())))
+    });
+    c.bench_function("entry decode (1.3 KB body)", |b| {
+        b.iter(|| bench_support::decode_entry(black_box(encoded.clone())))
+    });
 }
 
 fn bench(c: &mut Criterion) {
@@ -89,5 +124,5 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, pieces, bench);
 criterion_main!(benches);

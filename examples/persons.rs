@@ -468,7 +468,11 @@ async fn cache_health(State(app): State<App>) -> Json<Value> {
         "circuit": health.circuit.as_str(),
         "pending_invalidations": health.pending_invalidations,
     });
-    body["redis"] = json!(if store.name() == "redis" { state } else { "not-configured" });
+    body["redis"] = json!(if store.name() == "redis" {
+        state
+    } else {
+        "not-configured"
+    });
     Json(body)
 }
 

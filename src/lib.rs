@@ -68,6 +68,35 @@ mod stats;
 pub mod store;
 
 pub use cache::{CacheLayer, X_CACHE};
+
+/// Entry points for the benchmarks in `benches/`; not part of the API.
+#[doc(hidden)]
+pub mod bench_support {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    /// Encodes a 200 JSON response with `body` as a stored entry.
+    pub fn encode_entry(body: Bytes) -> Bytes {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        crate::entry::Entry::new(
+            http::StatusCode::OK,
+            &headers,
+            body,
+            Duration::from_secs(60),
+        )
+        .encode()
+    }
+
+    /// Decodes a stored value; true when it is an entry.
+    pub fn decode_entry(raw: Bytes) -> bool {
+        matches!(crate::entry::decode(raw), crate::entry::Slot::Entry(_))
+    }
+}
 pub use error::ConfigError;
 pub use invalidate::{InvalidateLayer, Rule, Rules};
 pub use key::Scope;

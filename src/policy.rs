@@ -217,6 +217,28 @@ impl Policy {
         self.inner.routes.iter().map(|r| r.label.clone()).collect()
     }
 
+    /// The key `request` would be cached under, or `None` when it is not
+    /// cached (no route, a method other than GET/HEAD, or a bypass such as
+    /// credentials on an unscoped route). Useful to check a policy.
+    ///
+    /// ```
+    /// use http::Request;
+    /// use tower_redis_cache::{store::CacheKey, Policy, Route};
+    ///
+    /// let policy = Policy::builder()
+    ///     .route(Route::get("/persons/{id}").key("person:{id}"))
+    ///     .build()?;
+    /// let request = Request::get("/persons/1:x").body(())?;
+    /// assert_eq!(policy.key_for(&request), Some(CacheKey::Plain("app:person:1%3Ax".into())));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn key_for<B>(&self, request: &Request<B>) -> Option<CacheKey> {
+        match self.decide(request) {
+            Decision::Cache { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+
     pub(crate) fn route(&self, index: usize) -> &CompiledRoute {
         &self.inner.routes[index]
     }

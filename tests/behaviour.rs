@@ -30,6 +30,7 @@ backend_tests!(
     etags_and_conditional_gets,
     stale_entries_are_served_while_one_refresh_runs,
     stale_entries_are_never_served_past_the_window_or_after_a_write,
+    one_bump_reaches_every_scope_of_an_item,
 );
 
 async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
@@ -523,4 +524,44 @@ async fn stale_entries_are_never_served_past_the_window_or_after_a_write(backend
         ("MISS", r#"{"id":"1","rev":2}"#),
         "never stale after a write"
     );
+}
+
+async fn one_bump_reaches_every_scope_of_an_item(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    db.set("2", 1);
+    let (app, _, _) = app(backend.store, db.clone());
+    let as_tenant = |method: &str, uri: &str, tenant: &str| {
+        axum::http::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("x-tenant-id", tenant)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    let tenants = ["a", "b", "c"];
+    for tenant in tenants {
+        for uri in ["/scoped/1", "/scoped/2"] {
+            send(&app, as_tenant("GET", uri, tenant)).await;
+            assert_eq!(send(&app, as_tenant("GET", uri, tenant)).await.1, "HIT");
+        }
+    }
+    // An edit by tenant a (an admin, say) reaches every tenant's entry of item 1.
+    assert_eq!(
+        send(&app, as_tenant("PATCH", "/scoped/1", "a")).await.0,
+        StatusCode::OK
+    );
+    for tenant in tenants {
+        let (_, x_cache, body) = send(&app, as_tenant("GET", "/scoped/1", tenant)).await;
+        assert_eq!(
+            (x_cache.as_str(), body.as_str()),
+            ("MISS", r#"{"id":"1","rev":2}"#),
+            "tenant {tenant}"
+        );
+        assert_eq!(
+            send(&app, as_tenant("GET", "/scoped/2", tenant)).await.1,
+            "HIT",
+            "item 2 untouched"
+        );
+    }
 }

@@ -247,6 +247,11 @@ pub fn policy() -> Policy {
         .route(json_route("/short/{id}", "short:{id}").ttl(Duration::from_secs(1)))
         .route(json_route("/tenant/{id}", "tenant:{id}").scope(Scope::new().header("x-tenant-id")))
         .route(json_route("/public/{id}", "public:{id}").public())
+        .route(
+            json_route("/scoped/{id}", "scoped:{id}:v{version}")
+                .versioned_by("scoped:{id}")
+                .scope(Scope::new().header("x-tenant-id")),
+        )
         .route(json_route("/shape/{kind}", "shape:{kind}"))
         .route(
             json_route("/swr/{id}", "swr:{id}")
@@ -266,6 +271,7 @@ pub fn rules() -> Rules {
     Rules::builder()
         .rule(Rule::new("POST /persons").bump("persons:list"))
         .rule(Rule::new("PATCH /swr/{id}").delete("swr:{id}"))
+        .rule(Rule::new("PATCH /scoped/{id}").bump("scoped:{id}"))
         .rule(
             Rule::new("PATCH|DELETE /persons/{id}")
                 .delete("person:{id}")
@@ -366,6 +372,7 @@ pub fn app(store: Arc<dyn Store>, db: Db) -> (Router, CacheLayer, InvalidateLaye
         .route("/swr-short/{id}", get(person))
         .route("/tenant/{id}", get(tenant))
         .route("/public/{id}", get(person))
+        .route("/scoped/{id}", get(person).patch(update))
         .route("/shape/{kind}", get(shape))
         .with_state(db)
         .layer(cache.clone())
