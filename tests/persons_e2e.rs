@@ -3,7 +3,7 @@
 //! seed-000 scenario, including another tenant and Redis stopping and
 //! restarting under the running server.
 //!
-//! The example binary is built by `cargo test --all-targets`.
+//! The test builds the example binary itself (`cargo build --example persons`).
 
 mod common;
 
@@ -30,17 +30,23 @@ impl Drop for Server {
     }
 }
 
+/// Builds the example binary (`cargo test` builds examples only as test
+/// harnesses) in this test's profile, and returns its path.
 fn example_binary() -> PathBuf {
     // target/<profile>/deps/persons_e2e-<hash> → target/<profile>/examples/persons
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let binary = profile_dir.join("examples").join("persons");
-    assert!(
-        binary.exists(),
-        "{} is missing: run `cargo test --all-targets`, which builds the example",
-        binary.display()
-    );
-    binary
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "--quiet", "--example", "persons"]);
+    if profile_dir
+        .file_name()
+        .is_some_and(|name| name == "release")
+    {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo runs");
+    assert!(status.success(), "building the persons example failed");
+    profile_dir.join("examples").join("persons")
 }
 
 fn start(redis_url: &str) -> Server {
