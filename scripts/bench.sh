@@ -64,6 +64,7 @@ for c in 1 16 64; do row "redis item hit, c=$c" --addr "$REDIS" --path "$ITEM" -
 row "redis list hit, c=1" --addr "$REDIS" --path "$LIST"
 row "redis list miss (distinct skip), c=1" --addr "$REDIS" --path "$LIST" --vary skip
 row "redis list miss (distinct skip), c=16" --addr "$REDIS" --path "/persons?limit=20&name=Bruno" --vary skip --concurrency 16
+row "redis list miss (distinct skip), c=64" --addr "$REDIS" --path "/persons?limit=20&name=Carla" --vary skip --concurrency 64
 row "CACHE=off list (distinct skip), c=1" --addr "$OFF" --path "$LIST" --vary skip
 row "memory item hit, c=1" --addr "$MEMORY" --path "$ITEM"
 echo
