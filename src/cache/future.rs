@@ -137,11 +137,7 @@ where
                         }
                         Err(err) => ctx.lookup_failed(&err),
                     }
-                    let (Some(mut service), Some(request)) = (service.take(), request.take())
-                    else {
-                        unreachable!("the lookup state is left once");
-                    };
-                    let future = service.call(request);
+                    let future = call_readied(service, request);
                     this.state.set(State::Inner { future });
                 }
                 StateProj::Join {
@@ -156,11 +152,7 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     }
-                    let (Some(mut service), Some(request)) = (service.take(), request.take())
-                    else {
-                        unreachable!("the join state is left once");
-                    };
-                    let future = service.call(request);
+                    let future = call_readied(service, request);
                     this.state.set(State::Inner { future });
                 }
                 StateProj::Inner { future } => {
@@ -251,6 +243,21 @@ where
             }
         }
     }
+}
+
+/// Calls the service `poll_ready` readied, which the state kept with the
+/// request while the store (or another request's flight) answered.
+fn call_readied<S, ReqBody>(
+    service: &mut Option<S>,
+    request: &mut Option<Request<ReqBody>>,
+) -> S::Future
+where
+    S: Service<Request<ReqBody>>,
+{
+    let (Some(mut service), Some(request)) = (service.take(), request.take()) else {
+        unreachable!("the service is called once");
+    };
+    service.call(request)
 }
 
 /// Starts the refresh of a stale entry with the request that found it, on

@@ -135,14 +135,9 @@ impl Ctx {
         &self.shared.policy.route(self.route).label
     }
 
-    fn key_text(&self) -> String {
-        match &self.key {
-            Some(CacheKey::Plain(key)) => key.clone(),
-            Some(CacheKey::Versioned { prefix, suffix, .. }) => {
-                format!("{prefix}{{version}}{suffix}")
-            }
-            None => String::new(),
-        }
+    /// The key for log events, formatted only if an event is emitted.
+    fn key_text(&self) -> KeyText<'_> {
+        KeyText(self.key.as_ref())
     }
 
     pub(crate) fn hit<B: Body>(&mut self, entry: Entry) -> Response<ResponseBody<B>> {
@@ -311,7 +306,7 @@ impl Ctx {
                 response
                     .headers_mut()
                     .insert(header::AGE, HeaderValue::from(age));
-                tracing::debug!(route, key, stale, "cache hit");
+                tracing::debug!(route, key = %key, stale, "cache hit");
                 let detail = if stale {
                     "; detail=stale-while-revalidate"
                 } else {
@@ -321,13 +316,13 @@ impl Ctx {
             }
             Outcome::Collapsed => {
                 stats.miss(self.route, took);
-                tracing::debug!(route, key, "cache miss, collapsed into a flight under way");
+                tracing::debug!(route, key = %key, "cache miss, collapsed into a flight under way");
                 ("MISS", format!("{CACHE_NAME}; fwd=uri-miss; collapsed"))
             }
             Outcome::Stored => {
                 stats.miss(self.route, took);
                 stats.stored(self.route);
-                tracing::debug!(route, key, "cache miss, stored");
+                tracing::debug!(route, key = %key, "cache miss, stored");
                 (
                     "MISS",
                     format!("{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; stored"),
@@ -337,7 +332,7 @@ impl Ctx {
                 stats.miss(self.route, took);
                 stats.skip(self.route, reason);
                 let reason = reason.as_str();
-                tracing::debug!(route, key, reason, "cache miss, not stored");
+                tracing::debug!(route, key = %key, reason, "cache miss, not stored");
                 (
                     "MISS",
                     format!("{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; detail={reason}"),
@@ -359,6 +354,21 @@ impl Ctx {
             headers.insert("cache-status", value);
         }
         response
+    }
+}
+
+/// A cache key as logs show it: `app:person:42`, `app:persons:list:v{version}:…`.
+struct KeyText<'a>(Option<&'a CacheKey>);
+
+impl std::fmt::Display for KeyText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(CacheKey::Plain(key)) => f.write_str(key),
+            Some(CacheKey::Versioned { prefix, suffix, .. }) => {
+                write!(f, "{prefix}{{version}}{suffix}")
+            }
+            None => Ok(()),
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use super::layer::Shared;
-use super::rules::describe;
+use super::rules::Actions;
 use crate::store::{Invalidation, StoreFuture};
 
 pin_project! {
@@ -86,15 +86,15 @@ where
                     shared,
                 } => {
                     let applied = ready!(apply.as_mut().poll(cx));
-                    let actions = describe(invalidation);
+                    let actions = Actions(invalidation);
                     match applied {
                         Ok(()) => {
                             shared.counters.applied.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(actions, "cache invalidated");
+                            tracing::debug!(actions = %actions, "cache invalidated");
                         }
                         Err(err) => {
                             shared.counters.failed.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(actions, error = %err, "cache invalidation failed; entries live until their TTL");
+                            tracing::warn!(actions = %actions, error = %err, "cache invalidation failed");
                         }
                     }
                     let response = response

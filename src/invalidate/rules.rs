@@ -130,16 +130,19 @@ impl Rules {
     }
 }
 
-/// `del app:person:42, incr app:persons:list:ver`, for logs.
-pub(crate) fn describe(invalidation: &Invalidation) -> String {
-    {
-        let mut parts: Vec<String> = invalidation
-            .deletes
-            .iter()
-            .map(|k| format!("del {k}"))
-            .collect();
-        parts.extend(invalidation.bumps.iter().map(|k| format!("incr {k}")));
-        parts.join(", ")
+/// `del app:person:42, incr app:persons:list:ver`, for logs; formatted
+/// only if an event is emitted.
+pub(crate) struct Actions<'a>(pub(crate) &'a Invalidation);
+
+impl std::fmt::Display for Actions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let deletes = self.0.deletes.iter().map(|k| ("del", k));
+        let bumps = self.0.bumps.iter().map(|k| ("incr", k));
+        for (i, (verb, key)) in deletes.chain(bumps).enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{verb} {key}")?;
+        }
+        Ok(())
     }
 }
 

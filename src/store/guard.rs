@@ -219,11 +219,23 @@ impl Guard {
         (snapshot(&pending), generation)
     }
 
-    /// Everything queued, if anything is, with its generation.
-    pub(crate) fn pending(&self) -> Option<(Invalidation, u64)> {
-        let pending = lock(&self.pending);
-        let queued = snapshot(&pending);
-        (!queued.is_empty()).then_some((queued, pending.generation))
+    /// What must happen before this process reads the cache: an error while
+    /// lost invalidations keep it off, else everything queued for replay.
+    pub(crate) fn before_read(&self) -> Result<Option<(Invalidation, u64)>, StoreError> {
+        let mut pending = lock(&self.pending);
+        if overflow_active(&mut pending) {
+            return Err(StoreError::PendingInvalidations);
+        }
+        if pending.deletes.is_empty() && pending.bumps.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((snapshot(&pending), pending.generation)))
+    }
+
+    /// True when nothing waits for replay and nothing was lost: a write may go.
+    pub(crate) fn clear(&self) -> bool {
+        let mut pending = lock(&self.pending);
+        !overflow_active(&mut pending) && pending.deletes.is_empty() && pending.bumps.is_empty()
     }
 
     /// Forgets what `sent` applied, keeping keys named again since.
@@ -243,15 +255,7 @@ impl Guard {
 
     /// True while lost invalidations keep the cache off.
     pub(crate) fn overflowed(&self) -> bool {
-        let mut pending = lock(&self.pending);
-        match pending.overflowed_until {
-            Some(until) if Instant::now() < until => true,
-            Some(_) => {
-                pending.overflowed_until = None;
-                false
-            }
-            None => false,
-        }
+        overflow_active(&mut lock(&self.pending))
     }
 
     pub(crate) fn health(&self) -> StoreHealth {
@@ -274,6 +278,17 @@ impl Guard {
             operations: self.operations.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
         }
+    }
+}
+
+fn overflow_active(pending: &mut Pending) -> bool {
+    match pending.overflowed_until {
+        Some(until) if Instant::now() < until => true,
+        Some(_) => {
+            pending.overflowed_until = None;
+            false
+        }
+        None => false,
     }
 }
 
@@ -375,11 +390,12 @@ mod tests {
         let (sent, generation) = guard.enqueue(&inv("a"));
         guard.enqueue(&inv("a"));
         guard.applied(&sent, generation);
-        let (left, generation) = guard.pending().unwrap();
+        let (left, generation) = guard.before_read().unwrap().unwrap();
         assert_eq!(left.deletes, vec!["a".to_owned()]);
         assert_eq!(left.bumps, vec!["list".to_owned()]);
         guard.applied(&left, generation);
-        assert!(guard.pending().is_none());
+        assert_eq!(guard.before_read(), Ok(None));
+        assert!(guard.clear());
     }
 
     #[test]
@@ -391,5 +407,7 @@ mod tests {
         });
         assert!(guard.overflowed());
         assert!(guard.health().overflowed);
+        assert_eq!(guard.before_read(), Err(StoreError::PendingInvalidations));
+        assert!(!guard.clear());
     }
 }

@@ -285,14 +285,15 @@ where
     }
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
-        if self.guard.overflowed() {
-            return Box::pin(async { Err(StoreError::PendingInvalidations) });
-        }
-        let admit = match self.guard.admit() {
-            Ok(admit) => admit,
+        // The queue first: an admitted probe must always be recorded.
+        let (pending, admit) = match self
+            .guard
+            .before_read()
+            .and_then(|p| Ok((p, self.guard.admit()?)))
+        {
+            Ok(ready) => ready,
             Err(err) => return Box::pin(async move { Err(err) }),
         };
-        let pending = self.guard.pending();
         let (mut conn, deadline, tombstone_ttl) =
             (self.conn.clone(), self.deadline, self.tombstone_ttl);
         let (guard, key) = (self.guard.clone(), key.clone());
@@ -323,7 +324,7 @@ where
         value: Bytes,
         ttl: Duration,
     ) -> StoreFuture<bool> {
-        if self.guard.pending().is_some() || self.guard.overflowed() {
+        if !self.guard.clear() {
             return Box::pin(async { Err(StoreError::PendingInvalidations) });
         }
         let mut invocation = STORE.prepare_invoke();
