@@ -61,6 +61,37 @@ pub enum ConfigError {
         /// Why it was rejected.
         reason: String,
     },
+    /// A rule purges a route the policy does not cache.
+    UnknownRoute {
+        /// The rule, as `PATCH /persons/{id}`.
+        rule: String,
+        /// The route it names.
+        route: String,
+    },
+    /// A rule bumps a group no route reads.
+    UnknownGroup {
+        /// The rule, as `PATCH /persons/{id}`.
+        rule: String,
+        /// The group it names.
+        group: String,
+    },
+    /// A rule's path does not bind a param the purged key or bumped group
+    /// needs.
+    UnboundParam {
+        /// The rule, as `POST /persons`.
+        rule: String,
+        /// The route or group it names.
+        target: String,
+        /// The param the rule's path does not bind.
+        param: String,
+    },
+    /// A group versioned per scope whose routes cannot agree on one scope.
+    GroupScope {
+        /// The group.
+        group: String,
+        /// Why it was rejected.
+        reason: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -90,6 +121,25 @@ impl fmt::Display for ConfigError {
             Self::ZeroBodyCap => write!(f, "the body cap must be at least one byte"),
             Self::InvalidHeaderName(name) => write!(f, "`{name}` is not a valid header name"),
             Self::InvalidRule { rule, reason } => write!(f, "invalid rule `{rule}`: {reason}"),
+            Self::UnknownRoute { rule, route } => write!(
+                f,
+                "rule `{rule}` purges `{route}`, which is not a cached route of the policy"
+            ),
+            Self::UnknownGroup { rule, group } => write!(
+                f,
+                "rule `{rule}` bumps group `{group}`, which no cached route reads"
+            ),
+            Self::UnboundParam {
+                rule,
+                target,
+                param,
+            } => write!(
+                f,
+                "rule `{rule}` invalidates `{target}`, which needs `{{{param}}}`; the rule's path does not bind it"
+            ),
+            Self::GroupScope { group, reason } => {
+                write!(f, "group `{group}` is versioned per scope: {reason}")
+            }
         }
     }
 }

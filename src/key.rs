@@ -6,15 +6,20 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Extensions, HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
 use crate::error::ConfigError;
+use crate::store::{CacheKey, VersionKey};
 
 /// Encoded path parameters longer than this are replaced by their hash, so
 /// that key length stays bounded whatever the request carries.
 const MAX_ENCODED_PARAM: usize = 128;
+
+/// What separates a key from its scope hash: `app:person:42:scope=<hash>`.
+pub(crate) const SCOPE_MARK: &str = ":scope=";
 
 /// Hex characters kept from a SHA-256 digest (128 bits).
 const HASH_HEX_LEN: usize = 32;
@@ -97,6 +102,19 @@ impl KeyTemplate {
         self.segments.contains(segment)
     }
 
+    /// The path params the template names.
+    pub(crate) fn params(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Param(name) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The template as written.
+    pub(crate) fn source(&self) -> &str {
+        &self.source
+    }
+
     /// Renders the template. `version` is what `{version}` becomes; a
     /// template with `{version}` rendered with `None` splits there, returning
     /// the text before and after it.
@@ -107,7 +125,9 @@ impl KeyTemplate {
             let out = after.as_mut().unwrap_or(&mut before);
             match segment {
                 Segment::Literal(text) => out.push_str(text),
-                Segment::Param(name) => encode_param(params.get(name).unwrap_or(""), out),
+                Segment::Param(name) => {
+                    encode_param(&percent_decode(params.get(name).unwrap_or("")), out)
+                }
                 Segment::QueryHash => out.push_str(query_hash),
                 Segment::Version => after = Some(String::new()),
             }
@@ -126,7 +146,8 @@ pub(crate) enum Rendered {
 }
 
 /// Path parameters bound by a route pattern, as raw (still percent-encoded)
-/// strings borrowed from the request path.
+/// strings borrowed from the request path. Keys use them decoded, as axum's
+/// `Path` extractor hands them to the handler.
 #[derive(Debug, Default)]
 pub(crate) struct Params<'a>(Vec<(&'a str, &'a str)>);
 
@@ -159,19 +180,45 @@ pub(crate) fn pattern_params(pattern: &str) -> Vec<String> {
     names
 }
 
+/// Decodes `%XX` escapes in a path segment, as axum's `Path` does (`+` stays
+/// a `+` in a path). Malformed escapes are kept as written.
+pub(crate) fn percent_decode(text: &str) -> std::borrow::Cow<'_, [u8]> {
+    if !text.contains('%') {
+        return std::borrow::Cow::Borrowed(text.as_bytes());
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&hi), Some(&lo)) => match (hex_val(hi), hex_val(lo)) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            (b, _, _) => out.push(b),
+        }
+        i += 1;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Writes `raw` so that distinct inputs give distinct outputs and the output
 /// holds no separator: everything but `[A-Za-z0-9._-]` is percent-encoded
 /// (including `%` itself, `:`, `*`, `~`). Long values become `~` followed by
 /// their hash; `~` never appears otherwise, so the two forms cannot meet.
-pub(crate) fn encode_param(raw: &str, out: &mut String) {
+pub(crate) fn encode_param(raw: &[u8], out: &mut String) {
     let unreserved = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
-    let encoded_len: usize = raw.bytes().map(|b| if unreserved(b) { 1 } else { 3 }).sum();
+    let encoded_len: usize = raw.iter().map(|&b| if unreserved(b) { 1 } else { 3 }).sum();
     if encoded_len > MAX_ENCODED_PARAM {
         out.push('~');
-        out.push_str(&hex_digest(Sha256::digest(raw.as_bytes()).as_slice()));
+        out.push_str(&hex_digest(Sha256::digest(raw).as_slice()));
         return;
     }
-    for b in raw.bytes() {
+    for &b in raw {
         if unreserved(b) {
             out.push(b as char);
         } else {
@@ -271,14 +318,24 @@ type ExtensionFn = Arc<dyn Fn(&Extensions) -> Option<String> + Send + Sync>;
 #[derive(Clone)]
 enum ScopePart {
     Header(HeaderName),
-    Extension(ExtensionFn),
+    /// The reader, and the type of the closure: two scopes built by the same
+    /// code compare equal.
+    Extension(ExtensionFn, std::any::TypeId),
 }
 
 /// The request parts that scope a cache key: headers such as `Authorization`
 /// or `X-Tenant-Id`, or values an auth layer put in the request extensions.
 ///
 /// Scope values are hashed (SHA-256) into the key and never stored in clear.
-/// A missing value is itself a distinct scope, never the same as an empty one.
+///
+/// # Fail closed
+///
+/// A request on which any part of the scope reads nothing (the header is
+/// absent, the extension returns `None`) bypasses the cache with reason
+/// `scope-missing`: it never shares an entry. This is what keeps a cache
+/// layer placed *outside* the authentication layer from serving one
+/// tenant's entry to another: the extension the auth layer sets is not
+/// there yet, so nothing is served from the cache.
 ///
 /// ```
 /// use tower_redis_cache::Scope;
@@ -304,7 +361,7 @@ impl std::fmt::Debug for Scope {
             .iter()
             .map(|p| match p {
                 ScopePart::Header(name) => format!("header {name}"),
-                ScopePart::Extension(_) => "extension".to_owned(),
+                ScopePart::Extension(..) => "extension".to_owned(),
             })
             .collect();
         f.debug_struct("Scope").field("parts", &parts).finish()
@@ -335,7 +392,10 @@ impl Scope {
     where
         F: Fn(&Extensions) -> Option<String> + Send + Sync + 'static,
     {
-        self.parts.push(ScopePart::Extension(Arc::new(read)));
+        self.parts.push(ScopePart::Extension(
+            Arc::new(read),
+            std::any::TypeId::of::<F>(),
+        ));
         self
     }
 
@@ -359,10 +419,26 @@ impl Scope {
             .any(|p| matches!(p, ScopePart::Header(h) if h.as_str().eq_ignore_ascii_case(name)))
     }
 
-    /// `:scope=<hash>` for a scoped key, nothing for an empty scope.
-    pub(crate) fn key_suffix(&self, headers: &HeaderMap, extensions: &Extensions) -> String {
+    /// True when both read the same request parts (the same headers, the
+    /// same extension closures, in the same order).
+    pub(crate) fn same_as(&self, other: &Scope) -> bool {
+        self.parts.len() == other.parts.len()
+            && self.parts.iter().zip(&other.parts).all(|(a, b)| match (a, b) {
+                (ScopePart::Header(a), ScopePart::Header(b)) => a == b,
+                (ScopePart::Extension(_, a), ScopePart::Extension(_, b)) => a == b,
+                _ => false,
+            })
+    }
+
+    /// `:scope=<hash>` for a scoped key, nothing for an empty scope, `None`
+    /// when a part reads nothing (fail closed).
+    pub(crate) fn key_suffix(
+        &self,
+        headers: &HeaderMap,
+        extensions: &Extensions,
+    ) -> Option<String> {
         if self.parts.is_empty() {
-            return String::new();
+            return Some(String::new());
         }
         let mut hasher = Sha256::new();
         for part in &self.parts {
@@ -377,17 +453,11 @@ impl Scope {
                         joined
                     })
                 }
-                ScopePart::Extension(read) => read(extensions).map(String::into_bytes),
+                ScopePart::Extension(read, _) => read(extensions).map(String::into_bytes),
             };
-            match value {
-                Some(bytes) => {
-                    hasher.update([1]);
-                    hash_field(&mut hasher, &bytes);
-                }
-                None => hasher.update([0]),
-            }
+            hash_field(&mut hasher, &value?);
         }
-        format!(":scope={}", hex_digest(hasher.finalize().as_slice()))
+        Some(format!("{SCOPE_MARK}{}", hex_digest(hasher.finalize().as_slice())))
     }
 }
 
@@ -396,13 +466,70 @@ fn hash_field_into(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// The one owner of the key layout, used by reads, writes and the operator
+/// handle alike:
+///
+/// - entries: `<ns>:<key>[:scope=<hash>]`, such as `app:person:42`;
+/// - versioned entries: `<ns>:<before>` + versions joined by `.` +
+///   `<after>[:scope=<hash>]`, such as `app:persons:list:v17:3fa9…`;
+/// - version keys: `<ns>:<group>:ver`, and for a group versioned per scope
+///   also `<ns>:<group>:ver:scope=<hash>`.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    namespace: String,
+}
+
+impl Layout {
+    pub(crate) fn new(namespace: String) -> Self {
+        Self { namespace }
+    }
+
+    pub(crate) fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// An entry key from a rendered template and a scope suffix.
+    pub(crate) fn entry(&self, key: &str, scope: &str) -> String {
+        let mut out = String::with_capacity(self.namespace.len() + key.len() + scope.len() + 1);
+        out.push_str(&self.namespace);
+        out.push(':');
+        out.push_str(key);
+        out.push_str(scope);
+        out
+    }
+
+    /// The version key of a rendered group, for every scope (`scope` empty)
+    /// or for one.
+    pub(crate) fn version(&self, group: &str, scope: &str, ttl: Duration) -> VersionKey {
+        VersionKey::new(format!("{}:{group}:ver{scope}", self.namespace), ttl)
+    }
+
+    /// A versioned entry key: the template split at `{version}`.
+    pub(crate) fn versioned(
+        &self,
+        before: &str,
+        after: &str,
+        scope: &str,
+        versions: Vec<VersionKey>,
+    ) -> CacheKey {
+        let mut suffix = String::with_capacity(after.len() + scope.len());
+        suffix.push_str(after);
+        suffix.push_str(scope);
+        CacheKey::Versioned {
+            versions,
+            prefix: self.entry(before, ""),
+            suffix,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn enc(raw: &str) -> String {
+    fn enc(raw: impl AsRef<[u8]>) -> String {
         let mut out = String::new();
-        encode_param(raw, &mut out);
+        encode_param(raw.as_ref(), &mut out);
         out
     }
 
@@ -477,13 +604,41 @@ mod tests {
     }
 
     #[test]
-    fn scope_absent_differs_from_empty() {
+    fn a_scope_that_reads_nothing_fails_closed() {
         let scope = Scope::new().header("x-tenant-id");
         let ext = Extensions::new();
         let mut with_empty = HeaderMap::new();
         with_empty.insert("x-tenant-id", "".parse().unwrap());
-        let absent = scope.key_suffix(&HeaderMap::new(), &ext);
-        assert_ne!(absent, scope.key_suffix(&with_empty, &ext));
-        assert!(!absent.contains("tenant"));
+        assert_eq!(scope.key_suffix(&HeaderMap::new(), &ext), None);
+        let empty = scope.key_suffix(&with_empty, &ext).unwrap();
+        assert!(empty.starts_with(SCOPE_MARK) && !empty.contains("tenant"));
+        let by_extension = Scope::new().extension(|ext| ext.get::<String>().cloned());
+        assert_eq!(by_extension.key_suffix(&with_empty, &ext), None);
+    }
+
+    #[test]
+    fn scopes_built_by_the_same_code_are_the_same() {
+        fn tenant() -> Scope {
+            Scope::new()
+                .header("x-tenant-id")
+                .extension(|ext| ext.get::<String>().cloned())
+        }
+        assert!(tenant().same_as(&tenant()));
+        let other = Scope::new()
+            .header("x-tenant-id")
+            .extension(|ext| ext.get::<String>().cloned());
+        assert!(!tenant().same_as(&other));
+        assert!(!tenant().same_as(&Scope::new().header("x-tenant-id")));
+    }
+
+    #[test]
+    fn path_params_are_keyed_decoded() {
+        let enc_path = |raw: &str| enc(&percent_decode(raw));
+        assert_eq!(enc_path("61"), enc_path("%36%31"));
+        assert_eq!(enc_path("61"), enc_path("6%31"));
+        assert_eq!(enc_path("a@b"), enc_path("a%40b"));
+        assert_eq!(enc_path("%C3%A9"), enc_path("%c3%a9"));
+        assert_ne!(enc_path("a+b"), enc_path("a b"));
+        assert_eq!(enc_path("100%"), "100%25");
     }
 }

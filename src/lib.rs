@@ -1,27 +1,20 @@
 //! A Redis response cache for any [tower] or [axum] service, with per-route
 //! policies and invalidation driven by writes.
 //!
-//! Two layers:
-//!
-//! - [`CacheLayer`] — cache-aside for reads: cached GET routes are answered
-//!   from the store; on a miss the handler runs and a storable response is
-//!   written back.
-//! - [`InvalidateLayer`] — after a mutating request succeeds, deletes the
-//!   entries and bumps the list versions its rule names.
+//! One [`Policy`] holds everything: the store, the namespace, the cached
+//! routes and what each write invalidates. One layer applies it:
 //!
 //! ```
-//! use std::{sync::Arc, time::Duration};
+//! use std::time::Duration;
 //! use axum::{routing::get, Json, Router};
-//! use tower_redis_cache::{
-//!     store::{MemoryStore, Store}, CacheLayer, InvalidateLayer, Policy, Route, Rule, Rules,
-//! };
+//! use tower_redis_cache::{CacheLayer, Policy, Route, Rule};
 //!
 //! async fn get_person() -> Json<serde_json::Value> { Json(serde_json::json!({"id": 1})) }
 //! async fn list_persons() -> Json<serde_json::Value> { Json(serde_json::json!({"items": []})) }
 //! async fn update_person() -> Json<serde_json::Value> { Json(serde_json::json!({"id": 1})) }
 //!
 //! let policy = Policy::builder()
-//!     .namespace("app")
+//!     // .store(RedisStore::open("redis://127.0.0.1/")?) — in-process memory store by default
 //!     .route(Route::get("/persons/{id}").key("person:{id}").ttl(Duration::from_secs(300)))
 //!     .route(
 //!         Route::get("/persons")
@@ -29,22 +22,30 @@
 //!             .versioned_by("persons:list")
 //!             .ttl(Duration::from_secs(60)),
 //!     )
-//!     .build()?;
-//! let rules = Rules::builder()
-//!     .namespace("app")
-//!     .rule(Rule::new("POST /persons").bump("persons:list"))
-//!     .rule(Rule::new("PATCH|DELETE /persons/{id}").delete("person:{id}").bump("persons:list"))
+//!     .on(Rule::new("POST /persons").bump("persons:list"))
+//!     .on(Rule::new("PATCH|DELETE /persons/{id}").purge("GET /persons/{id}").bump("persons:list"))
 //!     .build()?;
 //!
-//! // With the `redis` feature: `RedisStore::open("redis://127.0.0.1/")?`.
-//! let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
 //! let app: Router = Router::new()
 //!     .route("/persons", get(list_persons))
 //!     .route("/persons/{id}", get(get_person).patch(update_person))
-//!     .layer(CacheLayer::with_shared_store(policy, store.clone()))
-//!     .layer(InvalidateLayer::with_shared_store(rules, store));
+//!     .layer(CacheLayer::new(policy));
 //! # Ok::<(), tower_redis_cache::ConfigError>(())
 //! ```
+//!
+//! - [`CacheLayer`] — cache-aside for reads, and the invalidations of the
+//!   writes that pass through it.
+//! - [`InvalidateLayer`] — the invalidations alone, for stacks where writes
+//!   take another path; made from the same policy.
+//! - [`CacheHandle`] — purge, bump, warm, stats and health for operators.
+//!
+//! # Where the layer goes
+//!
+//! **Put the cache layer inside (after) the layer that authenticates and
+//! sets the tenant**: in axum, `.layer(cache)` first, then `.layer(auth)`
+//! (the last `.layer` call is the outermost). A scope that reads nothing
+//! bypasses the cache (fail closed), so the wrong order costs the cache,
+//! never a tenant's data.
 //!
 //! Keys read like `app:person:42` and `app:persons:list:v1732212345678901:3fa9…`;
 //! see [`Route`] for templates, [`Scope`] for tenant/auth scoping, and the
@@ -60,6 +61,7 @@
 pub mod cache;
 mod entry;
 mod error;
+mod handle;
 pub mod invalidate;
 mod key;
 mod policy;
@@ -98,7 +100,13 @@ pub mod bench_support {
     }
 }
 pub use error::ConfigError;
-pub use invalidate::{InvalidateLayer, Rule, Rules};
+pub use handle::{CacheHandle, HandleError, Health, WarmReport};
+pub use invalidate::InvalidateLayer;
 pub use key::Scope;
-pub use policy::{Policy, PolicyBuilder, Route, DEFAULT_MAX_BODY_BYTES};
-pub use stats::{CacheStats, Reason, RouteStats};
+pub use policy::{Policy, PolicyBuilder, Route, Rule, DEFAULT_MAX_BODY_BYTES};
+pub use stats::{CacheStats, InvalidationStats, Reason, RouteStats};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,16 +1,18 @@
-//! The route table of a [`CacheLayer`](crate::CacheLayer): which GET routes
-//! are cached, for how long, under which key.
+//! The one configuration of the cache: store, namespace, cached routes,
+//! version groups and the invalidation rules of writes. Both layers and the
+//! operator handle are made from it, so they cannot disagree.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, Method, Request};
 
+use crate::cache::flight::FlightTable;
 use crate::error::{validate_namespace, ConfigError};
-use crate::key::{pattern_params, KeyTemplate, QueryRule, Rendered, Scope, Segment};
+use crate::key::{pattern_params, KeyTemplate, Layout, Params, QueryRule, Rendered, Scope, Segment};
 use crate::routes::{validate_pattern, RouteTable};
-use crate::stats::Reason;
-use crate::store::CacheKey;
+use crate::stats::{CacheStats, Reason};
+use crate::store::{CacheKey, Invalidation, MemoryStore, Store, VersionKey};
 
 /// Default cap on a stored body: 1 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
@@ -29,8 +31,10 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 /// let list = Route::get("/persons")
 ///     .key("persons:list:v{version}:{query_hash}")
 ///     .versioned_by("persons:list")
+///     .per_scope()
 ///     .query_allowlist(["limit", "skip", "name", "email", "sort"])
-///     .ttl(Duration::from_secs(60));
+///     .ttl(Duration::from_secs(60))
+///     .scope(Scope::new().header("x-tenant-id"));
 /// # let _ = (item, list);
 /// ```
 #[derive(Debug, Clone)]
@@ -44,11 +48,14 @@ pub struct Route {
     public: bool,
     query: QueryRule,
     version_group: Option<String>,
+    per_scope: bool,
 }
 
 impl Route {
     /// A cached `GET` route for a matchit path pattern (`/persons/{id}`,
-    /// `/files/{*path}`), the syntax axum uses.
+    /// `/files/{*path}`), the syntax axum uses. The pattern matches the path
+    /// the layer sees: the full path for a layer on the outer router, the
+    /// path below the prefix for a layer inside a `nest`.
     pub fn get(pattern: &str) -> Self {
         Self {
             pattern: pattern.to_owned(),
@@ -59,13 +66,18 @@ impl Route {
             public: false,
             query: QueryRule::default(),
             version_group: None,
+            per_scope: false,
         }
     }
 
     /// The key template: literal text, path params by name (`{id}`),
     /// `{query_hash}` for the normalised query and `{version}` for the
     /// version of the group set with [`Route::versioned_by`]. The namespace
-    /// is prepended.
+    /// is prepended, the scope appended.
+    ///
+    /// Path params are keyed as the handler sees them: percent-decoded, as
+    /// axum's `Path` decodes them, so `/persons/61` and `/persons/%36%31`
+    /// share one entry.
     ///
     /// A template without `{query_hash}` serves only requests without (allowed)
     /// query parameters; others bypass the cache.
@@ -88,7 +100,8 @@ impl Route {
         self
     }
 
-    /// The request parts that scope the key (tenant, user…).
+    /// The request parts that scope the key (tenant, user…). A request on
+    /// which a part reads nothing bypasses the cache (see [`Scope`]).
     pub fn scope(mut self, scope: Scope) -> Self {
         self.scope = scope;
         self
@@ -113,11 +126,22 @@ impl Route {
     }
 
     /// The group whose version `{version}` embeds. Its version key is
-    /// `<namespace>:<group>:ver`; bumping it (see
-    /// [`Rule::bump`](crate::Rule::bump)) orphans every entry of the group at
-    /// once. The group may name path params: `person:{id}`.
+    /// `<namespace>:<group>:ver`; bumping it (see [`Rule::bump`]) orphans
+    /// every entry of the group at once. The group may name path params:
+    /// `person:{id}`. A version key lives as long as the longest entry of
+    /// the routes that read it (TTL plus stale window), renewed by each
+    /// write.
     pub fn versioned_by(mut self, group: &str) -> Self {
         self.version_group = Some(group.to_owned());
+        self
+    }
+
+    /// Versions the group per scope: a write bumps only the lists of its
+    /// own scope (tenant), and [`CacheHandle::bump`](crate::CacheHandle::bump)
+    /// still reaches every scope at once. Every route reading the group must
+    /// then declare the same [`Scope`] (built by the same code).
+    pub fn per_scope(mut self) -> Self {
+        self.per_scope = true;
         self
     }
 
@@ -126,12 +150,61 @@ impl Route {
     }
 }
 
+/// What a successful write invalidates: the entries of cached routes it
+/// purges and the version groups it bumps. Namespace, scope and key layout
+/// come from the routes.
+///
+/// ```
+/// use tower_redis_cache::Rule;
+///
+/// let rule = Rule::new("PATCH|DELETE /persons/{id}")
+///     .purge("GET /persons/{id}")
+///     .bump("persons:list");
+/// # let _ = rule;
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Rule {
+    route: String,
+    purges: Vec<String>,
+    bumps: Vec<String>,
+}
+
+impl Rule {
+    /// A rule for `METHOD[|METHOD…] /path/{pattern}`, such as
+    /// `POST /persons` or `PATCH|DELETE /persons/{id}`.
+    pub fn new(route: &str) -> Self {
+        Self {
+            route: route.to_owned(),
+            purges: Vec::new(),
+            bumps: Vec::new(),
+        }
+    }
+
+    /// Purges the entry the cached route (`GET /persons/{id}`, or just the
+    /// pattern) keys for the write's params and scope. The write's path must
+    /// bind every param of that route's key. Purging a versioned route bumps
+    /// its group.
+    pub fn purge(mut self, route: &str) -> Self {
+        self.purges.push(route.to_owned());
+        self
+    }
+
+    /// Bumps the version of this group (see [`Route::versioned_by`]); for a
+    /// group versioned [per scope](Route::per_scope), the write's scope only.
+    pub fn bump(mut self, group: &str) -> Self {
+        self.bumps.push(group.to_owned());
+        self
+    }
+}
+
 /// A compiled route.
 #[derive(Debug)]
 pub(crate) struct CompiledRoute {
     pub(crate) label: String,
+    pattern: String,
     key: KeyTemplate,
-    group: Option<KeyTemplate>,
+    group: Option<GroupRef>,
     pub(crate) ttl: Duration,
     pub(crate) stale_window: Duration,
     pub(crate) scope: Scope,
@@ -139,23 +212,51 @@ pub(crate) struct CompiledRoute {
     query: QueryRule,
 }
 
-/// A validated set of cached routes, built with [`Policy::builder`].
+/// A version group as one route or rule renders it.
+#[derive(Debug)]
+struct GroupRef {
+    index: usize,
+    template: KeyTemplate,
+}
+
+/// A version group, shared by the routes that read it.
+#[derive(Debug)]
+pub(crate) struct Group {
+    name: String,
+    per_scope: bool,
+    /// The scope of the routes reading it (the same for all when per scope).
+    scope: Scope,
+    /// The longest entry life of the routes reading it.
+    ttl: Duration,
+}
+
+#[derive(Debug)]
+struct CompiledRule {
+    /// Plain routes whose entry the write purges.
+    purges: Vec<usize>,
+    bumps: Vec<GroupRef>,
+}
+
+/// The whole configuration, built with [`Policy::builder`]: the store, the
+/// namespace, the cached routes and the rules of writes.
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_redis_cache::{Policy, Route};
+/// use tower_redis_cache::{Policy, Route, Rule};
 ///
 /// let policy = Policy::builder()
 ///     .namespace("app")
 ///     .route(Route::get("/persons/{id}").key("person:{id}").ttl(Duration::from_secs(300)))
+///     .on(Rule::new("PATCH /persons/{id}").purge("GET /persons/{id}"))
 ///     .build()?;
 /// assert_eq!(policy.namespace(), "app");
 ///
 /// let err = Policy::builder()
-///     .route(Route::get("/persons/{id}").key("person:{pid}"))
+///     .route(Route::get("/persons/{id}").key("person:{id}"))
+///     .on(Rule::new("PATCH /persons/{id}").purge("GET /persn/{id}"))
 ///     .build()
 ///     .unwrap_err();
-/// assert!(err.to_string().contains("pid"));
+/// assert!(err.to_string().contains("/persn/{id}"));
 /// # Ok::<(), tower_redis_cache::ConfigError>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -163,22 +264,49 @@ pub struct Policy {
     inner: Arc<PolicyInner>,
 }
 
-#[derive(Debug)]
 struct PolicyInner {
-    namespace: String,
+    layout: Layout,
     max_body_bytes: usize,
     routes: Vec<CompiledRoute>,
     table: RouteTable,
+    groups: Vec<Group>,
+    rules: Vec<CompiledRule>,
+    rule_table: RouteTable,
+    store: Arc<dyn Store>,
+    stats: CacheStats,
+    flights: FlightTable,
+}
+
+impl std::fmt::Debug for PolicyInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("namespace", &self.layout.namespace())
+            .field("routes", &self.routes.len())
+            .field("rules", &self.rules.len())
+            .field("store", &self.store.name())
+            .finish()
+    }
 }
 
 /// Builds a [`Policy`].
-#[derive(Debug)]
 #[must_use]
 pub struct PolicyBuilder {
     namespace: String,
     max_body_bytes: usize,
     default_ttl: Duration,
     routes: Vec<Route>,
+    rules: Vec<Rule>,
+    store: Option<Arc<dyn Store>>,
+}
+
+impl std::fmt::Debug for PolicyBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyBuilder")
+            .field("namespace", &self.namespace)
+            .field("routes", &self.routes)
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the cache layer does with one request.
@@ -192,19 +320,22 @@ pub(crate) enum Decision {
 }
 
 impl Policy {
-    /// A builder with namespace `app`, a 60 s default TTL and a 1 MiB body cap.
+    /// A builder with namespace `app`, a 60 s default TTL, a 1 MiB body cap
+    /// and the in-process [`MemoryStore`] unless a store is given.
     pub fn builder() -> PolicyBuilder {
         PolicyBuilder {
             namespace: "app".to_owned(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             default_ttl: Duration::from_secs(60),
             routes: Vec::new(),
+            rules: Vec::new(),
+            store: None,
         }
     }
 
     /// The namespace every key starts with.
     pub fn namespace(&self) -> &str {
-        &self.inner.namespace
+        self.inner.layout.namespace()
     }
 
     /// The largest body that is stored; larger ones stream through.
@@ -215,6 +346,17 @@ impl Policy {
     /// Route labels (`GET /persons/{id}`), in declaration order.
     pub fn route_labels(&self) -> Vec<String> {
         self.inner.routes.iter().map(|r| r.label.clone()).collect()
+    }
+
+    /// The per-route counters and the invalidation counts, shared by every
+    /// layer made from this policy.
+    pub fn stats(&self) -> CacheStats {
+        self.inner.stats.clone()
+    }
+
+    /// The operator handle: purge, bump, warm, stats, health.
+    pub fn handle(&self) -> crate::CacheHandle {
+        crate::CacheHandle::new(self.clone())
     }
 
     /// The key `request` would be cached under, or `None` when it is not
@@ -239,8 +381,24 @@ impl Policy {
         }
     }
 
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub(crate) fn stats_ref(&self) -> &CacheStats {
+        &self.inner.stats
+    }
+
+    pub(crate) fn flights(&self) -> &FlightTable {
+        &self.inner.flights
+    }
+
     pub(crate) fn route(&self, index: usize) -> &CompiledRoute {
         &self.inner.routes[index]
+    }
+
+    pub(crate) fn same(&self, other: &Policy) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     pub(crate) fn decide<B>(&self, request: &Request<B>) -> Decision {
@@ -252,49 +410,131 @@ impl Policy {
             return Decision::Pass;
         };
         let route = &self.inner.routes[index];
+        let bypass = |reason| Decision::Bypass {
+            route: index,
+            reason,
+        };
         if route.scope.is_empty() && !route.public && carries_credentials(request.headers()) {
-            return Decision::Bypass {
-                route: index,
-                reason: Reason::Authorization,
-            };
+            return bypass(Reason::Authorization);
         }
+        let Some(scope) = route
+            .scope
+            .key_suffix(request.headers(), request.extensions())
+        else {
+            return bypass(Reason::ScopeMissing);
+        };
         let query = route.query.normalise(request.uri().query());
         if !query.is_empty() && !route.key.has(&Segment::QueryHash) {
-            return Decision::Bypass {
-                route: index,
-                reason: Reason::Query,
-            };
+            return bypass(Reason::Query);
         }
         let query_hash = if route.key.has(&Segment::QueryHash) {
             QueryRule::hash(&query)
         } else {
             String::new()
         };
-        let scope = route
-            .scope
-            .key_suffix(request.headers(), request.extensions());
-        let ns = &self.inner.namespace;
+        let layout = &self.inner.layout;
         let key = match (route.key.render(&params, &query_hash), &route.group) {
-            (Rendered::Whole(key), _) => CacheKey::Plain(format!("{ns}:{key}{scope}")),
+            (Rendered::Whole(key), _) => CacheKey::Plain(layout.entry(&key, &scope)),
             (Rendered::Split(before, after), Some(group)) => {
-                let Rendered::Whole(group) = group.render(&params, &query_hash) else {
-                    return Decision::Pass;
-                };
-                CacheKey::Versioned {
-                    version_key: version_key(ns, &group),
-                    prefix: format!("{ns}:{before}"),
-                    suffix: format!("{after}{scope}"),
-                }
+                let versions = self.group_versions(group, &params, Some(&scope));
+                layout.versioned(&before, &after, &scope, versions)
             }
             // Rejected when the policy is built.
             (Rendered::Split(..), None) => return Decision::Pass,
         };
         Decision::Cache { route: index, key }
     }
+
+    /// The version keys a read of `group` embeds, or a write bumps.
+    /// `scope` is the request's scope suffix (`None` when it read nothing);
+    /// a write to a per-scope group bumps the scope's key, or the group's
+    /// own key (every scope) when the write has no scope.
+    fn group_versions(
+        &self,
+        group: &GroupRef,
+        params: &Params<'_>,
+        scope: Option<&str>,
+    ) -> Vec<VersionKey> {
+        let compiled = &self.inner.groups[group.index];
+        let name = render_whole(&group.template, params);
+        let layout = &self.inner.layout;
+        let all = layout.version(&name, "", compiled.ttl);
+        match (compiled.per_scope, scope) {
+            (true, Some(scope)) => vec![all, layout.version(&name, scope, compiled.ttl)],
+            _ => vec![all],
+        }
+    }
+
+    /// What a successful `request` must invalidate, if it matches a rule.
+    pub(crate) fn invalidation<B>(&self, request: &Request<B>) -> Option<Invalidation> {
+        let (index, params) = self
+            .inner
+            .rule_table
+            .at(request.method(), request.uri().path())?;
+        let rule = &self.inner.rules[index];
+        let (headers, extensions) = (request.headers(), request.extensions());
+        let mut deletes = Vec::with_capacity(rule.purges.len());
+        for &route in &rule.purges {
+            let route = &self.inner.routes[route];
+            match route.scope.key_suffix(headers, extensions) {
+                Some(scope) => {
+                    let key = render_whole(&route.key, &params);
+                    deletes.push(self.inner.layout.entry(&key, &scope));
+                }
+                None => {
+                    self.inner.stats.invalidation_unscoped();
+                    tracing::warn!(
+                        route = route.label,
+                        "write without the route's scope; its scoped entry cannot be purged"
+                    );
+                }
+            }
+        }
+        let mut bumps = Vec::with_capacity(rule.bumps.len());
+        for group in &rule.bumps {
+            let compiled = &self.inner.groups[group.index];
+            let scope = compiled.scope.key_suffix(headers, extensions);
+            let mut versions = self.group_versions(group, &params, scope.as_deref());
+            // A per-scope write bumps its scope's key only.
+            bumps.push(versions.pop()?);
+        }
+        Some(Invalidation::new(deletes, bumps))
+    }
+
+    /// The version key of `group` for every scope, or for the scope
+    /// `request` carries. `None` for an unknown group or one whose name
+    /// binds path params (bump those through a purge of a request).
+    pub(crate) fn group_bump<B>(
+        &self,
+        group: &str,
+        request: Option<&Request<B>>,
+    ) -> Option<VersionKey> {
+        let (index, compiled) = self
+            .inner
+            .groups
+            .iter()
+            .enumerate()
+            .find(|(_, g)| g.name == group)?;
+        let template = KeyTemplate::parse(group, &[], false).ok()?;
+        let group_ref = GroupRef { index, template };
+        let scope = request.and_then(|r| compiled.scope.key_suffix(r.headers(), r.extensions()));
+        if request.is_some() && compiled.per_scope && scope.is_none() {
+            return None;
+        }
+        self.group_versions(&group_ref, &Params::default(), scope.as_deref())
+            .pop()
+    }
+
+    /// Groups by name, and whether each is versioned per scope.
+    pub(crate) fn group_names(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.inner.groups.iter().map(|g| (g.name.as_str(), g.per_scope))
+    }
 }
 
-pub(crate) fn version_key(namespace: &str, group: &str) -> String {
-    format!("{namespace}:{group}:ver")
+fn render_whole(template: &KeyTemplate, params: &Params<'_>) -> String {
+    match template.render(params, "") {
+        Rendered::Whole(key) | Rendered::Split(key, _) => key,
+    }
 }
 
 fn carries_credentials(headers: &HeaderMap) -> bool {
@@ -305,6 +545,13 @@ impl PolicyBuilder {
     /// The prefix of every key (default `app`); keys read `app:person:42`.
     pub fn namespace(mut self, namespace: &str) -> Self {
         self.namespace = namespace.to_owned();
+        self
+    }
+
+    /// Where entries live (default: a [`MemoryStore`] in this process). The
+    /// store is shared by every layer and handle made from the policy.
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
         self
     }
 
@@ -327,7 +574,13 @@ impl PolicyBuilder {
         self
     }
 
-    /// Validates every route and builds the policy.
+    /// Adds what a write invalidates.
+    pub fn on(mut self, rule: Rule) -> Self {
+        self.rules.push(rule);
+        self
+    }
+
+    /// Validates every route and rule and builds the policy.
     pub fn build(self) -> Result<Policy, ConfigError> {
         validate_namespace(&self.namespace)?;
         if self.max_body_bytes == 0 {
@@ -335,6 +588,7 @@ impl PolicyBuilder {
         }
         let mut table = RouteTable::default();
         let mut routes = Vec::with_capacity(self.routes.len());
+        let mut groups: Vec<Group> = Vec::new();
         for (index, route) in self.routes.into_iter().enumerate() {
             let label = route.label();
             validate_pattern(&route.pattern)?;
@@ -347,21 +601,31 @@ impl PolicyBuilder {
                     route: label.clone(),
                 })?;
             let key = KeyTemplate::parse(template, &params, true)?;
-            let group = route
-                .version_group
-                .as_deref()
-                .map(|group| KeyTemplate::parse(group, &params, false))
-                .transpose()?;
-            if key.has(&Segment::Version) != group.is_some() {
+            if key.has(&Segment::Version) != route.version_group.is_some() {
                 return Err(ConfigError::VersionMismatch { route: label });
             }
             let ttl = route.ttl.unwrap_or(self.default_ttl);
             if ttl.is_zero() {
                 return Err(ConfigError::ZeroTtl { route: label });
             }
+            if route.per_scope && route.version_group.is_none() {
+                return Err(ConfigError::GroupScope {
+                    group: String::new(),
+                    reason: format!("route `{label}` is per scope without `versioned_by`"),
+                });
+            }
+            let group = match &route.version_group {
+                Some(name) => {
+                    let template = KeyTemplate::parse(name, &params, false)?;
+                    let index = join_group(&mut groups, name, &route, ttl, &label)?;
+                    Some(GroupRef { index, template })
+                }
+                None => None,
+            };
             table.insert(&Method::GET, &route.pattern, index)?;
             routes.push(CompiledRoute {
                 label,
+                pattern: route.pattern,
                 key,
                 group,
                 ttl,
@@ -371,15 +635,177 @@ impl PolicyBuilder {
                 query: route.query,
             });
         }
+        let mut rule_table = RouteTable::default();
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for (index, rule) in self.rules.iter().enumerate() {
+            let (methods, compiled) = compile_rule(rule, &routes, &groups)?;
+            for method in &methods {
+                rule_table.insert(method, compiled.1, index)?;
+            }
+            rules.push(compiled.0);
+        }
+        let stats = CacheStats::new(routes.iter().map(|r| r.label.clone()).collect());
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new()));
         Ok(Policy {
             inner: Arc::new(PolicyInner {
-                namespace: self.namespace,
+                layout: Layout::new(self.namespace),
                 max_body_bytes: self.max_body_bytes,
                 routes,
                 table,
+                groups,
+                rules,
+                rule_table,
+                store,
+                stats,
+                flights: FlightTable::default(),
             }),
         })
     }
+}
+
+/// Adds `route` to the group `name` (creating it), checking that per-scope
+/// groups agree on their scope. Returns the group's index.
+fn join_group(
+    groups: &mut Vec<Group>,
+    name: &str,
+    route: &Route,
+    ttl: Duration,
+    label: &str,
+) -> Result<usize, ConfigError> {
+    let life = ttl + route.stale_window;
+    let bad = |reason: String| ConfigError::GroupScope {
+        group: name.to_owned(),
+        reason,
+    };
+    if route.per_scope && route.scope.is_empty() {
+        return Err(bad(format!("route `{label}` is per scope but has no scope")));
+    }
+    match groups.iter().position(|g| g.name == name) {
+        Some(index) => {
+            let group = &mut groups[index];
+            if group.per_scope != route.per_scope {
+                return Err(bad(format!(
+                    "route `{label}` disagrees with another route on `per_scope`"
+                )));
+            }
+            if group.per_scope && !group.scope.same_as(&route.scope) {
+                return Err(bad(format!(
+                    "route `{label}` reads it with another scope; build both scopes with the same function"
+                )));
+            }
+            group.ttl = group.ttl.max(life);
+            Ok(index)
+        }
+        None => {
+            groups.push(Group {
+                name: name.to_owned(),
+                per_scope: route.per_scope,
+                scope: route.scope.clone(),
+                ttl: life,
+            });
+            Ok(groups.len() - 1)
+        }
+    }
+}
+
+/// Validates one rule against the routes and groups: its methods, its
+/// pattern and its compiled actions.
+fn compile_rule<'r>(
+    rule: &'r Rule,
+    routes: &[CompiledRoute],
+    groups: &[Group],
+) -> Result<(Vec<Method>, (CompiledRule, &'r str)), ConfigError> {
+    let invalid = |reason: String| ConfigError::InvalidRule {
+        rule: rule.route.clone(),
+        reason,
+    };
+    let (method_list, pattern) = rule
+        .route
+        .split_once(' ')
+        .ok_or_else(|| invalid("expected `METHOD /path`".to_owned()))?;
+    let pattern = pattern.trim();
+    validate_pattern(pattern)?;
+    if rule.purges.is_empty() && rule.bumps.is_empty() {
+        return Err(invalid("no purge or bump".to_owned()));
+    }
+    let mut methods = Vec::new();
+    for method in method_list.split('|') {
+        let method = Method::from_bytes(method.trim().as_bytes())
+            .map_err(|_| invalid(format!("unknown method `{method}`")))?;
+        if method.is_safe() {
+            return Err(invalid(format!(
+                "{method} is a safe method: reads do not invalidate"
+            )));
+        }
+        methods.push(method);
+    }
+    let params = pattern_params(pattern);
+    let bound = |target: &str, template: &KeyTemplate| {
+        match template.params().find(|p| !params.iter().any(|b| b == p)) {
+            Some(param) => Err(ConfigError::UnboundParam {
+                rule: rule.route.clone(),
+                target: target.to_owned(),
+                param: param.to_owned(),
+            }),
+            None => Ok(()),
+        }
+    };
+    let mut compiled = CompiledRule {
+        purges: Vec::new(),
+        bumps: Vec::new(),
+    };
+    for target in &rule.purges {
+        let wanted = target.strip_prefix("GET ").unwrap_or(target).trim();
+        let index = routes
+            .iter()
+            .position(|r| r.pattern == wanted)
+            .ok_or_else(|| ConfigError::UnknownRoute {
+                rule: rule.route.clone(),
+                route: target.clone(),
+            })?;
+        let route = &routes[index];
+        match &route.group {
+            // Its entries embed a version: purging them is bumping it.
+            Some(group) => {
+                bound(target, &group.template)?;
+                let template = KeyTemplate::parse(group.template.source(), &params, false)?;
+                compiled.bumps.push(GroupRef {
+                    index: group.index,
+                    template,
+                });
+            }
+            None if route.key.has(&Segment::QueryHash) => {
+                return Err(invalid(format!(
+                    "`{target}` is keyed by its query, so no write can name its entries; version it with `versioned_by` and bump the group"
+                )));
+            }
+            None => {
+                bound(target, &route.key)?;
+                compiled.purges.push(index);
+            }
+        }
+    }
+    for name in &rule.bumps {
+        let index = groups
+            .iter()
+            .position(|g| g.name == *name)
+            .ok_or_else(|| ConfigError::UnknownGroup {
+                rule: rule.route.clone(),
+                group: name.clone(),
+            })?;
+        let template = KeyTemplate::parse(name, &params, false).map_err(|err| match err {
+            ConfigError::UnknownParam { param, .. } => ConfigError::UnboundParam {
+                rule: rule.route.clone(),
+                target: name.clone(),
+                param,
+            },
+            other => other,
+        })?;
+        compiled.bumps.push(GroupRef { index, template });
+    }
+    Ok((methods, (compiled, pattern)))
 }
 
 #[cfg(test)]

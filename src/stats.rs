@@ -15,6 +15,8 @@ pub enum Reason {
     Authorization,
     /// The request had query parameters the key template does not use.
     Query,
+    /// A part of the route's scope read nothing on the request (fail closed).
+    ScopeMissing,
     /// The store failed or timed out.
     StoreError,
     /// The store's circuit breaker is open: it was not tried.
@@ -46,9 +48,10 @@ pub enum Reason {
 }
 
 impl Reason {
-    const ALL: [Reason; 16] = [
+    const ALL: [Reason; 17] = [
         Reason::Authorization,
         Reason::Query,
+        Reason::ScopeMissing,
         Reason::StoreError,
         Reason::CircuitOpen,
         Reason::Status,
@@ -70,6 +73,7 @@ impl Reason {
         match self {
             Reason::Authorization => "authorization",
             Reason::Query => "query",
+            Reason::ScopeMissing => "scope-missing",
             Reason::StoreError => "store-error",
             Reason::CircuitOpen => "circuit-open",
             Reason::Status => "status",
@@ -110,6 +114,32 @@ struct Counters {
 pub struct CacheStats {
     labels: Arc<[String]>,
     counters: Arc<[Counters]>,
+    invalidations: Arc<InvalidationCounters>,
+}
+
+#[derive(Debug, Default)]
+struct InvalidationCounters {
+    applied: AtomicU64,
+    failed: AtomicU64,
+    skipped: AtomicU64,
+    unscoped: AtomicU64,
+}
+
+/// Counts of the invalidations writes caused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct InvalidationStats {
+    /// Invalidations the store applied.
+    pub applied: u64,
+    /// Invalidations the store failed to apply (logged; see the store's
+    /// replay queue).
+    pub failed: u64,
+    /// Writes that matched a rule but did not succeed (not 2xx), so nothing
+    /// was invalidated.
+    pub skipped: u64,
+    /// Successful writes whose purge of a scoped entry was left out because
+    /// the route's scope read nothing on the write request.
+    pub unscoped: u64,
 }
 
 /// A snapshot of one route's counters.
@@ -142,6 +172,34 @@ impl CacheStats {
         Self {
             labels: labels.into(),
             counters,
+            invalidations: Arc::default(),
+        }
+    }
+
+    pub(crate) fn invalidation_applied(&self) {
+        self.invalidations.applied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn invalidation_failed(&self) {
+        self.invalidations.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn invalidation_skipped(&self) {
+        self.invalidations.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn invalidation_unscoped(&self) {
+        self.invalidations.unscoped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The invalidations writes caused so far.
+    pub fn invalidations(&self) -> InvalidationStats {
+        let c = &self.invalidations;
+        InvalidationStats {
+            applied: c.applied.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            skipped: c.skipped.load(Ordering::Relaxed),
+            unscoped: c.unscoped.load(Ordering::Relaxed),
         }
     }
 

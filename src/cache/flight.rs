@@ -87,14 +87,11 @@ impl Drop for Leader {
 }
 
 fn flight_name(key: &CacheKey, seen: &Lookup) -> String {
-    let mut name = match (key, &seen.version) {
-        (CacheKey::Versioned { .. }, Some(Observed::Value(version))) => key.entry_key(version),
-        _ => key.entry_key(b"?"),
+    let mut name = match seen.version_values() {
+        Some(versions) => key.entry_key(&versions),
+        None => key.entry_key(&[b"?"]),
     };
-    for observed in [seen.version.as_ref(), Some(&seen.entry)]
-        .into_iter()
-        .flatten()
-    {
+    for observed in seen.versions().iter().chain([seen.entry()]) {
         match observed {
             Observed::Absent => name.push_str("|absent"),
             Observed::WrongType => name.push_str("|wrongtype"),

@@ -82,7 +82,7 @@
 //! `tracing` and counted in [`CacheStats`](crate::CacheStats).
 
 mod body;
-mod flight;
+pub(crate) mod flight;
 mod future;
 mod layer;
 mod service;

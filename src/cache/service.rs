@@ -1,4 +1,3 @@
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -9,12 +8,13 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::body::ResponseBody;
-use super::flight::{FlightTable, Leader, Role};
+use super::flight::{Leader, Role};
 use super::future::ResponseFuture;
 use crate::entry::Entry;
+use crate::invalidate::Invalidate;
 use crate::policy::{Decision, Policy};
-use crate::stats::{CacheStats, Reason};
-use crate::store::{CacheKey, Lookup, Store, StoreError, StoreFuture};
+use crate::stats::Reason;
+use crate::store::{CacheKey, Lookup, StoreError, StoreFuture};
 
 /// The `cache-status` cache name (RFC 9211).
 const CACHE_NAME: &str = "tower-redis-cache";
@@ -22,29 +22,21 @@ const CACHE_NAME: &str = "tower-redis-cache";
 /// Header telling whether the cache served the response: `HIT`, `MISS` or `BYPASS`.
 pub const X_CACHE: &str = "x-cache";
 
-/// Middleware that serves cached GET/HEAD routes from a store and fills it on
-/// a miss. See the [module docs](super) for details.
+/// Middleware that serves cached GET/HEAD routes from a store, fills it on
+/// a miss, and applies the invalidations of successful writes. See the
+/// [module docs](super) for details.
 #[derive(Clone)]
 pub struct Cache<S> {
-    pub(crate) inner: S,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) inner: Invalidate<S>,
+    pub(crate) policy: Policy,
 }
 
 impl<S> std::fmt::Debug for Cache<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
-            .field("policy", &self.shared.policy)
-            .field("store", &self.shared.store.name())
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
-}
-
-/// What every clone of the layer and service shares.
-pub(crate) struct Shared {
-    pub(crate) policy: Policy,
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) stats: CacheStats,
-    pub(crate) flights: FlightTable,
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
@@ -57,7 +49,12 @@ where
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, S, ReqBody, ResBody>;
+    type Future = ResponseFuture<
+        <Invalidate<S> as Service<Request<ReqBody>>>::Future,
+        Invalidate<S>,
+        ReqBody,
+        ResBody,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -65,20 +62,20 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let head = request.method() == Method::HEAD;
-        match self.shared.policy.decide(&request) {
+        match self.policy.decide(&request) {
             Decision::Pass => ResponseFuture::inner(self.inner.call(request), None),
             Decision::Bypass { route, reason } => {
-                let mut ctx = Ctx::new(&self.shared, route, head, None);
+                let mut ctx = Ctx::new(&self.policy, route, head, None);
                 ctx.bypass = Some(reason);
                 ResponseFuture::inner(self.inner.call(request), Some(ctx))
             }
             Decision::Cache { route, key } => {
-                let lookup = self.shared.store.lookup(&key);
+                let lookup = self.policy.store().lookup(&key);
                 // The store answers before the inner service is called: take
                 // the service `poll_ready` readied, leave a fresh clone.
                 let clone = self.inner.clone();
                 let service = std::mem::replace(&mut self.inner, clone);
-                let mut ctx = Ctx::new(&self.shared, route, head, Some(key));
+                let mut ctx = Ctx::new(&self.policy, route, head, Some(key));
                 ctx.if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
                 ResponseFuture::lookup(lookup, service, request, ctx)
             }
@@ -97,7 +94,7 @@ pub(crate) enum Outcome {
 
 /// Per-request state of a cached route.
 pub(crate) struct Ctx {
-    shared: Arc<Shared>,
+    policy: Policy,
     route: usize,
     key: Option<CacheKey>,
     head: bool,
@@ -109,9 +106,9 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    fn new(shared: &Arc<Shared>, route: usize, head: bool, key: Option<CacheKey>) -> Self {
+    fn new(policy: &Policy, route: usize, head: bool, key: Option<CacheKey>) -> Self {
         Self {
-            shared: shared.clone(),
+            policy: policy.clone(),
             route,
             key,
             head,
@@ -124,15 +121,15 @@ impl Ctx {
     }
 
     pub(crate) fn ttl(&self) -> Duration {
-        self.shared.policy.route(self.route).ttl
+        self.policy.route(self.route).ttl
     }
 
     pub(crate) fn max_body_bytes(&self) -> usize {
-        self.shared.policy.max_body_bytes()
+        self.policy.max_body_bytes()
     }
 
     fn label(&self) -> &str {
-        &self.shared.policy.route(self.route).label
+        &self.policy.route(self.route).label
     }
 
     /// The key for log events, formatted only if an event is emitted.
@@ -192,7 +189,7 @@ impl Ctx {
     /// leads (its response has no body to share) nor waits.
     pub(crate) fn missed(&mut self, found: Lookup) -> Option<super::flight::Wait> {
         let role = match (&self.key, self.head) {
-            (Some(key), false) => Some(self.shared.flights.enter(key, &found)),
+            (Some(key), false) => Some(self.policy.flights().enter(key, &found)),
             _ => None,
         };
         self.seen = Some(found);
@@ -208,15 +205,15 @@ impl Ctx {
     /// True when `entry` is past its TTL on a route that serves stale
     /// entries while refreshing them.
     pub(crate) fn is_stale(&self, entry: &Entry) -> bool {
-        !self.shared.policy.route(self.route).stale_window.is_zero() && entry.is_stale()
+        !self.policy.route(self.route).stale_window.is_zero() && entry.is_stale()
     }
 
     /// The background refresh of a stale entry, unless one is under way.
     pub(crate) fn refresh(&self, seen: &Lookup) -> Option<Refresh> {
         let key = self.key.clone()?;
-        match self.shared.flights.enter(&key, seen) {
+        match self.policy.flights().enter(&key, seen) {
             Role::Lead(leader) => Some(Refresh {
-                shared: self.shared.clone(),
+                policy: self.policy.clone(),
                 route: self.route,
                 key,
                 seen: seen.clone(),
@@ -238,7 +235,7 @@ impl Ctx {
             self.bypass = Some(Reason::CircuitOpen);
             return;
         }
-        self.shared.stats.error(self.route);
+        self.policy.stats_ref().error(self.route);
         tracing::warn!(route = self.label(), key = %self.key_text(), error = %err, "cache lookup failed; serving from the handler");
         self.bypass = Some(Reason::StoreError);
     }
@@ -248,7 +245,7 @@ impl Ctx {
         if let Some(reason) = self.bypass {
             return Err(Outcome::Bypass(reason));
         }
-        let scope = &self.shared.policy.route(self.route).scope;
+        let scope = &self.policy.route(self.route).scope;
         let reason = match unstorable_reason(response.status(), response.headers(), |name| {
             scope.covers_header(name)
         }) {
@@ -261,13 +258,13 @@ impl Ctx {
     }
 
     pub(crate) fn write(&self, value: Bytes) -> Result<StoreFuture<bool>, Reason> {
-        let store = &self.shared.store;
+        let store = self.policy.store();
         // A delete's tombstone guards a key for `tombstone_ttl`; a miss slower
         // than half of it might store over an expired tombstone.
         if self.started.elapsed() > store.tombstone_ttl() / 2 {
             return Err(Reason::SlowMiss);
         }
-        let ttl = self.ttl() + self.shared.policy.route(self.route).stale_window;
+        let ttl = self.ttl() + self.policy.route(self.route).stale_window;
         match (&self.key, &self.seen) {
             (Some(key), Some(seen)) => Ok(store.store(key, seen, value, ttl)),
             _ => Err(Reason::StoreError),
@@ -283,7 +280,7 @@ impl Ctx {
             Ok(true) => Outcome::Stored,
             Ok(false) => Outcome::NotStored(Reason::Raced),
             Err(err) => {
-                self.shared.stats.error(self.route);
+                self.policy.stats_ref().error(self.route);
                 tracing::warn!(route = self.label(), key = %self.key_text(), error = %err, "cache store failed");
                 Outcome::NotStored(Reason::StoreError)
             }
@@ -295,7 +292,7 @@ impl Ctx {
     pub(crate) fn finish<B>(&mut self, mut response: Response<B>, outcome: Outcome) -> Response<B> {
         // Followers still waiting go to the inner service themselves.
         self.leader = None;
-        let stats = &self.shared.stats;
+        let stats = self.policy.stats_ref();
         let took = self.started.elapsed();
         let status = response.status().as_u16();
         let route = self.label();
@@ -376,7 +373,7 @@ impl std::fmt::Display for KeyText<'_> {
 /// the request that found the entry stale, its response stored if it may be.
 /// Holding the flight keeps other stale hits from refreshing too.
 pub(crate) struct Refresh {
-    shared: Arc<Shared>,
+    policy: Policy,
     route: usize,
     key: CacheKey,
     seen: Lookup,
@@ -389,12 +386,12 @@ impl Refresh {
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
         ResBody: Body,
     {
-        let route = self.shared.policy.route(self.route);
+        let route = self.policy.route(self.route);
         let Ok(response) = service.call(request).await else {
             return;
         };
         let scope = &route.scope;
-        let cap = self.shared.policy.max_body_bytes();
+        let cap = self.policy.max_body_bytes();
         let refused = unstorable_reason(response.status(), response.headers(), |h| {
             scope.covers_header(h)
         });
@@ -406,22 +403,22 @@ impl Refresh {
         let body = match collected {
             Ok(body) => body,
             Err(reason) => {
-                self.shared.stats.skip(self.route, reason);
+                self.policy.stats_ref().skip(self.route, reason);
                 return;
             }
         };
         crate::entry::ensure_etag(&mut parts.headers, &body);
         let entry = Entry::new(parts.status, &parts.headers, body, route.ttl).encode();
         let stored = self
-            .shared
-            .store
+            .policy
+            .store()
             .store(&self.key, &self.seen, entry, route.ttl + route.stale_window)
             .await;
         match stored {
-            Ok(true) => self.shared.stats.stored(self.route),
-            Ok(false) => self.shared.stats.skip(self.route, Reason::Raced),
+            Ok(true) => self.policy.stats_ref().stored(self.route),
+            Ok(false) => self.policy.stats_ref().skip(self.route, Reason::Raced),
             Err(err) => {
-                self.shared.stats.error(self.route);
+                self.policy.stats_ref().error(self.route);
                 tracing::warn!(route = route.label, error = %err, "stale entry refresh not stored");
             }
         }

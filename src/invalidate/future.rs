@@ -1,14 +1,11 @@
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use http::Response;
 use pin_project_lite::pin_project;
 
-use super::layer::Shared;
-use super::rules::Actions;
+use crate::policy::Policy;
 use crate::store::{Invalidation, StoreFuture};
 
 pin_project! {
@@ -25,21 +22,21 @@ pin_project! {
         Inner {
             #[pin]
             future: F,
-            pending: Option<(Invalidation, Arc<Shared>)>,
+            pending: Option<(Invalidation, Policy)>,
         },
         // The response waits until the store applied the invalidation.
         Invalidating {
             apply: StoreFuture<()>,
             response: Option<Response<B>>,
             invalidation: Invalidation,
-            shared: Arc<Shared>,
+            policy: Policy,
         },
         Done,
     }
 }
 
 impl<F, B> ResponseFuture<F, B> {
-    pub(crate) fn new(future: F, pending: Option<(Invalidation, Arc<Shared>)>) -> Self {
+    pub(crate) fn new(future: F, pending: Option<(Invalidation, Policy)>) -> Self {
         Self {
             state: State::Inner { future, pending },
         }
@@ -58,12 +55,12 @@ where
             match this.state.as_mut().project() {
                 StateProj::Inner { future, pending } => {
                     let response = ready!(future.poll(cx))?;
-                    let Some((invalidation, shared)) = pending.take() else {
+                    let Some((invalidation, policy)) = pending.take() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     };
                     if !response.status().is_success() {
-                        shared.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                        policy.stats_ref().invalidation_skipped();
                         tracing::debug!(
                             status = response.status().as_u16(),
                             "write failed; nothing invalidated"
@@ -71,40 +68,56 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     }
-                    let apply = shared.store.invalidate(&invalidation);
+                    let apply = policy.store().invalidate(&invalidation);
                     this.state.set(State::Invalidating {
                         apply,
                         response: Some(response),
                         invalidation,
-                        shared,
+                        policy,
                     });
                 }
                 StateProj::Invalidating {
                     apply,
                     response,
                     invalidation,
-                    shared,
+                    policy,
                 } => {
                     let applied = ready!(apply.as_mut().poll(cx));
                     let actions = Actions(invalidation);
                     match applied {
                         Ok(()) => {
-                            shared.counters.applied.fetch_add(1, Ordering::Relaxed);
+                            policy.stats_ref().invalidation_applied();
                             tracing::debug!(actions = %actions, "cache invalidated");
                         }
                         Err(err) => {
-                            shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+                            policy.stats_ref().invalidation_failed();
                             tracing::warn!(actions = %actions, error = %err, "cache invalidation failed");
                         }
                     }
-                    let response = response
-                        .take()
-                        .expect("the invalidating state is left once");
+                    let response = response.take();
                     this.state.set(State::Done);
-                    return Poll::Ready(Ok(response));
+                    if let Some(response) = response {
+                        return Poll::Ready(Ok(response));
+                    }
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
         }
+    }
+}
+
+/// `del app:person:42, incr app:persons:list:ver`, for logs; formatted
+/// only if an event is emitted.
+struct Actions<'a>(&'a Invalidation);
+
+impl std::fmt::Display for Actions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let deletes = self.0.deletes().iter().map(|k| ("del", k.as_str()));
+        let bumps = self.0.bumps().iter().map(|k| ("incr", k.key()));
+        for (i, (verb, key)) in deletes.chain(bumps).enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{verb} {key}")?;
+        }
+        Ok(())
     }
 }

@@ -1,20 +1,29 @@
-//! Invalidation driven by writes: after a mutating request succeeds, delete
-//! the entries and bump the versions its rule names.
+//! Invalidation driven by writes: after a mutating request succeeds, purge
+//! the entries and bump the version groups its [`Rule`](crate::Rule) names.
+//!
+//! A [`CacheLayer`](crate::CacheLayer) already does this for the writes that
+//! pass through it. Use an [`InvalidateLayer`], made from the **same**
+//! [`Policy`](crate::Policy), where writes reach the application by another
+//! stack; it shares the policy's store, namespace, scopes and key layout by
+//! construction. Stacked with a `CacheLayer` of the same policy, only the
+//! outer of the two invalidates.
 //!
 //! ```
 //! use axum::{routing::patch, Router};
-//! use tower_redis_cache::{store::MemoryStore, InvalidateLayer, Rule, Rules};
+//! use tower_redis_cache::{InvalidateLayer, Policy, Route, Rule};
 //!
 //! async fn update_person() -> &'static str { "ok" }
 //!
-//! let rules = Rules::builder()
-//!     .rule(Rule::new("POST /persons").bump("persons:list"))
-//!     .rule(Rule::new("PATCH|DELETE /persons/{id}").delete("person:{id}").bump("persons:list"))
-//!     .rule(Rule::new("POST /persons/{id}/addresses").delete("person:{id}").bump("persons:list"))
+//! let policy = Policy::builder()
+//!     .route(Route::get("/persons/{id}").key("person:{id}"))
+//!     .route(Route::get("/persons").key("persons:list:v{version}:{query_hash}").versioned_by("persons:list"))
+//!     .on(Rule::new("POST /persons").bump("persons:list"))
+//!     .on(Rule::new("PATCH|DELETE /persons/{id}").purge("GET /persons/{id}").bump("persons:list"))
+//!     .on(Rule::new("POST /persons/{id}/addresses").purge("GET /persons/{id}").bump("persons:list"))
 //!     .build()?;
-//! let app: Router = Router::new()
+//! let writes: Router = Router::new()
 //!     .route("/persons/{id}", patch(update_person))
-//!     .layer(InvalidateLayer::new(rules, MemoryStore::new()));
+//!     .layer(InvalidateLayer::new(policy));
 //! # Ok::<(), tower_redis_cache::ConfigError>(())
 //! ```
 //!
@@ -27,18 +36,20 @@
 //! # One round trip, no scans
 //!
 //! All the actions of one request go to the store together (one `EVALSHA` in
-//! Redis). A delete writes a short-lived tombstone at the key; a bump
+//! Redis). A purge writes a short-lived tombstone at the key; a bump
 //! increments the group's version key, which orphans every entry keyed with
 //! the old version at once. Nothing ever runs `KEYS`, `SCAN` or a pattern
 //! delete.
 //!
 //! # Reaching every scope
 //!
-//! A delete reaches the entry of the requester's own scope (set the rule's
-//! [`Scope`](crate::Scope) to the route's). To reach every scoped variant of
-//! an entry without knowing the scopes, version the route by a per-item
-//! group (`Route::versioned_by("person:{id}")`) and bump it: one `INCR`
-//! whatever the number of scopes.
+//! A purge reaches the entry of the writer's own scope (the route's
+//! [`Scope`](crate::Scope) applied to the write request). To reach every
+//! scoped variant of an entry, version the route by a per-item group
+//! (`Route::versioned_by("person:{id}")`) and purge or bump it: one `INCR`
+//! whatever the number of scopes. A group versioned
+//! [per scope](crate::Route::per_scope) is bumped for the writer's scope
+//! only; [`CacheHandle::bump`](crate::CacheHandle::bump) reaches all scopes.
 //!
 //! # A failed invalidation
 //!
@@ -52,8 +63,6 @@
 
 mod future;
 mod layer;
-mod rules;
 
 pub use future::ResponseFuture;
-pub use layer::{Invalidate, InvalidateLayer, InvalidationStats};
-pub use rules::{Rule, Rules, RulesBuilder};
+pub use layer::{Invalidate, InvalidateLayer};

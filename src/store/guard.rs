@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{Invalidation, StoreError};
+use super::{Invalidation, StoreError, VersionKey};
 
 /// Thresholds of the circuit breaker and the invalidation queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +124,7 @@ struct BreakerState {
 struct Pending {
     /// Key → generation of the latest invalidation that named it.
     deletes: HashMap<String, u64>,
-    bumps: HashMap<String, u64>,
+    bumps: HashMap<String, (u64, Duration)>,
     generation: u64,
     tombstone: Bytes,
     overflowed_until: Option<Instant>,
@@ -203,8 +203,10 @@ impl Guard {
         for key in &invalidation.deletes {
             pending.deletes.insert(key.clone(), generation);
         }
-        for key in &invalidation.bumps {
-            pending.bumps.insert(key.clone(), generation);
+        for bump in &invalidation.bumps {
+            pending
+                .bumps
+                .insert(bump.key().to_owned(), (generation, bump.ttl()));
         }
         pending.tombstone = invalidation.tombstone.clone();
         if pending.deletes.len() + pending.bumps.len() > self.config.max_pending_keys {
@@ -246,9 +248,13 @@ impl Guard {
                 pending.deletes.remove(key);
             }
         }
-        for key in &sent.bumps {
-            if pending.bumps.get(key).is_some_and(|g| *g <= generation) {
-                pending.bumps.remove(key);
+        for bump in &sent.bumps {
+            if pending
+                .bumps
+                .get(bump.key())
+                .is_some_and(|(g, _)| *g <= generation)
+            {
+                pending.bumps.remove(bump.key());
             }
         }
     }
@@ -294,9 +300,13 @@ fn overflow_active(pending: &mut Pending) -> bool {
 
 fn snapshot(pending: &Pending) -> Invalidation {
     let mut deletes: Vec<String> = pending.deletes.keys().cloned().collect();
-    let mut bumps: Vec<String> = pending.bumps.keys().cloned().collect();
+    let mut bumps: Vec<VersionKey> = pending
+        .bumps
+        .iter()
+        .map(|(key, (_, ttl))| VersionKey::new(key.clone(), *ttl))
+        .collect();
     deletes.sort();
-    bumps.sort();
+    bumps.sort_by(|a, b| a.key().cmp(b.key()));
     Invalidation {
         deletes,
         bumps,
@@ -382,17 +392,14 @@ mod tests {
     #[test]
     fn the_queue_keeps_keys_named_again_after_a_send() {
         let guard = guard();
-        let inv = |key: &str| Invalidation {
-            deletes: vec![key.into()],
-            bumps: vec!["list".into()],
-            tombstone: Bytes::from_static(b"\x02"),
-        };
+        let list = VersionKey::new("list".into(), Duration::from_secs(60));
+        let inv = |key: &str| Invalidation::new(vec![key.into()], vec![list.clone()]);
         let (sent, generation) = guard.enqueue(&inv("a"));
         guard.enqueue(&inv("a"));
         guard.applied(&sent, generation);
         let (left, generation) = guard.before_read().unwrap().unwrap();
         assert_eq!(left.deletes, vec!["a".to_owned()]);
-        assert_eq!(left.bumps, vec!["list".to_owned()]);
+        assert_eq!(left.bumps, vec![list]);
         guard.applied(&left, generation);
         assert_eq!(guard.before_read(), Ok(None));
         assert!(guard.clear());
@@ -401,10 +408,10 @@ mod tests {
     #[test]
     fn an_overflowing_queue_turns_the_cache_off() {
         let guard = Guard::new(BreakerConfig::default().max_pending_keys(2));
-        guard.enqueue(&Invalidation {
-            deletes: vec!["a".into(), "b".into(), "c".into()],
-            ..Invalidation::default()
-        });
+        guard.enqueue(&Invalidation::new(
+            vec!["a".into(), "b".into(), "c".into()],
+            vec![],
+        ));
         assert!(guard.overflowed());
         assert!(guard.health().overflowed);
         assert_eq!(guard.before_read(), Err(StoreError::PendingInvalidations));

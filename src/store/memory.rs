@@ -8,11 +8,14 @@ use super::{
     fresh_version, CacheKey, Invalidation, Lookup, Observed, Store, StoreFuture,
     DEFAULT_TOMBSTONE_TTL,
 };
+#[cfg(test)]
+use super::VersionKey;
 
 /// An in-process store, bounded in entries and bytes, expiring by TTL.
 ///
-/// Version keys are kept apart from entries: they are never evicted and
-/// never expire, as in Redis with a `volatile-*` eviction policy.
+/// Version keys live in the same map, inside the same caps, with a TTL
+/// renewed by each write under them; a lost one restarts above any value it
+/// had, so its eviction only turns the entries it guarded into misses.
 ///
 /// ```
 /// use tower_redis_cache::store::{MemoryStore, Store};
@@ -47,7 +50,6 @@ struct State {
     order: BTreeMap<u64, String>,
     next_seq: u64,
     bytes: usize,
-    versions: HashMap<String, u64>,
     last_fresh_version: u64,
 }
 
@@ -117,7 +119,7 @@ impl MemoryStore {
     /// store without persistence would (used to test that a lost version
     /// never brings old entries back).
     pub fn forget_version(&self, key: &str) {
-        self.lock().versions.remove(key);
+        self.lock().remove(key);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -128,76 +130,67 @@ impl MemoryStore {
 
     fn lookup_now(&self, key: &CacheKey) -> Lookup {
         let mut state = self.lock();
-        match key {
-            CacheKey::Plain(key) => Lookup {
-                version: None,
-                entry: state.get(key),
-            },
-            CacheKey::Versioned { version_key, .. } => match state.versions.get(version_key) {
-                None => Lookup {
-                    version: Some(Observed::Absent),
-                    entry: Observed::Absent,
-                },
-                Some(&version) => {
-                    let version = Bytes::from(version.to_string());
-                    let entry = state.get(&key.entry_key(&version));
-                    Lookup {
-                        version: Some(Observed::Value(version)),
-                        entry,
-                    }
-                }
-            },
-        }
+        let versions: Vec<Observed> = key.versions().iter().map(|v| state.get(v.key())).collect();
+        let entry = match Lookup::new(versions.clone(), Observed::Absent).version_values() {
+            Some(values) => state.get(&key.entry_key(&values)),
+            None => Observed::Absent,
+        };
+        Lookup::new(versions, entry)
     }
 
     fn store_now(&self, key: &CacheKey, seen: &Lookup, value: Bytes, ttl: Duration) -> bool {
         let mut state = self.lock();
-        let entry_key = match key {
-            CacheKey::Plain(key) => {
-                if state.get(key) != seen.entry {
-                    return false;
-                }
-                key.clone()
+        let (caps, version_keys) = ((self.max_entries, self.max_bytes), key.versions());
+        if version_keys.len() != seen.versions().len() {
+            return false;
+        }
+        let mut values = Vec::with_capacity(version_keys.len());
+        for (version_key, seen) in version_keys.iter().zip(seen.versions()) {
+            let current = state.get(version_key.key());
+            if current != *seen {
+                return false;
             }
-            CacheKey::Versioned { version_key, .. } => {
-                let current = state.versions.get(version_key).copied();
-                let version = match (current, &seen.version) {
-                    (None, Some(Observed::Absent)) => {
-                        let fresh = state.fresh_version();
-                        state.versions.insert(version_key.clone(), fresh);
-                        fresh
-                    }
-                    (Some(current), Some(Observed::Value(seen)))
-                        if seen.as_ref() == current.to_string().as_bytes() =>
-                    {
-                        current
-                    }
-                    _ => return false,
-                };
-                key.entry_key(version.to_string().as_bytes())
-            }
+            values.push(match current {
+                Observed::Value(v) => v,
+                Observed::Absent => state.fresh_version(),
+                Observed::WrongType => return false,
+            });
+        }
+        let entry_key = {
+            let refs: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
+            key.entry_key(&refs)
         };
-        state.insert(entry_key, value, ttl, self.max_entries, self.max_bytes);
+        if version_keys.is_empty() && state.get(&entry_key) != *seen.entry() {
+            return false;
+        }
+        // Version keys outlive the entries they guard: renewed on each write.
+        for (version_key, value) in version_keys.iter().zip(values) {
+            let keep = state.remaining(version_key.key()).max(version_key.ttl());
+            state.insert(version_key.key().to_owned(), value, keep, caps);
+        }
+        state.insert(entry_key, value, ttl, caps);
         true
     }
 
     fn invalidate_now(&self, invalidation: &Invalidation) {
         let mut state = self.lock();
-        for key in &invalidation.deletes {
-            state.insert(
-                key.clone(),
-                invalidation.tombstone.clone(),
-                self.tombstone_ttl,
-                self.max_entries,
-                self.max_bytes,
-            );
+        let caps = (self.max_entries, self.max_bytes);
+        for key in invalidation.deletes() {
+            let tombstone = invalidation.tombstone().clone();
+            state.insert(key.clone(), tombstone, self.tombstone_ttl, caps);
         }
-        for key in &invalidation.bumps {
-            let next = match state.versions.get(key) {
-                Some(v) => v + 1,
-                None => state.fresh_version(),
+        for bump in invalidation.bumps() {
+            let current = match state.get(bump.key()) {
+                Observed::Value(v) => std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok()),
+                _ => None,
             };
-            state.versions.insert(key.clone(), next);
+            let (next, ttl) = match current {
+                Some(n) => (Bytes::from((n + 1).to_string()), state.remaining(bump.key())),
+                None => (state.fresh_version(), bump.ttl()),
+            };
+            state.insert(bump.key().to_owned(), next, ttl, caps);
         }
     }
 }
@@ -221,14 +214,17 @@ impl State {
         }
     }
 
-    fn insert(
-        &mut self,
-        key: String,
-        value: Bytes,
-        ttl: Duration,
-        max_entries: usize,
-        max_bytes: usize,
-    ) {
+    /// Time left before `key` expires (zero when absent).
+    fn remaining(&self, key: &str) -> Duration {
+        self.entries
+            .get(key)
+            .map_or(Duration::ZERO, |item| {
+                item.expires_at.saturating_duration_since(Instant::now())
+            })
+    }
+
+    fn insert(&mut self, key: String, value: Bytes, ttl: Duration, caps: (usize, usize)) {
+        let (max_entries, max_bytes) = caps;
         self.remove(&key);
         let size = key.len() + value.len();
         if size > max_bytes {
@@ -254,10 +250,10 @@ impl State {
         );
     }
 
-    fn fresh_version(&mut self) -> u64 {
+    fn fresh_version(&mut self) -> Bytes {
         let fresh = fresh_version().max(self.last_fresh_version + 1);
         self.last_fresh_version = fresh;
-        fresh
+        Bytes::from(fresh.to_string())
     }
 }
 
@@ -333,11 +329,7 @@ mod tests {
         let store = MemoryStore::new();
         let key = plain("app:person:1");
         let seen = store.lookup_now(&key);
-        store.invalidate_now(&Invalidation {
-            deletes: vec!["app:person:1".into()],
-            bumps: vec![],
-            tombstone: crate::entry::tombstone(),
-        });
+        store.invalidate_now(&Invalidation::new(vec!["app:person:1".into()], vec![]));
         assert!(!store.store_now(
             &key,
             &seen,
@@ -346,18 +338,39 @@ mod tests {
         ));
     }
 
+    fn version(store: &MemoryStore, key: &str) -> u64 {
+        let Observed::Value(v) = store.lock().get(key) else {
+            panic!("no version at {key}");
+        };
+        std::str::from_utf8(&v).unwrap().parse().unwrap()
+    }
+
     #[test]
     fn a_lost_version_restarts_above_every_used_one() {
         let store = MemoryStore::new();
-        let bump = Invalidation {
-            bumps: vec!["v".into()],
-            ..Invalidation::default()
-        };
+        let bump = Invalidation::new(vec![], vec![VersionKey::new("v".into(), Duration::from_secs(60))]);
         store.invalidate_now(&bump);
         store.invalidate_now(&bump);
-        let before = store.lock().versions["v"];
+        let before = version(&store, "v");
         store.forget_version("v");
         store.invalidate_now(&bump);
-        assert!(store.lock().versions["v"] > before);
+        assert!(version(&store, "v") > before);
+    }
+
+    #[test]
+    fn version_keys_count_in_the_caps_and_expire() {
+        let store = MemoryStore::new().max_entries(100);
+        for i in 0..1000 {
+            let key = CacheKey::Versioned {
+                versions: vec![VersionKey::new(format!("item:{i}:ver"), Duration::from_millis(50))],
+                prefix: format!("item:{i}:v"),
+                suffix: String::new(),
+            };
+            let seen = store.lookup_now(&key);
+            assert!(store.store_now(&key, &seen, Bytes::from_static(b"x"), Duration::from_millis(20)));
+        }
+        assert!(store.len() <= 100, "{}", store.len());
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(store.len(), 0, "version keys expire after their entries");
     }
 }

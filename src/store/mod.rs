@@ -14,7 +14,8 @@
 //!   result after it.
 //! - **Versions that cannot lie.** A missing version key is created with the
 //!   current time in microseconds and bumped with `INCR`, so a lost key never
-//!   restarts at a number already used. Version keys have no TTL.
+//!   restarts at a number already used. A version key lives at least as
+//!   long as the longest entry under it (its TTL is renewed by every write).
 //! - **Deletes leave a tombstone** for [`Store::tombstone_ttl`], so that a
 //!   read which saw the key absent cannot store over the delete.
 
@@ -43,31 +44,79 @@ pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + S
 /// not stored.
 pub const DEFAULT_TOMBSTONE_TTL: Duration = Duration::from_secs(300);
 
-/// The key of one cache entry, with the namespace and scope already applied.
+/// A version key and how long it must live: at least as long as the longest
+/// entry it guards (TTL plus stale window), so it never expires under a live
+/// entry. A missing version key restarts above any value it had, so expiry
+/// is safe.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VersionKey {
+    key: String,
+    ttl: Duration,
+}
+
+impl VersionKey {
+    pub(crate) fn new(key: String, ttl: Duration) -> Self {
+        Self { key, ttl }
+    }
+
+    /// The key, such as `app:persons:list:ver`.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// How long the key lives after the last entry stored under it.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+}
+
+/// The key of one cache entry, with the namespace and scope already applied.
+/// Minted by the [`Policy`](crate::Policy); stores read it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum CacheKey {
     /// A key used as is, such as `app:person:42`.
     Plain(String),
-    /// A key that embeds the current value of a version key:
-    /// `prefix + version + suffix`, such as `app:persons:list:v` + `17` + `:3fa9…`.
+    /// A key that embeds the current values of its version keys:
+    /// `prefix + v1[.v2] + suffix`, such as `app:persons:list:v` + `17` + `:3fa9…`.
+    /// A group versioned per scope has two version keys: the group's (bumped
+    /// for every scope at once) and the scope's own.
     Versioned {
-        /// The version key, such as `app:persons:list:ver`.
-        version_key: String,
-        /// The entry key before the version.
+        /// The version keys, such as `app:persons:list:ver`.
+        versions: Vec<VersionKey>,
+        /// The entry key before the versions.
         prefix: String,
-        /// The entry key after the version.
+        /// The entry key after the versions.
         suffix: String,
     },
 }
 
 impl CacheKey {
-    /// The entry key for `version` (a plain key ignores it).
-    pub fn entry_key(&self, version: &[u8]) -> String {
+    /// The entry key for the values of the version keys, in order (a plain
+    /// key ignores them).
+    pub fn entry_key(&self, versions: &[&[u8]]) -> String {
         match self {
             Self::Plain(key) => key.clone(),
             Self::Versioned { prefix, suffix, .. } => {
-                format!("{prefix}{}{suffix}", String::from_utf8_lossy(version))
+                let mut key = String::with_capacity(prefix.len() + suffix.len() + 40);
+                key.push_str(prefix);
+                for (i, version) in versions.iter().enumerate() {
+                    if i > 0 {
+                        key.push('.');
+                    }
+                    key.push_str(&String::from_utf8_lossy(version));
+                }
+                key.push_str(suffix);
+                key
             }
+        }
+    }
+
+    /// The version keys (none for a plain key).
+    pub fn versions(&self) -> &[VersionKey] {
+        match self {
+            Self::Plain(_) => &[],
+            Self::Versioned { versions, .. } => versions,
         }
     }
 }
@@ -88,24 +137,74 @@ pub enum Observed {
 /// the write happens only if nothing changed in between.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lookup {
-    /// The version key, for a versioned key.
-    pub version: Option<Observed>,
-    /// The entry (absent when the version was missing).
-    pub entry: Observed,
+    versions: Vec<Observed>,
+    entry: Observed,
 }
 
-/// One request's invalidation, applied in one round trip.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+impl Lookup {
+    /// What a store saw: each version key of the [`CacheKey`] in order (none
+    /// for a plain key), then the entry. For store implementations.
+    pub fn new(versions: Vec<Observed>, entry: Observed) -> Self {
+        Self { versions, entry }
+    }
+
+    /// What each version key held.
+    pub fn versions(&self) -> &[Observed] {
+        &self.versions
+    }
+
+    /// What the entry key held (absent when a version was missing).
+    pub fn entry(&self) -> &Observed {
+        &self.entry
+    }
+
+    /// The version values, when every version key held one.
+    pub(crate) fn version_values(&self) -> Option<Vec<&[u8]>> {
+        self.versions
+            .iter()
+            .map(|v| match v {
+                Observed::Value(v) => Some(v.as_ref()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// One request's invalidation, applied in one round trip. Built by the
+/// crate only (from a [`Policy`](crate::Policy) rule or the
+/// [`CacheHandle`](crate::CacheHandle)), so every delete carries a
+/// tombstone unique to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invalidation {
-    /// Entry keys to delete (replaced by a tombstone).
-    pub deletes: Vec<String>,
-    /// Version keys to bump.
-    pub bumps: Vec<String>,
-    /// The tombstone written at each deleted key, unique to this call.
-    pub tombstone: Bytes,
+    deletes: Vec<String>,
+    bumps: Vec<VersionKey>,
+    tombstone: Bytes,
 }
 
 impl Invalidation {
+    pub(crate) fn new(deletes: Vec<String>, bumps: Vec<VersionKey>) -> Self {
+        Self {
+            deletes,
+            bumps,
+            tombstone: crate::entry::tombstone(),
+        }
+    }
+
+    /// Entry keys to delete (replaced by the tombstone).
+    pub fn deletes(&self) -> &[String] {
+        &self.deletes
+    }
+
+    /// Version keys to bump.
+    pub fn bumps(&self) -> &[VersionKey] {
+        &self.bumps
+    }
+
+    /// The tombstone written at each deleted key, unique to this invalidation.
+    pub fn tombstone(&self) -> &Bytes {
+        &self.tombstone
+    }
+
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
         self.deletes.is_empty() && self.bumps.is_empty()
@@ -182,6 +281,42 @@ pub trait Store: Send + Sync + 'static {
     /// in-process store is always healthy).
     fn health(&self) -> StoreHealth {
         StoreHealth::default()
+    }
+}
+
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+        (**self).lookup(key)
+    }
+
+    fn store(
+        &self,
+        key: &CacheKey,
+        seen: &Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> StoreFuture<bool> {
+        (**self).store(key, seen, value, ttl)
+    }
+
+    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+        (**self).invalidate(invalidation)
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        (**self).ping()
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        (**self).tombstone_ttl()
+    }
+
+    fn health(&self) -> StoreHealth {
+        (**self).health()
     }
 }
 

@@ -23,44 +23,69 @@ local function read(k)
 end
 ";
 
-/// KEYS[1] version key; ARGV entry prefix, suffix.
-/// Returns {version state, version, entry state, entry}.
+/// KEYS version keys; ARGV entry prefix, suffix. The entry key is the
+/// prefix, the versions joined by `.`, then the suffix.
+/// Returns {state, value} per version key, then {entry state, entry}.
 static LOOKUP_VERSIONED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{READ_FN}
-local vs, v = read(KEYS[1])
-if vs ~= 1 then return {{vs, '', 0, ''}} end
-local es, e = read(ARGV[1] .. v .. ARGV[2])
-return {{1, v, es, e}}"
+local out, parts, all = {{}}, {{}}, true
+for i = 1, #KEYS do
+  local s, v = read(KEYS[i])
+  out[#out + 1] = s
+  out[#out + 1] = v
+  if s == 1 then parts[i] = v else all = false end
+end
+local es, e = 0, ''
+if all then es, e = read(ARGV[1] .. table.concat(parts, '.') .. ARGV[2]) end
+out[#out + 1] = es
+out[#out + 1] = e
+return out"
     ))
 });
 
-/// KEYS[1] entry key (mode p) or version key (mode v).
-/// ARGV mode, seen state, seen value, value, ttl ms[, entry prefix, suffix].
-/// Writes only if the key still reads as seen; a versioned write to a
-/// missing version first creates it with the server time in microseconds.
+/// Plain: KEYS[1] entry key; ARGV 'p', value, ttl ms, seen state, seen value.
+/// Versioned: KEYS version keys; ARGV 'v', value, ttl ms, entry prefix,
+/// suffix, then per version key its seen state, seen value and ttl ms.
+/// Writes only if every key still reads as seen; a missing version is
+/// created with the server time in microseconds. Version keys are renewed so
+/// they outlive the entry.
 static STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{READ_FN}
-local s, cur = read(KEYS[1])
-if s ~= tonumber(ARGV[2]) or cur ~= ARGV[3] then return 0 end
 if ARGV[1] == 'p' then
-  redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[5])
+  local s, cur = read(KEYS[1])
+  if s ~= tonumber(ARGV[4]) or cur ~= ARGV[5] then return 0 end
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
-if s ~= 1 then
-  local t = redis.call('TIME')
-  cur = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', KEYS[1], cur)
+local parts, states = {{}}, {{}}
+for i = 1, #KEYS do
+  local s, cur = read(KEYS[i])
+  if s == 2 or s ~= tonumber(ARGV[3 + 3 * i]) or cur ~= ARGV[4 + 3 * i] then return 0 end
+  if s == 0 then
+    local t = redis.call('TIME')
+    cur = t[1] .. string.format('%06d', tonumber(t[2]))
+  end
+  parts[i], states[i] = cur, s
 end
-redis.call('SET', ARGV[6] .. cur .. ARGV[7], ARGV[4], 'PX', ARGV[5])
+for i = 1, #KEYS do
+  local ttl = tonumber(ARGV[5 + 3 * i])
+  if states[i] == 0 then
+    redis.call('SET', KEYS[i], parts[i], 'PX', ttl)
+  elseif redis.call('PTTL', KEYS[i]) < ttl then
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  end
+end
+redis.call('SET', ARGV[4] .. table.concat(parts, '.') .. ARGV[5], ARGV[2], 'PX', ARGV[3])
 return 1"
     ))
 });
 
-/// KEYS deletes then bumps; ARGV number of deletes, tombstone, tombstone ttl ms.
-/// A bump of a missing or unreadable version sets the server time in
-/// microseconds, above anything the lost counter reached.
+/// KEYS deletes then bumps; ARGV number of deletes, tombstone, tombstone ttl
+/// ms, then the ttl ms of each bumped key. A bump of a missing or unreadable
+/// version sets the server time in microseconds, above anything the lost
+/// counter reached; `INCR` keeps the key's TTL.
 static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -76,7 +101,7 @@ for i = deletes + 1, #KEYS do
     redis.call('INCR', k)
   else
     local t = redis.call('TIME')
-    redis.call('SET', k, t[1] .. string.format('%06d', tonumber(t[2])))
+    redis.call('SET', k, t[1] .. string.format('%06d', tonumber(t[2])), 'PX', ARGV[3 + i - deletes])
   end
 end
 return 1",
@@ -190,13 +215,19 @@ async fn apply<C: ConnectionLike>(
     tombstone_ttl: Duration,
 ) -> Result<(), StoreError> {
     let mut invocation = INVALIDATE.prepare_invoke();
-    for key in invalidation.deletes.iter().chain(&invalidation.bumps) {
+    for key in invalidation.deletes() {
         invocation.key(key);
     }
+    for bump in invalidation.bumps() {
+        invocation.key(bump.key());
+    }
     invocation
-        .arg(invalidation.deletes.len())
-        .arg(invalidation.tombstone.as_ref())
+        .arg(invalidation.deletes().len())
+        .arg(invalidation.tombstone().as_ref())
         .arg(millis(tombstone_ttl));
+    for bump in invalidation.bumps() {
+        invocation.arg(millis(bump.ttl()));
+    }
     let _: i64 = within(deadline, invocation.invoke_async(conn)).await?;
     Ok(())
 }
@@ -223,24 +254,35 @@ async fn lookup<C: ConnectionLike>(
                 Ok(Err(err)) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
                 Ok(Err(err)) => return Err(backend(err)),
             };
-            Ok(Lookup {
-                version: None,
-                entry,
-            })
+            Ok(Lookup::new(Vec::new(), entry))
         }
         CacheKey::Versioned {
-            version_key,
+            versions,
             prefix,
             suffix,
         } => {
             let mut invocation = LOOKUP_VERSIONED.prepare_invoke();
-            invocation.key(&version_key).arg(&prefix).arg(&suffix);
-            let (vs, v, es, e): (i64, Vec<u8>, i64, Vec<u8>) =
-                within(deadline, invocation.invoke_async(conn)).await?;
-            Ok(Lookup {
-                version: Some(observed(vs, v)),
-                entry: observed(es, e),
-            })
+            for version in &versions {
+                invocation.key(version.key());
+            }
+            invocation.arg(&prefix).arg(&suffix);
+            let reply: Vec<redis::Value> = within(deadline, invocation.invoke_async(conn)).await?;
+            let mut observed = reply.chunks(2).map(|pair| match pair {
+                [redis::Value::Int(state), value] => {
+                    let bytes = match value {
+                        redis::Value::BulkString(bytes) => bytes.clone(),
+                        _ => Vec::new(),
+                    };
+                    Ok(observed(*state, bytes))
+                }
+                _ => Err(StoreError::Backend("unexpected lookup reply".to_owned())),
+            });
+            let versions = observed
+                .by_ref()
+                .take(versions.len())
+                .collect::<Result<Vec<_>, _>>()?;
+            let entry = observed.next().unwrap_or(Ok(Observed::Absent))?;
+            Ok(Lookup::new(versions, entry))
         }
     }
 }
@@ -330,23 +372,23 @@ where
         let mut invocation = STORE.prepare_invoke();
         match key {
             CacheKey::Plain(key) => {
-                let (state, current) = seen_args(&seen.entry);
-                invocation.key(key).arg("p").arg(state).arg(current);
-                invocation.arg(value.as_ref()).arg(millis(ttl));
+                let (state, current) = seen_args(seen.entry());
+                invocation.key(key).arg("p").arg(value.as_ref()).arg(millis(ttl));
+                invocation.arg(state).arg(current);
             }
             CacheKey::Versioned {
-                version_key,
+                versions,
                 prefix,
                 suffix,
             } => {
-                let (state, current) =
-                    seen_args(seen.version.as_ref().unwrap_or(&Observed::Absent));
-                invocation.key(version_key).arg("v").arg(state).arg(current);
-                invocation
-                    .arg(value.as_ref())
-                    .arg(millis(ttl))
-                    .arg(prefix)
-                    .arg(suffix);
+                invocation.arg("v").arg(value.as_ref()).arg(millis(ttl));
+                invocation.arg(prefix).arg(suffix);
+                for (i, version) in versions.iter().enumerate() {
+                    let seen = seen.versions().get(i).unwrap_or(&Observed::WrongType);
+                    let (state, current) = seen_args(seen);
+                    invocation.key(version.key());
+                    invocation.arg(state).arg(current).arg(millis(version.ttl()));
+                }
             }
         }
         let admit = match self.guard.admit() {
