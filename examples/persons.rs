@@ -13,11 +13,18 @@
 //! `CACHE=on|off` (on), `CACHE_TTL_PERSON_SECONDS` (300),
 //! `CACHE_TTL_LIST_SECONDS` (60), `CACHE_NAMESPACE` (app),
 //! `CACHE_REDIS_TIMEOUT_MS` (100), `PERSONS_TOKENS` (`token=tenant,…`; demo
-//! tokens when unset), `PERSONS_DB` (a SQLite file; in memory when unset),
-//! `PERSONS_SEED` (sample persons per tenant, 2000).
+//! tokens when unset), `PERSONS_ADMIN_TOKEN` (the admin endpoints' bearer
+//! token; generated and printed when unset), `PERSONS_DB` (a SQLite file; in
+//! memory when unset), `PERSONS_SEED` (sample persons per tenant, 2000).
+//!
+//! Admin endpoints (`Authorization: Bearer <admin token>`, JSON bodies):
+//! `POST /cache/invalidate` `{"group":"persons:list","tenant":"acme"}`
+//! (tenant optional: every tenant), `POST /cache/purge`
+//! `{"path":"/persons/1","tenant":"acme"}`, `POST /cache/warm`
+//! `{"paths":["/persons/1","/persons?limit=5"],"tenant":"acme"}`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
@@ -30,10 +37,8 @@ use axum::{Extension, Json, Router};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tower_redis_cache::store::{MemoryStore, RedisStore, Store};
-use tower_redis_cache::{
-    CacheLayer, CacheStats, InvalidateLayer, Policy, Route, Rule, Rules, Scope,
-};
+use tower_redis_cache::store::RedisStore;
+use tower_redis_cache::{CacheHandle, CacheLayer, HandleError, Policy, Route, Rule, Scope};
 
 /// The tenant a bearer token belongs to, set by the auth middleware.
 #[derive(Clone, Debug)]
@@ -43,7 +48,10 @@ struct Tenant(String);
 struct App {
     db: Arc<Mutex<Connection>>,
     tokens: Arc<HashMap<String, String>>,
-    cache: Option<(Arc<dyn Store>, CacheStats)>,
+    admin_token: Arc<str>,
+    cache: Option<CacheHandle>,
+    /// The cached routes without authentication, for warming the cache.
+    warm_target: Arc<OnceLock<Router>>,
 }
 
 /// A 4xx/5xx with a JSON body.
@@ -94,9 +102,15 @@ fn env_u64(name: &str, default: u64) -> u64 {
     })
 }
 
+/// A positive id in its one canonical spelling (`061` and `+61` are
+/// refused), so one row has one URL and one cache key.
 fn id(raw: &str) -> ApiResult<i64> {
-    raw.parse()
-        .map_err(|_| bad_request(format!("`{raw}` is not a valid id")))
+    match raw.parse::<i64>() {
+        Ok(id) if id > 0 && id.to_string() == raw => Ok(id),
+        _ => Err(bad_request(format!(
+            "`{raw}` is not a valid id: use a positive whole number without sign or leading zeros"
+        ))),
+    }
 }
 
 // ---------------------------------------------------------------- database
@@ -456,30 +470,32 @@ async fn health() -> Json<Value> {
 }
 
 async fn cache_health(State(app): State<App>) -> Json<Value> {
-    let Some((store, _)) = &app.cache else {
+    let Some(handle) = &app.cache else {
         return Json(json!({"cache": "off"}));
     };
-    let reachable = store.ping().await.is_ok();
-    let state = if reachable { "ok" } else { "down" };
-    let health = store.health();
+    let health = handle.health().await;
     let mut body = json!({
         "cache": "on",
-        "store": store.name(),
-        "circuit": health.circuit.as_str(),
-        "pending_invalidations": health.pending_invalidations,
+        "store": health.store,
+        "circuit": health.details.circuit.as_str(),
+        "pending_invalidations": health.details.pending_invalidations,
     });
-    body["redis"] = json!(if store.name() == "redis" {
-        state
-    } else {
-        "not-configured"
+    body["redis"] = json!(match (health.store, health.reachable) {
+        ("redis", true) => "ok",
+        ("redis", false) => "down",
+        _ => "not-configured",
     });
+    if let Some(error) = health.error {
+        body["error"] = json!(error);
+    }
     Json(body)
 }
 
 async fn cache_stats(State(app): State<App>) -> Json<Value> {
-    let Some((_, stats)) = &app.cache else {
+    let Some(handle) = &app.cache else {
         return Json(json!({"cache": "off"}));
     };
+    let stats = handle.stats();
     let routes: Vec<Value> = stats
         .snapshot()
         .into_iter()
@@ -497,7 +513,144 @@ async fn cache_stats(State(app): State<App>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({"cache": "on", "routes": routes}))
+    let inv = stats.invalidations();
+    Json(json!({
+        "cache": "on",
+        "routes": routes,
+        "invalidations": {
+            "applied": inv.applied, "failed": inv.failed,
+            "skipped": inv.skipped, "unscoped": inv.unscoped,
+        },
+    }))
+}
+
+// ---------------------------------------------------------------- admin
+
+#[derive(Deserialize)]
+struct InvalidateBody {
+    group: String,
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PurgeBody {
+    path: String,
+    tenant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WarmBody {
+    paths: Vec<String>,
+    tenant: Option<String>,
+}
+
+/// A GET of `path` as `tenant` would send it once authenticated.
+fn tenant_request(path: &str, tenant: Option<&str>) -> ApiResult<Request> {
+    let mut request = Request::get(path)
+        .body(axum::body::Body::empty())
+        .map_err(|_| bad_request(format!("`{path}` is not a valid path")))?;
+    if !path.starts_with('/') {
+        return Err(bad_request(format!("`{path}` must start with `/`")));
+    }
+    if let Some(tenant) = tenant {
+        request.extensions_mut().insert(Tenant(tenant.to_owned()));
+    }
+    Ok(request)
+}
+
+fn cache_on(app: &App) -> ApiResult<&CacheHandle> {
+    app.cache
+        .as_ref()
+        .ok_or_else(|| ApiError(StatusCode::CONFLICT, "the cache is off (CACHE=off)".into()))
+}
+
+fn handle_error(err: HandleError) -> ApiError {
+    match err {
+        HandleError::Store(err) => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the cache store failed: {err}"),
+        ),
+        HandleError::ScopeMissing | HandleError::NotCached => bad_request(format!(
+            "{err}; cached routes are per tenant: give `tenant` and a cached path"
+        )),
+        other => bad_request(other.to_string()),
+    }
+}
+
+/// `POST /cache/invalidate`: bumps a group, for one tenant or all.
+async fn admin_invalidate(
+    State(app): State<App>,
+    body: Result<Json<InvalidateBody>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Json(body) = body?;
+    let handle = cache_on(&app)?;
+    let bumped = match &body.tenant {
+        Some(tenant) => {
+            let request = tenant_request("/", Some(tenant))?;
+            handle.bump_for(&body.group, &request).await
+        }
+        None => handle.bump(&body.group).await,
+    }
+    .map_err(handle_error)?;
+    Ok(Json(json!({
+        "bumped": bumped, "group": body.group,
+        "tenant": body.tenant.as_deref().unwrap_or("*"),
+    })))
+}
+
+/// `POST /cache/purge`: purges the entry a GET of `path` would hit.
+async fn admin_purge(
+    State(app): State<App>,
+    body: Result<Json<PurgeBody>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Json(body) = body?;
+    let handle = cache_on(&app)?;
+    let request = tenant_request(&body.path, body.tenant.as_deref())?;
+    let purged = handle.purge(&request).await.map_err(handle_error)?;
+    Ok(Json(json!({"purged": purged, "path": body.path})))
+}
+
+/// `POST /cache/warm`: fills the entries of `paths`, through the cached
+/// routes, as `tenant`.
+async fn admin_warm(
+    State(app): State<App>,
+    body: Result<Json<WarmBody>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Json(body) = body?;
+    let handle = cache_on(&app)?;
+    let Some(tenant) = body.tenant.as_deref() else {
+        return Err(bad_request("`tenant` is required: cached routes are per tenant"));
+    };
+    if body.paths.len() > 1000 {
+        return Err(bad_request("at most 1000 paths per call"));
+    }
+    let requests = body
+        .paths
+        .iter()
+        .map(|path| tenant_request(path, Some(tenant)))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let Some(target) = app.warm_target.get().cloned() else {
+        return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "starting up".into()));
+    };
+    let report = handle.warm(target, requests).await;
+    Ok(Json(json!({
+        "requested": body.paths.len(), "stored": report.stored,
+        "already_cached": report.already_cached, "not_stored": report.not_stored,
+        "failed": report.failed,
+    })))
+}
+
+/// Admin endpoints need `Authorization: Bearer <admin token>`.
+async fn require_admin(State(app): State<App>, request: Request, next: Next) -> Response {
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given != Some(&*app.admin_token) {
+        return ApiError(StatusCode::UNAUTHORIZED, "admin token required".into()).into_response();
+    }
+    next.run(request).await
 }
 
 /// `Authorization: Bearer <token>` → the token's tenant; anything else is a 401.
@@ -526,13 +679,20 @@ fn tenant_scope() -> Scope {
     Scope::new().extension(|ext| ext.get::<Tenant>().map(|t| t.0.clone()))
 }
 
-fn cache_layers(
+/// The whole cache configuration: tenant-scoped items and per-tenant list
+/// groups, and what each write invalidates.
+fn cache_policy(
     namespace: &str,
     person_ttl: u64,
     list_ttl: u64,
-    store: Arc<dyn Store>,
-) -> (CacheLayer, InvalidateLayer) {
-    let policy = Policy::builder()
+    redis: Option<RedisStore>,
+) -> Result<Policy, tower_redis_cache::ConfigError> {
+    let item_and_lists = |route: &str| {
+        Rule::new(route)
+            .purge("GET /persons/{id}")
+            .bump("persons:list")
+    };
+    let mut policy = Policy::builder()
         .namespace(namespace)
         .route(
             Route::get("/persons/{id}")
@@ -544,34 +704,35 @@ fn cache_layers(
             Route::get("/persons")
                 .key("persons:list:v{version}:{query_hash}")
                 .versioned_by("persons:list")
+                .per_scope()
                 .query_allowlist(["limit", "skip", "name", "email", "sort"])
                 .ttl(Duration::from_secs(list_ttl))
                 .scope(tenant_scope()),
         )
-        .build()
-        .expect("the persons policy is valid");
-    let item_and_lists = |route: &str| {
-        Rule::new(route)
-            .delete("person:{id}")
-            .bump("persons:list")
-            .scope(tenant_scope())
-    };
-    let rules = Rules::builder()
-        .namespace(namespace)
-        .rule(Rule::new("POST /persons").bump("persons:list"))
-        .rule(item_and_lists("PATCH|DELETE /persons/{id}"))
-        .rule(item_and_lists("POST /persons/{id}/addresses"))
-        .rule(item_and_lists(
-            "DELETE /persons/{id}/addresses/{address_id}",
-        ))
-        .rule(item_and_lists("POST /persons/{id}/phones"))
-        .rule(item_and_lists("DELETE /persons/{id}/phones/{phone_id}"))
-        .build()
-        .expect("the persons rules are valid");
-    (
-        CacheLayer::with_shared_store(policy, store.clone()),
-        InvalidateLayer::with_shared_store(rules, store),
-    )
+        .on(Rule::new("POST /persons").bump("persons:list"))
+        .on(item_and_lists("PATCH|DELETE /persons/{id}"))
+        .on(item_and_lists("POST /persons/{id}/addresses"))
+        .on(item_and_lists("DELETE /persons/{id}/addresses/{address_id}"))
+        .on(item_and_lists("POST /persons/{id}/phones"))
+        .on(item_and_lists("DELETE /persons/{id}/phones/{phone_id}"));
+    if let Some(redis) = redis {
+        policy = policy.store(redis);
+    }
+    policy.build()
+}
+
+/// A token for the admin endpoints when none is configured.
+fn generated_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    let second = std::collections::hash_map::RandomState::new().hash_one(hasher.finish());
+    format!("admin-{:016x}{second:016x}", hasher.finish())
 }
 
 fn parse_tokens(raw: &str) -> HashMap<String, String> {
@@ -604,27 +765,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let db = open_db(db_path.as_deref(), env_u64("PERSONS_SEED", 2000), &tenants)?;
 
     let cache_on = !env("CACHE", "on").eq_ignore_ascii_case("off");
-    let store: Arc<dyn Store> =
-        match std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) {
-            Some(url) => Arc::new(RedisStore::open(&url)?.deadline(Duration::from_millis(
-                env_u64("CACHE_REDIS_TIMEOUT_MS", 100),
-            ))),
-            None => Arc::new(MemoryStore::new()),
-        };
-    let layers = cache_on.then(|| {
-        cache_layers(
+    let redis = match std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) {
+        Some(url) => Some(RedisStore::open(&url)?.deadline(Duration::from_millis(
+            env_u64("CACHE_REDIS_TIMEOUT_MS", 100),
+        ))),
+        None => None,
+    };
+    let store_name = if redis.is_some() { "redis" } else { "memory" };
+    let policy = match cache_on {
+        true => Some(cache_policy(
             &env("CACHE_NAMESPACE", "app"),
             env_u64("CACHE_TTL_PERSON_SECONDS", 300),
             env_u64("CACHE_TTL_LIST_SECONDS", 60),
-            store.clone(),
-        )
-    });
+            redis,
+        )?),
+        false => None,
+    };
+    let (admin_token, admin_generated) = match std::env::var("PERSONS_ADMIN_TOKEN") {
+        Ok(token) if !token.is_empty() => (token, false),
+        _ => (generated_token(), true),
+    };
     let app = App {
         db: Arc::new(Mutex::new(db)),
         tokens: Arc::new(tokens.clone()),
-        cache: layers
-            .as_ref()
-            .map(|(cache, _)| (store.clone(), cache.stats())),
+        admin_token: admin_token.clone().into(),
+        cache: policy.as_ref().map(Policy::handle),
+        warm_target: Arc::default(),
     };
 
     let mut persons = Router::new()
@@ -640,11 +806,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .route("/persons/{id}/phones", post(add_phone))
         .route("/persons/{id}/phones/{phone_id}", delete(delete_phone));
-    if let Some((cache, invalidate)) = layers {
-        persons = persons.layer(cache).layer(invalidate);
+    // The cache goes inside authentication: `.layer(cache)` before
+    // `.layer(auth)`, so every request, hit or miss, is authenticated first
+    // and carries its tenant.
+    if let Some(policy) = &policy {
+        persons = persons.layer(CacheLayer::new(policy.clone()));
     }
+    let _ = app
+        .warm_target
+        .set(persons.clone().with_state(app.clone()));
+    let admin = Router::new()
+        .route("/cache/invalidate", post(admin_invalidate))
+        .route("/cache/purge", post(admin_purge))
+        .route("/cache/warm", post(admin_warm))
+        .layer(middleware::from_fn_with_state(app.clone(), require_admin));
     let router = persons
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
+        .merge(admin)
         .route("/health", get(health))
         .route("/cache/health", get(cache_health))
         .route("/cache/stats", get(cache_stats))
@@ -653,15 +831,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("persons API on http://{}", listener.local_addr()?);
     println!(
-        "cache: {}, store: {}",
-        if cache_on { "on" } else { "off" },
-        store.name()
+        "cache: {}, store: {store_name}",
+        if cache_on { "on" } else { "off" }
     );
-    for (token, tenant) in &tokens {
+    let per_tenant = env_u64("PERSONS_SEED", 2000);
+    let mut tenant_list: Vec<_> = tokens.iter().collect();
+    tenant_list.sort_by(|a, b| a.1.cmp(b.1));
+    for (token, tenant) in tenant_list {
+        // Ids are assigned tenant by tenant, in name order, on a fresh database.
+        let first = tenants.iter().position(|t| t == tenant).unwrap_or(0) as u64 * per_tenant + 1;
         println!(
-            "  curl -H 'Authorization: Bearer {token}' http://{addr}/persons/1   # tenant {tenant}"
+            "  curl -H 'Authorization: Bearer {token}' http://{addr}/persons/{first}   # tenant {tenant}"
         );
     }
+    if admin_generated {
+        println!("admin token (set PERSONS_ADMIN_TOKEN to choose one): {admin_token}");
+    }
+    println!(
+        "  curl -X POST -H 'Authorization: Bearer {admin_token}' -H 'content-type: application/json' -d '{{\"group\":\"persons:list\"}}' http://{addr}/cache/invalidate"
+    );
     axum::serve(listener, router).await?;
     Ok(())
 }

@@ -2,14 +2,15 @@
 //! entries, read stats and health. Made from the [`Policy`], so it uses the
 //! same store and key layout as the layers.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
+use std::sync::Arc;
 
 use http::{Request, Response};
 use tower_service::Service;
 
 use crate::policy::{Decision, Policy};
 use crate::stats::CacheStats;
-use crate::store::{CacheKey, Invalidation, StoreError, StoreHealth};
+use crate::store::{CacheKey, Invalidation, Store, StoreError, StoreHealth, VersionKey};
 
 /// Operator actions on a policy's cache, for admin endpoints and jobs.
 ///
@@ -105,26 +106,34 @@ impl CacheHandle {
 
     /// Purges the entry `request` would be served from, in the request's
     /// scope; returns its key. Any request of a cached route works (the
-    /// request is never sent anywhere).
-    pub async fn purge<B>(&self, request: &Request<B>) -> Result<String, HandleError> {
-        let Decision::Cache { key, .. } = self.policy.decide(request) else {
-            return Err(HandleError::NotCached);
-        };
-        let store = self.policy.store();
-        let entry_key = match &key {
-            CacheKey::Plain(key) => key.clone(),
-            versioned => {
-                let seen = store.lookup(versioned).await?;
-                match seen.version_values() {
-                    Some(versions) => versioned.entry_key(&versions),
-                    // No version: nothing can be cached under it.
-                    None => return Ok(versioned.entry_key(&[b"?"])),
+    /// request is never sent anywhere). The request is read before the
+    /// returned future starts, so a body that is not `Sync` still gives a
+    /// `Send` future.
+    pub fn purge<B>(
+        &self,
+        request: &Request<B>,
+    ) -> impl Future<Output = Result<String, HandleError>> + Send + 'static {
+        let decision = self.policy.decide(request);
+        let store = self.policy.store().clone();
+        async move {
+            let Decision::Cache { key, .. } = decision else {
+                return Err(HandleError::NotCached);
+            };
+            let entry_key = match &key {
+                CacheKey::Plain(key) => key.clone(),
+                versioned => {
+                    let seen = store.lookup(versioned).await?;
+                    match seen.version_values() {
+                        Some(versions) => versioned.entry_key(&versions),
+                        // No version: nothing can be cached under it.
+                        None => return Ok(versioned.entry_key(&[b"?"])),
+                    }
                 }
-            }
-        };
-        let invalidation = Invalidation::new(vec![entry_key.clone()], Vec::new());
-        store.invalidate(&invalidation).await?;
-        Ok(entry_key)
+            };
+            let invalidation = Invalidation::new(vec![entry_key.clone()], Vec::new());
+            store.invalidate(&invalidation).await?;
+            Ok(entry_key)
+        }
     }
 
     /// Bumps `group` for every scope at once; returns the version key.
@@ -133,28 +142,27 @@ impl CacheHandle {
             .policy
             .group_bump::<()>(group, None)
             .ok_or_else(|| HandleError::UnknownGroup(group.to_owned()))?;
-        self.apply_bump(version).await
+        apply_bump(self.policy.store().clone(), version).await
     }
 
     /// Bumps `group` for the scope `request` carries only (a tenant's
-    /// lists), when the group is versioned per scope; for every scope
-    /// otherwise. Returns the version key.
-    pub async fn bump_for<B>(&self, group: &str, request: &Request<B>) -> Result<String, HandleError> {
-        if !self.policy.group_names().any(|(name, _)| name == group) {
-            return Err(HandleError::UnknownGroup(group.to_owned()));
-        }
-        let version = self
-            .policy
-            .group_bump(group, Some(request))
-            .ok_or(HandleError::ScopeMissing)?;
-        self.apply_bump(version).await
-    }
-
-    async fn apply_bump(&self, version: crate::store::VersionKey) -> Result<String, HandleError> {
-        let key = version.key().to_owned();
-        let invalidation = Invalidation::new(Vec::new(), vec![version]);
-        self.policy.store().invalidate(&invalidation).await?;
-        Ok(key)
+    /// lists) when the group is versioned per scope, for every scope
+    /// otherwise; returns the version key. As with [`CacheHandle::purge`],
+    /// the request is read before the future starts.
+    pub fn bump_for<B>(
+        &self,
+        group: &str,
+        request: &Request<B>,
+    ) -> impl Future<Output = Result<String, HandleError>> + Send + 'static {
+        let version = match self.policy.group_names().any(|(name, _)| name == group) {
+            false => Err(HandleError::UnknownGroup(group.to_owned())),
+            true => self
+                .policy
+                .group_bump(group, Some(request))
+                .ok_or(HandleError::ScopeMissing),
+        };
+        let store = self.policy.store().clone();
+        async move { apply_bump(store, version?).await }
     }
 
     /// Sends each request through `service` (a stack with a
@@ -216,4 +224,11 @@ impl CacheHandle {
             .map(|(name, per_scope)| (name.to_owned(), per_scope))
             .collect()
     }
+}
+
+async fn apply_bump(store: Arc<dyn Store>, version: VersionKey) -> Result<String, HandleError> {
+    let key = version.key().to_owned();
+    let invalidation = Invalidation::new(Vec::new(), vec![version]);
+    store.invalidate(&invalidation).await?;
+    Ok(key)
 }

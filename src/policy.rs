@@ -851,16 +851,162 @@ mod tests {
     #[test]
     fn list_keys_are_versioned() {
         let Some(CacheKey::Versioned {
-            version_key,
+            versions,
             prefix,
             suffix,
         }) = key_of(&policy(), get("/persons?limit=5"))
         else {
             panic!("expected a versioned key");
         };
-        assert_eq!(version_key, "app:persons:list:ver");
+        assert_eq!(versions.len(), 1);
+        assert_eq!(versions[0].key(), "app:persons:list:ver");
+        assert_eq!(versions[0].ttl(), Duration::from_secs(60));
         assert_eq!(prefix, "app:persons:list:v");
         assert!(suffix.starts_with(':') && suffix.len() == 33, "{suffix}");
+    }
+
+    fn tenant() -> Scope {
+        Scope::new().header("x-tenant-id")
+    }
+
+    fn tenant_policy() -> Policy {
+        Policy::builder()
+            .route(Route::get("/persons/{id}").key("person:{id}").scope(tenant()))
+            .route(
+                Route::get("/persons")
+                    .key("persons:list:v{version}:{query_hash}")
+                    .versioned_by("persons:list")
+                    .per_scope()
+                    .ttl(Duration::from_secs(30))
+                    .stale_while_revalidate(Duration::from_secs(15))
+                    .scope(tenant()),
+            )
+            .on(Rule::new("POST /persons").bump("persons:list"))
+            .on(Rule::new("PATCH|DELETE /persons/{id}")
+                .purge("GET /persons/{id}")
+                .bump("persons:list"))
+            .build()
+            .unwrap()
+    }
+
+    fn as_tenant(method: &str, uri: &str, tenant: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("x-tenant-id", tenant)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn rules_take_namespace_scope_and_layout_from_the_routes() {
+        let p = tenant_policy();
+        let read = key_of(&p, as_tenant("GET", "/persons/42", "acme")).unwrap();
+        let write = p
+            .invalidation(&as_tenant("PATCH", "/persons/42", "acme"))
+            .unwrap();
+        assert_eq!(write.deletes(), [read.entry_key(&[])]);
+        let CacheKey::Versioned { versions, .. } =
+            key_of(&p, as_tenant("GET", "/persons", "acme")).unwrap()
+        else {
+            panic!("versioned");
+        };
+        // A tenant's write bumps that tenant's lists only.
+        assert_eq!(write.bumps(), &versions[1..]);
+        assert!(versions[1].key().starts_with("app:persons:list:ver:scope="));
+        assert_eq!(versions[0].key(), "app:persons:list:ver");
+        assert_eq!(versions[1].ttl(), Duration::from_secs(45), "TTL + stale window");
+        let other = p
+            .invalidation(&as_tenant("POST", "/persons", "globex"))
+            .unwrap();
+        assert_ne!(other.bumps(), write.bumps());
+        assert!(p.invalidation(&get("/persons/42")).is_none());
+    }
+
+    #[test]
+    fn a_write_without_scope_bumps_every_scope_and_purges_nothing() {
+        let p = tenant_policy();
+        let write = p
+            .invalidation(&Request::patch("/persons/42").body(()).unwrap())
+            .unwrap();
+        assert!(write.deletes().is_empty());
+        assert_eq!(write.bumps()[0].key(), "app:persons:list:ver");
+        assert_eq!(p.stats().invalidations().unscoped, 1);
+    }
+
+    #[test]
+    fn a_scope_that_reads_nothing_bypasses() {
+        assert!(matches!(
+            tenant_policy().decide(&get("/persons/1")),
+            Decision::Bypass {
+                reason: Reason::ScopeMissing,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn percent_encoded_spellings_of_one_param_share_a_key() {
+        let p = policy();
+        let key = key_of(&p, get("/persons/61"));
+        assert_eq!(key_of(&p, get("/persons/%36%31")), key);
+        assert_eq!(key_of(&p, get("/persons/6%31")), key);
+        assert_ne!(key_of(&p, get("/persons/6%2531")), key);
+    }
+
+    #[test]
+    fn bad_rules_are_config_errors() {
+        let build = |rule: Rule| {
+            Policy::builder()
+                .route(Route::get("/p/{id}").key("p:{id}"))
+                .route(Route::get("/q").key("q:{query_hash}"))
+                .route(Route::get("/l").key("l:v{version}").versioned_by("l"))
+                .on(rule)
+                .build()
+                .unwrap_err()
+        };
+        assert!(matches!(build(Rule::new("POST /p")), ConfigError::InvalidRule { .. }));
+        assert!(matches!(build(Rule::new("GET /p").bump("l")), ConfigError::InvalidRule { .. }));
+        assert!(matches!(build(Rule::new("/p").bump("l")), ConfigError::InvalidRule { .. }));
+        assert!(matches!(
+            build(Rule::new("POST /p/{x}").purge("GET /persn/{id}")),
+            ConfigError::UnknownRoute { .. }
+        ));
+        assert!(matches!(
+            build(Rule::new("POST /p/{x}").purge("GET /p/{id}")),
+            ConfigError::UnboundParam { .. }
+        ));
+        assert!(matches!(
+            build(Rule::new("POST /p/{id}").bump("nope")),
+            ConfigError::UnknownGroup { .. }
+        ));
+        assert!(matches!(
+            build(Rule::new("POST /p/{id}").purge("/q")),
+            ConfigError::InvalidRule { .. }
+        ));
+        let dup = Policy::builder()
+            .route(Route::get("/l").key("l:v{version}").versioned_by("l"))
+            .on(Rule::new("POST /p").bump("l"))
+            .on(Rule::new("POST|PUT /p").bump("l"))
+            .build()
+            .unwrap_err();
+        assert!(matches!(dup, ConfigError::DuplicateRoute { .. }));
+    }
+
+    #[test]
+    fn per_scope_groups_need_one_scope() {
+        let other_tenant = || Scope::new().header("x-org");
+        let err = Policy::builder()
+            .route(Route::get("/a").key("a:v{version}").versioned_by("g").per_scope().scope(tenant()))
+            .route(Route::get("/b").key("b:v{version}").versioned_by("g").per_scope().scope(other_tenant()))
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::GroupScope { .. }), "{err}");
+        let err = Policy::builder()
+            .route(Route::get("/a").key("a:v{version}").versioned_by("g").per_scope())
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::GroupScope { .. }), "{err}");
     }
 
     #[test]
@@ -1076,6 +1222,17 @@ mod hostile_input {
                 }
                 builder.body(()).unwrap()
             };
+            // A scope part that reads nothing never shares an entry.
+            for side in [&a, &b] {
+                if side.1.is_none() {
+                    let bypassed = matches!(
+                        policy().decide(&request(side)),
+                        Decision::Bypass { reason: Reason::ScopeMissing, .. }
+                    );
+                    prop_assert!(bypassed);
+                }
+            }
+            prop_assume!(a.1.is_some() && b.1.is_some());
             let (ka, kb) = (key_of(request(&a)), key_of(request(&b)));
             prop_assert_eq!(a == b, ka == kb);
         }

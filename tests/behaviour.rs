@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use common::{app, get_req, method_req, send, Backend, Db, CAP};
-use tower_redis_cache::store::{CacheKey, Lookup, Observed};
+use tower_redis_cache::store::{CacheKey, Observed};
 use tower_redis_cache::Reason;
 
 backend_tests!(
@@ -36,7 +36,7 @@ backend_tests!(
 async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
     let db = Db::default();
     db.set("1", 7);
-    let (app, cache, _) = app(backend.store, db.clone());
+    let (app, cache) = app(backend.store, db.clone());
     let first = send(&app, get_req("/persons/1")).await;
     let second = send(&app, get_req("/persons/1")).await;
     assert_eq!(
@@ -59,7 +59,7 @@ async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
 async fn entries_expire_after_their_ttl(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     assert_eq!(send(&app, get_req("/short/1")).await.1, "MISS");
     assert_eq!(send(&app, get_req("/short/1")).await.1, "HIT");
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -72,7 +72,7 @@ async fn keys_differ_across_params_query_and_scope(backend: Backend) {
     for id in ["1", "2", "1:x", "*"] {
         db.set(id, 1);
     }
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     for uri in [
         "/persons/1",
         "/persons/2",
@@ -100,7 +100,7 @@ async fn keys_differ_across_params_query_and_scope(backend: Backend) {
 
 async fn equivalent_queries_share_an_entry(backend: Backend) {
     let db = Db::default();
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     assert_eq!(send(&app, get_req("/persons?b=2&a=1")).await.1, "MISS");
     assert_eq!(send(&app, get_req("/persons?a=1&b=2&c=")).await.1, "HIT");
     assert_eq!(send(&app, get_req("/persons?a=1&b=3")).await.1, "MISS");
@@ -109,7 +109,7 @@ async fn equivalent_queries_share_an_entry(backend: Backend) {
 
 async fn uncacheable_responses_are_never_stored(backend: Backend) {
     let db = Db::default();
-    let (app, cache, _) = app(backend.store, db.clone());
+    let (app, cache) = app(backend.store, db.clone());
     let cases = [
         ("html", StatusCode::OK, Reason::NotJson),
         ("created", StatusCode::CREATED, Reason::Status),
@@ -143,7 +143,7 @@ async fn uncacheable_responses_are_never_stored(backend: Backend) {
 async fn head_is_served_from_the_get_entry(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     // A HEAD miss has no body to store.
     assert_eq!(send(&app, method_req("HEAD", "/persons/1")).await.1, "MISS");
     let (_, x_cache, body) = send(&app, get_req("/persons/1")).await;
@@ -165,7 +165,7 @@ async fn head_is_served_from_the_get_entry(backend: Backend) {
 
 async fn large_streamed_body_passes_through_unstored(backend: Backend) {
     let db = Db::default();
-    let (app, cache, _) = app(backend.store, db.clone());
+    let (app, cache) = app(backend.store, db.clone());
     for _ in 0..2 {
         let (status, x_cache, body) = send(&app, get_req("/shape/big")).await;
         assert_eq!((status, x_cache.as_str()), (StatusCode::OK, "MISS"));
@@ -184,11 +184,9 @@ async fn garbage_entry_is_a_miss_and_is_overwritten(backend: Backend) {
     let db = Db::default();
     db.set("1", 3);
     let key = CacheKey::Plain("app:person:1".into());
-    let absent = Lookup {
-        version: None,
-        entry: Observed::Absent,
-    };
     for garbage in [&b"not an entry"[..], b"\x01\x00", b"\x09future format"] {
+        let absent = backend.store.lookup(&key).await.unwrap();
+        assert_eq!(*absent.entry(), Observed::Absent);
         let written = backend
             .store
             .store(
@@ -199,7 +197,7 @@ async fn garbage_entry_is_a_miss_and_is_overwritten(backend: Backend) {
             )
             .await;
         assert_eq!(written, Ok(true));
-        let (app, _, _) = app(backend.store.clone(), db.clone());
+        let (app, _) = app(backend.store.clone(), db.clone());
         let first = send(&app, get_req("/persons/1")).await;
         assert_eq!(
             first,
@@ -210,10 +208,7 @@ async fn garbage_entry_is_a_miss_and_is_overwritten(backend: Backend) {
             )
         );
         assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
-        let stale = Lookup {
-            version: None,
-            entry: backend.store.lookup(&key).await.unwrap().entry,
-        };
+        let stale = backend.store.lookup(&key).await.unwrap();
         // Reset the key to garbage for the next round, over the stored entry.
         backend
             .store
@@ -232,7 +227,7 @@ async fn garbage_entry_is_a_miss_and_is_overwritten(backend: Backend) {
 async fn credentials_without_scope_bypass_the_cache(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     let with = |uri: &str, name: &str| {
         axum::http::Request::get(uri)
             .header(name, "secret")
@@ -257,7 +252,7 @@ async fn credentials_without_scope_bypass_the_cache(backend: Backend) {
 
 async fn tenants_never_see_each_others_entries(backend: Backend) {
     let db = Db::default();
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     let as_tenant = |tenant: &str| {
         axum::http::Request::get("/tenant/1")
             .header("x-tenant-id", tenant)
@@ -278,7 +273,7 @@ async fn a_write_invalidates_the_item_and_every_list(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
     db.set("2", 1);
-    let (app, _, invalidate) = app(backend.store, db.clone());
+    let (app, invalidate) = app(backend.store, db.clone());
     for uri in [
         "/persons/1",
         "/persons/2",
@@ -292,7 +287,7 @@ async fn a_write_invalidates_the_item_and_every_list(backend: Backend) {
         send(&app, method_req("PATCH", "/persons/1")).await.0,
         StatusCode::OK
     );
-    assert_eq!(invalidate.stats().applied, 1);
+    assert_eq!(invalidate.stats().invalidations().applied, 1);
     let (_, x_cache, body) = send(&app, get_req("/persons/1")).await;
     assert_eq!(
         (x_cache.as_str(), body.as_str()),
@@ -320,7 +315,7 @@ async fn a_write_invalidates_the_item_and_every_list(backend: Backend) {
 async fn a_failed_write_invalidates_nothing(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let (app, _, invalidate) = app(backend.store, db.clone());
+    let (app, invalidate) = app(backend.store, db.clone());
     send(&app, get_req("/persons/1")).await;
     send(&app, get_req("/persons")).await;
     let (status, _, _) = send(&app, method_req("PATCH", "/persons/1?fail=1")).await;
@@ -328,7 +323,7 @@ async fn a_failed_write_invalidates_nothing(backend: Backend) {
     assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
     assert_eq!(send(&app, get_req("/persons")).await.1, "HIT");
     assert_eq!(
-        (invalidate.stats().applied, invalidate.stats().skipped),
+        (invalidate.stats().invalidations().applied, invalidate.stats().invalidations().skipped),
         (0, 1)
     );
 }
@@ -336,7 +331,7 @@ async fn a_failed_write_invalidates_nothing(backend: Backend) {
 async fn a_lost_version_key_never_brings_old_lists_back(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let (app, _, _) = app(backend.store.clone(), db.clone());
+    let (app, _) = app(backend.store.clone(), db.clone());
     // Lists cached at the first version, then a write bumps it.
     assert_eq!(send(&app, get_req("/persons")).await.1, "MISS");
     assert_eq!(
@@ -392,7 +387,7 @@ async fn concurrent_cold_misses_call_the_handler_once(backend: Backend) {
     db.set("1", 1);
     db.read_delay_us
         .store(200_000, std::sync::atomic::Ordering::Relaxed);
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     let statuses = concurrently(&app, "/persons/1", 200).await;
     assert_eq!(
         db.calls(),
@@ -411,7 +406,7 @@ async fn concurrent_uncacheable_requests_all_reach_the_handler(backend: Backend)
     let db = Db::default();
     db.read_delay_us
         .store(100_000, std::sync::atomic::Ordering::Relaxed);
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     concurrently(&app, "/shape/html", 50).await;
     assert_eq!(db.calls(), 50);
     concurrently(&app, "/persons/404", 50).await;
@@ -421,7 +416,7 @@ async fn concurrent_uncacheable_requests_all_reach_the_handler(backend: Backend)
 async fn etags_and_conditional_gets(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     let miss = tower::ServiceExt::oneshot(app.clone(), get_req("/persons/1"))
         .await
         .unwrap();
@@ -475,7 +470,7 @@ async fn etags_and_conditional_gets(backend: Backend) {
 async fn stale_entries_are_served_while_one_refresh_runs(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     assert_eq!(send(&app, get_req("/swr/1")).await.1, "MISS");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     db.set("1", 2);
@@ -503,7 +498,7 @@ async fn stale_entries_are_served_while_one_refresh_runs(backend: Backend) {
 async fn stale_entries_are_never_served_past_the_window_or_after_a_write(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     send(&app, get_req("/swr-short/1")).await;
     tokio::time::sleep(Duration::from_millis(2200)).await;
     assert_eq!(
@@ -530,7 +525,7 @@ async fn one_bump_reaches_every_scope_of_an_item(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
     db.set("2", 1);
-    let (app, _, _) = app(backend.store, db.clone());
+    let (app, _) = app(backend.store, db.clone());
     let as_tenant = |method: &str, uri: &str, tenant: &str| {
         axum::http::Request::builder()
             .method(method)

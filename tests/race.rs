@@ -36,7 +36,7 @@ async fn no_stale_reads(backend: Backend) {
     let db = Db::default();
     db.set("1", 0);
     db.read_delay_us.store(300, Ordering::Relaxed);
-    let (app, cache, _) = app(backend.store, db.clone());
+    let (app, cache) = app(backend.store, db.clone());
     let committed = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let total_reads = Arc::new(AtomicU64::new(0));

@@ -30,6 +30,7 @@ async fn works_over_a_buffer_of_one() {
         }
     });
     let policy = Policy::builder()
+        .store(MemoryStore::new())
         .route(
             Route::get("/items/{id}")
                 .key("item:{id}")
@@ -38,7 +39,7 @@ async fn works_over_a_buffer_of_one() {
         .build()
         .unwrap();
     let mut service = ServiceBuilder::new()
-        .layer(CacheLayer::new(policy, MemoryStore::new()))
+        .layer(CacheLayer::new(policy))
         .buffer(1)
         .service(handler);
 

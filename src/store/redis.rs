@@ -466,10 +466,11 @@ mod tests {
 
     use super::*;
     use crate::entry::Entry;
-    use crate::{CacheLayer, InvalidateLayer, Policy, Route, Rule, Rules};
+    use crate::{CacheLayer, InvalidateLayer, Policy, Route, Rule};
 
-    fn policy() -> Policy {
+    fn policy(store: impl Store) -> Policy {
         Policy::builder()
+            .store(store)
             .route(
                 Route::get("/persons/{id}")
                     .key("person:{id}")
@@ -480,6 +481,10 @@ mod tests {
                     .key("persons:list:v{version}:{query_hash}")
                     .versioned_by("persons:list"),
             )
+            .on(Rule::new("POST /persons").bump("persons:list"))
+            .on(Rule::new("PATCH /persons/{id}")
+                .purge("GET /persons/{id}")
+                .bump("persons:list"))
             .build()
             .unwrap()
     }
@@ -514,7 +519,7 @@ mod tests {
                 .insert("content-type", "application/json".parse().unwrap());
             Ok::<_, Infallible>(response)
         });
-        let service = CacheLayer::new(policy(), store).layer(handler);
+        let service = CacheLayer::new(policy(store)).layer(handler);
         service
             .oneshot(Request::get(uri).body(()).unwrap())
             .await
@@ -571,17 +576,17 @@ mod tests {
             .lookup(&CacheKey::Plain("app:person:42".into()))
             .await
             .unwrap();
-        assert_eq!(seen.entry, Observed::Absent);
+        assert_eq!(*seen.entry(), Observed::Absent);
         let value = entry();
         let mut write = evalsha(&STORE);
         write
             .arg(1)
             .arg("app:person:42")
             .arg("p")
-            .arg(0)
-            .arg(b"")
             .arg(value.as_ref())
-            .arg(300_000u64);
+            .arg(300_000u64)
+            .arg(0)
+            .arg(b"");
         let conn = MockRedisConnection::new([MockCmd::new(write, Ok(Value::Int(1)))])
             .assert_all_commands_consumed();
         let written = RedisStore::new(conn)
@@ -657,26 +662,18 @@ mod tests {
 
     #[tokio::test]
     async fn an_invalidation_through_the_layer_is_one_evalsha() {
-        let rules = Rules::builder()
-            .rule(
-                Rule::new("PATCH /persons/{id}")
-                    .delete("person:{id}")
-                    .bump("persons:list"),
-            )
-            .build()
-            .unwrap();
         let recorder = Recorder::default();
         let handler = tower::service_fn(|_req: Request<()>| async {
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
         });
-        let layer = InvalidateLayer::new(rules, RedisStore::new(recorder.clone()));
-        let service = layer.clone().layer(handler);
+        let policy = policy(RedisStore::new(recorder.clone()));
+        let service = InvalidateLayer::new(policy.clone()).layer(handler);
         let response = service
             .oneshot(Request::patch("/persons/42").body(()).unwrap())
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(layer.stats().applied, 1);
+        assert_eq!(policy.stats().invalidations().applied, 1);
         let commands = recorder.commands();
         assert_eq!(commands.len(), 1, "{commands:?}");
         assert_eq!(
@@ -693,18 +690,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_mutation_sends_nothing() {
-        let rules = Rules::builder()
-            .rule(Rule::new("POST /persons").bump("persons:list"))
-            .build()
+    async fn a_write_through_the_cache_layer_is_one_evalsha() {
+        let recorder = Recorder::default();
+        let handler = tower::service_fn(|_req: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        });
+        let policy = policy(RedisStore::new(recorder.clone()));
+        // Both layers of one policy stacked: only the outer invalidates.
+        let service = InvalidateLayer::new(policy.clone())
+            .layer(CacheLayer::new(policy.clone()).layer(handler));
+        service
+            .oneshot(Request::patch("/persons/42").body(()).unwrap())
+            .await
             .unwrap();
+        assert_eq!(policy.stats().invalidations().applied, 1);
+        let commands = recorder.commands();
+        assert_eq!(commands.len(), 1, "{commands:?}");
+        assert_eq!(commands[0][..2], ["EVALSHA", INVALIDATE.get_hash()]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_mutation_sends_nothing() {
         let recorder = Recorder::default();
         let handler = tower::service_fn(|_req: Request<()>| async {
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::BAD_REQUEST;
             Ok::<_, Infallible>(response)
         });
-        let service = InvalidateLayer::new(rules, RedisStore::new(recorder.clone())).layer(handler);
+        let service =
+            CacheLayer::new(policy(RedisStore::new(recorder.clone()))).layer(handler);
         service
             .oneshot(Request::post("/persons").body(()).unwrap())
             .await

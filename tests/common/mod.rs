@@ -18,7 +18,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tower::ServiceExt;
 use tower_redis_cache::store::{MemoryStore, RedisStore, Store};
-use tower_redis_cache::{CacheLayer, InvalidateLayer, Policy, Route, Rule, Rules, Scope};
+use tower_redis_cache::{CacheLayer, Policy, Route, Rule, Scope};
 
 /// A `redis-server` on a free port, killed on drop.
 pub struct RedisServer {
@@ -233,9 +233,10 @@ pub const CAP: usize = 4096;
 /// misses; the deadline itself is not what these tests check.
 pub const TEST_DEADLINE: Duration = Duration::from_secs(2);
 
-pub fn policy() -> Policy {
+pub fn policy(store: Arc<dyn Store>) -> Policy {
     let json_route = |path: &str, key: &str| Route::get(path).key(key).ttl(Duration::from_secs(60));
     Policy::builder()
+        .store(store)
         .max_body_bytes(CAP)
         .route(json_route("/persons/{id}", "person:{id}"))
         .route(
@@ -263,20 +264,12 @@ pub fn policy() -> Policy {
                 .ttl(Duration::from_secs(1))
                 .stale_while_revalidate(Duration::from_secs(1)),
         )
-        .build()
-        .unwrap()
-}
-
-pub fn rules() -> Rules {
-    Rules::builder()
-        .rule(Rule::new("POST /persons").bump("persons:list"))
-        .rule(Rule::new("PATCH /swr/{id}").delete("swr:{id}"))
-        .rule(Rule::new("PATCH /scoped/{id}").bump("scoped:{id}"))
-        .rule(
-            Rule::new("PATCH|DELETE /persons/{id}")
-                .delete("person:{id}")
-                .bump("persons:list"),
-        )
+        .on(Rule::new("POST /persons").bump("persons:list"))
+        .on(Rule::new("PATCH /swr/{id}").purge("GET /swr/{id}"))
+        .on(Rule::new("PATCH /scoped/{id}").purge("GET /scoped/{id}"))
+        .on(Rule::new("PATCH|DELETE /persons/{id}")
+            .purge("GET /persons/{id}")
+            .bump("persons:list"))
         .build()
         .unwrap()
 }
@@ -360,11 +353,15 @@ async fn create(State(db): State<Db>, RawQuery(q): RawQuery) -> StatusCode {
     StatusCode::CREATED
 }
 
-/// The test app behind both layers, sharing one store.
-pub fn app(store: Arc<dyn Store>, db: Db) -> (Router, CacheLayer, InvalidateLayer) {
-    let cache = CacheLayer::with_shared_store(policy(), store.clone());
-    let invalidate = InvalidateLayer::with_shared_store(rules(), store);
-    let router = Router::new()
+/// The test app behind one cache layer; the policy gives its stats.
+pub fn app(store: Arc<dyn Store>, db: Db) -> (Router, Policy) {
+    let policy = policy(store);
+    (router(db).layer(CacheLayer::new(policy.clone())), policy)
+}
+
+/// The test app's routes, without a cache.
+pub fn router(db: Db) -> Router {
+    Router::new()
         .route("/persons", get(list).post(create))
         .route("/persons/{id}", get(person).patch(update).delete(update))
         .route("/short/{id}", get(person))
@@ -375,9 +372,6 @@ pub fn app(store: Arc<dyn Store>, db: Db) -> (Router, CacheLayer, InvalidateLaye
         .route("/scoped/{id}", get(person).patch(update))
         .route("/shape/{kind}", get(shape))
         .with_state(db)
-        .layer(cache.clone())
-        .layer(invalidate.clone());
-    (router, cache, invalidate)
 }
 
 /// One request through `app`: (status, x-cache, body).
