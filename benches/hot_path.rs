@@ -12,7 +12,6 @@ use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
-use tower_redis_cache::store::MemoryStore;
 use tower_redis_cache::{bench_support, CacheLayer, Policy, Route};
 
 fn handler() -> impl Service<
@@ -90,7 +89,7 @@ fn bench(c: &mut Criterion) {
     });
 
     let cached =
-        CacheLayer::new(policy(Duration::from_secs(3600)), MemoryStore::new()).layer(handler());
+        CacheLayer::new(policy(Duration::from_secs(3600))).layer(handler());
     c.bench_function("hit, memory store", |b| {
         b.to_async(&runtime).iter(|| async {
             let response = cached
@@ -103,7 +102,7 @@ fn bench(c: &mut Criterion) {
     });
 
     let uncached =
-        CacheLayer::new(policy(Duration::from_secs(3600)), MemoryStore::new()).layer(handler());
+        CacheLayer::new(policy(Duration::from_secs(3600))).layer(handler());
     let mut id = 0u64;
     c.bench_function("miss and store, memory store", |b| {
         b.to_async(&runtime).iter(|| {

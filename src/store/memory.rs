@@ -152,8 +152,7 @@ impl MemoryStore {
             }
             values.push(match current {
                 Observed::Value(v) => v,
-                Observed::Absent => state.fresh_version(),
-                Observed::WrongType => return false,
+                Observed::Absent | Observed::WrongType => state.fresh_version(),
             });
         }
         let entry_key = {

@@ -47,8 +47,8 @@ return out"
 /// Plain: KEYS[1] entry key; ARGV 'p', value, ttl ms, seen state, seen value.
 /// Versioned: KEYS version keys; ARGV 'v', value, ttl ms, entry prefix,
 /// suffix, then per version key its seen state, seen value and ttl ms.
-/// Writes only if every key still reads as seen; a missing version is
-/// created with the server time in microseconds. Version keys are renewed so
+/// Writes only if every key still reads as seen; a missing (or unreadable)
+/// version is created with the server time in microseconds. Version keys are renewed so
 /// they outlive the entry.
 static STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
@@ -62,8 +62,8 @@ end
 local parts, states = {{}}, {{}}
 for i = 1, #KEYS do
   local s, cur = read(KEYS[i])
-  if s == 2 or s ~= tonumber(ARGV[3 + 3 * i]) or cur ~= ARGV[4 + 3 * i] then return 0 end
-  if s == 0 then
+  if s ~= tonumber(ARGV[3 + 3 * i]) or cur ~= ARGV[4 + 3 * i] then return 0 end
+  if s ~= 1 then
     local t = redis.call('TIME')
     cur = t[1] .. string.format('%06d', tonumber(t[2]))
   end
@@ -71,7 +71,7 @@ for i = 1, #KEYS do
 end
 for i = 1, #KEYS do
   local ttl = tonumber(ARGV[5 + 3 * i])
-  if states[i] == 0 then
+  if states[i] ~= 1 then
     redis.call('SET', KEYS[i], parts[i], 'PX', ttl)
   elseif redis.call('PTTL', KEYS[i]) < ttl then
     redis.call('PEXPIRE', KEYS[i], ttl)
