@@ -302,7 +302,7 @@ async fn list(State(db): State<Db>, RawQuery(query): RawQuery) -> Json<serde_jso
     Json(serde_json::json!({ "items": items, "query": query }))
 }
 
-async fn tenant(
+pub async fn tenant(
     State(db): State<Db>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -338,7 +338,7 @@ async fn shape(State(db): State<Db>, Path(kind): Path<String>) -> Response<Body>
     }
 }
 
-async fn update(State(db): State<Db>, Path(id): Path<String>, RawQuery(q): RawQuery) -> StatusCode {
+pub async fn update(State(db): State<Db>, Path(id): Path<String>, RawQuery(q): RawQuery) -> StatusCode {
     if q.as_deref() == Some("fail=1") {
         return StatusCode::UNPROCESSABLE_ENTITY;
     }
