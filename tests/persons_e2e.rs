@@ -62,6 +62,7 @@ fn start(redis_url: &str) -> Server {
         .env("PERSONS_SEED", "200")
         .env("CACHE_REDIS_TIMEOUT_MS", "1000")
         .env("RUST_LOG", "warn")
+        .env("PERSONS_ADMIN_TOKEN", "test-admin")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -212,6 +213,11 @@ fn seed_000_scenario_on_sqlite_and_redis() {
     assert_eq!(after.x_cache(), "MISS");
     assert!(after.body.contains("Ana Atualizada"), "{}", after.body);
     assert_eq!(get(&server, same_list, ACME).x_cache(), "MISS");
+    assert_eq!(
+        get(&server, list, GLOBEX).x_cache(),
+        "HIT",
+        "acme's write bumps acme's lists only"
+    );
     assert_eq!(get(&server, "/persons/2", ACME).x_cache(), "MISS");
     assert_eq!(get(&server, "/persons/2", ACME).x_cache(), "HIT");
 
@@ -266,6 +272,78 @@ fn seed_000_scenario_on_sqlite_and_redis() {
                 reply.body
             );
         }
+    }
+
+    // One row, one URL: non-canonical ids are a 400, never cached.
+    for path in ["/persons/01", "/persons/+1", "/persons/0", "/persons/%2B1"] {
+        let reply = get(&server, path, ACME);
+        assert_eq!(reply.status, 400, "{path}: {}", reply.body);
+        assert!(reply.body.starts_with("{\"error\""), "{path}: {}", reply.body);
+    }
+
+    // Admin endpoints: behind the admin token, JSON in and out.
+    const ADMIN: &str = "Bearer test-admin";
+    let admin = |path: &str, body: &str, auth: &str| http(&server, "POST", path, Some(auth), Some(body));
+    let denied = admin("/cache/invalidate", r#"{"group":"persons:list"}"#, ACME);
+    assert_eq!(denied.status, 401, "{}", denied.body);
+    assert_eq!(get(&server, list, ACME).x_cache(), "MISS");
+    assert_eq!(get(&server, list, GLOBEX).x_cache(), "HIT");
+    let bumped = admin(
+        "/cache/invalidate",
+        r#"{"group":"persons:list","tenant":"acme"}"#,
+        ADMIN,
+    );
+    assert_eq!(bumped.status, 200, "{}", bumped.body);
+    assert!(
+        bumped.body.starts_with(r#"{"bumped":"app:persons:list:ver:scope="#),
+        "{}",
+        bumped.body
+    );
+    println!("POST /cache/invalidate (acme) → {}", bumped.body);
+    assert_eq!(get(&server, list, ACME).x_cache(), "MISS");
+    assert_eq!(get(&server, list, GLOBEX).x_cache(), "HIT");
+    let all = admin("/cache/invalidate", r#"{"group":"persons:list"}"#, ADMIN);
+    println!("POST /cache/invalidate (all) → {}", all.body);
+    assert_eq!(
+        all.body,
+        r#"{"bumped":"app:persons:list:ver","group":"persons:list","tenant":"*"}"#
+    );
+    assert_eq!(get(&server, list, GLOBEX).x_cache(), "MISS");
+    assert_eq!(get(&server, "/persons/2", ACME).x_cache(), "HIT");
+    let purged = admin(
+        "/cache/purge",
+        r#"{"path":"/persons/2","tenant":"acme"}"#,
+        ADMIN,
+    );
+    println!("POST /cache/purge → {}", purged.body);
+    assert!(
+        purged.body.starts_with(r#"{"path":"/persons/2","purged":"app:person:2:scope="#),
+        "{}",
+        purged.body
+    );
+    assert_eq!(get(&server, "/persons/2", ACME).x_cache(), "MISS");
+    let warmed = admin(
+        "/cache/warm",
+        r#"{"paths":["/persons/3","/persons/4","/persons/999999","/persons?limit=3"],"tenant":"acme"}"#,
+        ADMIN,
+    );
+    println!("POST /cache/warm → {}", warmed.body);
+    assert_eq!(
+        warmed.body,
+        r#"{"already_cached":0,"failed":0,"not_stored":1,"requested":4,"stored":3}"#
+    );
+    for path in ["/persons/3", "/persons/4", "/persons?limit=3"] {
+        assert_eq!(get(&server, path, ACME).x_cache(), "HIT", "{path}");
+    }
+    for (path, body) in [
+        ("/cache/invalidate", r#"{"group":"nope"}"#),
+        ("/cache/purge", r#"{"path":"/persons/1"}"#),
+        ("/cache/warm", r#"{"paths":["/persons/1"]}"#),
+        ("/cache/purge", "{not json"),
+    ] {
+        let reply = admin(path, body, ADMIN);
+        assert_eq!(reply.status / 100, 4, "{path} {body}: {}", reply.body);
+        assert!(reply.body.starts_with("{\"error\""), "{}", reply.body);
     }
 
     // R7: health and stats.
