@@ -88,8 +88,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let cached =
-        CacheLayer::new(policy(Duration::from_secs(3600))).layer(handler());
+    let cached = CacheLayer::new(policy(Duration::from_secs(3600))).layer(handler());
     c.bench_function("hit, memory store", |b| {
         b.to_async(&runtime).iter(|| async {
             let response = cached
@@ -101,8 +100,7 @@ fn bench(c: &mut Criterion) {
         })
     });
 
-    let uncached =
-        CacheLayer::new(policy(Duration::from_secs(3600))).layer(handler());
+    let uncached = CacheLayer::new(policy(Duration::from_secs(3600))).layer(handler());
     let mut id = 0u64;
     c.bench_function("miss and store, memory store", |b| {
         b.to_async(&runtime).iter(|| {

@@ -619,7 +619,9 @@ async fn admin_warm(
     let Json(body) = body?;
     let handle = cache_on(&app)?;
     let Some(tenant) = body.tenant.as_deref() else {
-        return Err(bad_request("`tenant` is required: cached routes are per tenant"));
+        return Err(bad_request(
+            "`tenant` is required: cached routes are per tenant",
+        ));
     };
     if body.paths.len() > 1000 {
         return Err(bad_request("at most 1000 paths per call"));
@@ -630,7 +632,10 @@ async fn admin_warm(
         .map(|path| tenant_request(path, Some(tenant)))
         .collect::<ApiResult<Vec<_>>>()?;
     let Some(target) = app.warm_target.get().cloned() else {
-        return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "starting up".into()));
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting up".into(),
+        ));
     };
     let report = handle.warm(target, requests).await;
     Ok(Json(json!({
@@ -712,7 +717,9 @@ fn cache_policy(
         .on(Rule::new("POST /persons").bump("persons:list"))
         .on(item_and_lists("PATCH|DELETE /persons/{id}"))
         .on(item_and_lists("POST /persons/{id}/addresses"))
-        .on(item_and_lists("DELETE /persons/{id}/addresses/{address_id}"))
+        .on(item_and_lists(
+            "DELETE /persons/{id}/addresses/{address_id}",
+        ))
         .on(item_and_lists("POST /persons/{id}/phones"))
         .on(item_and_lists("DELETE /persons/{id}/phones/{phone_id}"));
     if let Some(redis) = redis {
@@ -766,9 +773,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let cache_on = !env("CACHE", "on").eq_ignore_ascii_case("off");
     let redis = match std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) {
-        Some(url) => Some(RedisStore::open(&url)?.deadline(Duration::from_millis(
-            env_u64("CACHE_REDIS_TIMEOUT_MS", 100),
-        ))),
+        Some(url) => Some(
+            RedisStore::open(&url)?.deadline(Duration::from_millis(env_u64(
+                "CACHE_REDIS_TIMEOUT_MS",
+                100,
+            ))),
+        ),
         None => None,
     };
     let store_name = if redis.is_some() { "redis" } else { "memory" };
@@ -812,9 +822,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(policy) = &policy {
         persons = persons.layer(CacheLayer::new(policy.clone()));
     }
-    let _ = app
-        .warm_target
-        .set(persons.clone().with_state(app.clone()));
+    let _ = app.warm_target.set(persons.clone().with_state(app.clone()));
     let admin = Router::new()
         .route("/cache/invalidate", post(admin_invalidate))
         .route("/cache/purge", post(admin_purge))

@@ -423,11 +423,15 @@ impl Scope {
     /// same extension closures, in the same order).
     pub(crate) fn same_as(&self, other: &Scope) -> bool {
         self.parts.len() == other.parts.len()
-            && self.parts.iter().zip(&other.parts).all(|(a, b)| match (a, b) {
-                (ScopePart::Header(a), ScopePart::Header(b)) => a == b,
-                (ScopePart::Extension(_, a), ScopePart::Extension(_, b)) => a == b,
-                _ => false,
-            })
+            && self
+                .parts
+                .iter()
+                .zip(&other.parts)
+                .all(|(a, b)| match (a, b) {
+                    (ScopePart::Header(a), ScopePart::Header(b)) => a == b,
+                    (ScopePart::Extension(_, a), ScopePart::Extension(_, b)) => a == b,
+                    _ => false,
+                })
     }
 
     /// `:scope=<hash>` for a scoped key, nothing for an empty scope, `None`
@@ -457,7 +461,10 @@ impl Scope {
             };
             hash_field(&mut hasher, &value?);
         }
-        Some(format!("{SCOPE_MARK}{}", hex_digest(hasher.finalize().as_slice())))
+        Some(format!(
+            "{SCOPE_MARK}{}",
+            hex_digest(hasher.finalize().as_slice())
+        ))
     }
 }
 
@@ -543,7 +550,7 @@ mod tests {
         let long = "x".repeat(10_000);
         let encoded = enc(&long);
         assert!(encoded.starts_with('~') && encoded.len() == 1 + HASH_HEX_LEN);
-        assert_ne!(encoded, enc(&"x".repeat(9_999)));
+        assert_ne!(encoded, enc("x".repeat(9_999)));
     }
 
     #[test]
@@ -633,7 +640,7 @@ mod tests {
 
     #[test]
     fn path_params_are_keyed_decoded() {
-        let enc_path = |raw: &str| enc(&percent_decode(raw));
+        let enc_path = |raw: &str| enc(percent_decode(raw));
         assert_eq!(enc_path("61"), enc_path("%36%31"));
         assert_eq!(enc_path("61"), enc_path("6%31"));
         assert_eq!(enc_path("a@b"), enc_path("a%40b"));

@@ -9,7 +9,9 @@ use http::{HeaderMap, Method, Request};
 
 use crate::cache::flight::FlightTable;
 use crate::error::{validate_namespace, ConfigError};
-use crate::key::{pattern_params, KeyTemplate, Layout, Params, QueryRule, Rendered, Scope, Segment};
+use crate::key::{
+    pattern_params, KeyTemplate, Layout, Params, QueryRule, Rendered, Scope, Segment,
+};
 use crate::routes::{validate_pattern, RouteTable};
 use crate::stats::{CacheStats, Reason};
 use crate::store::{CacheKey, Invalidation, MemoryStore, Store, VersionKey};
@@ -527,7 +529,10 @@ impl Policy {
 
     /// Groups by name, and whether each is versioned per scope.
     pub(crate) fn group_names(&self) -> impl Iterator<Item = (&str, bool)> {
-        self.inner.groups.iter().map(|g| (g.name.as_str(), g.per_scope))
+        self.inner
+            .groups
+            .iter()
+            .map(|g| (g.name.as_str(), g.per_scope))
     }
 }
 
@@ -645,9 +650,7 @@ impl PolicyBuilder {
             rules.push(compiled.0);
         }
         let stats = CacheStats::new(routes.iter().map(|r| r.label.clone()).collect());
-        let store = self
-            .store
-            .unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         Ok(Policy {
             inner: Arc::new(PolicyInner {
                 layout: Layout::new(self.namespace),
@@ -680,7 +683,9 @@ fn join_group(
         reason,
     };
     if route.per_scope && route.scope.is_empty() {
-        return Err(bad(format!("route `{label}` is per scope but has no scope")));
+        return Err(bad(format!(
+            "route `{label}` is per scope but has no scope"
+        )));
     }
     match groups.iter().position(|g| g.name == name) {
         Some(index) => {
@@ -742,15 +747,16 @@ fn compile_rule<'r>(
         methods.push(method);
     }
     let params = pattern_params(pattern);
-    let bound = |target: &str, template: &KeyTemplate| {
-        match template.params().find(|p| !params.iter().any(|b| b == p)) {
-            Some(param) => Err(ConfigError::UnboundParam {
-                rule: rule.route.clone(),
-                target: target.to_owned(),
-                param: param.to_owned(),
-            }),
-            None => Ok(()),
-        }
+    let bound = |target: &str, template: &KeyTemplate| match template
+        .params()
+        .find(|p| !params.iter().any(|b| b == p))
+    {
+        Some(param) => Err(ConfigError::UnboundParam {
+            rule: rule.route.clone(),
+            target: target.to_owned(),
+            param: param.to_owned(),
+        }),
+        None => Ok(()),
     };
     let mut compiled = CompiledRule {
         purges: Vec::new(),
@@ -788,13 +794,12 @@ fn compile_rule<'r>(
         }
     }
     for name in &rule.bumps {
-        let index = groups
-            .iter()
-            .position(|g| g.name == *name)
-            .ok_or_else(|| ConfigError::UnknownGroup {
+        let index = groups.iter().position(|g| g.name == *name).ok_or_else(|| {
+            ConfigError::UnknownGroup {
                 rule: rule.route.clone(),
                 group: name.clone(),
-            })?;
+            }
+        })?;
         let template = KeyTemplate::parse(name, &params, false).map_err(|err| match err {
             ConfigError::UnknownParam { param, .. } => ConfigError::UnboundParam {
                 rule: rule.route.clone(),
@@ -871,7 +876,11 @@ mod tests {
 
     fn tenant_policy() -> Policy {
         Policy::builder()
-            .route(Route::get("/persons/{id}").key("person:{id}").scope(tenant()))
+            .route(
+                Route::get("/persons/{id}")
+                    .key("person:{id}")
+                    .scope(tenant()),
+            )
             .route(
                 Route::get("/persons")
                     .key("persons:list:v{version}:{query_hash}")
@@ -915,7 +924,11 @@ mod tests {
         assert_eq!(write.bumps(), &versions[1..]);
         assert!(versions[1].key().starts_with("app:persons:list:ver:scope="));
         assert_eq!(versions[0].key(), "app:persons:list:ver");
-        assert_eq!(versions[1].ttl(), Duration::from_secs(45), "TTL + stale window");
+        assert_eq!(
+            versions[1].ttl(),
+            Duration::from_secs(45),
+            "TTL + stale window"
+        );
         let other = p
             .invalidation(&as_tenant("POST", "/persons", "globex"))
             .unwrap();
@@ -965,9 +978,18 @@ mod tests {
                 .build()
                 .unwrap_err()
         };
-        assert!(matches!(build(Rule::new("POST /p")), ConfigError::InvalidRule { .. }));
-        assert!(matches!(build(Rule::new("GET /p").bump("l")), ConfigError::InvalidRule { .. }));
-        assert!(matches!(build(Rule::new("/p").bump("l")), ConfigError::InvalidRule { .. }));
+        assert!(matches!(
+            build(Rule::new("POST /p")),
+            ConfigError::InvalidRule { .. }
+        ));
+        assert!(matches!(
+            build(Rule::new("GET /p").bump("l")),
+            ConfigError::InvalidRule { .. }
+        ));
+        assert!(matches!(
+            build(Rule::new("/p").bump("l")),
+            ConfigError::InvalidRule { .. }
+        ));
         assert!(matches!(
             build(Rule::new("POST /p/{x}").purge("GET /persn/{id}")),
             ConfigError::UnknownRoute { .. }
@@ -997,13 +1019,30 @@ mod tests {
     fn per_scope_groups_need_one_scope() {
         let other_tenant = || Scope::new().header("x-org");
         let err = Policy::builder()
-            .route(Route::get("/a").key("a:v{version}").versioned_by("g").per_scope().scope(tenant()))
-            .route(Route::get("/b").key("b:v{version}").versioned_by("g").per_scope().scope(other_tenant()))
+            .route(
+                Route::get("/a")
+                    .key("a:v{version}")
+                    .versioned_by("g")
+                    .per_scope()
+                    .scope(tenant()),
+            )
+            .route(
+                Route::get("/b")
+                    .key("b:v{version}")
+                    .versioned_by("g")
+                    .per_scope()
+                    .scope(other_tenant()),
+            )
             .build()
             .unwrap_err();
         assert!(matches!(err, ConfigError::GroupScope { .. }), "{err}");
         let err = Policy::builder()
-            .route(Route::get("/a").key("a:v{version}").versioned_by("g").per_scope())
+            .route(
+                Route::get("/a")
+                    .key("a:v{version}")
+                    .versioned_by("g")
+                    .per_scope(),
+            )
             .build()
             .unwrap_err();
         assert!(matches!(err, ConfigError::GroupScope { .. }), "{err}");

@@ -323,7 +323,10 @@ async fn a_failed_write_invalidates_nothing(backend: Backend) {
     assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
     assert_eq!(send(&app, get_req("/persons")).await.1, "HIT");
     assert_eq!(
-        (invalidate.stats().invalidations().applied, invalidate.stats().invalidations().skipped),
+        (
+            invalidate.stats().invalidations().applied,
+            invalidate.stats().invalidations().skipped
+        ),
         (0, 1)
     );
 }

@@ -278,12 +278,17 @@ fn seed_000_scenario_on_sqlite_and_redis() {
     for path in ["/persons/01", "/persons/+1", "/persons/0", "/persons/%2B1"] {
         let reply = get(&server, path, ACME);
         assert_eq!(reply.status, 400, "{path}: {}", reply.body);
-        assert!(reply.body.starts_with("{\"error\""), "{path}: {}", reply.body);
+        assert!(
+            reply.body.starts_with("{\"error\""),
+            "{path}: {}",
+            reply.body
+        );
     }
 
     // Admin endpoints: behind the admin token, JSON in and out.
     const ADMIN: &str = "Bearer test-admin";
-    let admin = |path: &str, body: &str, auth: &str| http(&server, "POST", path, Some(auth), Some(body));
+    let admin =
+        |path: &str, body: &str, auth: &str| http(&server, "POST", path, Some(auth), Some(body));
     let denied = admin("/cache/invalidate", r#"{"group":"persons:list"}"#, ACME);
     assert_eq!(denied.status, 401, "{}", denied.body);
     assert_eq!(get(&server, list, ACME).x_cache(), "MISS");
@@ -295,7 +300,9 @@ fn seed_000_scenario_on_sqlite_and_redis() {
     );
     assert_eq!(bumped.status, 200, "{}", bumped.body);
     assert!(
-        bumped.body.starts_with(r#"{"bumped":"app:persons:list:ver:scope="#),
+        bumped
+            .body
+            .starts_with(r#"{"bumped":"app:persons:list:ver:scope="#),
         "{}",
         bumped.body
     );
@@ -317,7 +324,9 @@ fn seed_000_scenario_on_sqlite_and_redis() {
     );
     println!("POST /cache/purge → {}", purged.body);
     assert!(
-        purged.body.starts_with(r#"{"path":"/persons/2","purged":"app:person:2:scope="#),
+        purged
+            .body
+            .starts_with(r#"{"path":"/persons/2","purged":"app:person:2:scope="#),
         "{}",
         purged.body
     );

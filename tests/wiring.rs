@@ -72,7 +72,11 @@ async fn a_rule_reaches_the_scoped_entry_without_restating_the_scope(backend: Ba
     let db = Db::default();
     let policy = Policy::builder()
         .store(backend.store)
-        .route(Route::get("/tenant/{id}").key("tenant:{id}").scope(tenant()))
+        .route(
+            Route::get("/tenant/{id}")
+                .key("tenant:{id}")
+                .scope(tenant()),
+        )
         .on(Rule::new("PATCH /tenant/{id}").purge("GET /tenant/{id}"))
         .build()
         .unwrap();
@@ -82,10 +86,16 @@ async fn a_rule_reaches_the_scoped_entry_without_restating_the_scope(backend: Ba
         .layer(CacheLayer::new(policy));
     for who in ["acme", "globex"] {
         send(&app, as_tenant("GET", "/tenant/1", who)).await;
-        assert_eq!(send(&app, as_tenant("GET", "/tenant/1", who)).await.1, "HIT");
+        assert_eq!(
+            send(&app, as_tenant("GET", "/tenant/1", who)).await.1,
+            "HIT"
+        );
     }
     send(&app, as_tenant("PATCH", "/tenant/1", "acme")).await;
-    assert_eq!(send(&app, as_tenant("GET", "/tenant/1", "acme")).await.1, "MISS");
+    assert_eq!(
+        send(&app, as_tenant("GET", "/tenant/1", "acme")).await.1,
+        "MISS"
+    );
     assert_eq!(
         send(&app, as_tenant("GET", "/tenant/1", "globex")).await.1,
         "HIT",
@@ -108,10 +118,16 @@ async fn a_namespace_is_set_once_for_reads_and_writes(backend: Backend) {
     assert_eq!(key.entry_key(&[]), "shop:person:1");
     let app = router(db.clone()).layer(CacheLayer::new(policy));
     send(&app, get_req("/persons/1")).await;
-    assert_ne!(*backend.store.lookup(&key).await.unwrap().entry(), Observed::Absent);
+    assert_ne!(
+        *backend.store.lookup(&key).await.unwrap().entry(),
+        Observed::Absent
+    );
     send(&app, method_req("PATCH", "/persons/1")).await;
     let (_, x_cache, body) = send(&app, get_req("/persons/1")).await;
-    assert_eq!((x_cache.as_str(), body.as_str()), ("MISS", r#"{"id":"1","rev":2}"#));
+    assert_eq!(
+        (x_cache.as_str(), body.as_str()),
+        ("MISS", r#"{"id":"1","rev":2}"#)
+    );
 }
 
 #[derive(Clone)]
@@ -134,7 +150,10 @@ async fn auth(mut request: Request, next: Next) -> Response {
     }
 }
 
-async fn whose(Extension(Tenant(tenant)): Extension<Tenant>, Path(id): Path<String>) -> Json<serde_json::Value> {
+async fn whose(
+    Extension(Tenant(tenant)): Extension<Tenant>,
+    Path(id): Path<String>,
+) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "id": id, "tenant": tenant }))
 }
 
@@ -170,7 +189,10 @@ async fn cache_outside_auth_never_crosses_tenants(backend: Backend) {
         assert_eq!((status, x_cache.as_str()), (StatusCode::OK, "BYPASS"));
         assert!(body.contains(r#""tenant":"b""#), "{body}");
         let (status, x_cache, body) = send(&app, get_req("/items/1")).await;
-        assert_eq!((status, x_cache.as_str(), body.as_str()), (StatusCode::UNAUTHORIZED, "BYPASS", ""));
+        assert_eq!(
+            (status, x_cache.as_str(), body.as_str()),
+            (StatusCode::UNAUTHORIZED, "BYPASS", "")
+        );
     }
     let stats = policy.stats().route("GET /items/{id}").unwrap();
     assert_eq!((stats.hits, stats.stores), (0, 0));
@@ -188,7 +210,10 @@ async fn percent_encoded_spellings_share_one_entry_and_one_invalidation(backend:
     assert_eq!(send(&app, get_req("/persons/6%31")).await.1, "HIT");
     send(&app, method_req("PATCH", "/persons/6%31")).await;
     let (_, x_cache, body) = send(&app, get_req("/persons/61")).await;
-    assert_eq!((x_cache.as_str(), body.as_str()), ("MISS", r#"{"id":"61","rev":2}"#));
+    assert_eq!(
+        (x_cache.as_str(), body.as_str()),
+        ("MISS", r#"{"id":"61","rev":2}"#)
+    );
     assert_eq!(db.calls(), 2);
 }
 
@@ -212,7 +237,10 @@ async fn patterns_match_the_path_the_layer_sees_under_nest(backend: Backend) {
     assert_eq!(send(&app, get_req("/api/persons/1")).await.1, "HIT");
     send(&app, method_req("PATCH", "/api/persons/1")).await;
     let (_, x_cache, body) = send(&app, get_req("/api/persons/1")).await;
-    assert_eq!((x_cache.as_str(), body.as_str()), ("MISS", r#"{"id":"1","rev":2}"#));
+    assert_eq!(
+        (x_cache.as_str(), body.as_str()),
+        ("MISS", r#"{"id":"1","rev":2}"#)
+    );
 
     let inner = common::policy(backend.store);
     let app = Router::new().nest("/api", router(db.clone()).layer(CacheLayer::new(inner)));
@@ -220,13 +248,25 @@ async fn patterns_match_the_path_the_layer_sees_under_nest(backend: Backend) {
     assert_eq!(send(&app, get_req("/api/persons/1")).await.1, "HIT");
     send(&app, method_req("PATCH", "/api/persons/1")).await;
     let (_, x_cache, body) = send(&app, get_req("/api/persons/1")).await;
-    assert_eq!((x_cache.as_str(), body.as_str()), ("MISS", r#"{"id":"1","rev":3}"#));
+    assert_eq!(
+        (x_cache.as_str(), body.as_str()),
+        ("MISS", r#"{"id":"1","rev":3}"#)
+    );
 }
 
-async fn tenant_list(State(db): State<Db>, headers: axum::http::HeaderMap) -> Json<serde_json::Value> {
+async fn tenant_list(
+    State(db): State<Db>,
+    headers: axum::http::HeaderMap,
+) -> Json<serde_json::Value> {
     db.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let tenant = headers["x-tenant-id"].to_str().unwrap().to_owned();
-    let revision = db.revisions.lock().unwrap().get(&tenant).copied().unwrap_or(0);
+    let revision = db
+        .revisions
+        .lock()
+        .unwrap()
+        .get(&tenant)
+        .copied()
+        .unwrap_or(0);
     Json(serde_json::json!({ "tenant": tenant, "rev": revision }))
 }
 
@@ -271,24 +311,44 @@ async fn a_tenant_write_bumps_only_that_tenants_lists(backend: Backend) {
         }
     };
     warm(app.clone()).await;
-    assert_eq!(send(&app, as_tenant("POST", "/lists", "a")).await.0, StatusCode::CREATED);
+    assert_eq!(
+        send(&app, as_tenant("POST", "/lists", "a")).await.0,
+        StatusCode::CREATED
+    );
     for page in ["/lists?page=1", "/lists?page=2"] {
         let (_, x_cache, body) = send(&app, as_tenant("GET", page, "a")).await;
-        assert_eq!((x_cache.as_str(), body.as_str()), ("MISS", r#"{"rev":1,"tenant":"a"}"#));
-        assert_eq!(send(&app, as_tenant("GET", page, "b")).await.1, "HIT", "{page}");
+        assert_eq!(
+            (x_cache.as_str(), body.as_str()),
+            ("MISS", r#"{"rev":1,"tenant":"a"}"#)
+        );
+        assert_eq!(
+            send(&app, as_tenant("GET", page, "b")).await.1,
+            "HIT",
+            "{page}"
+        );
     }
     let handle = policy.handle();
     handle.bump("lists").await.unwrap();
     for who in ["a", "b"] {
-        assert_eq!(send(&app, as_tenant("GET", "/lists?page=1", who)).await.1, "MISS", "{who}");
+        assert_eq!(
+            send(&app, as_tenant("GET", "/lists?page=1", who)).await.1,
+            "MISS",
+            "{who}"
+        );
     }
     warm(app.clone()).await;
     handle
         .bump_for("lists", &as_tenant("GET", "/", "b"))
         .await
         .unwrap();
-    assert_eq!(send(&app, as_tenant("GET", "/lists?page=1", "a")).await.1, "HIT");
-    assert_eq!(send(&app, as_tenant("GET", "/lists?page=1", "b")).await.1, "MISS");
+    assert_eq!(
+        send(&app, as_tenant("GET", "/lists?page=1", "a")).await.1,
+        "HIT"
+    );
+    assert_eq!(
+        send(&app, as_tenant("GET", "/lists?page=1", "b")).await.1,
+        "MISS"
+    );
     assert_eq!(
         handle.bump_for("lists", &get_req("/")).await,
         Err(HandleError::ScopeMissing)
@@ -304,12 +364,23 @@ async fn the_handle_purges_bumps_and_warms(backend: Backend) {
     let report = handle
         .warm(
             app.clone(),
-            ["/persons/1", "/persons/2", "/persons?limit=1", "/persons/404", "/persons/1"]
-                .map(get_req),
+            [
+                "/persons/1",
+                "/persons/2",
+                "/persons?limit=1",
+                "/persons/404",
+                "/persons/1",
+            ]
+            .map(get_req),
         )
         .await;
     assert_eq!(
-        (report.stored, report.already_cached, report.not_stored, report.failed),
+        (
+            report.stored,
+            report.already_cached,
+            report.not_stored,
+            report.failed
+        ),
         (3, 1, 1, 0)
     );
     assert_eq!(db.calls(), 4);
@@ -318,17 +389,29 @@ async fn the_handle_purges_bumps_and_warms(backend: Backend) {
     }
     // Data changed behind the cache's back: the operator purges one entry.
     db.set("1", 5);
-    assert_eq!(handle.purge(&get_req("/persons/1")).await.unwrap(), "app:person:1");
+    assert_eq!(
+        handle.purge(&get_req("/persons/1")).await.unwrap(),
+        "app:person:1"
+    );
     let (_, x_cache, body) = send(&app, get_req("/persons/1")).await;
-    assert_eq!((x_cache.as_str(), body.as_str()), ("MISS", r#"{"id":"1","rev":5}"#));
+    assert_eq!(
+        (x_cache.as_str(), body.as_str()),
+        ("MISS", r#"{"id":"1","rev":5}"#)
+    );
     assert_eq!(send(&app, get_req("/persons/2")).await.1, "HIT");
     // A list entry is purged at the version it is served under.
     let purged = handle.purge(&get_req("/persons?limit=1")).await.unwrap();
     assert!(purged.starts_with("app:persons:list:v"), "{purged}");
     assert_eq!(send(&app, get_req("/persons?limit=1")).await.1, "MISS");
-    assert_eq!(handle.bump("persons:list").await.unwrap(), "app:persons:list:ver");
+    assert_eq!(
+        handle.bump("persons:list").await.unwrap(),
+        "app:persons:list:ver"
+    );
     assert_eq!(send(&app, get_req("/persons?limit=1")).await.1, "MISS");
-    assert_eq!(handle.purge(&get_req("/nothing")).await, Err(HandleError::NotCached));
+    assert_eq!(
+        handle.purge(&get_req("/nothing")).await,
+        Err(HandleError::NotCached)
+    );
     assert_eq!(
         handle.bump("nope").await,
         Err(HandleError::UnknownGroup("nope".into()))
@@ -344,7 +427,11 @@ fn typos_in_rules_are_refused_at_build() {
     let build = |rule: Rule| {
         Policy::builder()
             .route(Route::get("/persons/{id}").key("person:{id}"))
-            .route(Route::get("/persons").key("persons:list:v{version}").versioned_by("persons:list"))
+            .route(
+                Route::get("/persons")
+                    .key("persons:list:v{version}")
+                    .versioned_by("persons:list"),
+            )
             .on(rule)
             .build()
     };
@@ -405,11 +492,19 @@ async fn per_item_version_keys_all_expire_in_redis() {
     let server = backend.server.as_ref().unwrap();
     read_every_item(backend.store.clone()).await;
     let mut raw = server.raw().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut raw).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
     let mut without_ttl = 0;
     let mut version_keys = 0;
     for key in &keys {
-        let ttl: i64 = redis::cmd("PTTL").arg(key).query_async(&mut raw).await.unwrap();
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
         if ttl < 0 {
             without_ttl += 1;
         }

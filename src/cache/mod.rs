@@ -1,23 +1,36 @@
-//! Cache-aside for reads: serve cached GET/HEAD routes from a store, fill it
-//! on a miss.
+//! Cache-aside for reads: serve cached GET/HEAD routes from the policy's
+//! store, fill it on a miss; and apply the invalidations of the writes that
+//! pass through (see [`invalidate`](crate::invalidate)).
 //!
 //! ```
 //! use std::time::Duration;
 //! use axum::{routing::get, Json, Router};
-//! use tower_redis_cache::{store::MemoryStore, CacheLayer, Policy, Route};
+//! use tower_redis_cache::{store::MemoryStore, CacheLayer, Policy, Route, Rule};
 //!
 //! async fn person() -> Json<serde_json::Value> {
 //!     Json(serde_json::json!({ "id": 1, "name": "Ana" }))
 //! }
 //!
 //! let policy = Policy::builder()
+//!     .store(MemoryStore::new().max_entries(50_000))
 //!     .route(Route::get("/persons/{id}").key("person:{id}").ttl(Duration::from_secs(300)))
+//!     .on(Rule::new("PATCH|DELETE /persons/{id}").purge("GET /persons/{id}"))
 //!     .build()?;
 //! let app: Router = Router::new()
-//!     .route("/persons/{id}", get(person))
-//!     .layer(CacheLayer::new(policy, MemoryStore::new()));
+//!     .route("/persons/{id}", get(person).patch(person))
+//!     .layer(CacheLayer::new(policy));
 //! # Ok::<(), tower_redis_cache::ConfigError>(())
 //! ```
+//!
+//! # Where the layer goes
+//!
+//! **Inside the layer that authenticates and sets the tenant.** In axum the
+//! last `.layer(...)` call is the outermost: write `.layer(CacheLayer::new(policy))`
+//! first, then `.layer(auth)`. A hit never calls what is inside the cache
+//! layer, so anything that must run on every request (authentication,
+//! authorisation) goes outside it. Placed the other way round, a scope that
+//! reads the tenant extension reads nothing and every request bypasses the
+//! cache (`detail=scope-missing`): the cache is lost, never a tenant's data.
 //!
 //! # What is stored
 //!
@@ -69,11 +82,13 @@
 //! service (a Tokio task; the conditional write still applies). Deletes and
 //! version bumps reach stale entries like fresh ones.
 //!
-//! # Credentials
+//! # Credentials and scopes
 //!
 //! A request with `Authorization` or `Cookie` on a route with no
 //! [`Scope`](crate::Scope) bypasses the cache, unless the route is
-//! [`public`](crate::Route::public).
+//! [`public`](crate::Route::public). A request on which a part of the
+//! route's scope reads nothing (header or extension absent) bypasses it too
+//! (fail closed).
 //!
 //! # The store is never a dependency
 //!

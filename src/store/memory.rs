@@ -4,12 +4,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+#[cfg(test)]
+use super::VersionKey;
 use super::{
     fresh_version, CacheKey, Invalidation, Lookup, Observed, Store, StoreFuture,
     DEFAULT_TOMBSTONE_TTL,
 };
-#[cfg(test)]
-use super::VersionKey;
 
 /// An in-process store, bounded in entries and bytes, expiring by TTL.
 ///
@@ -186,7 +186,10 @@ impl MemoryStore {
                 _ => None,
             };
             let (next, ttl) = match current {
-                Some(n) => (Bytes::from((n + 1).to_string()), state.remaining(bump.key())),
+                Some(n) => (
+                    Bytes::from((n + 1).to_string()),
+                    state.remaining(bump.key()),
+                ),
                 None => (state.fresh_version(), bump.ttl()),
             };
             state.insert(bump.key().to_owned(), next, ttl, caps);
@@ -215,11 +218,9 @@ impl State {
 
     /// Time left before `key` expires (zero when absent).
     fn remaining(&self, key: &str) -> Duration {
-        self.entries
-            .get(key)
-            .map_or(Duration::ZERO, |item| {
-                item.expires_at.saturating_duration_since(Instant::now())
-            })
+        self.entries.get(key).map_or(Duration::ZERO, |item| {
+            item.expires_at.saturating_duration_since(Instant::now())
+        })
     }
 
     fn insert(&mut self, key: String, value: Bytes, ttl: Duration, caps: (usize, usize)) {
@@ -347,7 +348,10 @@ mod tests {
     #[test]
     fn a_lost_version_restarts_above_every_used_one() {
         let store = MemoryStore::new();
-        let bump = Invalidation::new(vec![], vec![VersionKey::new("v".into(), Duration::from_secs(60))]);
+        let bump = Invalidation::new(
+            vec![],
+            vec![VersionKey::new("v".into(), Duration::from_secs(60))],
+        );
         store.invalidate_now(&bump);
         store.invalidate_now(&bump);
         let before = version(&store, "v");
@@ -361,12 +365,20 @@ mod tests {
         let store = MemoryStore::new().max_entries(100);
         for i in 0..1000 {
             let key = CacheKey::Versioned {
-                versions: vec![VersionKey::new(format!("item:{i}:ver"), Duration::from_millis(50))],
+                versions: vec![VersionKey::new(
+                    format!("item:{i}:ver"),
+                    Duration::from_millis(50),
+                )],
                 prefix: format!("item:{i}:v"),
                 suffix: String::new(),
             };
             let seen = store.lookup_now(&key);
-            assert!(store.store_now(&key, &seen, Bytes::from_static(b"x"), Duration::from_millis(20)));
+            assert!(store.store_now(
+                &key,
+                &seen,
+                Bytes::from_static(b"x"),
+                Duration::from_millis(20)
+            ));
         }
         assert!(store.len() <= 100, "{}", store.len());
         std::thread::sleep(Duration::from_millis(60));

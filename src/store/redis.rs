@@ -373,7 +373,11 @@ where
         match key {
             CacheKey::Plain(key) => {
                 let (state, current) = seen_args(seen.entry());
-                invocation.key(key).arg("p").arg(value.as_ref()).arg(millis(ttl));
+                invocation
+                    .key(key)
+                    .arg("p")
+                    .arg(value.as_ref())
+                    .arg(millis(ttl));
                 invocation.arg(state).arg(current);
             }
             CacheKey::Versioned {
@@ -387,7 +391,10 @@ where
                     let seen = seen.versions().get(i).unwrap_or(&Observed::WrongType);
                     let (state, current) = seen_args(seen);
                     invocation.key(version.key());
-                    invocation.arg(state).arg(current).arg(millis(version.ttl()));
+                    invocation
+                        .arg(state)
+                        .arg(current)
+                        .arg(millis(version.ttl()));
                 }
             }
         }
@@ -717,8 +724,7 @@ mod tests {
             *response.status_mut() = StatusCode::BAD_REQUEST;
             Ok::<_, Infallible>(response)
         });
-        let service =
-            CacheLayer::new(policy(RedisStore::new(recorder.clone()))).layer(handler);
+        let service = CacheLayer::new(policy(RedisStore::new(recorder.clone()))).layer(handler);
         service
             .oneshot(Request::post("/persons").body(()).unwrap())
             .await

@@ -338,7 +338,11 @@ async fn shape(State(db): State<Db>, Path(kind): Path<String>) -> Response<Body>
     }
 }
 
-pub async fn update(State(db): State<Db>, Path(id): Path<String>, RawQuery(q): RawQuery) -> StatusCode {
+pub async fn update(
+    State(db): State<Db>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> StatusCode {
     if q.as_deref() == Some("fail=1") {
         return StatusCode::UNPROCESSABLE_ENTITY;
     }
