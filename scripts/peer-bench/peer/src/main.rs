@@ -1,0 +1,132 @@
+//! Peer anchor: one JSON endpoint on a plain hyper server, served bare, behind
+//! tower-http-cache (Redis or memory backend), or, built with the `ours`
+//! feature, behind tower-redis-cache (Redis or memory store).
+//! Usage: peer-harness <nocache|thc-redis|thc-memory|ours-redis|ours-memory> <port> [redis_url]
+//! With PEER_CALLS_PORT=<port> set, a connection to 127.0.0.1:<port> reads
+//! how many times the handler ran (decimal, then the connection closes): a
+//! cached mode whose count grows under load is not serving hits.
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tower::util::BoxCloneService;
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+use tower_http_cache::prelude::*;
+
+#[derive(Debug)]
+struct E(String);
+impl std::fmt::Display for E {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(&self.0) }
+}
+impl std::error::Error for E {}
+fn e(err: BoxError) -> E { E(err.to_string()) }
+
+type Svc = BoxCloneService<Request<hyper::body::Incoming>, Response<http_body_util::combinators::UnsyncBoxBody<Bytes, E>>, E>;
+
+fn body() -> Bytes {
+    Bytes::from(format!(
+        "{{\"id\":1,\"name\":\"Ada Lovelace\",\"email\":\"ada@example.com\",\"addresses\":[{{\"id\":1,\"street\":\"Rua Augusta 1\",\"city\":\"Sao Paulo\"}}],\"phones\":[{{\"id\":1,\"number\":\"+55 11 5555-0000\"}}],\"pad\":\"{}\"}}",
+        "x".repeat(400)
+    ))
+}
+
+static HANDLER_CALLS: AtomicU64 = AtomicU64::new(0);
+
+async fn handler(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    HANDLER_CALLS.fetch_add(1, Ordering::Relaxed);
+    Ok(Response::builder().header("content-type", "application/json").body(Full::new(body())).unwrap())
+}
+
+#[tokio::main]
+async fn main() {
+    use http_body_util::BodyExt;
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args.get(1).cloned().unwrap_or_else(|| "nocache".into());
+    let port: u16 = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(3100);
+    let base = tower::service_fn(handler);
+    let svc: Svc = match mode.as_str() {
+        "nocache" => BoxCloneService::new(
+            base.map_response(|r: Response<Full<Bytes>>| r.map(|b| b.map_err(|x| match x {}).boxed_unsync()))
+                .map_err(|x: Infallible| -> E { match x {} }),
+        ),
+        "thc-memory" => {
+            let layer = CacheLayer::builder(InMemoryBackend::new(10_000)).ttl(Duration::from_secs(300)).build();
+            BoxCloneService::new(
+                ServiceBuilder::new().layer(layer).service(base)
+                    .map_response(|r| r.map(|b| b.map_err(|x| e(x.into())).boxed_unsync()))
+                    .map_err(|x| e(x.into())),
+            )
+        }
+        "thc-redis" => {
+            let url = args.get(3).cloned().unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
+            let client = redis::Client::open(url).expect("redis url");
+            let manager = client.get_connection_manager().await.expect("connect");
+            let layer = CacheLayer::builder(RedisBackend::new(manager)).ttl(Duration::from_secs(300)).build();
+            BoxCloneService::new(
+                ServiceBuilder::new().layer(layer).service(base)
+                    .map_response(|r| r.map(|b| b.map_err(|x| e(x.into())).boxed_unsync()))
+                    .map_err(|x| e(x.into())),
+            )
+        }
+        "ours-memory" | "ours-redis" => ours(&mode, args.get(3).cloned(), base),
+        other => panic!("unknown mode {other}"),
+    };
+    if let Some(calls_port) = std::env::var("PEER_CALLS_PORT").ok().and_then(|p| p.parse::<u16>().ok()) {
+        let calls = tokio::net::TcpListener::bind(("127.0.0.1", calls_port)).await.unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Ok((mut stream, _)) = calls.accept().await {
+                let count = HANDLER_CALLS.load(Ordering::Relaxed).to_string();
+                let _ = stream.write_all(count.as_bytes()).await;
+            }
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    loop {
+        let (stream, _) = listener.accept().await.unwrap();
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+            let _ = conn.await;
+        });
+    }
+}
+
+/// tower-redis-cache on the same handler: one route, `/item`, kept 300 s
+/// under the key `app:item`.
+#[cfg(feature = "ours")]
+fn ours<S>(mode: &str, url: Option<String>, base: S) -> Svc
+where
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<Full<Bytes>>, Error = Infallible>
+        + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+{
+    use http_body_util::BodyExt;
+    use tower_redis_cache::store::{MemoryStore, RedisStore};
+    use tower_redis_cache::{CacheLayer, Policy, Route};
+    let builder = Policy::builder()
+        .route(Route::get("/item").key("item").ttl(Duration::from_secs(300)));
+    let builder = match mode {
+        "ours-memory" => builder.store(MemoryStore::new()),
+        _ => {
+            let url = url.unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
+            builder.store(RedisStore::open(&url).expect("redis url"))
+        }
+    };
+    let layer = CacheLayer::new(builder.build().expect("policy"));
+    BoxCloneService::new(
+        ServiceBuilder::new().layer(layer).service(base)
+            .map_response(|r| r.map(|b| b.map_err(|x: Infallible| -> E { match x {} }).boxed_unsync()))
+            .map_err(|x: Infallible| -> E { match x {} }),
+    )
+}
+
+#[cfg(not(feature = "ours"))]
+fn ours<S>(mode: &str, _url: Option<String>, _base: S) -> Svc {
+    panic!("mode {mode} needs the `ours` feature and a tower-redis-cache dependency (see Cargo.toml)")
+}
