@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -167,6 +167,24 @@ impl Guard {
         Ok(admit)
     }
 
+    /// Like [`Guard::admit`], as a permit that is recorded exactly once:
+    /// with the operation's result, or as abandoned when dropped first.
+    pub(crate) fn permit(self: &Arc<Self>) -> Result<Permit, StoreError> {
+        Ok(Permit {
+            guard: self.clone(),
+            admit: Some(self.admit()?),
+        })
+    }
+
+    /// An admitted operation whose future was dropped before it ended: no
+    /// news of the store. A probe gives its turn back, so the next request
+    /// probes; the circuit never stays half-open.
+    fn abandoned(&self, admit: Admit) {
+        if admit == Admit::Probe {
+            lock(&self.breaker).probing = false;
+        }
+    }
+
     /// Records how an admitted operation ended. Only failures that say the
     /// store is unreachable or slow count towards opening the circuit.
     pub(crate) fn record<T>(&self, admit: Admit, result: &Result<T, StoreError>) {
@@ -287,6 +305,30 @@ impl Guard {
     }
 }
 
+/// An admitted store operation. Recorded once: by [`Permit::record`], or on
+/// drop as abandoned (the request was cancelled mid-operation).
+#[derive(Debug)]
+pub(crate) struct Permit {
+    guard: Arc<Guard>,
+    admit: Option<Admit>,
+}
+
+impl Permit {
+    pub(crate) fn record<T>(mut self, result: &Result<T, StoreError>) {
+        if let Some(admit) = self.admit.take() {
+            self.guard.record(admit, result);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(admit) = self.admit.take() {
+            self.guard.abandoned(admit);
+        }
+    }
+}
+
 fn overflow_active(pending: &mut Pending) -> bool {
     match pending.overflowed_until {
         Some(until) if Instant::now() < until => true,
@@ -386,6 +428,22 @@ mod tests {
             let admit = guard.admit().unwrap();
             guard.record::<()>(admit, &Err(StoreError::Backend("OOM".into())));
         }
+        assert_eq!(guard.health().circuit, Circuit::Closed);
+    }
+
+    #[test]
+    fn a_dropped_probe_gives_its_turn_back() {
+        let guard = Arc::new(guard());
+        for _ in 0..3 {
+            fail(&guard);
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        let probe = guard.permit().unwrap();
+        assert_eq!(guard.health().circuit, Circuit::HalfOpen);
+        assert_eq!(guard.permit().unwrap_err(), StoreError::CircuitOpen);
+        drop(probe);
+        let next = guard.permit().expect("the next request probes");
+        next.record::<()>(&Ok(()));
         assert_eq!(guard.health().circuit, Circuit::Closed);
     }
 

@@ -327,11 +327,11 @@ where
     }
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
-        // The queue first: an admitted probe must always be recorded.
-        let (pending, admit) = match self
+        // The queue first, then the permit (recorded even if dropped).
+        let (pending, permit) = match self
             .guard
             .before_read()
-            .and_then(|p| Ok((p, self.guard.admit()?)))
+            .and_then(|p| Ok((p, self.guard.permit()?)))
         {
             Ok(ready) => ready,
             Err(err) => return Box::pin(async move { Err(err) }),
@@ -354,7 +354,7 @@ where
                 lookup(&mut conn, deadline, key).await
             }
             .await;
-            guard.record(admit, &result);
+            permit.record(&result);
             result
         })
     }
@@ -398,16 +398,16 @@ where
                 }
             }
         }
-        let admit = match self.guard.admit() {
-            Ok(admit) => admit,
+        let permit = match self.guard.permit() {
+            Ok(permit) => permit,
             Err(err) => return Box::pin(async move { Err(err) }),
         };
-        let (mut conn, deadline, guard) = (self.conn.clone(), self.deadline, self.guard.clone());
+        let (mut conn, deadline) = (self.conn.clone(), self.deadline);
         Box::pin(async move {
             let result = within(deadline, invocation.invoke_async::<i64>(&mut conn))
                 .await
                 .map(|written| written == 1);
-            guard.record(admit, &result);
+            permit.record(&result);
             result
         })
     }
@@ -419,8 +419,8 @@ where
         // Queued first, so that a failure leaves it for replay; sent together
         // with anything queued before, in one round trip.
         let (queued, generation) = self.guard.enqueue(invalidation);
-        let admit = match self.guard.admit() {
-            Ok(admit) => admit,
+        let permit = match self.guard.permit() {
+            Ok(permit) => permit,
             Err(err) => return Box::pin(async move { Err(err) }),
         };
         let (mut conn, deadline, tombstone_ttl) =
@@ -428,7 +428,7 @@ where
         let guard = self.guard.clone();
         Box::pin(async move {
             let result = apply(&mut conn, deadline, &queued, tombstone_ttl).await;
-            guard.record(admit, &result);
+            permit.record(&result);
             match &result {
                 Ok(()) => guard.applied(&queued, generation),
                 Err(err) => {
@@ -650,6 +650,54 @@ mod tests {
         fn get_db(&self) -> i64 {
             0
         }
+    }
+
+    /// A connection that never answers.
+    #[derive(Clone)]
+    struct Hang;
+
+    impl ConnectionLike for Hang {
+        fn req_packed_command<'a>(
+            &'a mut self,
+            _: &'a redis::Cmd,
+        ) -> redis::RedisFuture<'a, Value> {
+            Box::pin(std::future::pending())
+        }
+
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a redis::Pipeline,
+            _: usize,
+            _: usize,
+        ) -> redis::RedisFuture<'a, Vec<Value>> {
+            Box::pin(std::future::pending())
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_probe_never_leaves_the_circuit_half_open() {
+        let store = RedisStore::new(Hang)
+            .deadline(Duration::from_millis(5))
+            .breaker(
+                BreakerConfig::default()
+                    .failure_threshold(1)
+                    .open_for(Duration::from_millis(20)),
+            );
+        let key = CacheKey::Plain("k".into());
+        assert_eq!(store.lookup(&key).await, Err(StoreError::Timeout));
+        assert_eq!(store.lookup(&key).await, Err(StoreError::CircuitOpen));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // The probe's request is cancelled before the store answers.
+        let probe = store.lookup(&key);
+        assert!(tokio::time::timeout(Duration::from_millis(1), probe)
+            .await
+            .is_err());
+        // The next request probes, instead of being refused for ever.
+        assert_eq!(store.lookup(&key).await, Err(StoreError::Timeout));
     }
 
     #[tokio::test]
