@@ -6,7 +6,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use crate::policy::Policy;
-use crate::store::{Invalidation, StoreFuture};
+use crate::store::{Invalidation, StoreError, StoreFuture};
 
 pin_project! {
     /// Response future of [`Invalidate`](super::Invalidate).
@@ -22,23 +22,68 @@ pin_project! {
         Inner {
             #[pin]
             future: F,
-            pending: Option<(Invalidation, Policy)>,
+            owed: Owed,
         },
         // The response waits until the store applied the invalidation.
         Invalidating {
             apply: StoreFuture<()>,
             response: Option<Response<B>>,
-            invalidation: Invalidation,
-            policy: Policy,
+            owed: Owed,
         },
         Done,
+    }
+}
+
+/// The invalidation a matched write owes from the moment its handler is
+/// called. The future pays it; if the future is dropped first (the client
+/// went away, a timeout fired), dropping this sends it from a spawned task.
+/// The handler may not have committed then: an extra invalidation is
+/// harmless, a missed one is not.
+pub(crate) struct Owed(Option<(Invalidation, Policy)>);
+
+impl Owed {
+    /// Nothing is owed (the write failed, or was paid).
+    fn settle(&mut self) -> Option<(Invalidation, Policy)> {
+        self.0.take()
+    }
+}
+
+impl Drop for Owed {
+    fn drop(&mut self) {
+        let Some((invalidation, policy)) = self.0.take() else {
+            return;
+        };
+        // Stores apply or queue an invalidation when it is issued; the
+        // future only sends it (and replays the queue).
+        let apply = policy.store().invalidate(&invalidation);
+        tracing::info!(actions = %Actions(&invalidation), "write cancelled after its handler was called; invalidating anyway");
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { record(&policy, &invalidation, apply.await) });
+        }
+    }
+}
+
+fn record(policy: &Policy, invalidation: &Invalidation, applied: Result<(), StoreError>) {
+    let actions = Actions(invalidation);
+    match applied {
+        Ok(()) => {
+            policy.stats_ref().invalidation_applied();
+            tracing::debug!(actions = %actions, "cache invalidated");
+        }
+        Err(err) => {
+            policy.stats_ref().invalidation_failed();
+            tracing::warn!(actions = %actions, error = %err, "cache invalidation failed");
+        }
     }
 }
 
 impl<F, B> ResponseFuture<F, B> {
     pub(crate) fn new(future: F, pending: Option<(Invalidation, Policy)>) -> Self {
         Self {
-            state: State::Inner { future, pending },
+            state: State::Inner {
+                future,
+                owed: Owed(pending),
+            },
         }
     }
 }
@@ -53,9 +98,13 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Inner { future, pending } => {
-                    let response = ready!(future.poll(cx))?;
-                    let Some((invalidation, policy)) = pending.take() else {
+                StateProj::Inner { future, owed } => {
+                    let response = match ready!(future.poll(cx)) {
+                        Ok(response) => response,
+                        // The handler may have committed before it failed.
+                        Err(err) => return Poll::Ready(Err(err)),
+                    };
+                    let Some((invalidation, policy)) = owed.settle() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     };
@@ -72,27 +121,17 @@ where
                     this.state.set(State::Invalidating {
                         apply,
                         response: Some(response),
-                        invalidation,
-                        policy,
+                        owed: Owed(Some((invalidation, policy))),
                     });
                 }
                 StateProj::Invalidating {
                     apply,
                     response,
-                    invalidation,
-                    policy,
+                    owed,
                 } => {
                     let applied = ready!(apply.as_mut().poll(cx));
-                    let actions = Actions(invalidation);
-                    match applied {
-                        Ok(()) => {
-                            policy.stats_ref().invalidation_applied();
-                            tracing::debug!(actions = %actions, "cache invalidated");
-                        }
-                        Err(err) => {
-                            policy.stats_ref().invalidation_failed();
-                            tracing::warn!(actions = %actions, error = %err, "cache invalidation failed");
-                        }
+                    if let Some((invalidation, policy)) = owed.settle() {
+                        record(&policy, &invalidation, applied);
                     }
                     let response = response.take();
                     this.state.set(State::Done);

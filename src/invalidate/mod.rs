@@ -33,6 +33,14 @@
 //! the response is returned: when the client sees the response, no later
 //! read returns data from before the write. A 4xx or 5xx invalidates nothing.
 //!
+//! # Cancelled writes still invalidate
+//!
+//! From the moment a matched write's handler is called, its invalidation is
+//! owed: if the request future is dropped (the client went away, a timeout
+//! layer fired) before the invalidation was applied, it is issued on drop
+//! and sent from a spawned task. The handler may not have committed then;
+//! an extra invalidation is harmless, a missed one is not.
+//!
 //! # One round trip, no scans
 //!
 //! All the actions of one request go to the store together (one `EVALSHA` in

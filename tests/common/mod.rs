@@ -346,8 +346,12 @@ pub async fn update(
     if q.as_deref() == Some("fail=1") {
         return StatusCode::UNPROCESSABLE_ENTITY;
     }
-    let mut revisions = db.revisions.lock().unwrap();
-    *revisions.entry(id).or_insert(0) += 1;
+    *db.revisions.lock().unwrap().entry(id).or_insert(0) += 1;
+    // `slow=1`: the commit is done, then the handler still awaits something
+    // (a client that disconnects now drops the write's future).
+    if q.as_deref() == Some("slow=1") {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     StatusCode::OK
 }
 
