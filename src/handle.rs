@@ -8,9 +8,9 @@ use std::sync::Arc;
 use http::{Request, Response};
 use tower_service::Service;
 
-use crate::policy::{Decision, Policy};
+use crate::policy::Policy;
 use crate::stats::CacheStats;
-use crate::store::{CacheKey, Invalidation, Store, StoreError, StoreHealth, VersionKey};
+use crate::store::{Invalidation, Store, StoreError, StoreHealth, VersionKey};
 
 /// Operator actions on a policy's cache, for admin endpoints and jobs.
 ///
@@ -55,7 +55,10 @@ impl std::fmt::Display for HandleError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NotCached => write!(f, "the request is not served from the cache"),
-            Self::UnknownGroup(group) => write!(f, "no cached route reads group `{group}`"),
+            Self::UnknownGroup(group) => write!(
+                f,
+                "no cached route reads group `{group}`, or it binds path params (purge a request of its route instead)"
+            ),
             Self::ScopeMissing => write!(f, "the request carries no value for the group's scope"),
             Self::Store(err) => write!(f, "{err}"),
         }
@@ -105,34 +108,22 @@ impl CacheHandle {
     }
 
     /// Purges the entry `request` would be served from, in the request's
-    /// scope; returns its key. Any request of a cached route works (the
-    /// request is never sent anywhere). The request is read before the
-    /// returned future starts, so a body that is not `Sync` still gives a
-    /// `Send` future.
+    /// scope, and returns the key it invalidated. For a plain route that is
+    /// the entry's key (a tombstone); for a versioned route, the group's
+    /// version key (of the request's scope, for a per-scope group): the
+    /// bump is race-free and reaches every query variant. The request is
+    /// never sent anywhere, and it is read before the returned future
+    /// starts, so a body that is not `Sync` still gives a `Send` future.
     pub fn purge<B>(
         &self,
         request: &Request<B>,
     ) -> impl Future<Output = Result<String, HandleError>> + Send + 'static {
-        let decision = self.policy.decide(request);
+        let purge = self.policy.purge_for(request);
         let store = self.policy.store().clone();
         async move {
-            let Decision::Cache { key, .. } = decision else {
-                return Err(HandleError::NotCached);
-            };
-            let entry_key = match &key {
-                CacheKey::Plain(key) => key.clone(),
-                versioned => {
-                    let seen = store.lookup(versioned).await?;
-                    match seen.version_values() {
-                        Some(versions) => versioned.entry_key(&versions),
-                        // No version: nothing can be cached under it.
-                        None => return Ok(versioned.entry_key(&[b"?"])),
-                    }
-                }
-            };
-            let invalidation = Invalidation::new(vec![entry_key.clone()], Vec::new());
+            let (key, invalidation) = purge.ok_or(HandleError::NotCached)?;
             store.invalidate(&invalidation).await?;
-            Ok(entry_key)
+            Ok(key)
         }
     }
 

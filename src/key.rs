@@ -318,9 +318,8 @@ type ExtensionFn = Arc<dyn Fn(&Extensions) -> Option<String> + Send + Sync>;
 #[derive(Clone)]
 enum ScopePart {
     Header(HeaderName),
-    /// The reader, and the type of the closure: two scopes built by the same
-    /// code compare equal.
-    Extension(ExtensionFn, std::any::TypeId),
+    /// The reader; clones of one scope share it and compare equal.
+    Extension(ExtensionFn),
 }
 
 /// The request parts that scope a cache key: headers such as `Authorization`
@@ -331,8 +330,8 @@ enum ScopePart {
 /// # Fail closed
 ///
 /// A request on which any part of the scope reads nothing (the header is
-/// absent, the extension returns `None`) bypasses the cache with reason
-/// `scope-missing`: it never shares an entry. This is what keeps a cache
+/// absent or empty, the extension returns `None` or an empty string)
+/// bypasses the cache with reason `scope-missing`: it never shares an entry. This is what keeps a cache
 /// layer placed *outside* the authentication layer from serving one
 /// tenant's entry to another: the extension the auth layer sets is not
 /// there yet, so nothing is served from the cache.
@@ -361,7 +360,7 @@ impl std::fmt::Debug for Scope {
             .iter()
             .map(|p| match p {
                 ScopePart::Header(name) => format!("header {name}"),
-                ScopePart::Extension(..) => "extension".to_owned(),
+                ScopePart::Extension(_) => "extension".to_owned(),
             })
             .collect();
         f.debug_struct("Scope").field("parts", &parts).finish()
@@ -392,10 +391,7 @@ impl Scope {
     where
         F: Fn(&Extensions) -> Option<String> + Send + Sync + 'static,
     {
-        self.parts.push(ScopePart::Extension(
-            Arc::new(read),
-            std::any::TypeId::of::<F>(),
-        ));
+        self.parts.push(ScopePart::Extension(Arc::new(read)));
         self
     }
 
@@ -419,8 +415,8 @@ impl Scope {
             .any(|p| matches!(p, ScopePart::Header(h) if h.as_str().eq_ignore_ascii_case(name)))
     }
 
-    /// True when both read the same request parts (the same headers, the
-    /// same extension closures, in the same order).
+    /// True when both read the same request parts: the same headers, and
+    /// the very same extension readers (clones of one `Scope`), in order.
     pub(crate) fn same_as(&self, other: &Scope) -> bool {
         self.parts.len() == other.parts.len()
             && self
@@ -429,7 +425,7 @@ impl Scope {
                 .zip(&other.parts)
                 .all(|(a, b)| match (a, b) {
                     (ScopePart::Header(a), ScopePart::Header(b)) => a == b,
-                    (ScopePart::Extension(_, a), ScopePart::Extension(_, b)) => a == b,
+                    (ScopePart::Extension(a), ScopePart::Extension(b)) => Arc::ptr_eq(a, b),
                     _ => false,
                 })
     }
@@ -448,7 +444,11 @@ impl Scope {
         for part in &self.parts {
             let value: Option<Vec<u8>> = match part {
                 ScopePart::Header(name) => {
-                    let mut values = headers.get_all(name).iter().peekable();
+                    let mut values = headers
+                        .get_all(name)
+                        .iter()
+                        .filter(|v| !v.is_empty())
+                        .peekable();
                     values.peek().is_some().then(|| {
                         let mut joined = Vec::new();
                         for v in values {
@@ -457,7 +457,9 @@ impl Scope {
                         joined
                     })
                 }
-                ScopePart::Extension(read, _) => read(extensions).map(String::into_bytes),
+                ScopePart::Extension(read) => read(extensions)
+                    .filter(|v| !v.is_empty())
+                    .map(String::into_bytes),
             };
             hash_field(&mut hasher, &value?);
         }
@@ -613,29 +615,37 @@ mod tests {
     #[test]
     fn a_scope_that_reads_nothing_fails_closed() {
         let scope = Scope::new().header("x-tenant-id");
-        let ext = Extensions::new();
+        let mut ext = Extensions::new();
         let mut with_empty = HeaderMap::new();
         with_empty.insert("x-tenant-id", "".parse().unwrap());
         assert_eq!(scope.key_suffix(&HeaderMap::new(), &ext), None);
-        let empty = scope.key_suffix(&with_empty, &ext).unwrap();
-        assert!(empty.starts_with(SCOPE_MARK) && !empty.contains("tenant"));
+        assert_eq!(scope.key_suffix(&with_empty, &ext), None);
+        let mut with_value = HeaderMap::new();
+        with_value.insert("x-tenant-id", "acme".parse().unwrap());
+        let suffix = scope.key_suffix(&with_value, &ext).unwrap();
+        assert!(suffix.starts_with(SCOPE_MARK) && !suffix.contains("acme"));
         let by_extension = Scope::new().extension(|ext| ext.get::<String>().cloned());
-        assert_eq!(by_extension.key_suffix(&with_empty, &ext), None);
+        assert_eq!(by_extension.key_suffix(&with_value, &ext), None);
+        ext.insert(String::new());
+        assert_eq!(by_extension.key_suffix(&with_value, &ext), None);
     }
 
     #[test]
-    fn scopes_built_by_the_same_code_are_the_same() {
-        fn tenant() -> Scope {
+    fn only_clones_of_one_scope_are_the_same() {
+        let claim = |name: &'static str| {
             Scope::new()
                 .header("x-tenant-id")
-                .extension(|ext| ext.get::<String>().cloned())
-        }
-        assert!(tenant().same_as(&tenant()));
-        let other = Scope::new()
-            .header("x-tenant-id")
-            .extension(|ext| ext.get::<String>().cloned());
-        assert!(!tenant().same_as(&other));
-        assert!(!tenant().same_as(&Scope::new().header("x-tenant-id")));
+                .extension(move |ext| ext.get::<String>().map(|v| format!("{name}{v}")))
+        };
+        let tenant = claim("t");
+        assert!(tenant.same_as(&tenant.clone()));
+        assert!(
+            !tenant.same_as(&claim("t")),
+            "same code, maybe other values"
+        );
+        assert!(!tenant.same_as(&claim("u")));
+        assert!(!tenant.same_as(&Scope::new().header("x-tenant-id")));
+        assert!(Scope::new().header("a").same_as(&Scope::new().header("a")));
     }
 
     #[test]

@@ -37,8 +37,9 @@ pub struct Invalidate<S> {
     policy: Policy,
 }
 
-/// Set on a request by the outermost layer that will invalidate for it, so
-/// that a second layer of the same policy further in does not repeat it.
+/// Set on a request by the outermost layer that will fully invalidate for
+/// it, so that a second layer of the same policy further in does not repeat
+/// it.
 #[derive(Clone)]
 struct Claimed(Policy);
 
@@ -65,11 +66,16 @@ where
             .extensions()
             .get::<Claimed>()
             .is_some_and(|c| c.0.same(&self.policy));
-        let invalidation = match claimed {
-            true => None,
-            false => self.policy.invalidation(&request),
+        let (invalidation, complete) = match claimed {
+            true => (None, false),
+            false => match self.policy.invalidation(&request) {
+                Some((invalidation, complete)) => (Some(invalidation), complete),
+                None => (None, false),
+            },
         };
-        if invalidation.is_some() {
+        // A layer further in may read the scope this one could not (it sits
+        // inside authentication): leave the write to it too.
+        if complete {
             request
                 .extensions_mut()
                 .insert(Claimed(self.policy.clone()));
