@@ -17,6 +17,7 @@ use sha2::Digest;
 
 const FORMAT_ENTRY: u8 = 0x01;
 const FORMAT_TOMBSTONE: u8 = 0x02;
+const FORMAT_LEASE: u8 = 0x03;
 
 /// Headers kept with a stored response; everything else is dropped.
 pub(crate) const STORED_HEADERS: [HeaderName; 5] = [
@@ -41,6 +42,7 @@ pub(crate) struct Entry {
 #[derive(Debug)]
 pub(crate) enum Slot {
     Entry(Entry),
+    /// A purge's tombstone, or a miss's lease: a guard, not an entry.
     Tombstone,
     Unreadable,
 }
@@ -118,7 +120,7 @@ impl Entry {
 pub(crate) fn decode(mut raw: Bytes) -> Slot {
     match raw.first() {
         Some(&FORMAT_ENTRY) => decode_entry(&mut raw).map_or(Slot::Unreadable, Slot::Entry),
-        Some(&FORMAT_TOMBSTONE) => Slot::Tombstone,
+        Some(&FORMAT_TOMBSTONE | &FORMAT_LEASE) => Slot::Tombstone,
         _ => Slot::Unreadable,
     }
 }
@@ -193,9 +195,20 @@ pub(crate) fn none_match(if_none_match: &HeaderValue, etag: &HeaderValue) -> boo
 /// A tombstone unique to this call, so that a read which saw an earlier
 /// tombstone cannot mistake this one for it.
 pub(crate) fn tombstone() -> Bytes {
+    token(FORMAT_TOMBSTONE)
+}
+
+/// A lease unique to this call: what a miss writes at an empty key, so its
+/// conditional write has something of its own to compare against. A purge
+/// overwrites it; an eviction removes it; either way the write fails.
+pub(crate) fn lease() -> Bytes {
+    token(FORMAT_LEASE)
+}
+
+fn token(format: u8) -> Bytes {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut out = BytesMut::with_capacity(29);
-    out.put_u8(FORMAT_TOMBSTONE);
+    out.put_u8(format);
     out.put_u32(std::process::id());
     out.put_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     let nanos = SystemTime::now()

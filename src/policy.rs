@@ -1276,8 +1276,8 @@ mod hostile_input {
 
         #[test]
         fn distinct_scopes_never_share_a_key(
-            a in ("[ -~]{0,20}", proptest::option::of("[ -~]{0,20}")),
-            b in ("[ -~]{0,20}", proptest::option::of("[ -~]{0,20}")),
+            a in ("[ -~]{0,20}", proptest::option::weighted(0.9, "[ -~]{0,20}")),
+            b in ("[ -~]{0,20}", proptest::option::weighted(0.9, "[ -~]{0,20}")),
         ) {
             let request = |(tenant, auth): &(String, Option<String>)| {
                 let mut builder = Request::get("/t/1").header("x-tenant-id", tenant.as_str());

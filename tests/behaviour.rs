@@ -31,6 +31,7 @@ backend_tests!(
     stale_entries_are_served_while_one_refresh_runs,
     stale_entries_are_never_served_past_the_window_or_after_a_write,
     one_bump_reaches_every_scope_of_an_item,
+    an_evicted_guard_never_lets_an_old_read_store,
 );
 
 async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
@@ -185,8 +186,9 @@ async fn garbage_entry_is_a_miss_and_is_overwritten(backend: Backend) {
     db.set("1", 3);
     let key = CacheKey::Plain("app:person:1".into());
     for garbage in [&b"not an entry"[..], b"\x01\x00", b"\x09future format"] {
+        // The key is empty: the lookup leaves this writer's lease there.
         let absent = backend.store.lookup(&key).await.unwrap();
-        assert_eq!(*absent.entry(), Observed::Absent);
+        assert!(matches!(absent.entry(), Observed::Value(lease) if !lease.is_empty()));
         let written = backend
             .store
             .store(
@@ -344,7 +346,7 @@ async fn a_lost_version_key_never_brings_old_lists_back(backend: Backend) {
     let (_, x_cache, fresh) = send(&app, get_req("/persons")).await;
     assert_eq!(x_cache, "MISS");
     // The version key is lost: the next version must not be the first one again.
-    backend.forget_version("app:persons:list:ver").await;
+    backend.evict("app:persons:list:ver").await;
     assert_eq!(
         send(&app, method_req("PATCH", "/persons/1")).await.0,
         StatusCode::OK
@@ -353,7 +355,7 @@ async fn a_lost_version_key_never_brings_old_lists_back(backend: Backend) {
     assert_eq!(x_cache, "MISS");
     assert!(body.contains(r#"["1",3]"#) && body != fresh, "{body}");
     // Lost without a write in between: still a miss, never an old page.
-    backend.forget_version("app:persons:list:ver").await;
+    backend.evict("app:persons:list:ver").await;
     let (_, x_cache, body) = send(&app, get_req("/persons")).await;
     assert_eq!(
         (x_cache.as_str(), body.contains(r#"["1",3]"#)),
@@ -561,5 +563,45 @@ async fn one_bump_reaches_every_scope_of_an_item(backend: Backend) {
             "HIT",
             "item 2 untouched"
         );
+    }
+}
+
+/// A miss that read old data must not store it after a write, even when the
+/// guard its conditional write relies on (the tombstone, the version key) is
+/// evicted between its lookup and its store.
+async fn an_evicted_guard_never_lets_an_old_read_store(backend: Backend) {
+    let db = Db::default();
+    db.set("9", 1);
+    let (app, policy) = app(backend.store.clone(), db.clone());
+    let handle = policy.handle();
+    let old = tower_redis_cache::bench_support::encode_entry(Bytes::from_static(b"{\"old\":1}"));
+
+    // An item: the lookup, then a write's purge, then its tombstone evicted.
+    let item = policy.key_for(&get_req("/persons/9")).unwrap();
+    let seen = backend.store.lookup(&item).await.unwrap();
+    handle.purge(&get_req("/persons/9")).await.unwrap();
+    backend.evict("app:person:9").await;
+    let written = backend
+        .store
+        .store(&item, &seen, old.clone(), Duration::from_secs(60))
+        .await;
+    assert_eq!(written, Ok(false), "stored over an evicted tombstone");
+
+    // A list whose version key was missing at lookup; a bump recreates it,
+    // and it is evicted again before the store.
+    let list = policy.key_for(&get_req("/persons")).unwrap();
+    backend.evict("app:persons:list:ver").await;
+    let seen = backend.store.lookup(&list).await.unwrap();
+    handle.bump("persons:list").await.unwrap();
+    backend.evict("app:persons:list:ver").await;
+    let written = backend
+        .store
+        .store(&list, &seen, old, Duration::from_secs(60))
+        .await;
+    assert_eq!(written, Ok(false), "stored over an evicted version key");
+
+    for uri in ["/persons/9", "/persons"] {
+        let (_, _, body) = send(&app, get_req(uri)).await;
+        assert!(!body.contains("old"), "{uri}: {body}");
     }
 }

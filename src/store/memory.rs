@@ -29,6 +29,7 @@ pub struct MemoryStore {
     max_entries: usize,
     max_bytes: usize,
     tombstone_ttl: Duration,
+    lease_ttl: Duration,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -73,6 +74,7 @@ impl MemoryStore {
             max_entries: 10_000,
             max_bytes: 64 << 20,
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
+            lease_ttl: super::DEFAULT_LEASE_TTL,
         }
     }
 
@@ -94,7 +96,14 @@ impl MemoryStore {
         self
     }
 
-    /// Number of live entries (tombstones included).
+    /// How long a miss's lease lives (default 60 s): a miss whose handler
+    /// takes longer is not stored.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// Number of live keys (entries, tombstones, leases, version keys).
     pub fn len(&self) -> usize {
         let mut state = self.lock();
         let now = Instant::now();
@@ -115,10 +124,10 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// Removes the version key `key`, as an eviction or a restart of a
-    /// store without persistence would (used to test that a lost version
-    /// never brings old entries back).
-    pub fn forget_version(&self, key: &str) {
+    /// Removes `key` (an entry, a tombstone, a version key), as an eviction
+    /// or a restart of a store without persistence would; for tests of what
+    /// a lost guard can do.
+    pub fn evict(&self, key: &str) {
         self.lock().remove(key);
     }
 
@@ -128,43 +137,73 @@ impl MemoryStore {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Reads the entry; like Redis, never leaves the write to compare
+    /// against "absent": an empty plain key gets this miss's lease, a
+    /// missing version key is created.
     fn lookup_now(&self, key: &CacheKey) -> Lookup {
         let mut state = self.lock();
-        let versions: Vec<Observed> = key.versions().iter().map(|v| state.get(v.key())).collect();
-        let entry = match Lookup::new(versions.clone(), Observed::Absent).version_values() {
-            Some(values) => state.get(&key.entry_key(&values)),
-            None => Observed::Absent,
+        let caps = (self.max_entries, self.max_bytes);
+        let mut versions = Vec::with_capacity(key.versions().len());
+        for version in key.versions() {
+            let value = match state.get(version.key()) {
+                Observed::Value(value) => value,
+                _ => {
+                    let fresh = state.fresh_version();
+                    state.insert(version.key().to_owned(), fresh.clone(), version.ttl(), caps);
+                    fresh
+                }
+            };
+            versions.push(Observed::Value(value));
+        }
+        let entry = match key {
+            CacheKey::Plain(key) => match state.get(key) {
+                Observed::Absent => {
+                    let lease = crate::entry::lease();
+                    state.insert(key.clone(), lease.clone(), self.lease_ttl, caps);
+                    Observed::Value(lease)
+                }
+                found => found,
+            },
+            versioned => {
+                let values: Vec<&[u8]> = versions
+                    .iter()
+                    .map(|v| match v {
+                        Observed::Value(v) => v.as_ref(),
+                        _ => &[][..],
+                    })
+                    .collect();
+                state.get(&versioned.entry_key(&values))
+            }
         };
         Lookup::new(versions, entry)
     }
 
     fn store_now(&self, key: &CacheKey, seen: &Lookup, value: Bytes, ttl: Duration) -> bool {
         let mut state = self.lock();
-        let (caps, version_keys) = ((self.max_entries, self.max_bytes), key.versions());
-        if version_keys.len() != seen.versions().len() {
+        let caps = (self.max_entries, self.max_bytes);
+        let version_keys = key.versions();
+        let Some(values) = seen.version_values() else {
+            return false;
+        };
+        if values.len() != version_keys.len() {
             return false;
         }
-        let mut values = Vec::with_capacity(version_keys.len());
-        for (version_key, seen) in version_keys.iter().zip(seen.versions()) {
-            let current = state.get(version_key.key());
-            if current != *seen {
+        for (version_key, value) in version_keys.iter().zip(&values) {
+            if !matches!(state.get(version_key.key()), Observed::Value(v) if v == value) {
                 return false;
             }
-            values.push(match current {
-                Observed::Value(v) => v,
-                Observed::Absent | Observed::WrongType => state.fresh_version(),
-            });
         }
-        let entry_key = {
-            let refs: Vec<&[u8]> = values.iter().map(|v| v.as_ref()).collect();
-            key.entry_key(&refs)
-        };
-        if version_keys.is_empty() && state.get(&entry_key) != *seen.entry() {
-            return false;
+        let entry_key = key.entry_key(&values);
+        if version_keys.is_empty() {
+            let current = state.get(&entry_key);
+            if current == Observed::Absent || current != *seen.entry() {
+                return false;
+            }
         }
         // Version keys outlive the entries they guard: renewed on each write.
         for (version_key, value) in version_keys.iter().zip(values) {
             let keep = state.remaining(version_key.key()).max(version_key.ttl());
+            let value = Bytes::copy_from_slice(value);
             state.insert(version_key.key().to_owned(), value, keep, caps);
         }
         state.insert(entry_key, value, ttl, caps);
@@ -309,7 +348,8 @@ mod tests {
             assert!(store.store_now(&plain(key), &seen, Bytes::from_static(b"v"), ttl));
         }
         assert_eq!(store.len(), 2);
-        assert_eq!(store.lookup_now(&plain("a")).entry, Observed::Absent);
+        let evicted = store.lookup_now(&plain("a")).entry;
+        assert!(matches!(evicted, Observed::Value(v) if v.as_ref() != b"v"));
     }
 
     #[test]
@@ -355,7 +395,7 @@ mod tests {
         store.invalidate_now(&bump);
         store.invalidate_now(&bump);
         let before = version(&store, "v");
-        store.forget_version("v");
+        store.evict("v");
         store.invalidate_now(&bump);
         assert!(version(&store, "v") > before);
     }

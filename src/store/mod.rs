@@ -7,11 +7,15 @@
 //!
 //! Both implement the same semantics, which the layers rely on:
 //!
-//! - **Conditional writes.** [`Store::store`] writes only if what the lookup
-//!   saw is still there: the same version for a versioned key, the same slot
-//!   (absent, or the same tombstone or unreadable bytes) for a plain one. A
-//!   read that started before an invalidation therefore cannot store its
-//!   result after it.
+//! - **Conditional writes that eviction cannot defeat.** A lookup never
+//!   leaves its write to compare against "absent": at an empty plain key it
+//!   writes a lease unique to this miss, and a missing version key is
+//!   created by the lookup itself. [`Store::store`] writes only if every
+//!   key still holds exactly what the lookup saw (the lease, a tombstone,
+//!   the version). A purge overwrites the lease, a bump changes the
+//!   version, and an evicted or expired guard reads absent: each fails the
+//!   write. A read that started before an invalidation therefore cannot
+//!   store its result after it.
 //! - **Versions that cannot lie.** A missing version key is created with the
 //!   current time in microseconds and bumped with `INCR`, so a lost key never
 //!   restarts at a number already used. A version key lives at least as
@@ -69,6 +73,10 @@ impl VersionKey {
         self.ttl
     }
 }
+
+/// Default time a miss's lease lives: a miss whose handler takes longer is
+/// not stored.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(60);
 
 /// The key of one cache entry, with the namespace and scope already applied.
 /// Minted by the [`Policy`](crate::Policy); stores read it.

@@ -7,7 +7,8 @@ use redis::{RedisError, Script};
 
 use super::guard::{BreakerConfig, Guard, StoreHealth};
 use super::{
-    CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture, DEFAULT_TOMBSTONE_TTL,
+    CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture, DEFAULT_LEASE_TTL,
+    DEFAULT_TOMBSTONE_TTL,
 };
 
 /// Default deadline for one Redis operation.
@@ -23,21 +24,28 @@ local function read(k)
 end
 ";
 
-/// KEYS version keys; ARGV entry prefix, suffix. The entry key is the
-/// prefix, the versions joined by `.`, then the suffix.
-/// Returns {state, value} per version key, then {entry state, entry}.
+/// KEYS version keys; ARGV entry prefix, suffix, then the ttl ms of each
+/// version key. The entry key is the prefix, the versions joined by `.`,
+/// then the suffix. A missing (or unreadable) version key is created here,
+/// with the server time in microseconds, so the miss's write compares
+/// against a value it saw, never against "absent".
+/// Returns {1, value} per version key, then {entry state, entry}.
 static LOOKUP_VERSIONED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{READ_FN}
-local out, parts, all = {{}}, {{}}, true
+local out, parts = {{}}, {{}}
 for i = 1, #KEYS do
   local s, v = read(KEYS[i])
-  out[#out + 1] = s
+  if s ~= 1 then
+    local t = redis.call('TIME')
+    v = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('SET', KEYS[i], v, 'PX', ARGV[2 + i])
+  end
+  out[#out + 1] = 1
   out[#out + 1] = v
-  if s == 1 then parts[i] = v else all = false end
+  parts[i] = v
 end
-local es, e = 0, ''
-if all then es, e = read(ARGV[1] .. table.concat(parts, '.') .. ARGV[2]) end
+local es, e = read(ARGV[1] .. table.concat(parts, '.') .. ARGV[2])
 out[#out + 1] = es
 out[#out + 1] = e
 return out"
@@ -46,34 +54,29 @@ return out"
 
 /// Plain: KEYS[1] entry key; ARGV 'p', value, ttl ms, seen state, seen value.
 /// Versioned: KEYS version keys; ARGV 'v', value, ttl ms, entry prefix,
-/// suffix, then per version key its seen state, seen value and ttl ms.
-/// Writes only if every key still reads as seen; a missing (or unreadable)
-/// version is created with the server time in microseconds. Version keys are renewed so
+/// suffix, then per version key its seen value and ttl ms.
+/// Writes only if every key still holds exactly what the lookup saw (the
+/// miss's own lease, a tombstone, the version): a guard that was evicted or
+/// expired reads absent and fails the write. Version keys are renewed so
 /// they outlive the entry.
 static STORE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{READ_FN}
 if ARGV[1] == 'p' then
   local s, cur = read(KEYS[1])
-  if s ~= tonumber(ARGV[4]) or cur ~= ARGV[5] then return 0 end
+  if s == 0 or s ~= tonumber(ARGV[4]) or cur ~= ARGV[5] then return 0 end
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
-local parts, states = {{}}, {{}}
+local parts = {{}}
 for i = 1, #KEYS do
   local s, cur = read(KEYS[i])
-  if s ~= tonumber(ARGV[3 + 3 * i]) or cur ~= ARGV[4 + 3 * i] then return 0 end
-  if s ~= 1 then
-    local t = redis.call('TIME')
-    cur = t[1] .. string.format('%06d', tonumber(t[2]))
-  end
-  parts[i], states[i] = cur, s
+  if s ~= 1 or cur ~= ARGV[4 + 2 * i] then return 0 end
+  parts[i] = cur
 end
 for i = 1, #KEYS do
-  local ttl = tonumber(ARGV[5 + 3 * i])
-  if states[i] ~= 1 then
-    redis.call('SET', KEYS[i], parts[i], 'PX', ttl)
-  elseif redis.call('PTTL', KEYS[i]) < ttl then
+  local ttl = tonumber(ARGV[5 + 2 * i])
+  if redis.call('PTTL', KEYS[i]) < ttl then
     redis.call('PEXPIRE', KEYS[i], ttl)
   end
 end
@@ -116,9 +119,11 @@ return 1",
 /// Redis. Every operation has a deadline ([`DEFAULT_DEADLINE`] unless set);
 /// a late or failed operation is an error the layers turn into a miss.
 ///
-/// Entries are written with `SET … PX ttl`; lookups are one `GET` (plain
-/// keys) or one `EVALSHA` (versioned keys); writes and invalidations are one
-/// `EVALSHA` each. No command scans the keyspace.
+/// Entries are written with `SET … PX ttl`; lookups are one `SET key lease
+/// NX PX ttl GET` (plain keys: the entry, or a lease of this miss when the
+/// key is empty; Redis 7.0 or later) or one `EVALSHA` (versioned keys);
+/// writes and invalidations are one `EVALSHA` each. No command scans the
+/// keyspace.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -133,6 +138,7 @@ pub struct RedisStore<C = ConnectionManager> {
     conn: C,
     deadline: Duration,
     tombstone_ttl: Duration,
+    lease_ttl: Duration,
     guard: Arc<Guard>,
 }
 
@@ -172,6 +178,7 @@ impl<C> RedisStore<C> {
             conn,
             deadline: DEFAULT_DEADLINE,
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
+            lease_ttl: DEFAULT_LEASE_TTL,
             guard: Arc::new(Guard::new(BreakerConfig::default())),
         }
     }
@@ -191,6 +198,13 @@ impl<C> RedisStore<C> {
     /// How long a delete's tombstone lives (default 5 minutes).
     pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
         self.tombstone_ttl = ttl;
+        self
+    }
+
+    /// How long a miss's lease lives (default 60 s): a miss whose handler
+    /// takes longer is not stored.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
         self
     }
 }
@@ -232,16 +246,21 @@ async fn apply<C: ConnectionLike>(
     Ok(())
 }
 
-/// One lookup: a `GET` for a plain key, one script call for a versioned one.
+/// One lookup: a `SET … NX GET` for a plain key (the entry, or a lease when
+/// there is none), one script call for a versioned one.
 async fn lookup<C: ConnectionLike>(
     conn: &mut C,
     deadline: Duration,
+    lease_ttl: Duration,
     key: CacheKey,
 ) -> Result<Lookup, StoreError> {
     match key {
         CacheKey::Plain(key) => {
-            let mut get = redis::cmd("GET");
-            get.arg(&key);
+            // One command: the entry if there is one, else our lease.
+            let lease = crate::entry::lease();
+            let mut get = redis::cmd("SET");
+            get.arg(&key).arg(lease.as_ref()).arg("NX");
+            get.arg("PX").arg(millis(lease_ttl)).arg("GET");
             let entry = match tokio::time::timeout(
                 deadline,
                 get.query_async::<Option<Vec<u8>>>(conn),
@@ -250,8 +269,18 @@ async fn lookup<C: ConnectionLike>(
             {
                 Err(_) => return Err(StoreError::Timeout),
                 Ok(Ok(Some(value))) => Observed::Value(Bytes::from(value)),
-                Ok(Ok(None)) => Observed::Absent,
+                Ok(Ok(None)) => Observed::Value(lease),
                 Ok(Err(err)) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
+                // Full, without eviction: no lease, but hits still serve.
+                // An empty key then reads absent, which no write matches.
+                Ok(Err(err)) if err.code() == Some("OOM") => {
+                    let mut get = redis::cmd("GET");
+                    get.arg(&key);
+                    match within(deadline, get.query_async::<Option<Vec<u8>>>(conn)).await? {
+                        Some(value) => Observed::Value(Bytes::from(value)),
+                        None => Observed::Absent,
+                    }
+                }
                 Ok(Err(err)) => return Err(backend(err)),
             };
             Ok(Lookup::new(Vec::new(), entry))
@@ -266,6 +295,9 @@ async fn lookup<C: ConnectionLike>(
                 invocation.key(version.key());
             }
             invocation.arg(&prefix).arg(&suffix);
+            for version in &versions {
+                invocation.arg(millis(version.ttl()));
+            }
             let reply: Vec<redis::Value> = within(deadline, invocation.invoke_async(conn)).await?;
             let mut observed = reply.chunks(2).map(|pair| match pair {
                 [redis::Value::Int(state), value] => {
@@ -338,7 +370,7 @@ where
         };
         let (mut conn, deadline, tombstone_ttl) =
             (self.conn.clone(), self.deadline, self.tombstone_ttl);
-        let (guard, key) = (self.guard.clone(), key.clone());
+        let (guard, key, lease_ttl) = (self.guard.clone(), key.clone(), self.lease_ttl);
         Box::pin(async move {
             let result = async {
                 // Invalidations that failed earlier go first: nothing is
@@ -351,7 +383,7 @@ where
                         "queued invalidations replayed"
                     );
                 }
-                lookup(&mut conn, deadline, key).await
+                lookup(&mut conn, deadline, lease_ttl, key).await
             }
             .await;
             permit.record(&result);
@@ -372,6 +404,10 @@ where
         let mut invocation = STORE.prepare_invoke();
         match key {
             CacheKey::Plain(key) => {
+                // Absent is what an evicted guard looks like: never matched.
+                if *seen.entry() == Observed::Absent {
+                    return Box::pin(async { Ok(false) });
+                }
                 let (state, current) = seen_args(seen.entry());
                 invocation
                     .key(key)
@@ -385,16 +421,18 @@ where
                 prefix,
                 suffix,
             } => {
+                // A version the lookup did not read as a value cannot match.
+                let Some(seen) = seen.version_values() else {
+                    return Box::pin(async { Ok(false) });
+                };
+                if seen.len() != versions.len() {
+                    return Box::pin(async { Ok(false) });
+                }
                 invocation.arg("v").arg(value.as_ref()).arg(millis(ttl));
                 invocation.arg(prefix).arg(suffix);
-                for (i, version) in versions.iter().enumerate() {
-                    let seen = seen.versions().get(i).unwrap_or(&Observed::WrongType);
-                    let (state, current) = seen_args(seen);
+                for (version, seen) in versions.iter().zip(seen) {
                     invocation.key(version.key());
-                    invocation
-                        .arg(state)
-                        .arg(current)
-                        .arg(millis(version.ttl()));
+                    invocation.arg(seen).arg(millis(version.ttl()));
                 }
             }
         }
@@ -468,7 +506,6 @@ mod tests {
     use http::{Request, Response, StatusCode};
     use http_body_util::Full;
     use redis::Value;
-    use redis_test::{MockCmd, MockRedisConnection};
     use tower::{Layer, ServiceExt};
 
     use super::*;
@@ -508,12 +545,6 @@ mod tests {
         .encode()
     }
 
-    fn evalsha(script: &Script) -> redis::Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash());
-        cmd
-    }
-
     async fn get<C: ConnectionLike + Clone + Send + Sync + 'static>(
         conn: C,
         uri: &str,
@@ -539,81 +570,61 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_item_hit_is_one_get() {
-        let conn = MockRedisConnection::new([MockCmd::new(
-            redis::cmd("GET").arg("app:person:42"),
-            Ok(Value::BulkString(entry().to_vec())),
-        )])
-        .assert_all_commands_consumed();
-        let response = get(conn, "/persons/42").await;
+    async fn an_item_hit_is_one_command() {
+        let recorder = Recorder::answering(Value::BulkString(entry().to_vec()));
+        let response = get(recorder.clone(), "/persons/42").await;
         assert_eq!(response.headers()["x-cache"], "HIT");
+        let commands = recorder.commands();
+        assert_eq!(commands.len(), 1, "{commands:?}");
+        assert_eq!(commands[0][..2], ["SET", "app:person:42"]);
+        assert_eq!(commands[0][3..], ["NX", "PX", "60000", "GET"]);
     }
 
     #[tokio::test]
     async fn a_list_hit_is_one_evalsha() {
         let (prefix, suffix) = list_key_parts();
-        let reply = Value::Array(vec![
+        let recorder = Recorder::answering(Value::Array(vec![
             Value::Int(1),
             Value::BulkString(b"17".to_vec()),
             Value::Int(1),
             Value::BulkString(entry().to_vec()),
-        ]);
-        let mut lookup = evalsha(&LOOKUP_VERSIONED);
-        lookup
-            .arg(1)
-            .arg("app:persons:list:ver")
-            .arg(&prefix)
-            .arg(&suffix);
-        let conn = MockRedisConnection::new([MockCmd::new(lookup, Ok(reply))])
-            .assert_all_commands_consumed();
-        let response = get(conn, "/persons").await;
+        ]));
+        let response = get(recorder.clone(), "/persons").await;
         assert_eq!(response.headers()["x-cache"], "HIT");
+        let commands = recorder.commands();
+        assert_eq!(commands.len(), 1, "{commands:?}");
+        assert_eq!(
+            commands[0],
+            [
+                "EVALSHA",
+                LOOKUP_VERSIONED.get_hash(),
+                "1",
+                "app:persons:list:ver",
+                &prefix,
+                &suffix,
+                "60000"
+            ]
+        );
     }
 
-    #[tokio::test]
-    async fn a_miss_is_one_lookup_and_one_conditional_write() {
-        let conn = MockRedisConnection::new([
-            MockCmd::new(redis::cmd("GET").arg("app:person:42"), Ok(Value::Nil)),
-            // The write's arguments hold a timestamp; match it by shape below.
-        ]);
-        // The store call is checked separately: the mock compares whole
-        // commands, so build the write the store will send.
-        let store = RedisStore::new(conn.clone());
-        let seen = store
-            .lookup(&CacheKey::Plain("app:person:42".into()))
-            .await
-            .unwrap();
-        assert_eq!(*seen.entry(), Observed::Absent);
-        let value = entry();
-        let mut write = evalsha(&STORE);
-        write
-            .arg(1)
-            .arg("app:person:42")
-            .arg("p")
-            .arg(value.as_ref())
-            .arg(300_000u64)
-            .arg(0)
-            .arg(b"");
-        let conn = MockRedisConnection::new([MockCmd::new(write, Ok(Value::Int(1)))])
-            .assert_all_commands_consumed();
-        let written = RedisStore::new(conn)
-            .store(
-                &CacheKey::Plain("app:person:42".into()),
-                &seen,
-                value,
-                Duration::from_secs(300),
-            )
-            .await;
-        assert_eq!(written, Ok(true));
-    }
-
-    /// Records every command and answers GET with nil, EVALSHA with 1.
+    /// Records every command; answers the first with `lookup` (nil unless
+    /// set: an empty key), the others with 1.
     #[derive(Clone, Default)]
-    struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>);
+    struct Recorder {
+        log: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+        lookup: Option<Value>,
+    }
 
     impl Recorder {
+        fn answering(lookup: Value) -> Self {
+            Self {
+                lookup: Some(lookup),
+                ..Self::default()
+            }
+        }
+
         fn commands(&self) -> Vec<Vec<String>> {
-            self.0.lock().unwrap().clone()
+            self.log.lock().unwrap().clone()
         }
     }
 
@@ -629,12 +640,13 @@ mod tests {
                     _ => "<other>".to_owned(),
                 })
                 .collect();
-            let reply = if args[0] == "GET" {
-                Value::Nil
-            } else {
-                Value::Int(1)
+            let mut log = self.log.lock().unwrap();
+            let reply = match (log.is_empty(), &self.lookup) {
+                (true, Some(lookup)) => lookup.clone(),
+                (true, None) if args[0] == "SET" => Value::Nil,
+                _ => Value::Int(1),
             };
-            self.0.lock().unwrap().push(args);
+            log.push(args);
             Box::pin(async move { Ok(reply) })
         }
 
@@ -701,18 +713,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_miss_through_the_layer_is_a_get_then_one_conditional_write() {
+    async fn a_miss_is_a_lease_then_one_write_conditional_on_it() {
         let recorder = Recorder::default();
         let response = get(recorder.clone(), "/persons/42").await;
         let status = response.headers()["cache-status"].to_str().unwrap();
         assert!(status.ends_with("stored"), "{status}");
         let commands = recorder.commands();
         assert_eq!(commands.len(), 2, "{commands:?}");
-        assert_eq!(commands[0], vec!["GET", "app:person:42"]);
+        assert_eq!(commands[0][..2], ["SET", "app:person:42"]);
+        let lease = &commands[0][2];
         assert_eq!(
             commands[1][..5],
             ["EVALSHA", STORE.get_hash(), "1", "app:person:42", "p"]
         );
+        // value, ttl, then what the lookup saw: a string, our lease.
+        assert_eq!(commands[1][7..], ["1", lease.as_str()]);
     }
 
     #[tokio::test]

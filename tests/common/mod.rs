@@ -156,10 +156,11 @@ impl Backend {
         })
     }
 
-    /// Loses a version key, as an eviction or a restart without persistence would.
-    pub async fn forget_version(&self, key: &str) {
+    /// Loses a key (an entry, a tombstone, a version key), as an eviction or
+    /// a restart without persistence would.
+    pub async fn evict(&self, key: &str) {
         match (&self.memory, &self.server) {
-            (Some(memory), _) => memory.forget_version(key),
+            (Some(memory), _) => memory.evict(key),
             (None, Some(server)) => {
                 let _: () = redis::cmd("DEL")
                     .arg(key)
