@@ -675,6 +675,8 @@ impl PolicyBuilder {
         }
         let stats = CacheStats::new(routes.iter().map(|r| r.label.clone()).collect());
         let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        let longest = routes.iter().map(|r| r.ttl + r.stale_window).max();
+        store.longest_entry_life(longest.unwrap_or(self.default_ttl));
         Ok(Policy {
             inner: Arc::new(PolicyInner {
                 layout: Layout::new(self.namespace),

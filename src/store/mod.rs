@@ -30,16 +30,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-mod guard;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+mod resilient;
 
-pub use guard::{BreakerConfig, Circuit, StoreHealth};
+pub use resilient::{BreakerConfig, Circuit, Resilient, StoreHealth};
 
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use redis::{RedisStore, DEFAULT_DEADLINE};
+pub use redis::{RedisStore, DEFAULT_DEADLINE, DEFAULT_WRITE_DEADLINE};
 
 /// The future every store operation returns.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -290,6 +290,13 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> StoreHealth {
         StoreHealth::default()
     }
+
+    /// Told by the [`Policy`](crate::Policy) when it is built: the longest
+    /// an entry lives (TTL plus stale window). A store that holds the cache
+    /// off after losing invalidations needs to hold it no longer.
+    fn longest_entry_life(&self, life: Duration) {
+        let _ = life;
+    }
 }
 
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
@@ -325,6 +332,10 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 
     fn health(&self) -> StoreHealth {
         (**self).health()
+    }
+
+    fn longest_entry_life(&self, life: Duration) {
+        (**self).longest_entry_life(life);
     }
 }
 

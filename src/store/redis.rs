@@ -1,18 +1,22 @@
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
-use super::guard::{BreakerConfig, Guard, StoreHealth};
+use super::resilient::{BreakerConfig, Resilient, StoreHealth};
 use super::{
     CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture, DEFAULT_LEASE_TTL,
     DEFAULT_TOMBSTONE_TTL,
 };
 
-/// Default deadline for one Redis operation.
+/// Default deadline for one Redis read or entry write.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
+
+/// Default budget of a write's invalidation: longer than a read's, since a
+/// write waits for it and a missed one leaves stale data.
+pub const DEFAULT_WRITE_DEADLINE: Duration = Duration::from_secs(1);
 
 // Shared by the scripts: the state of a key as (0 absent | 1 string | 2 other type, value).
 const READ_FN: &str = r"
@@ -135,18 +139,26 @@ return 1",
 /// ```
 #[derive(Clone)]
 pub struct RedisStore<C = ConnectionManager> {
+    inner: Resilient<Link<C>>,
+}
+
+/// The Redis operations themselves, without breaker or queue.
+#[derive(Clone)]
+struct Link<C> {
     conn: C,
     deadline: Duration,
+    write_deadline: Duration,
     tombstone_ttl: Duration,
     lease_ttl: Duration,
-    guard: Arc<Guard>,
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let link = self.inner.get_ref();
         f.debug_struct("RedisStore")
-            .field("deadline", &self.deadline)
-            .field("tombstone_ttl", &self.tombstone_ttl)
+            .field("deadline", &link.deadline)
+            .field("write_deadline", &link.write_deadline)
+            .field("tombstone_ttl", &link.tombstone_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -158,8 +170,8 @@ impl RedisStore<ConnectionManager> {
     /// runtime.
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(backend)?;
-        // Each operation is bounded by `deadline`; the manager's own limits
-        // only keep a dead connection attempt from lingering.
+        // Each operation is bounded by its deadline; the manager's own
+        // limits only keep a dead connection attempt from lingering.
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(None)
@@ -170,41 +182,56 @@ impl RedisStore<ConnectionManager> {
     }
 }
 
-impl<C> RedisStore<C> {
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
     /// A store over `conn`: a `ConnectionManager`, a `MultiplexedConnection`,
     /// or any other cloneable async connection.
     pub fn new(conn: C) -> Self {
-        Self {
+        let link = Link {
             conn,
             deadline: DEFAULT_DEADLINE,
+            write_deadline: DEFAULT_WRITE_DEADLINE,
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
             lease_ttl: DEFAULT_LEASE_TTL,
-            guard: Arc::new(Guard::new(BreakerConfig::default())),
+        };
+        Self {
+            inner: Resilient::new(link, BreakerConfig::default()),
         }
     }
 
     /// The circuit breaker and invalidation queue thresholds.
-    pub fn breaker(mut self, config: BreakerConfig) -> Self {
-        self.guard = Arc::new(Guard::new(config));
+    pub fn breaker(self, config: BreakerConfig) -> Self {
+        Self {
+            inner: Resilient::new(self.inner.into_inner(), config),
+        }
+    }
+
+    /// The deadline for one read or entry write (default 100 ms).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.inner.get_mut().deadline = deadline;
         self
     }
 
-    /// The deadline for one operation (default 100 ms).
-    pub fn deadline(mut self, deadline: Duration) -> Self {
-        self.deadline = deadline;
+    /// The budget of a write's invalidation (default 1 s): it is tried
+    /// twice within it (the second time on a fresh connection when the
+    /// first one dropped), and it is sent even while the circuit is open.
+    pub fn write_deadline(mut self, deadline: Duration) -> Self {
+        self.inner.get_mut().write_deadline = deadline;
         self
     }
 
     /// How long a delete's tombstone lives (default 5 minutes).
     pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
-        self.tombstone_ttl = ttl;
+        self.inner.get_mut().tombstone_ttl = ttl;
         self
     }
 
     /// How long a miss's lease lives (default 60 s): a miss whose handler
     /// takes longer is not stored.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = ttl;
+        self.inner.get_mut().lease_ttl = ttl;
         self
     }
 }
@@ -350,7 +377,7 @@ fn millis(ttl: Duration) -> u64 {
     (ttl.as_millis() as u64).max(1)
 }
 
-impl<C> Store for RedisStore<C>
+impl<C> Store for Link<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
@@ -359,36 +386,9 @@ where
     }
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
-        // The queue first, then the permit (recorded even if dropped).
-        let (pending, permit) = match self
-            .guard
-            .before_read()
-            .and_then(|p| Ok((p, self.guard.permit()?)))
-        {
-            Ok(ready) => ready,
-            Err(err) => return Box::pin(async move { Err(err) }),
-        };
-        let (mut conn, deadline, tombstone_ttl) =
-            (self.conn.clone(), self.deadline, self.tombstone_ttl);
-        let (guard, key, lease_ttl) = (self.guard.clone(), key.clone(), self.lease_ttl);
-        Box::pin(async move {
-            let result = async {
-                // Invalidations that failed earlier go first: nothing is
-                // served from the cache before they are applied.
-                if let Some((queued, generation)) = pending {
-                    apply(&mut conn, deadline, &queued, tombstone_ttl).await?;
-                    guard.applied(&queued, generation);
-                    tracing::info!(
-                        keys = queued.deletes.len() + queued.bumps.len(),
-                        "queued invalidations replayed"
-                    );
-                }
-                lookup(&mut conn, deadline, lease_ttl, key).await
-            }
-            .await;
-            permit.record(&result);
-            result
-        })
+        let (mut conn, deadline, lease_ttl) = (self.conn.clone(), self.deadline, self.lease_ttl);
+        let key = key.clone();
+        Box::pin(async move { lookup(&mut conn, deadline, lease_ttl, key).await })
     }
 
     fn store(
@@ -398,9 +398,6 @@ where
         value: Bytes,
         ttl: Duration,
     ) -> StoreFuture<bool> {
-        if !self.guard.clear() {
-            return Box::pin(async { Err(StoreError::PendingInvalidations) });
-        }
         let mut invocation = STORE.prepare_invoke();
         match key {
             CacheKey::Plain(key) => {
@@ -436,44 +433,34 @@ where
                 }
             }
         }
-        let permit = match self.guard.permit() {
-            Ok(permit) => permit,
-            Err(err) => return Box::pin(async move { Err(err) }),
-        };
         let (mut conn, deadline) = (self.conn.clone(), self.deadline);
         Box::pin(async move {
-            let result = within(deadline, invocation.invoke_async::<i64>(&mut conn))
+            within(deadline, invocation.invoke_async::<i64>(&mut conn))
                 .await
-                .map(|written| written == 1);
-            permit.record(&result);
-            result
+                .map(|written| written == 1)
         })
     }
 
+    /// Two tries within the write deadline: a dropped connection fails the
+    /// first at once, and the second goes over the reconnected one; a
+    /// stall or a slow link gets the whole budget.
     fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
         if invalidation.is_empty() {
             return Box::pin(async { Ok(()) });
         }
-        // Queued first, so that a failure leaves it for replay; sent together
-        // with anything queued before, in one round trip.
-        let (queued, generation) = self.guard.enqueue(invalidation);
-        let permit = match self.guard.permit() {
-            Ok(permit) => permit,
-            Err(err) => return Box::pin(async move { Err(err) }),
-        };
-        let (mut conn, deadline, tombstone_ttl) =
-            (self.conn.clone(), self.deadline, self.tombstone_ttl);
-        let guard = self.guard.clone();
+        let (mut conn, budget, tombstone_ttl) =
+            (self.conn.clone(), self.write_deadline, self.tombstone_ttl);
+        let invalidation = invalidation.clone();
         Box::pin(async move {
-            let result = apply(&mut conn, deadline, &queued, tombstone_ttl).await;
-            permit.record(&result);
-            match &result {
-                Ok(()) => guard.applied(&queued, generation),
-                Err(err) => {
-                    tracing::warn!(error = %err, "invalidation kept for replay before the next lookup")
+            let until = tokio::time::Instant::now() + budget;
+            let first = apply(&mut conn, budget, &invalidation, tombstone_ttl).await;
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match first {
+                Err(StoreError::Unreachable(_) | StoreError::Timeout) if !left.is_zero() => {
+                    apply(&mut conn, left, &invalidation, tombstone_ttl).await
                 }
+                other => other,
             }
-            result
         })
     }
 
@@ -488,9 +475,48 @@ where
     fn tombstone_ttl(&self) -> Duration {
         self.tombstone_ttl
     }
+}
+
+impl<C> Store for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+        self.inner.lookup(key)
+    }
+
+    fn store(
+        &self,
+        key: &CacheKey,
+        seen: &Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> StoreFuture<bool> {
+        self.inner.store(key, seen, value, ttl)
+    }
+
+    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+        self.inner.invalidate(invalidation)
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        self.inner.ping()
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        self.inner.tombstone_ttl()
+    }
+
+    fn longest_entry_life(&self, life: Duration) {
+        self.inner.longest_entry_life(life);
+    }
 
     fn health(&self) -> StoreHealth {
-        self.guard.health()
+        self.inner.health()
     }
 }
 

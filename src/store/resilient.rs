@@ -1,0 +1,866 @@
+//! What keeps a remote store from hurting requests, as a decorator any
+//! [`Store`] can wear: a circuit breaker, so a down, hung or slow store costs
+//! nothing per read once detected, and a queue of invalidations that could
+//! not be applied, replayed before this process serves from the cache again.
+//!
+//! The ordering rules live here, in one place:
+//!
+//! - an invalidation is queued *before* it is sent, so a failure or a
+//!   dropped future leaves it for replay;
+//! - reads and writes of entries go through the breaker; invalidations do
+//!   not (a write has its own budget, see the inner store's write deadline);
+//! - while anything is queued, a lookup first replays a bounded batch, and
+//!   serves from the cache only once the queue is empty;
+//! - every operation the breaker admits is recorded exactly once, even when
+//!   its future is dropped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{CacheKey, Invalidation, Lookup, Store, StoreError, StoreFuture, VersionKey};
+
+/// Thresholds of the circuit breaker and the invalidation queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BreakerConfig {
+    /// Consecutive failed operations that open the circuit (default 5).
+    pub failure_threshold: u32,
+    /// How long the circuit stays open before one probe is let through
+    /// (default 1 s).
+    pub open_for: Duration,
+    /// A call slower than this counts as slow, even when it succeeds
+    /// (default 25 ms).
+    pub slow_call: Duration,
+    /// The share of slow calls, in percent, among the last
+    /// [`window`](Self::window) calls that opens the circuit (default 50).
+    pub slow_call_percent: u8,
+    /// How many recent calls the slow-call rate is taken over (default 20).
+    pub window: usize,
+    /// Most distinct keys kept for replay (default 10 000).
+    pub max_pending_keys: usize,
+    /// Most keys one replay sends, so one lookup's work stays bounded
+    /// (default 64).
+    pub replay_batch: usize,
+    /// When the queue overflows, invalidations were lost: the cache is not
+    /// served from for this long at most (default 1 h). A policy lowers it
+    /// to its longest entry life (TTL plus stale window), past which no
+    /// entry the lost invalidations should have removed can remain.
+    pub overflow_hold: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            open_for: Duration::from_secs(1),
+            slow_call: Duration::from_millis(25),
+            slow_call_percent: 50,
+            window: 20,
+            max_pending_keys: 10_000,
+            replay_batch: 64,
+            overflow_hold: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Sets the failures that open the circuit.
+    pub fn failure_threshold(mut self, failures: u32) -> Self {
+        self.failure_threshold = failures.max(1);
+        self
+    }
+
+    /// Sets how long the circuit stays open before a probe.
+    pub fn open_for(mut self, open_for: Duration) -> Self {
+        self.open_for = open_for;
+        self
+    }
+
+    /// Sets what counts as a slow call and the share of them, in percent
+    /// of the last `window` calls, that opens the circuit.
+    pub fn slow_calls(mut self, slow_call: Duration, percent: u8, window: usize) -> Self {
+        self.slow_call = slow_call;
+        self.slow_call_percent = percent.clamp(1, 100);
+        self.window = window.max(1);
+        self
+    }
+
+    /// Sets the most distinct keys kept for replay.
+    pub fn max_pending_keys(mut self, keys: usize) -> Self {
+        self.max_pending_keys = keys.max(1);
+        self
+    }
+
+    /// Sets the most keys one replay sends.
+    pub fn replay_batch(mut self, keys: usize) -> Self {
+        self.replay_batch = keys.max(1);
+        self
+    }
+
+    /// Sets the longest the cache stays off after the queue overflowed.
+    pub fn overflow_hold(mut self, hold: Duration) -> Self {
+        self.overflow_hold = hold;
+        self
+    }
+}
+
+/// The state of a store's circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Circuit {
+    /// Operations go to the store.
+    #[default]
+    Closed,
+    /// The store failed or was slow repeatedly; reads are refused without
+    /// trying.
+    Open,
+    /// One probe is under way to find out whether the store is back.
+    HalfOpen,
+}
+
+impl Circuit {
+    /// `closed`, `open` or `half-open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Circuit::Closed => "closed",
+            Circuit::Open => "open",
+            Circuit::HalfOpen => "half-open",
+        }
+    }
+}
+
+/// A store's health, for a health endpoint and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct StoreHealth {
+    /// The circuit breaker's state.
+    pub circuit: Circuit,
+    /// Keys of invalidations waiting for replay.
+    pub pending_invalidations: usize,
+    /// True while the cache is off because the invalidation queue overflowed.
+    pub overflowed: bool,
+    /// Operations sent to the store.
+    pub operations: u64,
+    /// Operations that failed or timed out.
+    pub failures: u64,
+}
+
+/// A store behind a circuit breaker and an invalidation replay queue. See
+/// the [module docs](self) for the rules it keeps. `RedisStore` wears one.
+///
+/// ```
+/// use tower_redis_cache::store::{BreakerConfig, MemoryStore, Resilient, Store};
+///
+/// let store = Resilient::new(MemoryStore::new(), BreakerConfig::default());
+/// assert_eq!(store.name(), "memory");
+/// ```
+#[derive(Debug, Clone)]
+pub struct Resilient<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: BreakerConfig,
+    breaker: Mutex<Breaker>,
+    queue: Mutex<Queue>,
+    replaying: AtomicBool,
+    /// The longest life of an entry, in ms, once a policy told us.
+    entry_life_ms: AtomicU64,
+    operations: AtomicU64,
+    failures: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+    /// Whether each of the last calls was slow.
+    recent: VecDeque<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Delete,
+    Bump(Duration),
+}
+
+/// Invalidations waiting for replay: one action per key (the latest),
+/// oldest first.
+#[derive(Debug, Default)]
+struct Queue {
+    by_key: HashMap<String, (u64, Action)>,
+    order: BTreeMap<u64, String>,
+    next: u64,
+    hold_until: Option<Instant>,
+}
+
+/// Keys sent together, with the sequence each had in the queue.
+type Sent = Vec<(String, u64)>;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether an operation may go to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    Go,
+    Probe,
+}
+
+impl<S> Resilient<S> {
+    /// The store inside.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    pub(crate) fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    pub(crate) fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Store + Clone> Resilient<S> {
+    /// `inner` behind a breaker and a replay queue configured by `config`.
+    pub fn new(inner: S, config: BreakerConfig) -> Self {
+        Self {
+            inner,
+            shared: Arc::new(Shared {
+                config,
+                breaker: Mutex::default(),
+                queue: Mutex::default(),
+                replaying: AtomicBool::new(false),
+                entry_life_ms: AtomicU64::new(0),
+                operations: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Sends queued invalidations every `open_for` until none is left, from
+    /// one background task, so a process that serves no reads still replays.
+    fn schedule_replay(&self) {
+        if self.shared.replaying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.shared.replaying.store(false, Ordering::Release);
+            return;
+        };
+        let (inner, shared) = (self.inner.clone(), self.shared.clone());
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(shared.config.open_for).await;
+                let Some((batch, sent)) = shared.batch() else {
+                    break;
+                };
+                if inner.invalidate(&batch).await.is_ok() {
+                    shared.applied(&sent);
+                    tracing::info!(keys = sent.len(), "queued invalidations replayed");
+                }
+            }
+            shared.replaying.store(false, Ordering::Release);
+            // An invalidation queued after the last batch was taken.
+            if !lock(&shared.queue).by_key.is_empty() {
+                Resilient { inner, shared }.schedule_replay();
+            }
+        });
+    }
+}
+
+impl Shared {
+    fn admit(&self) -> Result<Admit, StoreError> {
+        let mut breaker = lock(&self.breaker);
+        let admit = match breaker.open_until {
+            None => Admit::Go,
+            Some(until) if Instant::now() >= until && !breaker.probing => {
+                breaker.probing = true;
+                Admit::Probe
+            }
+            Some(_) => return Err(StoreError::CircuitOpen),
+        };
+        self.operations.fetch_add(1, Ordering::Relaxed);
+        Ok(admit)
+    }
+
+    /// Records how an operation ended and how long it took. Timeouts and
+    /// unreachable stores count towards the failure threshold, slow calls
+    /// towards the slow-call rate; server errors (`OOM`…) towards neither.
+    fn record<T>(&self, admit: Admit, result: &Result<T, StoreError>, took: Duration) {
+        let unhealthy = matches!(
+            result,
+            Err(StoreError::Timeout | StoreError::Unreachable(_))
+        );
+        if result.is_err() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let config = &self.config;
+        let slow = took > config.slow_call;
+        let mut breaker = lock(&self.breaker);
+        if admit == Admit::Probe {
+            breaker.probing = false;
+        }
+        breaker.recent.push_back(slow);
+        while breaker.recent.len() > config.window {
+            breaker.recent.pop_front();
+        }
+        breaker.consecutive_failures = match unhealthy {
+            true => breaker.consecutive_failures.saturating_add(1),
+            false => 0,
+        };
+        let slow_calls = breaker.recent.iter().filter(|s| **s).count();
+        let too_slow = breaker.recent.len() >= config.window
+            && slow_calls * 100 >= breaker.recent.len() * usize::from(config.slow_call_percent);
+        let trip = too_slow
+            || (admit == Admit::Probe && (unhealthy || slow))
+            || (unhealthy && breaker.consecutive_failures >= config.failure_threshold);
+        if trip {
+            if breaker.open_until.is_none() || admit == Admit::Probe {
+                tracing::warn!(open_for = ?config.open_for, slow = too_slow, "cache store unhealthy; circuit open");
+            }
+            breaker.open_until = Some(Instant::now() + config.open_for);
+            breaker.recent.clear();
+        } else if !unhealthy && !slow {
+            breaker.open_until = None;
+        }
+    }
+
+    /// A probe whose future was dropped gives its turn back.
+    fn abandoned(&self, admit: Admit) {
+        if admit == Admit::Probe {
+            lock(&self.breaker).probing = false;
+        }
+    }
+
+    fn enqueue(&self, invalidation: &Invalidation) -> Sent {
+        let mut queue = lock(&self.queue);
+        let actions = invalidation
+            .deletes()
+            .iter()
+            .map(|key| (key, Action::Delete))
+            .chain(
+                invalidation
+                    .bumps()
+                    .iter()
+                    .map(|b| (&b.key, Action::Bump(b.ttl))),
+            );
+        let mut sent =
+            Vec::with_capacity(invalidation.deletes().len() + invalidation.bumps().len());
+        for (key, action) in actions {
+            queue.next += 1;
+            let seq = queue.next;
+            if let Some((old, _)) = queue.by_key.insert(key.clone(), (seq, action)) {
+                queue.order.remove(&old);
+            }
+            queue.order.insert(seq, key.clone());
+            sent.push((key.clone(), seq));
+        }
+        if queue.by_key.len() > self.config.max_pending_keys {
+            let hold = self.hold();
+            tracing::error!(?hold, "invalidation queue overflowed; serving nothing from the cache until entries that may be stale expired");
+            queue.by_key.clear();
+            queue.order.clear();
+            queue.hold_until = Some(Instant::now() + hold);
+        }
+        sent
+    }
+
+    /// How long the cache stays off after lost invalidations.
+    fn hold(&self) -> Duration {
+        match self.entry_life_ms.load(Ordering::Relaxed) {
+            0 => self.config.overflow_hold,
+            life => self.config.overflow_hold.min(Duration::from_millis(life)),
+        }
+    }
+
+    /// The oldest queued keys, at most one batch, as one invalidation with
+    /// a fresh tombstone (never one a read may have seen).
+    fn batch(&self) -> Option<(Invalidation, Sent)> {
+        let queue = lock(&self.queue);
+        let (mut deletes, mut bumps, mut sent) = (Vec::new(), Vec::new(), Vec::new());
+        for (seq, key) in queue.order.iter().take(self.config.replay_batch) {
+            match queue.by_key.get(key) {
+                Some((_, Action::Delete)) => deletes.push(key.clone()),
+                Some((_, Action::Bump(ttl))) => bumps.push(VersionKey::new(key.clone(), *ttl)),
+                None => continue,
+            }
+            sent.push((key.clone(), *seq));
+        }
+        (!sent.is_empty()).then(|| (Invalidation::new(deletes, bumps), sent))
+    }
+
+    /// Forgets what was applied, keeping keys queued again since.
+    fn applied(&self, sent: &Sent) {
+        let mut queue = lock(&self.queue);
+        for (key, seq) in sent {
+            if queue.by_key.get(key).is_some_and(|(s, _)| s == seq) {
+                queue.by_key.remove(key);
+                queue.order.remove(seq);
+            }
+        }
+    }
+
+    /// True while lost invalidations keep the cache off.
+    fn holding(&self) -> bool {
+        let mut queue = lock(&self.queue);
+        match queue.hold_until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                queue.hold_until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn clear(&self) -> bool {
+        !self.holding() && lock(&self.queue).by_key.is_empty()
+    }
+}
+
+/// An admitted store operation. Recorded once: by [`Permit::record`], or on
+/// drop as abandoned (the request was cancelled mid-operation).
+#[derive(Debug)]
+struct Permit {
+    shared: Arc<Shared>,
+    admit: Option<Admit>,
+    started: Instant,
+}
+
+impl Permit {
+    fn new(shared: &Arc<Shared>) -> Result<Self, StoreError> {
+        Ok(Self {
+            admit: Some(shared.admit()?),
+            shared: shared.clone(),
+            started: Instant::now(),
+        })
+    }
+
+    fn record<T>(mut self, result: &Result<T, StoreError>) {
+        if let Some(admit) = self.admit.take() {
+            self.shared.record(admit, result, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(admit) = self.admit.take() {
+            self.shared.abandoned(admit);
+        }
+    }
+}
+
+impl<S: Store + Clone> Store for Resilient<S> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+        if self.shared.holding() {
+            return Box::pin(async { Err(StoreError::PendingInvalidations) });
+        }
+        let permit = match Permit::new(&self.shared) {
+            Ok(permit) => permit,
+            Err(err) => return Box::pin(async move { Err(err) }),
+        };
+        let replay = self.shared.batch();
+        let lookup = replay.is_none().then(|| self.inner.lookup(key));
+        let (inner, shared, key) = (self.inner.clone(), self.shared.clone(), key.clone());
+        Box::pin(async move {
+            let result = async {
+                if let Some(lookup) = lookup {
+                    return lookup.await;
+                }
+                // Invalidations that failed earlier go first: nothing is
+                // served from the cache before they are all applied.
+                if let Some((batch, sent)) = replay {
+                    inner.invalidate(&batch).await?;
+                    shared.applied(&sent);
+                    tracing::info!(keys = sent.len(), "queued invalidations replayed");
+                }
+                if !shared.clear() {
+                    return Err(StoreError::PendingInvalidations);
+                }
+                inner.lookup(&key).await
+            }
+            .await;
+            permit.record(&result);
+            result
+        })
+    }
+
+    fn store(
+        &self,
+        key: &CacheKey,
+        seen: &Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> StoreFuture<bool> {
+        if !self.shared.clear() {
+            return Box::pin(async { Err(StoreError::PendingInvalidations) });
+        }
+        let permit = match Permit::new(&self.shared) {
+            Ok(permit) => permit,
+            Err(err) => return Box::pin(async move { Err(err) }),
+        };
+        let write = self.inner.store(key, seen, value, ttl);
+        Box::pin(async move {
+            let result = write.await;
+            permit.record(&result);
+            result
+        })
+    }
+
+    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+        if invalidation.is_empty() {
+            return Box::pin(async { Ok(()) });
+        }
+        // Queued first: a failure, or a dropped future, leaves it for replay.
+        let sent = self.shared.enqueue(invalidation);
+        let apply = self.inner.invalidate(invalidation);
+        let this = self.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let result = apply.await;
+            this.shared.record(Admit::Go, &result, started.elapsed());
+            match &result {
+                Ok(()) => this.shared.applied(&sent),
+                Err(err) => {
+                    tracing::warn!(error = %err, "invalidation queued for replay");
+                    this.schedule_replay();
+                }
+            }
+            result
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        self.inner.ping()
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        self.inner.tombstone_ttl()
+    }
+
+    fn longest_entry_life(&self, life: Duration) {
+        let millis = u64::try_from(life.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.shared.entry_life_ms.store(millis, Ordering::Relaxed);
+        self.inner.longest_entry_life(life);
+    }
+
+    fn health(&self) -> StoreHealth {
+        let circuit = {
+            let breaker = lock(&self.shared.breaker);
+            match (breaker.open_until, breaker.probing) {
+                (None, _) => Circuit::Closed,
+                (Some(_), true) => Circuit::HalfOpen,
+                (Some(_), false) => Circuit::Open,
+            }
+        };
+        let overflowed = self.shared.holding();
+        let pending_invalidations = lock(&self.shared.queue).by_key.len();
+        StoreHealth {
+            circuit,
+            pending_invalidations,
+            overflowed,
+            operations: self.shared.operations.load(Ordering::Relaxed),
+            failures: self.shared.failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The rules, in-process, against a memory store that can be made to
+    //! fail, stall or crawl.
+
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::store::{MemoryStore, Observed};
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Mode {
+        Up,
+        Down,
+        Slow(Duration),
+        Hung,
+    }
+
+    /// A memory store with a switch, counting the calls that reach it.
+    #[derive(Clone)]
+    struct Faulty {
+        inner: MemoryStore,
+        mode: Arc<Mutex<Mode>>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl Faulty {
+        fn new() -> Self {
+            Self {
+                inner: MemoryStore::new(),
+                mode: Arc::new(Mutex::new(Mode::Up)),
+                calls: Arc::default(),
+            }
+        }
+
+        fn set(&self, mode: Mode) {
+            *lock(&self.mode) = mode;
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        fn run<T: Send + 'static>(&self, op: StoreFuture<T>) -> StoreFuture<T> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let mode = *lock(&self.mode);
+            Box::pin(async move {
+                match mode {
+                    Mode::Up => op.await,
+                    Mode::Down => Err(StoreError::Unreachable("down".into())),
+                    Mode::Slow(by) => {
+                        tokio::time::sleep(by).await;
+                        op.await
+                    }
+                    Mode::Hung => std::future::pending().await,
+                }
+            })
+        }
+    }
+
+    impl Store for Faulty {
+        fn name(&self) -> &'static str {
+            "faulty"
+        }
+
+        fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+            self.run(self.inner.lookup(key))
+        }
+
+        fn store(
+            &self,
+            key: &CacheKey,
+            seen: &Lookup,
+            value: Bytes,
+            ttl: Duration,
+        ) -> StoreFuture<bool> {
+            self.run(self.inner.store(key, seen, value, ttl))
+        }
+
+        fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+            // A down store applies nothing.
+            let mode = *lock(&self.mode);
+            match mode {
+                Mode::Up | Mode::Slow(_) => self.run(self.inner.invalidate(invalidation)),
+                _ => self.run(Box::pin(async { Ok(()) })),
+            }
+        }
+
+        fn ping(&self) -> StoreFuture<()> {
+            self.run(self.inner.ping())
+        }
+    }
+
+    fn key(name: &str) -> CacheKey {
+        CacheKey::Plain(name.to_owned())
+    }
+
+    fn deletes(keys: &[&str]) -> Invalidation {
+        Invalidation::new(keys.iter().map(|k| (*k).to_owned()).collect(), Vec::new())
+    }
+
+    fn resilient(config: BreakerConfig) -> (Resilient<Faulty>, Faulty) {
+        let faulty = Faulty::new();
+        (Resilient::new(faulty.clone(), config), faulty)
+    }
+
+    #[tokio::test]
+    async fn opens_after_consecutive_failures_and_refuses_reads_without_trying() {
+        let config = BreakerConfig::default()
+            .failure_threshold(3)
+            .open_for(Duration::from_millis(50));
+        let (store, faulty) = resilient(config);
+        faulty.set(Mode::Down);
+        for _ in 0..3 {
+            assert!(matches!(
+                store.lookup(&key("a")).await,
+                Err(StoreError::Unreachable(_))
+            ));
+        }
+        assert_eq!(store.lookup(&key("a")).await, Err(StoreError::CircuitOpen));
+        assert_eq!(faulty.calls(), 3, "refused without trying");
+        assert_eq!(store.health().circuit, Circuit::Open);
+        faulty.set(Mode::Up);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(
+            store.lookup(&key("a")).await.is_ok(),
+            "one probe, which closes it"
+        );
+        assert_eq!(store.health().circuit, Circuit::Closed);
+    }
+
+    #[tokio::test]
+    async fn opens_on_slow_calls_that_succeed() {
+        let config = BreakerConfig::default()
+            .slow_calls(Duration::from_millis(10), 50, 4)
+            .open_for(Duration::from_secs(60));
+        let (store, faulty) = resilient(config);
+        faulty.set(Mode::Slow(Duration::from_millis(20)));
+        for _ in 0..4 {
+            assert!(store.lookup(&key("a")).await.is_ok());
+        }
+        assert_eq!(store.lookup(&key("a")).await, Err(StoreError::CircuitOpen));
+        assert_eq!(faulty.calls(), 4);
+    }
+
+    #[tokio::test]
+    async fn fast_calls_keep_it_closed() {
+        let config = BreakerConfig::default().slow_calls(Duration::from_millis(10), 50, 4);
+        let (store, _) = resilient(config);
+        for _ in 0..20 {
+            assert!(store.lookup(&key("a")).await.is_ok());
+        }
+        assert_eq!(store.health().circuit, Circuit::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_probe_gives_its_turn_back() {
+        let config = BreakerConfig::default()
+            .failure_threshold(1)
+            .open_for(Duration::from_millis(20));
+        let (store, faulty) = resilient(config);
+        faulty.set(Mode::Down);
+        assert!(store.lookup(&key("a")).await.is_err());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        faulty.set(Mode::Hung);
+        let probe = store.lookup(&key("a"));
+        assert_eq!(store.health().circuit, Circuit::HalfOpen);
+        assert!(tokio::time::timeout(Duration::from_millis(5), probe)
+            .await
+            .is_err());
+        faulty.set(Mode::Up);
+        assert!(
+            store.lookup(&key("a")).await.is_ok(),
+            "the next request probes"
+        );
+        assert_eq!(store.health().circuit, Circuit::Closed);
+    }
+
+    #[tokio::test]
+    async fn invalidations_go_through_an_open_circuit() {
+        let config = BreakerConfig::default()
+            .failure_threshold(1)
+            .open_for(Duration::from_secs(60));
+        let (store, faulty) = resilient(config);
+        faulty.set(Mode::Down);
+        assert!(store.lookup(&key("a")).await.is_err());
+        faulty.set(Mode::Up);
+        assert_eq!(store.lookup(&key("a")).await, Err(StoreError::CircuitOpen));
+        assert_eq!(store.invalidate(&deletes(&["a"])).await, Ok(()));
+        assert_eq!(store.health().pending_invalidations, 0);
+        assert_eq!(
+            store.health().circuit,
+            Circuit::Closed,
+            "a success closes it"
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_invalidations_replay_in_bounded_batches_before_any_read() {
+        let config = BreakerConfig::default()
+            .failure_threshold(100)
+            .replay_batch(2)
+            .open_for(Duration::from_secs(3600));
+        let (store, faulty) = resilient(config);
+        let entry = crate::bench_support::encode_entry(Bytes::from_static(b"{}"));
+        let seen = store.lookup(&key("k0")).await.unwrap();
+        assert!(store
+            .store(&key("k0"), &seen, entry, Duration::from_secs(60))
+            .await
+            .unwrap());
+        faulty.set(Mode::Down);
+        let keys = ["k0", "k1", "k2", "k3", "k4"];
+        assert!(store.invalidate(&deletes(&keys)).await.is_err());
+        assert_eq!(store.health().pending_invalidations, 5);
+        faulty.set(Mode::Up);
+        let before = faulty.calls();
+        for left in [3, 1] {
+            assert_eq!(
+                store.lookup(&key("k0")).await,
+                Err(StoreError::PendingInvalidations)
+            );
+            assert_eq!(store.health().pending_invalidations, left);
+        }
+        let found = store.lookup(&key("k0")).await.unwrap();
+        assert!(
+            !matches!(found.entry(), Observed::Value(v) if crate::bench_support::decode_entry(v.clone()))
+        );
+        // Three replays of at most two keys, then the lookup itself.
+        assert_eq!(faulty.calls() - before, 4);
+    }
+
+    #[tokio::test]
+    async fn a_process_without_reads_still_replays() {
+        let config = BreakerConfig::default().open_for(Duration::from_millis(20));
+        let (store, faulty) = resilient(config);
+        faulty.set(Mode::Down);
+        assert!(store.invalidate(&deletes(&["a", "b"])).await.is_err());
+        faulty.set(Mode::Up);
+        for _ in 0..50 {
+            if store.health().pending_invalidations == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.health().pending_invalidations, 0);
+    }
+
+    #[tokio::test]
+    async fn an_overflow_holds_the_cache_off_for_the_longest_entry_life_only() {
+        let config = BreakerConfig::default().max_pending_keys(2);
+        let (store, faulty) = resilient(config);
+        store.longest_entry_life(Duration::from_millis(50));
+        faulty.set(Mode::Down);
+        assert!(store.invalidate(&deletes(&["a", "b", "c"])).await.is_err());
+        faulty.set(Mode::Up);
+        assert!(store.health().overflowed);
+        assert_eq!(
+            store.lookup(&key("a")).await,
+            Err(StoreError::PendingInvalidations)
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(store.lookup(&key("a")).await.is_ok());
+    }
+
+    #[test]
+    fn keys_named_again_after_a_send_stay_queued() {
+        let (store, _) = resilient(BreakerConfig::default());
+        let shared = &store.shared;
+        shared.enqueue(&deletes(&["a"]));
+        let (_, sent) = shared.batch().unwrap();
+        shared.enqueue(&deletes(&["a"]));
+        shared.applied(&sent);
+        assert_eq!(lock(&shared.queue).by_key.len(), 1);
+        let (batch, sent) = shared.batch().unwrap();
+        let (again, _) = shared.batch().unwrap();
+        assert_ne!(
+            batch.tombstone(),
+            again.tombstone(),
+            "a fresh tombstone per send"
+        );
+        shared.applied(&sent);
+        assert!(shared.clear());
+    }
+}
