@@ -285,9 +285,13 @@ async fn a_write_invalidates_the_item_and_every_list(backend: Backend) {
         send(&app, get_req(uri)).await;
         assert_eq!(send(&app, get_req(uri)).await.1, "HIT", "{uri}");
     }
+    let write = tower::ServiceExt::oneshot(app.clone(), method_req("PATCH", "/persons/1"))
+        .await
+        .unwrap();
+    assert_eq!(write.status(), StatusCode::OK);
     assert_eq!(
-        send(&app, method_req("PATCH", "/persons/1")).await.0,
-        StatusCode::OK
+        write.headers()["cache-status"],
+        "tower-redis-cache; fwd=method; detail=invalidated"
     );
     assert_eq!(invalidate.stats().invalidations().applied, 1);
     let (_, x_cache, body) = send(&app, get_req("/persons/1")).await;

@@ -2,11 +2,21 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use http::header::{HeaderName, HeaderValue};
 use http::Response;
 use pin_project_lite::pin_project;
 
 use crate::policy::Policy;
 use crate::store::{Invalidation, StoreError, StoreFuture};
+
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// On a write whose invalidation the store confirmed.
+const INVALIDATED: &str = "tower-redis-cache; fwd=method; detail=invalidated";
+
+/// On a write whose invalidation failed within its budget: queued for
+/// replay; other processes may serve the old entry until it lands.
+const PENDING: &str = "tower-redis-cache; fwd=method; detail=invalidation-pending";
 
 pin_project! {
     /// Response future of [`Invalidate`](super::Invalidate).
@@ -130,12 +140,19 @@ where
                     owed,
                 } => {
                     let applied = ready!(apply.as_mut().poll(cx));
+                    let status = match applied {
+                        Ok(()) => INVALIDATED,
+                        Err(_) => PENDING,
+                    };
                     if let Some((invalidation, policy)) = owed.settle() {
                         record(&policy, &invalidation, applied);
                     }
                     let response = response.take();
                     this.state.set(State::Done);
-                    if let Some(response) = response {
+                    if let Some(mut response) = response {
+                        response
+                            .headers_mut()
+                            .insert(CACHE_STATUS, HeaderValue::from_static(status));
                         return Poll::Ready(Ok(response));
                     }
                 }
