@@ -115,7 +115,7 @@ where
                     let ctx = this.ctx.as_mut().expect("a lookup always has a context");
                     match found {
                         Ok(found) => {
-                            if let Observed::Value(raw) = found.entry() {
+                            if let Observed::Value(raw) = found.payload() {
                                 if let Slot::Entry(entry) = entry::decode(raw.clone()) {
                                     if ctx.is_stale(&entry) {
                                         refresh_in_background(ctx, &found, service, request);

@@ -30,6 +30,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+#[cfg(feature = "redis")]
+mod connect;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
@@ -37,6 +39,9 @@ mod resilient;
 
 pub use resilient::{BreakerConfig, Circuit, Resilient, StoreHealth};
 
+#[cfg(feature = "redis")]
+#[cfg(feature = "redis")]
+pub use connect::{Connect, Reconnecting};
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use redis::{RedisStore, DEFAULT_DEADLINE, DEFAULT_WRITE_DEADLINE};
@@ -147,13 +152,32 @@ pub enum Observed {
 pub struct Lookup {
     versions: Vec<Observed>,
     entry: Observed,
+    /// What may be served: the entry, unless the store knows it was written
+    /// before the server lost data (then absent).
+    payload: Observed,
 }
 
 impl Lookup {
     /// What a store saw: each version key of the [`CacheKey`] in order (none
     /// for a plain key), then the entry. For store implementations.
     pub fn new(versions: Vec<Observed>, entry: Observed) -> Self {
-        Self { versions, entry }
+        Self {
+            versions,
+            payload: entry.clone(),
+            entry,
+        }
+    }
+
+    /// The same lookup, serving `payload` instead of the raw entry (which
+    /// conditional writes still compare against).
+    pub(crate) fn with_payload(mut self, payload: Observed) -> Self {
+        self.payload = payload;
+        self
+    }
+
+    /// What may be served from this lookup.
+    pub(crate) fn payload(&self) -> &Observed {
+        &self.payload
     }
 
     /// What each version key held.

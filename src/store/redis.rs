@@ -2,9 +2,10 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionLike;
 use redis::{RedisError, Script};
 
+use super::connect::{Connect, Epoch, Reconnecting};
 use super::resilient::{BreakerConfig, Resilient, StoreHealth};
 use super::{
     CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture, DEFAULT_LEASE_TTL,
@@ -34,8 +35,8 @@ end
 /// with the server time in microseconds, so the miss's write compares
 /// against a value it saw, never against "absent".
 /// Returns {1, value} per version key, then {entry state, entry}.
-static LOOKUP_VERSIONED: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+static LOOKUP_VERSIONED_CODE: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "{READ_FN}
 local out, parts = {{}}, {{}}
 for i = 1, #KEYS do
@@ -53,49 +54,50 @@ local es, e = read(ARGV[1] .. table.concat(parts, '.') .. ARGV[2])
 out[#out + 1] = es
 out[#out + 1] = e
 return out"
-    ))
+    )
 });
+static LOOKUP_VERSIONED: LazyLock<Script> = LazyLock::new(|| Script::new(&LOOKUP_VERSIONED_CODE));
 
-/// Plain: KEYS[1] entry key; ARGV 'p', value, ttl ms, seen state, seen value.
-/// Versioned: KEYS version keys; ARGV 'v', value, ttl ms, entry prefix,
-/// suffix, then per version key its seen value and ttl ms.
+/// Plain: KEYS[1] entry key; ARGV 'p', seen state, seen value, value, ttl ms.
+/// Versioned: KEYS version keys; ARGV 'v', entry prefix, suffix, then per
+/// version key its seen value and ttl ms, then value, ttl ms.
 /// Writes only if every key still holds exactly what the lookup saw (the
 /// miss's own lease, a tombstone, the version): a guard that was evicted or
 /// expired reads absent and fails the write. Version keys are renewed so
 /// they outlive the entry.
-static STORE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+static STORE_CODE: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "{READ_FN}
+local value, ttl = ARGV[#ARGV - 1], ARGV[#ARGV]
 if ARGV[1] == 'p' then
   local s, cur = read(KEYS[1])
-  if s == 0 or s ~= tonumber(ARGV[4]) or cur ~= ARGV[5] then return 0 end
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  if s == 0 or s ~= tonumber(ARGV[2]) or cur ~= ARGV[3] then return 0 end
+  redis.call('SET', KEYS[1], value, 'PX', ttl)
   return 1
 end
 local parts = {{}}
 for i = 1, #KEYS do
   local s, cur = read(KEYS[i])
-  if s ~= 1 or cur ~= ARGV[4 + 2 * i] then return 0 end
+  if s ~= 1 or cur ~= ARGV[2 + 2 * i] then return 0 end
   parts[i] = cur
 end
 for i = 1, #KEYS do
-  local ttl = tonumber(ARGV[5 + 2 * i])
-  if redis.call('PTTL', KEYS[i]) < ttl then
-    redis.call('PEXPIRE', KEYS[i], ttl)
+  local keep = tonumber(ARGV[3 + 2 * i])
+  if redis.call('PTTL', KEYS[i]) < keep then
+    redis.call('PEXPIRE', KEYS[i], keep)
   end
 end
-redis.call('SET', ARGV[4] .. table.concat(parts, '.') .. ARGV[5], ARGV[2], 'PX', ARGV[3])
+redis.call('SET', ARGV[2] .. table.concat(parts, '.') .. ARGV[3], value, 'PX', ttl)
 return 1"
-    ))
+    )
 });
+static STORE: LazyLock<Script> = LazyLock::new(|| Script::new(&STORE_CODE));
 
 /// KEYS deletes then bumps; ARGV number of deletes, tombstone, tombstone ttl
 /// ms, then the ttl ms of each bumped key. A bump of a missing or unreadable
 /// version sets the server time in microseconds, above anything the lost
 /// counter reached; `INCR` keeps the key's TTL.
-static INVALIDATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+const INVALIDATE_CODE: &str = r"
 local deletes = tonumber(ARGV[1])
 for i = 1, deletes do
   redis.call('SET', KEYS[i], ARGV[2], 'PX', ARGV[3])
@@ -111,16 +113,15 @@ for i = deletes + 1, #KEYS do
     redis.call('SET', k, t[1] .. string.format('%06d', tonumber(t[2])), 'PX', ARGV[3 + i - deletes])
   end
 end
-return 1",
-    )
-});
+return 1";
+static INVALIDATE: LazyLock<Script> = LazyLock::new(|| Script::new(INVALIDATE_CODE));
 
 /// A store in Redis, over one cloneable connection.
 ///
-/// With [`RedisStore::open`] the connection is a redis-rs
-/// [`ConnectionManager`]: multiplexed, shared by every request, reconnecting
-/// on its own, and opened lazily, so building the store needs no running
-/// Redis. Every operation has a deadline ([`DEFAULT_DEADLINE`] unless set);
+/// With [`RedisStore::open`] the connection is a [`Reconnecting`]: one
+/// multiplexed connection shared by every request, replaced when it breaks,
+/// opened lazily (building the store needs no running Redis), and aware of
+/// the server's lifetime. Every operation has a deadline ([`DEFAULT_DEADLINE`] unless set);
 /// a late or failed operation is an error the layers turn into a miss.
 ///
 /// Entries are written with `SET … PX ttl`; lookups are one `SET key lease
@@ -138,14 +139,14 @@ return 1",
 /// # Ok::<(), tower_redis_cache::store::StoreError>(())
 /// ```
 #[derive(Clone)]
-pub struct RedisStore<C = ConnectionManager> {
+pub struct RedisStore<C = Reconnecting> {
     inner: Resilient<Link<C>>,
 }
 
 /// The Redis operations themselves, without breaker or queue.
 #[derive(Clone)]
 struct Link<C> {
-    conn: C,
+    source: C,
     deadline: Duration,
     write_deadline: Duration,
     tombstone_ttl: Duration,
@@ -163,34 +164,39 @@ impl<C> std::fmt::Debug for RedisStore<C> {
     }
 }
 
-impl RedisStore<ConnectionManager> {
-    /// A store for the Redis at `url`, connecting on first use.
+impl RedisStore<Reconnecting> {
+    /// A store for the Redis at `url`, connecting on first use and again
+    /// whenever the connection breaks. Each connection reads the server's
+    /// `run_id` and loads the scripts first: entries written before a
+    /// restart that reloaded old data, or before a failover, are never
+    /// served after it.
     ///
     /// Fails only when the URL does not parse. Must be called within a Tokio
     /// runtime.
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(backend)?;
-        // Each operation is bounded by its deadline; the manager's own
-        // limits only keep a dead connection attempt from lingering.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(None)
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?;
-        Ok(Self::new(conn))
+        let scripts = vec![
+            LOOKUP_VERSIONED_CODE.clone(),
+            STORE_CODE.clone(),
+            INVALIDATE_CODE.to_owned(),
+        ];
+        Ok(Self::new(Reconnecting::new(
+            client,
+            Duration::from_secs(1),
+            scripts,
+        )))
     }
 }
 
-impl<C> RedisStore<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
-    /// A store over `conn`: a `ConnectionManager`, a `MultiplexedConnection`,
-    /// or any other cloneable async connection.
+impl<C: Connect> RedisStore<C> {
+    /// A store over `conn`: a `MultiplexedConnection`, a `ConnectionManager`
+    /// or any other cloneable async connection (for an ACL user, a database
+    /// number, TLS settings), or a [`Reconnecting`]. Only
+    /// [`RedisStore::open`]'s connection knows the server's `run_id`: over
+    /// another, a restart that reloads old data is not detected.
     pub fn new(conn: C) -> Self {
         let link = Link {
-            conn,
+            source: conn,
             deadline: DEFAULT_DEADLINE,
             write_deadline: DEFAULT_WRITE_DEADLINE,
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
@@ -236,7 +242,7 @@ where
     }
 }
 
-fn backend(err: RedisError) -> StoreError {
+pub(crate) fn backend(err: RedisError) -> StoreError {
     if err.is_io_error()
         || err.is_connection_refusal()
         || err.is_connection_dropped()
@@ -251,7 +257,6 @@ fn backend(err: RedisError) -> StoreError {
 /// Sends `invalidation` as one script call.
 async fn apply<C: ConnectionLike>(
     conn: &mut C,
-    deadline: Duration,
     invalidation: &Invalidation,
     tombstone_ttl: Duration,
 ) -> Result<(), StoreError> {
@@ -269,7 +274,7 @@ async fn apply<C: ConnectionLike>(
     for bump in invalidation.bumps() {
         invocation.arg(millis(bump.ttl()));
     }
-    let _: i64 = within(deadline, invocation.invoke_async(conn)).await?;
+    let _: i64 = invocation.invoke_async(conn).await.map_err(backend)?;
     Ok(())
 }
 
@@ -277,40 +282,38 @@ async fn apply<C: ConnectionLike>(
 /// there is none), one script call for a versioned one.
 async fn lookup<C: ConnectionLike>(
     conn: &mut C,
-    deadline: Duration,
+    epoch: &Epoch,
     lease_ttl: Duration,
     key: CacheKey,
 ) -> Result<Lookup, StoreError> {
-    match key {
+    let (versions, entry) = match key {
         CacheKey::Plain(key) => {
             // One command: the entry if there is one, else our lease.
             let lease = crate::entry::lease();
             let mut get = redis::cmd("SET");
             get.arg(&key).arg(lease.as_ref()).arg("NX");
             get.arg("PX").arg(millis(lease_ttl)).arg("GET");
-            let entry = match tokio::time::timeout(
-                deadline,
-                get.query_async::<Option<Vec<u8>>>(conn),
-            )
-            .await
-            {
-                Err(_) => return Err(StoreError::Timeout),
-                Ok(Ok(Some(value))) => Observed::Value(Bytes::from(value)),
-                Ok(Ok(None)) => Observed::Value(lease),
-                Ok(Err(err)) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
+            let entry = match get.query_async::<Option<Vec<u8>>>(conn).await {
+                Ok(Some(value)) => Observed::Value(Bytes::from(value)),
+                Ok(None) => Observed::Value(lease),
+                Err(err) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
                 // Full, without eviction: no lease, but hits still serve.
                 // An empty key then reads absent, which no write matches.
-                Ok(Err(err)) if err.code() == Some("OOM") => {
+                Err(err) if err.code() == Some("OOM") => {
                     let mut get = redis::cmd("GET");
                     get.arg(&key);
-                    match within(deadline, get.query_async::<Option<Vec<u8>>>(conn)).await? {
+                    match get
+                        .query_async::<Option<Vec<u8>>>(conn)
+                        .await
+                        .map_err(backend)?
+                    {
                         Some(value) => Observed::Value(Bytes::from(value)),
                         None => Observed::Absent,
                     }
                 }
-                Ok(Err(err)) => return Err(backend(err)),
+                Err(err) => return Err(backend(err)),
             };
-            Ok(Lookup::new(Vec::new(), entry))
+            (Vec::new(), entry)
         }
         CacheKey::Versioned {
             versions,
@@ -325,7 +328,7 @@ async fn lookup<C: ConnectionLike>(
             for version in &versions {
                 invocation.arg(millis(version.ttl()));
             }
-            let reply: Vec<redis::Value> = within(deadline, invocation.invoke_async(conn)).await?;
+            let reply: Vec<redis::Value> = invocation.invoke_async(conn).await.map_err(backend)?;
             let mut observed = reply.chunks(2).map(|pair| match pair {
                 [redis::Value::Int(state), value] => {
                     let bytes = match value {
@@ -336,24 +339,84 @@ async fn lookup<C: ConnectionLike>(
                 }
                 _ => Err(StoreError::Backend("unexpected lookup reply".to_owned())),
             });
-            let versions = observed
+            let found = observed
                 .by_ref()
                 .take(versions.len())
                 .collect::<Result<Vec<_>, _>>()?;
-            let entry = observed.next().unwrap_or(Ok(Observed::Absent))?;
-            Ok(Lookup::new(versions, entry))
+            (found, observed.next().unwrap_or(Ok(Observed::Absent))?)
         }
+    };
+    let payload = unstamp(&entry, epoch);
+    Ok(Lookup::new(versions, entry).with_payload(payload))
+}
+
+/// Marks a value written under a known server epoch.
+const STAMP: u8 = 0x04;
+
+/// `value` stamped with the epoch of the connection that writes it.
+fn stamp(value: &[u8], epoch: &Epoch) -> Bytes {
+    if epoch.is_empty() || epoch.len() > usize::from(u8::MAX) {
+        return Bytes::copy_from_slice(value);
+    }
+    let mut out = Vec::with_capacity(2 + epoch.len() + value.len());
+    out.push(STAMP);
+    out.push(epoch.len() as u8);
+    out.extend_from_slice(epoch);
+    out.extend_from_slice(value);
+    Bytes::from(out)
+}
+
+/// What may be served from `raw`: the value under the stamp when it was
+/// written under this server's epoch; nothing when under another (the
+/// server restarted with old data, or failed over); unstamped values as
+/// they are.
+fn unstamp(raw: &Observed, epoch: &Epoch) -> Observed {
+    let Observed::Value(bytes) = raw else {
+        return raw.clone();
+    };
+    if bytes.first() != Some(&STAMP) {
+        return raw.clone();
+    }
+    let len = bytes.get(1).map_or(0, |l| usize::from(*l));
+    match bytes.get(2..2 + len) {
+        Some(written) if !epoch.is_empty() && written == epoch.as_ref() => {
+            Observed::Value(bytes.slice(2 + len..))
+        }
+        _ => Observed::Absent,
     }
 }
 
-async fn within<T>(
+/// Runs `op` on a connection from `source`, all within `deadline`. A
+/// connection that failed (or, with `drop_on_timeout`, that stalled) is
+/// replaced for the next operation.
+async fn on_connection<C, T, F, Fut>(
+    source: &C,
     deadline: Duration,
-    op: impl std::future::Future<Output = Result<T, RedisError>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(deadline, op).await {
-        Ok(result) => result.map_err(backend),
+    drop_on_timeout: bool,
+    op: F,
+) -> Result<T, StoreError>
+where
+    C: Connect,
+    F: FnOnce(C::Conn, Epoch) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let generation = std::sync::atomic::AtomicU64::new(u64::MAX);
+    let attempt = async {
+        let (conn, epoch, used) = source.connect().await?;
+        generation.store(used, std::sync::atomic::Ordering::Relaxed);
+        op(conn, epoch).await
+    };
+    let result = match tokio::time::timeout(deadline, attempt).await {
+        Ok(result) => result,
         Err(_) => Err(StoreError::Timeout),
+    };
+    let used = generation.load(std::sync::atomic::Ordering::Relaxed);
+    match &result {
+        Err(StoreError::Unreachable(_)) => source.broken(used),
+        Err(StoreError::Timeout) if drop_on_timeout => source.broken(used),
+        _ => {}
     }
+    result
 }
 
 /// (state, bytes) as the scripts report them.
@@ -377,18 +440,20 @@ fn millis(ttl: Duration) -> u64 {
     (ttl.as_millis() as u64).max(1)
 }
 
-impl<C> Store for Link<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
+impl<C: Connect> Store for Link<C> {
     fn name(&self) -> &'static str {
         "redis"
     }
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
-        let (mut conn, deadline, lease_ttl) = (self.conn.clone(), self.deadline, self.lease_ttl);
+        let (source, deadline, lease_ttl) = (self.source.clone(), self.deadline, self.lease_ttl);
         let key = key.clone();
-        Box::pin(async move { lookup(&mut conn, deadline, lease_ttl, key).await })
+        Box::pin(async move {
+            on_connection(&source, deadline, false, |mut conn, epoch| async move {
+                lookup(&mut conn, &epoch, lease_ttl, key).await
+            })
+            .await
+        })
     }
 
     fn store(
@@ -406,11 +471,7 @@ where
                     return Box::pin(async { Ok(false) });
                 }
                 let (state, current) = seen_args(seen.entry());
-                invocation
-                    .key(key)
-                    .arg("p")
-                    .arg(value.as_ref())
-                    .arg(millis(ttl));
+                invocation.key(key).arg("p");
                 invocation.arg(state).arg(current);
             }
             CacheKey::Versioned {
@@ -425,39 +486,53 @@ where
                 if seen.len() != versions.len() {
                     return Box::pin(async { Ok(false) });
                 }
-                invocation.arg("v").arg(value.as_ref()).arg(millis(ttl));
-                invocation.arg(prefix).arg(suffix);
+                invocation.arg("v").arg(prefix).arg(suffix);
                 for (version, seen) in versions.iter().zip(seen) {
                     invocation.key(version.key());
                     invocation.arg(seen).arg(millis(version.ttl()));
                 }
             }
         }
-        let (mut conn, deadline) = (self.conn.clone(), self.deadline);
+        let (source, deadline) = (self.source.clone(), self.deadline);
         Box::pin(async move {
-            within(deadline, invocation.invoke_async::<i64>(&mut conn))
-                .await
-                .map(|written| written == 1)
+            on_connection(&source, deadline, false, |mut conn, epoch| async move {
+                // The value and TTL go last: the value is stamped with the
+                // epoch of the connection that writes it.
+                invocation
+                    .arg(stamp(&value, &epoch).as_ref())
+                    .arg(millis(ttl));
+                let written: i64 = invocation.invoke_async(&mut conn).await.map_err(backend)?;
+                Ok(written == 1)
+            })
+            .await
         })
     }
 
-    /// Two tries within the write deadline: a dropped connection fails the
-    /// first at once, and the second goes over the reconnected one; a
-    /// stall or a slow link gets the whole budget.
+    /// Two tries within the write deadline: a dropped or stalled connection
+    /// fails the first, and the second goes over a fresh one.
     fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
         if invalidation.is_empty() {
             return Box::pin(async { Ok(()) });
         }
-        let (mut conn, budget, tombstone_ttl) =
-            (self.conn.clone(), self.write_deadline, self.tombstone_ttl);
+        let (source, budget, tombstone_ttl) =
+            (self.source.clone(), self.write_deadline, self.tombstone_ttl);
         let invalidation = invalidation.clone();
         Box::pin(async move {
             let until = tokio::time::Instant::now() + budget;
-            let first = apply(&mut conn, budget, &invalidation, tombstone_ttl).await;
+            let send = |deadline| {
+                let (source, invalidation) = (source.clone(), invalidation.clone());
+                async move {
+                    let apply = |mut conn: C::Conn, _| async move {
+                        apply(&mut conn, &invalidation, tombstone_ttl).await
+                    };
+                    on_connection(&source, deadline, true, apply).await
+                }
+            };
+            let first = send(budget / 2).await;
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             match first {
                 Err(StoreError::Unreachable(_) | StoreError::Timeout) if !left.is_zero() => {
-                    apply(&mut conn, left, &invalidation, tombstone_ttl).await
+                    send(left).await
                 }
                 other => other,
             }
@@ -465,10 +540,16 @@ where
     }
 
     fn ping(&self) -> StoreFuture<()> {
-        let (mut conn, deadline) = (self.conn.clone(), self.deadline);
+        let (source, deadline) = (self.source.clone(), self.deadline);
         Box::pin(async move {
-            let _: String = within(deadline, redis::cmd("PING").query_async(&mut conn)).await?;
-            Ok(())
+            on_connection(&source, deadline, false, |mut conn, _| async move {
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(backend)?;
+                Ok(())
+            })
+            .await
         })
     }
 
@@ -477,10 +558,7 @@ where
     }
 }
 
-impl<C> Store for RedisStore<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
+impl<C: Connect> Store for RedisStore<C> {
     fn name(&self) -> &'static str {
         "redis"
     }
@@ -752,8 +830,9 @@ mod tests {
             commands[1][..5],
             ["EVALSHA", STORE.get_hash(), "1", "app:person:42", "p"]
         );
-        // value, ttl, then what the lookup saw: a string, our lease.
-        assert_eq!(commands[1][7..], ["1", lease.as_str()]);
+        // What the lookup saw (a string, our lease), then the value and TTL.
+        assert_eq!(commands[1][5..7], ["1", lease.as_str()]);
+        assert_eq!(commands[1][8], "300000");
     }
 
     #[tokio::test]

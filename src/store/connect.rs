@@ -1,0 +1,164 @@
+//! How a `RedisStore` reaches Redis, and how it knows which server lifetime
+//! it talks to.
+//!
+//! [`Reconnecting`] (what `RedisStore::open` uses) keeps one multiplexed
+//! connection and replaces it when it breaks. Each connection it makes first
+//! reads the server's `run_id` and loads the store's scripts, in one round
+//! trip: requests never pay `NOSCRIPT` round trips, and every entry is
+//! stamped with the `run_id` of the connection that wrote it. A restart that
+//! reloads a snapshot, or a failover to a replica, changes the `run_id`, so
+//! no entry written before it is served after it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::AsyncConnectionConfig;
+
+use super::StoreError;
+
+/// What a connection reports about the server it talks to: its `run_id`,
+/// empty when unknown.
+pub(crate) type Epoch = Bytes;
+
+type Connecting<C> = Pin<Box<dyn Future<Output = Result<(C, Epoch, u64), StoreError>> + Send>>;
+
+/// A source of connections for a `RedisStore`: any cloneable redis-rs async
+/// connection (a `MultiplexedConnection`, a `ConnectionManager`, a mock), or
+/// [`Reconnecting`]. Only `Reconnecting` knows the server's `run_id`, so
+/// only it protects against restarts that reload old data.
+pub trait Connect: Clone + Send + Sync + 'static {
+    /// The connection one operation uses.
+    #[doc(hidden)]
+    type Conn: ConnectionLike + Send + 'static;
+
+    /// A connection, the server's epoch and the connection's generation.
+    #[doc(hidden)]
+    fn connect(&self) -> Connecting<Self::Conn>;
+
+    /// The connection of `generation` failed: the next operation gets a
+    /// fresh one.
+    #[doc(hidden)]
+    fn broken(&self, generation: u64) {
+        let _ = generation;
+    }
+}
+
+impl<C> Connect for C
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    type Conn = C;
+
+    fn connect(&self) -> Connecting<C> {
+        let conn = self.clone();
+        Box::pin(async move { Ok((conn, Epoch::new(), 0)) })
+    }
+}
+
+/// One multiplexed connection, replaced when it breaks, that reads the
+/// server's `run_id` and loads the scripts on every (re)connection. See the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct Reconnecting {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    live: Arc<Mutex<Option<Live>>>,
+    /// One connection attempt at a time.
+    connecting: Arc<tokio::sync::Mutex<u64>>,
+    scripts: Arc<[String]>,
+}
+
+impl std::fmt::Debug for Reconnecting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconnecting").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+struct Live {
+    conn: MultiplexedConnection,
+    epoch: Epoch,
+    generation: u64,
+}
+
+impl Reconnecting {
+    /// Connections to `client`'s server, each attempt bounded by
+    /// `connect_timeout`; nothing is connected before the first use.
+    pub(crate) fn new(
+        client: redis::Client,
+        connect_timeout: Duration,
+        scripts: Vec<String>,
+    ) -> Self {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect_timeout))
+            .set_response_timeout(None);
+        Self {
+            client,
+            config,
+            live: Arc::default(),
+            connecting: Arc::default(),
+            scripts: scripts.into(),
+        }
+    }
+
+    fn current(&self) -> Option<Live> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Connect for Reconnecting {
+    type Conn = MultiplexedConnection;
+
+    fn connect(&self) -> Connecting<MultiplexedConnection> {
+        if let Some(live) = self.current() {
+            return Box::pin(async move { Ok((live.conn, live.epoch, live.generation)) });
+        }
+        let this = self.clone();
+        Box::pin(async move {
+            let mut generation = this.connecting.lock().await;
+            // Another request connected while this one waited.
+            if let Some(live) = this.current() {
+                return Ok((live.conn, live.epoch, live.generation));
+            }
+            let mut conn = this
+                .client
+                .get_multiplexed_async_connection_with_config(&this.config)
+                .await
+                .map_err(super::redis::backend)?;
+            let mut setup = redis::pipe();
+            setup.cmd("INFO").arg("server");
+            for script in this.scripts.iter() {
+                setup.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
+            }
+            let (info,): (String,) = setup
+                .query_async(&mut conn)
+                .await
+                .map_err(super::redis::backend)?;
+            let epoch = info
+                .lines()
+                .find_map(|line| line.strip_prefix("run_id:"))
+                .map(|id| Bytes::copy_from_slice(id.trim().as_bytes()))
+                .unwrap_or_default();
+            *generation += 1;
+            let live = Live {
+                conn: conn.clone(),
+                epoch: epoch.clone(),
+                generation: *generation,
+            };
+            *this.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
+            tracing::debug!(run_id = %String::from_utf8_lossy(&epoch), "connected to redis");
+            Ok((conn, epoch, *generation))
+        })
+    }
+
+    fn broken(&self, generation: u64) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.as_ref().is_some_and(|l| l.generation == generation) {
+            *live = None;
+        }
+    }
+}
