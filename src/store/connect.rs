@@ -70,6 +70,8 @@ pub struct Reconnecting {
     /// One connection attempt at a time.
     connecting: Arc<tokio::sync::Mutex<u64>>,
     scripts: Arc<[String]>,
+    /// The longest one connection attempt may take, setup included.
+    setup_timeout: Duration,
 }
 
 impl std::fmt::Debug for Reconnecting {
@@ -102,11 +104,55 @@ impl Reconnecting {
             live: Arc::default(),
             connecting: Arc::default(),
             scripts: scripts.into(),
+            setup_timeout: connect_timeout * 3,
         }
     }
 
     fn current(&self) -> Option<Live> {
         self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Reconnecting {
+    /// One connection attempt: connect, read `run_id`, load the scripts.
+    /// Attempts queue behind each other; one that finds a connection made
+    /// meanwhile uses it.
+    async fn establish(self) -> Result<(MultiplexedConnection, Epoch, u64), StoreError> {
+        let mut generation = self.connecting.lock().await;
+        if let Some(live) = self.current() {
+            return Ok((live.conn, live.epoch, live.generation));
+        }
+        let setup = async {
+            let mut conn = self
+                .client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await?;
+            let mut setup = redis::pipe();
+            setup.cmd("INFO").arg("server");
+            for script in self.scripts.iter() {
+                setup.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
+            }
+            let (info,): (String,) = setup.query_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>((conn, info))
+        };
+        let (conn, info) = match tokio::time::timeout(self.setup_timeout, setup).await {
+            Ok(done) => done.map_err(super::redis::backend)?,
+            Err(_) => return Err(StoreError::Timeout),
+        };
+        let epoch = info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(|id| Bytes::copy_from_slice(id.trim().as_bytes()))
+            .unwrap_or_default();
+        *generation += 1;
+        let live = Live {
+            conn: conn.clone(),
+            epoch: epoch.clone(),
+            generation: *generation,
+        };
+        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
+        tracing::debug!(run_id = %String::from_utf8_lossy(&epoch), "connected to redis");
+        Ok((conn, epoch, *generation))
     }
 }
 
@@ -117,41 +163,14 @@ impl Connect for Reconnecting {
         if let Some(live) = self.current() {
             return Box::pin(async move { Ok((live.conn, live.epoch, live.generation)) });
         }
-        let this = self.clone();
+        // The attempt runs as its own task: an operation that gives up at
+        // its deadline does not cancel it, so a slow link still ends up
+        // connected for the next one.
+        let attempt = tokio::spawn(self.clone().establish());
         Box::pin(async move {
-            let mut generation = this.connecting.lock().await;
-            // Another request connected while this one waited.
-            if let Some(live) = this.current() {
-                return Ok((live.conn, live.epoch, live.generation));
-            }
-            let mut conn = this
-                .client
-                .get_multiplexed_async_connection_with_config(&this.config)
+            attempt
                 .await
-                .map_err(super::redis::backend)?;
-            let mut setup = redis::pipe();
-            setup.cmd("INFO").arg("server");
-            for script in this.scripts.iter() {
-                setup.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
-            }
-            let (info,): (String,) = setup
-                .query_async(&mut conn)
-                .await
-                .map_err(super::redis::backend)?;
-            let epoch = info
-                .lines()
-                .find_map(|line| line.strip_prefix("run_id:"))
-                .map(|id| Bytes::copy_from_slice(id.trim().as_bytes()))
-                .unwrap_or_default();
-            *generation += 1;
-            let live = Live {
-                conn: conn.clone(),
-                epoch: epoch.clone(),
-                generation: *generation,
-            };
-            *this.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
-            tracing::debug!(run_id = %String::from_utf8_lossy(&epoch), "connected to redis");
-            Ok((conn, epoch, *generation))
+                .unwrap_or_else(|err| Err(StoreError::Unreachable(err.to_string())))
         })
     }
 

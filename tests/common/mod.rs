@@ -47,14 +47,18 @@ impl RedisServer {
             .unwrap()
             .port();
         let mut server = Self { port, child: None };
+        let _ = std::fs::remove_dir_all(server.dir());
         server.spawn();
         Some(server)
     }
 
     fn spawn(&mut self) {
+        let dir = self.dir();
+        std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--dir", dir.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -67,6 +71,21 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("redis-server did not listen on {}", self.port);
+    }
+
+    /// Where this server keeps its snapshot (`dump.rdb`), reloaded at start.
+    fn dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("tower-redis-cache-test-{}", self.port))
+    }
+
+    /// Writes a snapshot that the next [`RedisServer::restart`] reloads, as
+    /// a server with persistence (or a lagging replica) would.
+    pub fn snapshot(&self) {
+        let mut conn = redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let _: () = redis::cmd("SAVE").query(&mut conn).unwrap();
     }
 
     pub fn url(&self) -> String {
@@ -105,7 +124,8 @@ impl RedisServer {
         assert!(status.success());
     }
 
-    /// Starts it again on the same port, empty.
+    /// Starts it again on the same port: empty, or with the last
+    /// [`RedisServer::snapshot`].
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
@@ -124,6 +144,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(self.dir());
     }
 }
 

@@ -1,0 +1,310 @@
+//! Read-after-write across processes over one real `redis-server`, under
+//! faults. Two independent stacks (each its own `RedisStore`: connection,
+//! breaker, replay queue) share one database, as two app processes with one
+//! `PERSONS_DB` would: a writer on A, readers on B. A read that starts after
+//! a write returned must show that write or a later one; every other read
+//! is counted as stale, exactly.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::{app, get_req, method_req, send, Db, RedisServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower_redis_cache::store::{RedisStore, Store};
+
+/// The revision of record 1 in an item or list body.
+fn revision(uri: &str, body: &str) -> u64 {
+    let marker = if uri.starts_with("/persons/") {
+        "\"rev\":"
+    } else {
+        "[\"1\","
+    };
+    let start = body.find(marker).unwrap_or_else(|| panic!("{uri}: {body}")) + marker.len();
+    body[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A process: its own store over `url`, the shared database.
+fn process(url: &str, db: &Db) -> axum::Router {
+    let store: Arc<dyn Store> = Arc::new(RedisStore::open(url).unwrap());
+    app(store, db.clone()).0
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    writes: u64,
+    reads: u64,
+    hits: u64,
+    stale: u64,
+}
+
+/// Runs a writer on `writer` and two readers on `reader` for `run`, while
+/// `fault` runs; returns what the readers saw.
+async fn read_after_write<F, Fut>(
+    writer: axum::Router,
+    reader: axum::Router,
+    db: Db,
+    run: Duration,
+    fault: F,
+) -> Tally
+where
+    F: FnOnce(Arc<AtomicBool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    // Both processes have been serving for a while: connections are up.
+    db.set("1", 0);
+    send(&writer, method_req("PATCH", "/persons/1")).await;
+    send(&reader, get_req("/persons/1")).await;
+    let committed = Arc::new(AtomicU64::new(1));
+    let done = Arc::new(AtomicBool::new(false));
+    let fault = tokio::spawn(fault(done.clone()));
+    let mut readers = Vec::new();
+    for uri in ["/persons/1", "/persons?limit=10"] {
+        let (reader, committed, done) = (reader.clone(), committed.clone(), done.clone());
+        readers.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            while !done.load(Ordering::SeqCst) {
+                let floor = committed.load(Ordering::SeqCst);
+                let (status, x_cache, body) = send(&reader, get_req(uri)).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                tally.reads += 1;
+                tally.hits += u64::from(x_cache == "HIT");
+                if revision(uri, &body) < floor {
+                    tally.stale += 1;
+                }
+            }
+            tally
+        }));
+    }
+    let started = tokio::time::Instant::now();
+    let mut writes = 0;
+    while started.elapsed() < run {
+        let (status, _, _) = send(&writer, method_req("PATCH", "/persons/1")).await;
+        assert_eq!(status, StatusCode::OK);
+        writes += 1;
+        let revision = db.revisions.lock().unwrap()["1"];
+        committed.fetch_max(revision, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done.store(true, Ordering::SeqCst);
+    fault.await.unwrap();
+    let mut tally = Tally {
+        writes,
+        ..Tally::default()
+    };
+    for reader in readers {
+        let t = reader.await.unwrap();
+        tally.reads += t.reads;
+        tally.hits += t.hits;
+        tally.stale += t.stale;
+    }
+    tally
+}
+
+async fn every(period: Duration, done: Arc<AtomicBool>, mut act: impl FnMut() -> bool) {
+    while !done.load(Ordering::SeqCst) {
+        tokio::time::sleep(period).await;
+        if !act() {
+            break;
+        }
+    }
+}
+
+fn redis_cmd(url: &str, args: &[&str]) {
+    let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    let _: redis::Value = cmd.query(&mut conn).unwrap_or(redis::Value::Nil);
+}
+
+const RUN: Duration = Duration::from_secs(3);
+
+fn report(fault: &str, tally: &Tally) {
+    eprintln!(
+        "{fault}: {} writes, {} reads on the other process ({} hits), {} stale",
+        tally.writes, tally.reads, tally.hits, tally.stale
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stalls_longer_than_the_read_deadline() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let db = Db::default();
+    let (a, b) = (process(&server.url(), &db), process(&server.url(), &db));
+    let url = server.url();
+    let tally = read_after_write(a, b, db, RUN, |done| async move {
+        every(Duration::from_millis(500), done, || {
+            redis_cmd(&url, &["DEBUG", "SLEEP", "0.2"]);
+            true
+        })
+        .await
+    })
+    .await;
+    report("DEBUG SLEEP 0.2 every 0.5 s", &tally);
+    assert_eq!(tally.stale, 0, "{tally:?}");
+    assert!(tally.hits > 0, "{tally:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_every_400_ms() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let db = Db::default();
+    let (a, b) = (process(&server.url(), &db), process(&server.url(), &db));
+    let url = server.url();
+    let tally = read_after_write(a, b, db, RUN, |done| async move {
+        every(Duration::from_millis(400), done, || {
+            redis_cmd(&url, &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
+            true
+        })
+        .await
+    })
+    .await;
+    report("CLIENT KILL TYPE normal every 0.4 s", &tally);
+    assert_eq!(tally.stale, 0, "{tally:?}");
+    assert!(tally.hits > 0, "{tally:?}");
+}
+
+/// Forwards `127.0.0.1:<returned port>` to `target`, holding every chunk
+/// `delay` in each direction: a slow link.
+async fn delaying_proxy(target: u16, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            let pump = |mut from: tokio::net::tcp::OwnedReadHalf,
+                        mut to: tokio::net::tcp::OwnedWriteHalf| async move {
+                let mut buf = vec![0; 64 * 1024];
+                while let Ok(n) = from.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::spawn(pump(client_read, server_write));
+            tokio::spawn(pump(server_read, client_write));
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_alone_on_a_slow_link() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let db = Db::default();
+    let slow = delaying_proxy(server.port, Duration::from_millis(150)).await;
+    let a = process(&format!("redis://127.0.0.1:{slow}/"), &db);
+    let b = process(&server.url(), &db);
+    let tally = read_after_write(a, b, db, RUN, |_| async {}).await;
+    report("writer's link +150 ms each way", &tally);
+    assert_eq!(tally.stale, 0, "{tally:?}");
+    assert!(tally.hits > 0, "{tally:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_and_evictions_under_load() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    // Everything may be evicted at random, guards and version keys included.
+    redis_cmd(
+        &server.url(),
+        &["CONFIG", "SET", "maxmemory-policy", "allkeys-random"],
+    );
+    redis_cmd(&server.url(), &["CONFIG", "SET", "maxmemory", "1500000"]);
+    let db = Db::default();
+    let (a, b) = (process(&server.url(), &db), process(&server.url(), &db));
+    let url = server.url();
+    let tally = read_after_write(a, b, db, RUN, |done| async move {
+        let mut round = 0;
+        every(Duration::from_millis(100), done, || {
+            round += 1;
+            if round % 7 == 0 {
+                redis_cmd(&url, &["FLUSHALL"]);
+            } else {
+                // Filler that pushes the cache's keys out.
+                for i in 0..50 {
+                    let key = format!("filler:{round}:{i}");
+                    redis_cmd(&url, &["SET", &key, &"x".repeat(4096)]);
+                }
+            }
+            true
+        })
+        .await
+    })
+    .await;
+    report("FLUSHALL every 0.7 s, allkeys-random eviction", &tally);
+    assert_eq!(tally.stale, 0, "{tally:?}");
+}
+
+/// A Redis with persistence: a snapshot, then writes, then a restart that
+/// reloads the snapshot. The entries it brings back are from before the
+/// writes, and their version numbers repeat: none may be served.
+#[tokio::test]
+async fn a_restart_that_reloads_a_snapshot_serves_nothing_from_before() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let db = Db::default();
+    db.set("1", 1);
+    let (a, b) = (process(&server.url(), &db), process(&server.url(), &db));
+    for app in [&a, &b] {
+        for uri in ["/persons/1", "/persons?limit=10"] {
+            send(app, get_req(uri)).await;
+            assert_eq!(send(app, get_req(uri)).await.1, "HIT", "{uri}");
+        }
+    }
+    server.snapshot();
+    assert_eq!(
+        send(&a, method_req("PATCH", "/persons/1")).await.0,
+        StatusCode::OK
+    );
+    server.restart();
+    for app in [&b, &a] {
+        for _ in 0..3 {
+            for uri in ["/persons/1", "/persons?limit=10"] {
+                let (status, _, body) = send(app, get_req(uri)).await;
+                if status == StatusCode::OK {
+                    assert_eq!(revision(uri, &body), 2, "{uri}: {body}");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // And caching resumes on the restarted server.
+    let mut hit = false;
+    for _ in 0..50 {
+        let (_, x_cache, body) = send(&b, get_req("/persons/1")).await;
+        assert_eq!(revision("/persons/1", &body), 2);
+        if x_cache == "HIT" {
+            hit = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(hit);
+}
