@@ -61,13 +61,15 @@
 //!
 //! # A failed invalidation
 //!
-//! If the store fails, the error is logged and counted, and the response is
-//! returned unchanged. `RedisStore` keeps the failed actions in a bounded
-//! queue and replays them before its next lookup; until they are applied,
-//! this process serves nothing from the cache. Another process sharing the
-//! Redis may still serve an entry the lost invalidation should have removed,
-//! for at most that entry's TTL. If the queue overflows, this process serves
-//! nothing from the cache for [`BreakerConfig::overflow_hold`](crate::store::BreakerConfig).
+//! The write's response waits for its invalidation, within the store's
+//! write budget (`RedisStore::write_deadline`, 1 s: two tries, sent even
+//! while the read circuit is open), and says how it went in `cache-status`:
+//! `detail=invalidated`, or `detail=invalidation-pending` when the store
+//! could not be reached. A pending invalidation is logged, counted, queued
+//! and replayed (see [`Resilient`](crate::store::Resilient)); until it is
+//! applied, this process serves nothing from the cache. Another process
+//! sharing the Redis may serve the entry it should have removed until the
+//! replay lands or the entry's TTL ends, whichever comes first.
 
 mod future;
 mod layer;

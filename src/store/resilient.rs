@@ -149,8 +149,19 @@ pub struct StoreHealth {
     pub failures: u64,
 }
 
-/// A store behind a circuit breaker and an invalidation replay queue. See
-/// the [module docs](self) for the rules it keeps. `RedisStore` wears one.
+/// A store behind a circuit breaker and an invalidation replay queue;
+/// `RedisStore` wears one. The rules it keeps:
+///
+/// - an invalidation is queued *before* it is sent, so a failure or a
+///   dropped future leaves it for replay;
+/// - reads and entry writes go through the breaker (it opens on repeated
+///   timeouts or connection failures, or on a high share of slow calls);
+///   invalidations do not, since a write has its own budget;
+/// - while anything is queued, a lookup first replays a bounded batch, and
+///   serves from the cache only once the queue is empty; a background task
+///   replays it too;
+/// - every operation the breaker admits is recorded exactly once, even when
+///   its future is dropped.
 ///
 /// ```
 /// use tower_redis_cache::store::{BreakerConfig, MemoryStore, Resilient, Store};
