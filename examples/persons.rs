@@ -485,6 +485,9 @@ async fn cache_health(State(app): State<App>) -> Json<Value> {
         ("redis", false) => "down",
         _ => "not-configured",
     });
+    if let Some(persistence) = health.details.persistence {
+        body["persistence"] = json!(persistence);
+    }
     if let Some(error) = health.error {
         body["error"] = json!(error);
     }

@@ -359,7 +359,7 @@ fn seed_000_scenario_on_sqlite_and_redis() {
     let health = http(&server, "GET", "/cache/health", None, None);
     assert_eq!(
         health.body,
-        r#"{"cache":"on","circuit":"closed","pending_invalidations":0,"redis":"ok","store":"redis"}"#
+        r#"{"cache":"on","circuit":"closed","pending_invalidations":0,"persistence":"none","redis":"ok","store":"redis"}"#
     );
     let stats = http(&server, "GET", "/cache/stats", None, None);
     assert!(

@@ -45,6 +45,13 @@ pub trait Connect: Clone + Send + Sync + 'static {
     fn broken(&self, generation: u64) {
         let _ = generation;
     }
+
+    /// The server's persistence, when it could be read: `none`, `rdb`,
+    /// `aof` or `rdb+aof`.
+    #[doc(hidden)]
+    fn persistence(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 impl<C> Connect for C
@@ -88,6 +95,24 @@ struct Live {
     conn: MultiplexedConnection,
     epoch: Epoch,
     generation: u64,
+    persistence: Option<&'static str>,
+}
+
+/// What `CONFIG GET save` and `CONFIG GET appendonly` say, when the server
+/// allows `CONFIG` (managed services often do not).
+async fn persistence(conn: &mut MultiplexedConnection) -> Option<&'static str> {
+    let mut get = redis::pipe();
+    get.cmd("CONFIG").arg("GET").arg("save");
+    get.cmd("CONFIG").arg("GET").arg("appendonly");
+    let (save, aof): (Vec<String>, Vec<String>) = get.query_async(conn).await.ok()?;
+    let rdb = save.get(1).is_some_and(|points| !points.trim().is_empty());
+    let aof = aof.get(1).is_some_and(|v| v == "yes");
+    Some(match (rdb, aof) {
+        (false, false) => "none",
+        (true, false) => "rdb",
+        (false, true) => "aof",
+        (true, true) => "rdb+aof",
+    })
 }
 
 impl Reconnecting {
@@ -138,7 +163,7 @@ impl Reconnecting {
             let (info,): (String,) = setup.query_async(&mut conn).await?;
             Ok::<_, redis::RedisError>((conn, info))
         };
-        let (conn, info) = match tokio::time::timeout(self.setup_timeout, setup).await {
+        let (mut conn, info) = match tokio::time::timeout(self.setup_timeout, setup).await {
             Ok(done) => done.map_err(super::redis::backend)?,
             Err(_) => return Err(StoreError::Timeout),
         };
@@ -147,11 +172,16 @@ impl Reconnecting {
             .find_map(|line| line.strip_prefix("run_id:"))
             .map(|id| Bytes::copy_from_slice(id.trim().as_bytes()))
             .unwrap_or_default();
+        let persistence = tokio::time::timeout(self.setup_timeout, persistence(&mut conn))
+            .await
+            .ok()
+            .flatten();
         *generation += 1;
         let live = Live {
             conn: conn.clone(),
             epoch: epoch.clone(),
             generation: *generation,
+            persistence,
         };
         *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
         tracing::debug!(run_id = %String::from_utf8_lossy(&epoch), "connected to redis");
@@ -175,6 +205,10 @@ impl Connect for Reconnecting {
                 .await
                 .unwrap_or_else(|err| Err(StoreError::Unreachable(err.to_string())))
         })
+    }
+
+    fn persistence(&self) -> Option<&'static str> {
+        self.current().and_then(|live| live.persistence)
     }
 
     fn broken(&self, generation: u64) {

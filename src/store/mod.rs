@@ -170,6 +170,7 @@ impl Lookup {
 
     /// The same lookup, serving `payload` instead of the raw entry (which
     /// conditional writes still compare against).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn with_payload(mut self, payload: Observed) -> Self {
         self.payload = payload;
         self

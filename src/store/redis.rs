@@ -594,7 +594,9 @@ impl<C: Connect> Store for RedisStore<C> {
     }
 
     fn health(&self) -> StoreHealth {
-        self.inner.health()
+        let mut health = self.inner.health();
+        health.persistence = self.inner.get_ref().source.persistence();
+        health
     }
 }
 

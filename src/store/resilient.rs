@@ -147,6 +147,10 @@ pub struct StoreHealth {
     pub operations: u64,
     /// Operations that failed or timed out.
     pub failures: u64,
+    /// The server's persistence when the store could read it (`none`,
+    /// `rdb`, `aof`, `rdb+aof`). With persistence, a restart reloads old
+    /// data; `RedisStore::open` never serves entries written before it.
+    pub persistence: Option<&'static str>,
 }
 
 /// A store behind a circuit breaker and an invalidation replay queue;
@@ -232,10 +236,12 @@ impl<S> Resilient<S> {
         &self.inner
     }
 
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn into_inner(self) -> S {
         self.inner
     }
@@ -587,6 +593,7 @@ impl<S: Store + Clone> Store for Resilient<S> {
             overflowed,
             operations: self.shared.operations.load(Ordering::Relaxed),
             failures: self.shared.failures.load(Ordering::Relaxed),
+            persistence: None,
         }
     }
 }
