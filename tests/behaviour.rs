@@ -32,6 +32,7 @@ backend_tests!(
     stale_entries_are_never_served_past_the_window_or_after_a_write,
     one_bump_reaches_every_scope_of_an_item,
     an_evicted_guard_never_lets_an_old_read_store,
+    a_head_request_refreshes_a_stale_entry_with_its_body,
 );
 
 async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
@@ -608,4 +609,42 @@ async fn an_evicted_guard_never_lets_an_old_read_store(backend: Backend) {
         let (_, _, body) = send(&app, get_req(uri)).await;
         assert!(!body.contains("old"), "{uri}: {body}");
     }
+}
+
+/// A HEAD that finds a stale entry refreshes it with a GET: the refreshed
+/// entry keeps its body (a HEAD answer has none). The layer wraps the whole
+/// router here, where axum has already stripped HEAD bodies.
+async fn a_head_request_refreshes_a_stale_entry_with_its_body(backend: Backend) {
+    use tower::{Layer, ServiceExt};
+    let db = Db::default();
+    db.set("1", 1);
+    let policy = common::policy(backend.store);
+    let svc = tower_redis_cache::CacheLayer::new(policy).layer(common::router(db.clone()));
+    let request = |method: &'static str| {
+        let svc = svc.clone();
+        async move {
+            let response = svc.oneshot(method_req(method, "/swr/1")).await.unwrap();
+            let x_cache = response.headers()["x-cache"].to_str().unwrap().to_owned();
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (x_cache, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    assert_eq!(request("GET").await.0, "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    db.set("1", 2);
+    assert_eq!(request("HEAD").await, ("HIT".to_owned(), String::new()));
+    for _ in 0..100 {
+        if db.calls() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        request("GET").await,
+        ("HIT".to_owned(), r#"{"id":"1","rev":2}"#.to_owned())
+    );
 }

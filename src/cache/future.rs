@@ -260,8 +260,9 @@ where
     service.call(request)
 }
 
-/// Starts the refresh of a stale entry with the request that found it, on
-/// the service `poll_ready` readied, unless a refresh is under way.
+/// Starts the refresh of a stale entry with the request that found it (as
+/// a GET), on the service `poll_ready` readied, unless a refresh is under
+/// way.
 fn refresh_in_background<S, ReqBody, ResBody>(
     ctx: &Ctx,
     found: &Lookup,
@@ -277,9 +278,13 @@ fn refresh_in_background<S, ReqBody, ResBody>(
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    if let (Some(refresh), Some(service), Some(request)) =
+    if let (Some(refresh), Some(service), Some(mut request)) =
         (ctx.refresh(found), service.take(), request.take())
     {
+        // The entry is the GET's: a HEAD's answer has no body to store.
+        if request.method() == http::Method::HEAD {
+            *request.method_mut() = http::Method::GET;
+        }
         runtime.spawn(refresh.run(service, request));
     }
 }
