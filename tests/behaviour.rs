@@ -33,6 +33,7 @@ backend_tests!(
     one_bump_reaches_every_scope_of_an_item,
     an_evicted_guard_never_lets_an_old_read_store,
     a_head_request_refreshes_a_stale_entry_with_its_body,
+    a_leader_that_disconnects_hands_its_flight_to_one_follower,
 );
 
 async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
@@ -646,5 +647,36 @@ async fn a_head_request_refreshes_a_stale_entry_with_its_body(backend: Backend) 
     assert_eq!(
         request("GET").await,
         ("HIT".to_owned(), r#"{"id":"1","rev":2}"#.to_owned())
+    );
+}
+
+/// The request leading a flight is cancelled (its client went away) while
+/// 50 others wait on it: one of them takes the flight over, the rest wait
+/// for it. Two handler calls in all, not 51.
+async fn a_leader_that_disconnects_hands_its_flight_to_one_follower(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    db.read_delay_us
+        .store(300_000, std::sync::atomic::Ordering::Relaxed);
+    let (app, _) = app(backend.store, db.clone());
+    let leader = tokio::spawn(tower::ServiceExt::oneshot(
+        app.clone(),
+        get_req("/persons/1"),
+    ));
+    while db.calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let followers = tokio::spawn({
+        let app = app.clone();
+        async move { concurrently(&app, "/persons/1", 50).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader.abort();
+    let statuses = followers.await.unwrap();
+    assert_eq!(db.calls(), 2, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| s.contains("stored")).count(), 1);
+    assert_eq!(
+        statuses.iter().filter(|s| s.ends_with("collapsed")).count(),
+        49
     );
 }

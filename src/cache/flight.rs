@@ -12,11 +12,22 @@ use tokio::sync::watch;
 
 use crate::store::{CacheKey, Lookup, Observed};
 
-/// What a follower waits for: the leader's encoded entry, or `None` when
-/// the leader's response could not be shared (not storable, failed, dropped).
-pub(crate) type Wait = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
+/// How a flight ended for the requests that waited on it.
+#[derive(Debug, Clone)]
+pub(crate) enum Landed {
+    /// The leader's response, in its stored form.
+    Entry(Bytes),
+    /// The leader's response cannot be shared (not storable): each waiting
+    /// request calls the inner service itself.
+    Unshareable,
+}
 
-type Flights = Arc<Mutex<HashMap<String, watch::Receiver<Option<Bytes>>>>>;
+/// What a follower waits for: how the flight landed, or `None` when the
+/// leader was dropped first (its client went away): then one follower takes
+/// the flight over.
+pub(crate) type Wait = Pin<Box<dyn Future<Output = Option<Landed>> + Send>>;
+
+type Flights = Arc<Mutex<HashMap<String, watch::Receiver<Option<Landed>>>>>;
 
 /// The misses under way in this process.
 #[derive(Debug, Default, Clone)]
@@ -30,13 +41,14 @@ pub(crate) enum Role {
     Join(Wait),
 }
 
-/// Held by the request that calls the inner service; dropping it without
-/// [`Leader::share`] releases the followers to call the service themselves.
+/// Held by the request that calls the inner service. Dropping it without
+/// [`Leader::share`] or [`Leader::unshareable`] hands the flight to one of
+/// the followers.
 #[derive(Debug)]
 pub(crate) struct Leader {
     flights: Flights,
     name: String,
-    sender: watch::Sender<Option<Bytes>>,
+    sender: watch::Sender<Option<Landed>>,
 }
 
 impl FlightTable {
@@ -70,7 +82,12 @@ impl FlightTable {
 impl Leader {
     /// Hands the stored form of the response to every follower.
     pub(crate) fn share(self, entry: Bytes) {
-        self.sender.send_replace(Some(entry));
+        self.sender.send_replace(Some(Landed::Entry(entry)));
+    }
+
+    /// Tells the followers to call the inner service themselves.
+    pub(crate) fn unshareable(self) {
+        self.sender.send_replace(Some(Landed::Unshareable));
     }
 }
 

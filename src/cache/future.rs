@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::body::{to_bytes, ResponseBody};
-use super::flight::Wait;
+use super::flight::{Landed, Wait};
 use super::service::{Ctx, Outcome};
 use crate::entry::{self, Entry, Slot};
 use crate::stats::Reason;
@@ -145,12 +145,25 @@ where
                     service,
                     request,
                 } => {
-                    let shared = ready!(wait.as_mut().poll(cx));
+                    let landed = ready!(wait.as_mut().poll(cx));
                     let ctx = this.ctx.as_mut().expect("a join always has a context");
-                    if let Some(Slot::Entry(entry)) = shared.map(entry::decode) {
-                        let response = ctx.collapsed(entry);
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(response));
+                    match landed {
+                        Some(Landed::Entry(raw)) => {
+                            if let Slot::Entry(entry) = entry::decode(raw) {
+                                let response = ctx.collapsed(entry);
+                                this.state.set(State::Done);
+                                return Poll::Ready(Ok(response));
+                            }
+                        }
+                        Some(Landed::Unshareable) => {}
+                        // The leader went away: take the flight over, or
+                        // wait on the follower that did.
+                        None => {
+                            if let Some(next) = ctx.rejoin() {
+                                *wait = next;
+                                continue;
+                            }
+                        }
                     }
                     let future = call_readied(service, request);
                     this.state.set(State::Inner { future });

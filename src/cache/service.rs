@@ -202,6 +202,21 @@ impl Ctx {
         }
     }
 
+    /// The flight this request waited on lost its leader: lead it now, or
+    /// wait on the follower that took it over first.
+    pub(crate) fn rejoin(&mut self) -> Option<super::flight::Wait> {
+        let (Some(key), Some(seen)) = (&self.key, &self.seen) else {
+            return None;
+        };
+        match self.policy.flights().enter(key, seen) {
+            Role::Lead(leader) => {
+                self.leader = Some(leader);
+                None
+            }
+            Role::Join(wait) => Some(wait),
+        }
+    }
+
     /// True when `entry` is past its TTL on a route that serves stale
     /// entries while refreshing them.
     pub(crate) fn is_stale(&self, entry: &Entry) -> bool {
@@ -291,7 +306,9 @@ impl Ctx {
     /// Sets `x-cache` and `cache-status`, counts and logs the outcome.
     pub(crate) fn finish<B>(&mut self, mut response: Response<B>, outcome: Outcome) -> Response<B> {
         // Followers still waiting go to the inner service themselves.
-        self.leader = None;
+        if let Some(leader) = self.leader.take() {
+            leader.unshareable();
+        }
         let stats = self.policy.stats_ref();
         let took = self.started.elapsed();
         let status = response.status().as_u16();
