@@ -74,3 +74,104 @@ async fn works_over_a_buffer_of_one() {
     assert!(response.headers().get("x-cache").is_none());
     assert_eq!(calls.load(Ordering::SeqCst), 5);
 }
+
+/// A memory store whose lookups, once `gate` is set, each wait until
+/// `waiting` lookups are in flight at once.
+#[derive(Clone)]
+struct Gated {
+    inner: tower_redis_cache::store::MemoryStore,
+    gate: Arc<std::sync::atomic::AtomicBool>,
+    barrier: Arc<tokio::sync::Barrier>,
+}
+
+impl tower_redis_cache::store::Store for Gated {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+
+    fn lookup(
+        &self,
+        key: &tower_redis_cache::store::CacheKey,
+    ) -> tower_redis_cache::store::StoreFuture<tower_redis_cache::store::Lookup> {
+        let found = self.inner.lookup(key);
+        let (gate, barrier) = (self.gate.clone(), self.barrier.clone());
+        Box::pin(async move {
+            if gate.load(Ordering::SeqCst) {
+                barrier.wait().await;
+            }
+            found.await
+        })
+    }
+
+    fn store(
+        &self,
+        key: &tower_redis_cache::store::CacheKey,
+        seen: &tower_redis_cache::store::Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> tower_redis_cache::store::StoreFuture<bool> {
+        self.inner.store(key, seen, value, ttl)
+    }
+
+    fn invalidate(
+        &self,
+        invalidation: &tower_redis_cache::store::Invalidation,
+    ) -> tower_redis_cache::store::StoreFuture<()> {
+        self.inner.invalidate(invalidation)
+    }
+
+    fn ping(&self) -> tower_redis_cache::store::StoreFuture<()> {
+        self.inner.ping()
+    }
+}
+
+/// Hits do not hold the inner service's readiness while the store answers:
+/// under a `ConcurrencyLimit(1)`, four hits are in their lookups at once.
+#[tokio::test]
+async fn hits_do_not_hold_the_inner_service_while_the_store_answers() {
+    const HITS: usize = 4;
+    let store = Gated {
+        inner: MemoryStore::new(),
+        gate: Arc::default(),
+        barrier: Arc::new(tokio::sync::Barrier::new(HITS)),
+    };
+    let handler = tower::service_fn(|_req: Request<()>| async {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
+        response
+            .headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        Ok::<_, Infallible>(response)
+    });
+    let policy = Policy::builder()
+        .store(store.clone())
+        .route(Route::get("/items/{id}").key("item:{id}"))
+        .build()
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(CacheLayer::new(policy))
+        .concurrency_limit(1)
+        .service(handler);
+    let response = service
+        .clone()
+        .oneshot(Request::get("/items/1").body(()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-cache"], "MISS");
+    store.gate.store(true, Ordering::SeqCst);
+    let hits = (0..HITS).map(|_| {
+        let service = service.clone();
+        tokio::spawn(async move {
+            service
+                .oneshot(Request::get("/items/1").body(()).unwrap())
+                .await
+                .unwrap()
+        })
+    });
+    let all = futures_util::future::join_all(hits);
+    let responses = tokio::time::timeout(Duration::from_secs(5), all)
+        .await
+        .expect("the hits' lookups ran at once, not one behind the other");
+    for response in responses {
+        assert_eq!(response.unwrap().headers()["x-cache"], "HIT");
+    }
+}

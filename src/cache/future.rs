@@ -34,7 +34,8 @@ pin_project! {
     where
         ResBody: Body,
     {
-        // Waiting for the store; the readied inner service waits with the request.
+        // Waiting for the store; a clone of the inner service waits with the
+        // request, unreadied: a hit holds none of its capacity.
         Lookup {
             lookup: StoreFuture<Lookup>,
             service: Option<S>,
@@ -43,6 +44,11 @@ pin_project! {
         // Another request for the same entry is calling the inner service.
         Join {
             wait: Wait,
+            service: Option<S>,
+            request: Option<Request<ReqBody>>,
+        },
+        // A miss: the inner service is readied, then called.
+        Ready {
             service: Option<S>,
             request: Option<Request<ReqBody>>,
         },
@@ -137,8 +143,8 @@ where
                         }
                         Err(err) => ctx.lookup_failed(&err),
                     }
-                    let future = call_readied(service, request);
-                    this.state.set(State::Inner { future });
+                    let (service, request) = (service.take(), request.take());
+                    this.state.set(State::Ready { service, request });
                 }
                 StateProj::Join {
                     wait,
@@ -164,6 +170,13 @@ where
                                 continue;
                             }
                         }
+                    }
+                    let (service, request) = (service.take(), request.take());
+                    this.state.set(State::Ready { service, request });
+                }
+                StateProj::Ready { service, request } => {
+                    if let Some(inner) = service.as_mut() {
+                        ready!(inner.poll_ready(cx))?;
                     }
                     let future = call_readied(service, request);
                     this.state.set(State::Inner { future });
@@ -258,8 +271,7 @@ where
     }
 }
 
-/// Calls the service `poll_ready` readied, which the state kept with the
-/// request while the store (or another request's flight) answered.
+/// Calls the service the `Ready` state readied.
 fn call_readied<S, ReqBody>(
     service: &mut Option<S>,
     request: &mut Option<Request<ReqBody>>,
@@ -274,8 +286,8 @@ where
 }
 
 /// Starts the refresh of a stale entry with the request that found it (as
-/// a GET), on the service `poll_ready` readied, unless a refresh is under
-/// way.
+/// a GET), on the clone of the inner service it waited with (readied by
+/// the refresh), unless a refresh is under way.
 fn refresh_in_background<S, ReqBody, ResBody>(
     ctx: &Ctx,
     found: &Lookup,

@@ -71,10 +71,14 @@ where
             }
             Decision::Cache { route, key } => {
                 let lookup = self.policy.store().lookup(&key);
-                // The store answers before the inner service is called: take
-                // the service `poll_ready` readied, leave a fresh clone.
-                let clone = self.inner.clone();
-                let service = std::mem::replace(&mut self.inner, clone);
+                // The store answers before the inner service may be called,
+                // and a hit never calls it. The readiness `poll_ready`
+                // reserved (a concurrency permit, a buffer slot) is given
+                // back at once; the future readies an unreserved clone only
+                // on a miss, so a hit holds none of the inner capacity while
+                // the store answers.
+                let service = self.inner.clone();
+                drop(std::mem::replace(&mut self.inner, service.clone()));
                 let mut ctx = Ctx::new(&self.policy, route, head, Some(key));
                 ctx.if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
                 ResponseFuture::lookup(lookup, service, request, ctx)
@@ -404,6 +408,12 @@ impl Refresh {
         ResBody: Body,
     {
         let route = self.policy.route(self.route);
+        if std::future::poll_fn(|cx| service.poll_ready(cx))
+            .await
+            .is_err()
+        {
+            return;
+        }
         let Ok(response) = service.call(request).await else {
             return;
         };
