@@ -117,6 +117,12 @@ impl Entry {
     }
 }
 
+/// True when `raw` is in the entry format (whether or not it decodes).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn is_entry(raw: &[u8]) -> bool {
+    raw.first() == Some(&FORMAT_ENTRY)
+}
+
 pub(crate) fn decode(mut raw: Bytes) -> Slot {
     match raw.first() {
         Some(&FORMAT_ENTRY) => decode_entry(&mut raw).map_or(Slot::Unreadable, Slot::Entry),

@@ -21,6 +21,9 @@ pub enum Reason {
     StoreError,
     /// The store's circuit breaker is open: it was not tried.
     CircuitOpen,
+    /// Invalidations this process could not apply wait for replay: nothing
+    /// is served from the cache until they are applied.
+    PendingInvalidations,
     /// The status was not 200.
     Status,
     /// The content type was not JSON.
@@ -48,12 +51,13 @@ pub enum Reason {
 }
 
 impl Reason {
-    const ALL: [Reason; 17] = [
+    const ALL: [Reason; 18] = [
         Reason::Authorization,
         Reason::Query,
         Reason::ScopeMissing,
         Reason::StoreError,
         Reason::CircuitOpen,
+        Reason::PendingInvalidations,
         Reason::Status,
         Reason::NotJson,
         Reason::SetCookie,
@@ -76,6 +80,7 @@ impl Reason {
             Reason::ScopeMissing => "scope-missing",
             Reason::StoreError => "store-error",
             Reason::CircuitOpen => "circuit-open",
+            Reason::PendingInvalidations => "pending-invalidations",
             Reason::Status => "status",
             Reason::NotJson => "not-json",
             Reason::SetCookie => "set-cookie",

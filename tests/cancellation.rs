@@ -43,23 +43,21 @@ async fn a_write_dropped_after_its_commit_still_invalidates(backend: Backend) {
     );
     assert_eq!(db.revisions.lock().unwrap()["1"], 2, "the write committed");
 
-    let (_, x_cache, body) = send(&writer, get_req("/persons/1")).await;
-    assert_eq!(
-        (x_cache.as_str(), body.as_str()),
-        ("MISS", r#"{"id":"1","rev":2}"#)
-    );
-    // The other process sees it as soon as the background invalidation lands.
-    let mut fresh = false;
-    for _ in 0..100 {
-        let (_, _, body) = send(&other, get_req("/persons/1")).await;
-        let (_, _, list) = send(&other, get_req("/persons?limit=1")).await;
-        if body == r#"{"id":"1","rev":2}"# && list.contains(r#"["1",2]"#) {
-            fresh = true;
-            break;
+    // The write never answered, so reads may see it a moment late; both
+    // processes see it as soon as the background invalidation lands.
+    for app in [&writer, &other] {
+        let mut fresh = false;
+        for _ in 0..100 {
+            let (_, _, body) = send(app, get_req("/persons/1")).await;
+            let (_, _, list) = send(app, get_req("/persons?limit=1")).await;
+            if body == r#"{"id":"1","rev":2}"# && list.contains(r#"["1",2]"#) {
+                fresh = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(fresh, "a process still serves the pre-write entry");
     }
-    assert!(fresh, "the other process still serves the pre-write entry");
     // The background invalidation is counted once it lands.
     for _ in 0..100 {
         if policy.stats().invalidations().applied == 1 {

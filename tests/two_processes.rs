@@ -308,3 +308,37 @@ async fn a_restart_that_reloads_a_snapshot_serves_nothing_from_before() {
     }
     assert!(hit);
 }
+
+/// A miss in flight across a restart that reloads a snapshot: what its
+/// lookup saw (its lease, a version) may be back in the reloaded data, but
+/// it belongs to the old server lifetime, so its write is refused.
+#[tokio::test]
+async fn a_miss_in_flight_across_a_restart_does_not_store() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let store = RedisStore::open(&server.url()).unwrap();
+    let db = Db::default();
+    let (_, policy) = app(Arc::new(store.clone()), db);
+    let entry = tower_redis_cache::bench_support::encode_entry(bytes::Bytes::from_static(b"{}"));
+    for uri in ["/persons/1", "/persons?limit=10"] {
+        let key = policy.key_for(&get_req(uri)).unwrap();
+        let seen = store.lookup(&key).await.unwrap();
+        server.snapshot();
+        server.restart();
+        // Reconnected to the new server lifetime.
+        let mut up = false;
+        for _ in 0..100 {
+            if store.ping().await.is_ok() {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(up);
+        let written = store
+            .store(&key, &seen, entry.clone(), Duration::from_secs(60))
+            .await;
+        assert_eq!(written, Ok(false), "{uri}");
+    }
+}

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::store::{CacheKey, Lookup, Observed};
@@ -108,17 +109,23 @@ fn flight_name(key: &CacheKey, seen: &Lookup) -> String {
         Some(versions) => key.entry_key(&versions),
         None => key.entry_key(&[b"?"]),
     };
+    // What the lookup saw, whole: two lookups that saw different bytes
+    // never share a flight.
+    let mut hasher = Sha256::new();
     for observed in seen.versions().iter().chain([seen.entry()]) {
         match observed {
-            Observed::Absent => name.push_str("|absent"),
-            Observed::WrongType => name.push_str("|wrongtype"),
+            Observed::Absent => hasher.update([0]),
+            Observed::WrongType => hasher.update([2]),
             Observed::Value(bytes) => {
-                let _ = write!(name, "|{}:", bytes.len());
-                for byte in bytes.iter().take(32) {
-                    let _ = write!(name, "{byte:02x}");
-                }
+                hasher.update([1]);
+                hasher.update((bytes.len() as u64).to_be_bytes());
+                hasher.update(bytes);
             }
         }
+    }
+    name.push('|');
+    for byte in hasher.finalize().iter().take(16) {
+        let _ = write!(name, "{byte:02x}");
     }
     name
 }

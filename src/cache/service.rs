@@ -250,9 +250,16 @@ impl Ctx {
     }
 
     pub(crate) fn lookup_failed(&mut self, err: &StoreError) {
-        if *err == StoreError::CircuitOpen {
-            self.bypass = Some(Reason::CircuitOpen);
-            return;
+        match err {
+            StoreError::CircuitOpen => {
+                self.bypass = Some(Reason::CircuitOpen);
+                return;
+            }
+            StoreError::PendingInvalidations => {
+                self.bypass = Some(Reason::PendingInvalidations);
+                return;
+            }
+            _ => {}
         }
         self.policy.stats_ref().error(self.route);
         tracing::warn!(route = self.label(), key = %self.key_text(), error = %err, "cache lookup failed; serving from the handler");

@@ -65,6 +65,7 @@ impl Drop for Owed {
         };
         // Stores apply or queue an invalidation when it is issued; the
         // future only sends it (and replays the queue).
+        let invalidation = invalidation.reissued();
         let apply = policy.store().invalidate(&invalidation);
         tracing::info!(actions = %Actions(&invalidation), "write cancelled after its handler was called; invalidating anyway");
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

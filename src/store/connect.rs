@@ -12,11 +12,12 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::AsyncConnectionConfig;
+use tokio::sync::watch;
 
 use super::StoreError;
 
@@ -77,8 +78,7 @@ pub struct Reconnecting {
     client: redis::Client,
     config: AsyncConnectionConfig,
     live: Arc<Mutex<Option<Live>>>,
-    /// One connection attempt at a time.
-    connecting: Arc<tokio::sync::Mutex<u64>>,
+    attempt: Arc<Mutex<Attempt>>,
     scripts: Arc<[String]>,
     /// The longest one connection attempt may take, setup included.
     setup_timeout: Duration,
@@ -88,6 +88,18 @@ impl std::fmt::Debug for Reconnecting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reconnecting").finish_non_exhaustive()
     }
+}
+
+/// After a failed connection attempt, operations fail at once for this
+/// long instead of starting another.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// The connection attempt under way, or how the last one failed.
+#[derive(Default)]
+struct Attempt {
+    running: Option<watch::Receiver<Option<Result<(), StoreError>>>>,
+    failed: Option<(Instant, StoreError)>,
+    generation: u64,
 }
 
 #[derive(Clone)]
@@ -130,7 +142,7 @@ impl Reconnecting {
             client,
             config,
             live: Arc::default(),
-            connecting: Arc::default(),
+            attempt: Arc::default(),
             scripts: scripts.into(),
             setup_timeout: connect_timeout * 3,
         }
@@ -142,14 +154,11 @@ impl Reconnecting {
 }
 
 impl Reconnecting {
-    /// One connection attempt: connect, read `run_id`, load the scripts.
-    /// Attempts queue behind each other; one that finds a connection made
-    /// meanwhile uses it.
-    async fn establish(self) -> Result<(MultiplexedConnection, Epoch, u64), StoreError> {
-        let mut generation = self.connecting.lock().await;
-        if let Some(live) = self.current() {
-            return Ok((live.conn, live.epoch, live.generation));
-        }
+    /// One connection attempt: connect, read the server's epoch, load the
+    /// scripts, read its persistence.
+    async fn establish(
+        &self,
+    ) -> Result<(MultiplexedConnection, Epoch, Option<&'static str>), StoreError> {
         let setup = async {
             let mut conn = self
                 .client
@@ -157,53 +166,108 @@ impl Reconnecting {
                 .await?;
             let mut setup = redis::pipe();
             setup.cmd("INFO").arg("server");
+            setup.cmd("INFO").arg("replication");
             for script in self.scripts.iter() {
                 setup.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
             }
-            let (info,): (String,) = setup.query_async(&mut conn).await?;
-            Ok::<_, redis::RedisError>((conn, info))
+            let (server, replication): (String, String) = setup.query_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>((conn, server, replication))
         };
-        let (mut conn, info) = match tokio::time::timeout(self.setup_timeout, setup).await {
-            Ok(done) => done.map_err(super::redis::backend)?,
-            Err(_) => return Err(StoreError::Timeout),
+        let (mut conn, server, replication) =
+            match tokio::time::timeout(self.setup_timeout, setup).await {
+                Ok(done) => done.map_err(super::redis::backend)?,
+                Err(_) => return Err(StoreError::Timeout),
+            };
+        let field = |info: &str, name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(|value| value.trim().to_owned())
         };
-        let epoch = info
-            .lines()
-            .find_map(|line| line.strip_prefix("run_id:"))
-            .map(|id| Bytes::copy_from_slice(id.trim().as_bytes()))
-            .unwrap_or_default();
+        // The server's lifetime and its dataset's history: a restart changes
+        // the first, a promotion or a full resync the second.
+        let epoch = match (
+            field(&server, "run_id:"),
+            field(&replication, "master_replid:"),
+        ) {
+            (Some(run), Some(replid)) => Bytes::from(format!("{run}.{replid}")),
+            (Some(run), None) => Bytes::from(run),
+            _ => Epoch::new(),
+        };
         let persistence = tokio::time::timeout(self.setup_timeout, persistence(&mut conn))
             .await
             .ok()
             .flatten();
-        *generation += 1;
-        let live = Live {
-            conn: conn.clone(),
-            epoch: epoch.clone(),
-            generation: *generation,
-            persistence,
+        Ok((conn, epoch, persistence))
+    }
+
+    /// Runs one attempt and tells every operation waiting on it.
+    async fn attempt(self, done: watch::Sender<Option<Result<(), StoreError>>>) {
+        let result = self.establish().await;
+        let mut attempt = self.attempt.lock().unwrap_or_else(|e| e.into_inner());
+        attempt.running = None;
+        let outcome = match result {
+            Ok((conn, epoch, persistence)) => {
+                attempt.generation += 1;
+                attempt.failed = None;
+                tracing::debug!(epoch = %String::from_utf8_lossy(&epoch), "connected to redis");
+                *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
+                    conn,
+                    epoch,
+                    generation: attempt.generation,
+                    persistence,
+                });
+                Ok(())
+            }
+            Err(err) => {
+                attempt.failed = Some((Instant::now(), err.clone()));
+                Err(err)
+            }
         };
-        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
-        tracing::debug!(run_id = %String::from_utf8_lossy(&epoch), "connected to redis");
-        Ok((conn, epoch, *generation))
+        done.send_replace(Some(outcome));
     }
 }
 
 impl Connect for Reconnecting {
     type Conn = MultiplexedConnection;
 
+    /// The live connection; else the attempt under way; else a new attempt,
+    /// unless one failed less than [`RETRY_AFTER`] ago. One attempt at a
+    /// time, as its own task: an operation that gives up at its deadline
+    /// does not cancel it, so a slow link still ends up connected.
     fn connect(&self) -> Connecting<MultiplexedConnection> {
         if let Some(live) = self.current() {
             return Box::pin(async move { Ok((live.conn, live.epoch, live.generation)) });
         }
-        // The attempt runs as its own task: an operation that gives up at
-        // its deadline does not cancel it, so a slow link still ends up
-        // connected for the next one.
-        let attempt = tokio::spawn(self.clone().establish());
+        let mut waiting = {
+            let mut attempt = self.attempt.lock().unwrap_or_else(|e| e.into_inner());
+            match (&attempt.running, &attempt.failed) {
+                (Some(running), _) => running.clone(),
+                (None, Some((at, err))) if at.elapsed() < RETRY_AFTER => {
+                    let err = err.clone();
+                    return Box::pin(async move { Err(err) });
+                }
+                (None, _) => {
+                    let (done, running) = watch::channel(None);
+                    attempt.running = Some(running.clone());
+                    tokio::spawn(self.clone().attempt(done));
+                    running
+                }
+            }
+        };
+        let this = self.clone();
         Box::pin(async move {
-            attempt
+            let outcome = waiting
+                .wait_for(Option::is_some)
                 .await
-                .unwrap_or_else(|err| Err(StoreError::Unreachable(err.to_string())))
+                .map_err(|_| StoreError::Unreachable("connection attempt lost".to_owned()))?
+                .clone();
+            match outcome {
+                Some(Err(err)) => Err(err),
+                _ => match this.current() {
+                    Some(live) => Ok((live.conn, live.epoch, live.generation)),
+                    None => Err(StoreError::Unreachable("connection lost".to_owned())),
+                },
+            }
         })
     }
 

@@ -225,10 +225,14 @@ impl MemoryStore {
                 _ => None,
             };
             let (next, ttl) = match current {
-                Some(n) => (
-                    Bytes::from((n + 1).to_string()),
-                    state.remaining(bump.key()),
-                ),
+                Some(n) => {
+                    // A recreated version must start above every value used.
+                    state.last_fresh_version = state.last_fresh_version.max(n + 1);
+                    (
+                        Bytes::from((n + 1).to_string()),
+                        state.remaining(bump.key()),
+                    )
+                }
                 None => (state.fresh_version(), bump.ttl()),
             };
             state.insert(bump.key().to_owned(), next, ttl, caps);

@@ -155,6 +155,9 @@ pub struct Lookup {
     /// What may be served: the entry, unless the store knows it was written
     /// before the server lost data (then absent).
     payload: Observed,
+    /// The server epoch the lookup read under (empty when unknown): a write
+    /// under another epoch is refused.
+    origin: Bytes,
 }
 
 impl Lookup {
@@ -165,7 +168,20 @@ impl Lookup {
             versions,
             payload: entry.clone(),
             entry,
+            origin: Bytes::new(),
         }
+    }
+
+    /// The same lookup, made under the server epoch `origin`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn with_origin(mut self, origin: Bytes) -> Self {
+        self.origin = origin;
+        self
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn origin(&self) -> &Bytes {
+        &self.origin
     }
 
     /// The same lookup, serving `payload` instead of the raw entry (which
@@ -241,6 +257,13 @@ impl Invalidation {
     /// True when there is nothing to do.
     pub fn is_empty(&self) -> bool {
         self.deletes.is_empty() && self.bumps.is_empty()
+    }
+
+    /// The same actions with a fresh tombstone, for sending them again: a
+    /// late copy of an earlier send must never carry a tombstone a read may
+    /// have seen since.
+    pub(crate) fn reissued(&self) -> Self {
+        Self::new(self.deletes.clone(), self.bumps.clone())
     }
 }
 

@@ -242,11 +242,18 @@ impl<C: Connect> RedisStore<C> {
     }
 }
 
+/// A server that is loading, read-only (a demoted master) or without its
+/// master answers, but not as the master we had: like a dropped connection.
+const NOT_OUR_MASTER: [&str; 3] = ["READONLY", "LOADING", "MASTERDOWN"];
+
 pub(crate) fn backend(err: RedisError) -> StoreError {
     if err.is_io_error()
         || err.is_connection_refusal()
         || err.is_connection_dropped()
         || err.is_timeout()
+        || err
+            .code()
+            .is_some_and(|code| NOT_OUR_MASTER.contains(&code))
     {
         StoreError::Unreachable(err.to_string())
     } else {
@@ -347,7 +354,9 @@ async fn lookup<C: ConnectionLike>(
         }
     };
     let payload = unstamp(&entry, epoch);
-    Ok(Lookup::new(versions, entry).with_payload(payload))
+    Ok(Lookup::new(versions, entry)
+        .with_payload(payload)
+        .with_origin(epoch.clone()))
 }
 
 /// Marks a value written under a known server epoch.
@@ -368,13 +377,17 @@ fn stamp(value: &[u8], epoch: &Epoch) -> Bytes {
 
 /// What may be served from `raw`: the value under the stamp when it was
 /// written under this server's epoch; nothing when under another (the
-/// server restarted with old data, or failed over); unstamped values as
-/// they are.
+/// server restarted with old data, or failed over), nor an unstamped entry
+/// when the epoch is known (a process without epochs wrote it); guards
+/// (leases, tombstones) as they are.
 fn unstamp(raw: &Observed, epoch: &Epoch) -> Observed {
     let Observed::Value(bytes) = raw else {
         return raw.clone();
     };
     if bytes.first() != Some(&STAMP) {
+        if !epoch.is_empty() && crate::entry::is_entry(bytes) {
+            return Observed::Absent;
+        }
         return raw.clone();
     }
     let len = bytes.get(1).map_or(0, |l| usize::from(*l));
@@ -387,14 +400,10 @@ fn unstamp(raw: &Observed, epoch: &Epoch) -> Observed {
 }
 
 /// Runs `op` on a connection from `source`, all within `deadline`. A
-/// connection that failed (or, with `drop_on_timeout`, that stalled) is
-/// replaced for the next operation.
-async fn on_connection<C, T, F, Fut>(
-    source: &C,
-    deadline: Duration,
-    drop_on_timeout: bool,
-    op: F,
-) -> Result<T, StoreError>
+/// connection that failed or stalled is replaced for the next operation
+/// (a silently dead peer, a demoted master), and the new one reads the
+/// server's epoch again.
+async fn on_connection<C, T, F, Fut>(source: &C, deadline: Duration, op: F) -> Result<T, StoreError>
 where
     C: Connect,
     F: FnOnce(C::Conn, Epoch) -> Fut,
@@ -411,10 +420,11 @@ where
         Err(_) => Err(StoreError::Timeout),
     };
     let used = generation.load(std::sync::atomic::Ordering::Relaxed);
-    match &result {
-        Err(StoreError::Unreachable(_)) => source.broken(used),
-        Err(StoreError::Timeout) if drop_on_timeout => source.broken(used),
-        _ => {}
+    if matches!(
+        result,
+        Err(StoreError::Unreachable(_) | StoreError::Timeout)
+    ) {
+        source.broken(used);
     }
     result
 }
@@ -449,7 +459,7 @@ impl<C: Connect> Store for Link<C> {
         let (source, deadline, lease_ttl) = (self.source.clone(), self.deadline, self.lease_ttl);
         let key = key.clone();
         Box::pin(async move {
-            on_connection(&source, deadline, false, |mut conn, epoch| async move {
+            on_connection(&source, deadline, |mut conn, epoch| async move {
                 lookup(&mut conn, &epoch, lease_ttl, key).await
             })
             .await
@@ -494,10 +504,15 @@ impl<C: Connect> Store for Link<C> {
             }
         }
         let (source, deadline) = (self.source.clone(), self.deadline);
+        let origin = seen.origin().clone();
         Box::pin(async move {
-            on_connection(&source, deadline, false, |mut conn, epoch| async move {
+            on_connection(&source, deadline, |mut conn, epoch| async move {
+                // What the lookup saw belongs to another server lifetime.
+                if origin != epoch {
+                    return Ok(false);
+                }
                 // The value and TTL go last: the value is stamped with the
-                // epoch of the connection that writes it.
+                // epoch it was read and written under.
                 invocation
                     .arg(stamp(&value, &epoch).as_ref())
                     .arg(millis(ttl));
@@ -519,20 +534,22 @@ impl<C: Connect> Store for Link<C> {
         let invalidation = invalidation.clone();
         Box::pin(async move {
             let until = tokio::time::Instant::now() + budget;
-            let send = |deadline| {
-                let (source, invalidation) = (source.clone(), invalidation.clone());
+            let send = |deadline, invalidation: Invalidation| {
+                let source = source.clone();
                 async move {
                     let apply = |mut conn: C::Conn, _| async move {
                         apply(&mut conn, &invalidation, tombstone_ttl).await
                     };
-                    on_connection(&source, deadline, true, apply).await
+                    on_connection(&source, deadline, apply).await
                 }
             };
-            let first = send(budget / 2).await;
+            let first = send(budget / 2, invalidation.clone()).await;
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             match first {
+                // The first send may still land late: the second carries a
+                // tombstone of its own.
                 Err(StoreError::Unreachable(_) | StoreError::Timeout) if !left.is_zero() => {
-                    send(left).await
+                    send(left, invalidation.reissued()).await
                 }
                 other => other,
             }
@@ -542,7 +559,7 @@ impl<C: Connect> Store for Link<C> {
     fn ping(&self) -> StoreFuture<()> {
         let (source, deadline) = (self.source.clone(), self.deadline);
         Box::pin(async move {
-            on_connection(&source, deadline, false, |mut conn, _| async move {
+            on_connection(&source, deadline, |mut conn, _| async move {
                 let _: String = redis::cmd("PING")
                     .query_async(&mut conn)
                     .await

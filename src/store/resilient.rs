@@ -5,12 +5,12 @@
 //!
 //! The ordering rules live here, in one place:
 //!
-//! - an invalidation is queued *before* it is sent, so a failure or a
-//!   dropped future leaves it for replay;
+//! - an invalidation that fails, or whose future is dropped before the
+//!   store answered, is queued for replay before anything else happens;
 //! - reads and writes of entries go through the breaker; invalidations do
 //!   not (a write has its own budget, see the inner store's write deadline);
-//! - while anything is queued, a lookup first replays a bounded batch, and
-//!   serves from the cache only once the queue is empty;
+//! - while anything is queued, nothing is served from the cache; a
+//!   background task replays the queue in bounded batches;
 //! - every operation the breaker admits is recorded exactly once, even when
 //!   its future is dropped.
 
@@ -156,14 +156,15 @@ pub struct StoreHealth {
 /// A store behind a circuit breaker and an invalidation replay queue;
 /// `RedisStore` wears one. The rules it keeps:
 ///
-/// - an invalidation is queued *before* it is sent, so a failure or a
-///   dropped future leaves it for replay;
+/// - an invalidation that fails, or whose future is dropped before the
+///   store answered, is queued for replay (reads concurrent with it may
+///   still be served: only a write that returned must be seen);
 /// - reads and entry writes go through the breaker (it opens on repeated
 ///   timeouts or connection failures, or on a high share of slow calls);
 ///   invalidations do not, since a write has its own budget;
-/// - while anything is queued, a lookup first replays a bounded batch, and
-///   serves from the cache only once the queue is empty; a background task
-///   replays it too;
+/// - while anything is queued, nothing is served from the cache; a
+///   background task replays the queue in bounded batches, at once and
+///   again every `open_for` while the store fails;
 /// - every operation the breaker admits is recorded exactly once, even when
 ///   its future is dropped.
 ///
@@ -276,14 +277,19 @@ impl<S: Store + Clone> Resilient<S> {
         };
         let (inner, shared) = (self.inner.clone(), self.shared.clone());
         runtime.spawn(async move {
-            loop {
-                tokio::time::sleep(shared.config.open_for).await;
-                let Some((batch, sent)) = shared.batch() else {
-                    break;
-                };
-                if inner.invalidate(&batch).await.is_ok() {
-                    shared.applied(&sent);
-                    tracing::info!(keys = sent.len(), "queued invalidations replayed");
+            // Batch after batch while the store takes them; after a failure,
+            // again once `open_for` has passed.
+            while let Some((batch, sent)) = shared.batch() {
+                let started = Instant::now();
+                shared.operations.fetch_add(1, Ordering::Relaxed);
+                let result = inner.invalidate(&batch).await;
+                shared.record(Admit::Go, &result, started.elapsed());
+                match result {
+                    Ok(()) => {
+                        shared.applied(&sent);
+                        tracing::info!(keys = sent.len(), "queued invalidations replayed");
+                    }
+                    Err(_) => tokio::time::sleep(shared.config.open_for).await,
                 }
             }
             shared.replaying.store(false, Ordering::Release);
@@ -352,10 +358,27 @@ impl Shared {
         }
     }
 
-    /// A probe whose future was dropped gives its turn back.
-    fn abandoned(&self, admit: Admit) {
+    /// An operation whose future was dropped before the store answered:
+    /// a probe gives its turn back, and the time it waited still counts
+    /// towards the slow-call rate (a caller's timeout shorter than ours must
+    /// not hide a slow store).
+    fn abandoned(&self, admit: Admit, waited: Duration) {
+        let config = &self.config;
+        let mut breaker = lock(&self.breaker);
         if admit == Admit::Probe {
-            lock(&self.breaker).probing = false;
+            breaker.probing = false;
+        }
+        breaker.recent.push_back(waited > config.slow_call);
+        while breaker.recent.len() > config.window {
+            breaker.recent.pop_front();
+        }
+        let slow_calls = breaker.recent.iter().filter(|s| **s).count();
+        if breaker.recent.len() >= config.window
+            && slow_calls * 100 >= breaker.recent.len() * usize::from(config.slow_call_percent)
+        {
+            tracing::warn!(open_for = ?config.open_for, "cache store slow; circuit open");
+            breaker.open_until = Some(Instant::now() + config.open_for);
+            breaker.recent.clear();
         }
     }
 
@@ -416,6 +439,29 @@ impl Shared {
         (!sent.is_empty()).then(|| (Invalidation::new(deletes, bumps), sent))
     }
 
+    /// The sequence of the latest queued action.
+    fn mark(&self) -> u64 {
+        lock(&self.queue).next
+    }
+
+    /// A send of `invalidation` that started after `mark` landed: it covers
+    /// what was queued for its keys up to then.
+    fn superseded(&self, invalidation: &Invalidation, mark: u64) {
+        let mut queue = lock(&self.queue);
+        let keys = invalidation
+            .deletes()
+            .iter()
+            .chain(invalidation.bumps().iter().map(|b| &b.key));
+        for key in keys {
+            if let Some(&(seq, _)) = queue.by_key.get(key) {
+                if seq <= mark {
+                    queue.by_key.remove(key);
+                    queue.order.remove(&seq);
+                }
+            }
+        }
+    }
+
     /// Forgets what was applied, keeping keys queued again since.
     fn applied(&self, sent: &Sent) {
         let mut queue = lock(&self.queue);
@@ -442,6 +488,28 @@ impl Shared {
 
     fn clear(&self) -> bool {
         !self.holding() && lock(&self.queue).by_key.is_empty()
+    }
+}
+
+/// An invalidation sent but not confirmed: queued for replay if it fails,
+/// or if its future is dropped before the store answered.
+struct Unconfirmed<S: Store + Clone> {
+    store: Resilient<S>,
+    invalidation: Option<Invalidation>,
+}
+
+impl<S: Store + Clone> Unconfirmed<S> {
+    fn queue(&mut self) {
+        if let Some(invalidation) = self.invalidation.take() {
+            self.store.shared.enqueue(&invalidation);
+            self.store.schedule_replay();
+        }
+    }
+}
+
+impl<S: Store + Clone> Drop for Unconfirmed<S> {
+    fn drop(&mut self) {
+        self.queue();
     }
 }
 
@@ -473,7 +541,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(admit) = self.admit.take() {
-            self.shared.abandoned(admit);
+            self.shared.abandoned(admit, self.started.elapsed());
         }
     }
 }
@@ -484,34 +552,20 @@ impl<S: Store + Clone> Store for Resilient<S> {
     }
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
-        if self.shared.holding() {
+        // Invalidations that failed earlier go first: nothing is served from
+        // the cache before they are all applied. They are replayed in the
+        // background, so a read never pays a write's budget.
+        if !self.shared.clear() {
+            self.schedule_replay();
             return Box::pin(async { Err(StoreError::PendingInvalidations) });
         }
         let permit = match Permit::new(&self.shared) {
             Ok(permit) => permit,
             Err(err) => return Box::pin(async move { Err(err) }),
         };
-        let replay = self.shared.batch();
-        let lookup = replay.is_none().then(|| self.inner.lookup(key));
-        let (inner, shared, key) = (self.inner.clone(), self.shared.clone(), key.clone());
+        let lookup = self.inner.lookup(key);
         Box::pin(async move {
-            let result = async {
-                if let Some(lookup) = lookup {
-                    return lookup.await;
-                }
-                // Invalidations that failed earlier go first: nothing is
-                // served from the cache before they are all applied.
-                if let Some((batch, sent)) = replay {
-                    inner.invalidate(&batch).await?;
-                    shared.applied(&sent);
-                    tracing::info!(keys = sent.len(), "queued invalidations replayed");
-                }
-                if !shared.clear() {
-                    return Err(StoreError::PendingInvalidations);
-                }
-                inner.lookup(&key).await
-            }
-            .await;
+            let result = lookup.await;
             permit.record(&result);
             result
         })
@@ -543,19 +597,30 @@ impl<S: Store + Clone> Store for Resilient<S> {
         if invalidation.is_empty() {
             return Box::pin(async { Ok(()) });
         }
-        // Queued first: a failure, or a dropped future, leaves it for replay.
-        let sent = self.shared.enqueue(invalidation);
+        // What was queued before this send; what it supersedes if it lands.
+        let mark = self.shared.mark();
+        // Queued if it fails, or if its future is dropped first.
+        let owed = Unconfirmed {
+            store: self.clone(),
+            invalidation: Some(invalidation.clone()),
+        };
+        self.shared.operations.fetch_add(1, Ordering::Relaxed);
         let apply = self.inner.invalidate(invalidation);
-        let this = self.clone();
         Box::pin(async move {
+            let mut owed = owed;
             let started = Instant::now();
             let result = apply.await;
-            this.shared.record(Admit::Go, &result, started.elapsed());
+            let shared = &owed.store.shared;
+            shared.record(Admit::Go, &result, started.elapsed());
             match &result {
-                Ok(()) => this.shared.applied(&sent),
+                Ok(()) => {
+                    if let Some(invalidation) = owed.invalidation.take() {
+                        shared.superseded(&invalidation, mark);
+                    }
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, "invalidation queued for replay");
-                    this.schedule_replay();
+                    owed.queue();
                 }
             }
             result
@@ -800,7 +865,7 @@ mod tests {
         let config = BreakerConfig::default()
             .failure_threshold(100)
             .replay_batch(2)
-            .open_for(Duration::from_secs(3600));
+            .open_for(Duration::from_millis(20));
         let (store, faulty) = resilient(config);
         let entry = crate::bench_support::encode_entry(Bytes::from_static(b"{}"));
         let seen = store.lookup(&key("k0")).await.unwrap();
@@ -812,21 +877,28 @@ mod tests {
         let keys = ["k0", "k1", "k2", "k3", "k4"];
         assert!(store.invalidate(&deletes(&keys)).await.is_err());
         assert_eq!(store.health().pending_invalidations, 5);
-        faulty.set(Mode::Up);
+        // Reads are not served, and cost the store nothing, until replayed.
         let before = faulty.calls();
-        for left in [3, 1] {
-            assert_eq!(
-                store.lookup(&key("k0")).await,
-                Err(StoreError::PendingInvalidations)
-            );
-            assert_eq!(store.health().pending_invalidations, left);
+        assert_eq!(
+            store.lookup(&key("k0")).await,
+            Err(StoreError::PendingInvalidations)
+        );
+        faulty.set(Mode::Up);
+        for _ in 0..100 {
+            if store.health().pending_invalidations == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        assert_eq!(store.health().pending_invalidations, 0);
         let found = store.lookup(&key("k0")).await.unwrap();
         assert!(
             !matches!(found.entry(), Observed::Value(v) if crate::bench_support::decode_entry(v.clone()))
         );
-        // Three replays of at most two keys, then the lookup itself.
-        assert_eq!(faulty.calls() - before, 4);
+        // Failed tries while down, then three batches of at most two keys,
+        // then the lookup: the batches are bounded.
+        let replays = faulty.calls() - before - 1;
+        assert!(replays >= 3, "{replays}");
     }
 
     #[tokio::test]
