@@ -3,11 +3,11 @@
 //!
 //! [`Reconnecting`] (what `RedisStore::open` uses) keeps one multiplexed
 //! connection and replaces it when it breaks. Each connection it makes first
-//! reads the server's `run_id` and loads the store's scripts, in one round
-//! trip: requests never pay `NOSCRIPT` round trips, and every entry is
-//! stamped with the `run_id` of the connection that wrote it. A restart that
-//! reloads a snapshot, or a failover to a replica, changes the `run_id`, so
-//! no entry written before it is served after it.
+//! reads the server's epoch (`run_id` and `master_replid`) and loads the
+//! store's scripts, in one round trip: requests never pay `NOSCRIPT` round
+//! trips, and every entry is stamped with the epoch it was written under. A
+//! restart that reloads a snapshot, a failover or a full resync changes the
+//! epoch, so no entry written before it is served after it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -68,11 +68,12 @@ where
 }
 
 /// One multiplexed connection, replaced when it breaks, that reads the
-/// server's `run_id` and loads the scripts on every (re)connection, in one
-/// round trip: requests never pay `NOSCRIPT` round trips, and entries are
-/// stamped with the `run_id` of the connection that wrote them, so none
-/// written before a restart that reloads old data (or a failover) is served
-/// after it. What [`RedisStore::open`](super::RedisStore::open) uses.
+/// server's epoch (`run_id` and `master_replid`) and loads the scripts on
+/// every (re)connection, in one round trip: requests never pay `NOSCRIPT`
+/// round trips, and entries are stamped with the epoch they were written
+/// under, so none written before a restart that reloads old data, a
+/// failover or a full resync is served after it. One connection attempt
+/// runs at a time. What [`RedisStore::open`](super::RedisStore::open) uses.
 #[derive(Clone)]
 pub struct Reconnecting {
     client: redis::Client,
