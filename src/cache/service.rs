@@ -449,14 +449,22 @@ impl Refresh {
             .store(&self.key, &self.seen, entry, route.ttl + route.stale_window)
             .await;
         match stored {
-            Ok(true) => self.policy.stats_ref().stored(self.route),
-            Ok(false) => self.policy.stats_ref().skip(self.route, Reason::Raced),
+            Ok(true) => {
+                self.policy.stats_ref().stored(self.route);
+                tracing::debug!(route = route.label, "stale entry refreshed");
+            }
+            Ok(false) => {
+                self.policy.stats_ref().skip(self.route, Reason::Raced);
+                tracing::debug!(
+                    route = route.label,
+                    "stale entry refresh raced an invalidation; not stored"
+                );
+            }
             Err(err) => {
                 self.policy.stats_ref().error(self.route);
                 tracing::warn!(route = route.label, error = %err, "stale entry refresh not stored");
             }
         }
-        tracing::debug!(route = route.label, "stale entry refreshed");
     }
 }
 
