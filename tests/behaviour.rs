@@ -34,6 +34,7 @@ backend_tests!(
     an_evicted_guard_never_lets_an_old_read_store,
     a_head_request_refreshes_a_stale_entry_with_its_body,
     a_leader_that_disconnects_hands_its_flight_to_one_follower,
+    a_not_modified_answer_claims_no_content_length,
 );
 
 async fn miss_then_hit_calls_the_handler_once(backend: Backend) {
@@ -679,4 +680,29 @@ async fn a_leader_that_disconnects_hands_its_flight_to_one_follower(backend: Bac
         statuses.iter().filter(|s| s.ends_with("collapsed")).count(),
         49
     );
+}
+
+/// A 304 (to a GET or a HEAD) carries no body and claims no length: not
+/// `content-length: 0`, which would describe an empty representation.
+async fn a_not_modified_answer_claims_no_content_length(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _) = app(backend.store, db.clone());
+    let miss = tower::ServiceExt::oneshot(app.clone(), get_req("/persons/1"))
+        .await
+        .unwrap();
+    let etag = miss.headers()["etag"].clone();
+    for method in ["GET", "HEAD"] {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri("/persons/1")
+            .header("if-none-match", etag.clone())
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = tower::ServiceExt::oneshot(app.clone(), request)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{method}");
+        assert_eq!(response.headers().get("content-length"), None, "{method}");
+    }
 }

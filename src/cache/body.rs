@@ -27,6 +27,8 @@ pin_project! {
         B: Body,
     {
         Full { data: Option<Bytes> },
+        // No body, and no claim about the representation's length (a 304).
+        Unsized,
         Inner { #[pin] body: B },
         Prefixed {
             frames: VecDeque<Frame<Bytes>>,
@@ -47,6 +49,14 @@ impl<B: Body> ResponseBody<B> {
     pub(crate) fn empty() -> Self {
         Self {
             kind: Kind::Full { data: None },
+        }
+    }
+
+    /// No body, with no exact size: nothing downstream (axum, hyper) adds
+    /// a `content-length` that would describe an empty representation.
+    pub(crate) fn unsized_empty() -> Self {
+        Self {
+            kind: Kind::Unsized,
         }
     }
 
@@ -87,6 +97,7 @@ impl<B: Body> Body for ResponseBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Unsized => Poll::Ready(None),
             KindProj::Inner { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map(to_bytes))),
             KindProj::Prefixed {
                 frames,
@@ -115,6 +126,7 @@ impl<B: Body> Body for ResponseBody<B> {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full { data } => data.is_none(),
+            Kind::Unsized => true,
             Kind::Inner { body } => body.is_end_stream(),
             Kind::Prefixed {
                 frames,
@@ -131,7 +143,7 @@ impl<B: Body> Body for ResponseBody<B> {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Inner { body } => body.size_hint(),
-            Kind::Prefixed { .. } => SizeHint::default(),
+            Kind::Unsized | Kind::Prefixed { .. } => SizeHint::default(),
         }
     }
 }

@@ -155,7 +155,7 @@ impl Ctx {
         if not_modified {
             // RFC 9110 15.4.5: the validator and caching headers, no content.
             *response.status_mut() = StatusCode::NOT_MODIFIED;
-            *response.body_mut() = ResponseBody::empty();
+            *response.body_mut() = ResponseBody::unsized_empty();
             let headers = response.headers_mut();
             for name in [
                 header::CONTENT_LENGTH,
