@@ -10,11 +10,11 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::body::{to_bytes, ResponseBody};
-use super::flight::{Landed, Wait};
-use super::service::{Ctx, Outcome};
-use crate::entry::{self, Entry, Slot};
+use super::flight::Wait;
+use super::service::{Ctx, Next, Outcome};
+use crate::entry::{self, Entry};
 use crate::stats::Reason;
-use crate::store::{Lookup, Observed, StoreFuture};
+use crate::store::{Lookup, StoreFuture};
 
 pin_project! {
     /// Response future of [`Cache`](super::Cache).
@@ -23,8 +23,24 @@ pin_project! {
         ResBody: Body,
     {
         #[pin]
-        state: State<F, S, ReqBody, ResBody>,
-        ctx: Option<Ctx>,
+        kind: Kind<F, S, ReqBody, ResBody>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, S, ReqBody, ResBody>
+    where
+        ResBody: Body,
+    {
+        // Not a cached route: the inner future, untouched.
+        Pass { #[pin] future: F },
+        // A cached route: its context and where it stands.
+        Cached {
+            ctx: Ctx,
+            #[pin]
+            state: State<F, S, ReqBody, ResBody>,
+        },
     }
 }
 
@@ -38,28 +54,18 @@ pin_project! {
         // request, unreadied: a hit holds none of its capacity.
         Lookup {
             lookup: StoreFuture<Lookup>,
-            service: Option<S>,
-            request: Option<Request<ReqBody>>,
+            call: Option<Call<S, ReqBody>>,
         },
         // Another request for the same entry is calling the inner service.
         Join {
             wait: Wait,
-            service: Option<S>,
-            request: Option<Request<ReqBody>>,
+            call: Option<Call<S, ReqBody>>,
         },
         // A miss: the inner service is readied, then called.
-        Ready {
-            service: Option<S>,
-            request: Option<Request<ReqBody>>,
-        },
+        Ready { call: Option<Call<S, ReqBody>> },
         Inner { #[pin] future: F },
         // Reading a storable body, up to the cap.
-        Collect {
-            parts: Option<http::response::Parts>,
-            body: Option<Pin<Box<ResBody>>>,
-            frames: VecDeque<Frame<Bytes>>,
-            size: usize,
-        },
+        Collect { collect: Option<Collecting<ResBody>> },
         // Writing the entry; the response goes out once the store answered,
         // so the next request for the key finds it.
         Write {
@@ -70,28 +76,48 @@ pin_project! {
     }
 }
 
+/// A call of the inner service, waiting for the store to say whether it is
+/// needed.
+pub(crate) struct Call<S, ReqBody> {
+    pub(crate) service: S,
+    pub(crate) request: Request<ReqBody>,
+}
+
+/// A storable response whose body is being read.
+struct Collecting<B> {
+    parts: http::response::Parts,
+    body: Pin<Box<B>>,
+    frames: VecDeque<Frame<Bytes>>,
+    size: usize,
+}
+
 impl<F, S, ReqBody, ResBody: Body> ResponseFuture<F, S, ReqBody, ResBody> {
-    /// Not a cached route, or a cached route that bypasses the store.
-    pub(crate) fn inner(future: F, ctx: Option<Ctx>) -> Self {
+    /// Not a cached route.
+    pub(crate) fn pass(future: F) -> Self {
         Self {
-            state: State::Inner { future },
-            ctx,
+            kind: Kind::Pass { future },
         }
     }
 
-    pub(crate) fn lookup(
-        lookup: StoreFuture<Lookup>,
-        service: S,
-        request: Request<ReqBody>,
-        ctx: Ctx,
-    ) -> Self {
+    /// A cached route that bypasses the store.
+    pub(crate) fn bypass(future: F, ctx: Ctx) -> Self {
         Self {
-            state: State::Lookup {
-                lookup,
-                service: Some(service),
-                request: Some(request),
+            kind: Kind::Cached {
+                ctx,
+                state: State::Inner { future },
             },
-            ctx: Some(ctx),
+        }
+    }
+
+    pub(crate) fn lookup(lookup: StoreFuture<Lookup>, call: Call<S, ReqBody>, ctx: Ctx) -> Self {
+        Self {
+            kind: Kind::Cached {
+                ctx,
+                state: State::Lookup {
+                    lookup,
+                    call: Some(call),
+                },
+            },
         }
     }
 }
@@ -109,208 +135,204 @@ where
     type Output = Result<Response<ResponseBody<ResBody>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            match this.state.as_mut().project() {
-                StateProj::Lookup {
-                    lookup,
-                    service,
-                    request,
-                } => {
-                    let found = ready!(lookup.as_mut().poll(cx));
-                    let ctx = this.ctx.as_mut().expect("a lookup always has a context");
-                    match found {
-                        Ok(found) => {
-                            if let Observed::Value(raw) = found.payload() {
-                                if let Slot::Entry(entry) = entry::decode(raw.clone()) {
-                                    if ctx.is_stale(&entry) {
-                                        refresh_in_background(ctx, &found, service, request);
-                                    }
-                                    let response = ctx.hit(entry);
-                                    this.state.set(State::Done);
-                                    return Poll::Ready(Ok(response));
-                                }
-                            }
-                            if let Some(wait) = ctx.missed(found) {
-                                let (service, request) = (service.take(), request.take());
-                                this.state.set(State::Join {
-                                    wait,
-                                    service,
-                                    request,
-                                });
-                                continue;
-                            }
-                        }
-                        Err(err) => ctx.lookup_failed(&err),
-                    }
-                    let (service, request) = (service.take(), request.take());
-                    this.state.set(State::Ready { service, request });
+        match self.project().kind.project() {
+            KindProj::Pass { future } => future
+                .poll(cx)
+                .map(|done| done.map(|response| response.map(ResponseBody::inner))),
+            KindProj::Cached { ctx, mut state } => loop {
+                let (next, output) = ready!(step(ctx, state.as_mut(), cx))?;
+                state.set(next);
+                if let Some(response) = output {
+                    return Poll::Ready(Ok(response));
                 }
-                StateProj::Join {
-                    wait,
-                    service,
-                    request,
-                } => {
-                    let landed = ready!(wait.as_mut().poll(cx));
-                    let ctx = this.ctx.as_mut().expect("a join always has a context");
-                    match landed {
-                        Some(Landed::Entry(raw)) => {
-                            if let Slot::Entry(entry) = entry::decode(raw) {
-                                let response = ctx.collapsed(entry);
-                                this.state.set(State::Done);
-                                return Poll::Ready(Ok(response));
-                            }
-                        }
-                        Some(Landed::Unshareable) => {}
-                        // The leader went away: take the flight over, or
-                        // wait on the follower that did.
-                        None => {
-                            if let Some(next) = ctx.rejoin() {
-                                *wait = next;
-                                continue;
-                            }
-                        }
-                    }
-                    let (service, request) = (service.take(), request.take());
-                    this.state.set(State::Ready { service, request });
-                }
-                StateProj::Ready { service, request } => {
-                    if let Some(inner) = service.as_mut() {
-                        ready!(inner.poll_ready(cx))?;
-                    }
-                    let future = call_readied(service, request);
-                    this.state.set(State::Inner { future });
-                }
-                StateProj::Inner { future } => {
-                    let response = ready!(future.poll(cx))?;
-                    this.state.set(State::Done);
-                    let Some(ctx) = this.ctx.as_mut() else {
-                        return Poll::Ready(Ok(response.map(ResponseBody::inner)));
-                    };
-                    if let Err(outcome) = ctx.storable(&response) {
-                        let response = response.map(ResponseBody::inner);
-                        return Poll::Ready(Ok(ctx.finish(response, outcome)));
-                    }
-                    let (parts, body) = response.into_parts();
-                    this.state.set(State::Collect {
-                        parts: Some(parts),
-                        body: Some(Box::pin(body)),
-                        frames: VecDeque::new(),
-                        size: 0,
-                    });
-                }
-                StateProj::Collect {
-                    parts,
-                    body,
-                    frames,
-                    size,
-                } => {
-                    let ctx = this.ctx.as_mut().expect("a collect always has a context");
-                    let Some(inner) = body.as_mut() else {
-                        unreachable!("the collect state is left once");
-                    };
-                    let gave_up = match ready!(inner.as_mut().poll_frame(cx)) {
-                        Some(Ok(frame)) => match frame.into_data() {
-                            Ok(mut data) => {
-                                let data = data.copy_to_bytes(data.remaining());
-                                *size += data.len();
-                                frames.push_back(Frame::data(data));
-                                if *size <= ctx.max_body_bytes() {
-                                    continue;
-                                }
-                                Some((Reason::TooLarge, None))
-                            }
-                            Err(trailers) => {
-                                frames.push_back(to_bytes(trailers));
-                                Some((Reason::Trailers, None))
-                            }
-                        },
-                        Some(Err(err)) => Some((Reason::BodyError, Some(err))),
-                        None => None,
-                    };
-                    let (Some(parts), Some(inner)) = (parts.take(), body.take()) else {
-                        unreachable!("the collect state is left once");
-                    };
-                    if let Some((reason, error)) = gave_up {
-                        let frames = std::mem::take(frames);
-                        let body = ResponseBody::prefixed(frames, error, inner);
-                        let response = Response::from_parts(parts, body);
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(ctx.finish(response, Outcome::NotStored(reason))));
-                    }
-                    let body = concat(std::mem::take(frames), *size);
-                    let mut parts = parts;
-                    entry::ensure_etag(&mut parts.headers, &body);
-                    let entry = Entry::new(parts.status, &parts.headers, body.clone(), ctx.ttl());
-                    let response = Response::from_parts(parts, ResponseBody::full(body));
-                    let encoded = entry.encode();
-                    ctx.share(&encoded);
-                    match ctx.write(encoded) {
-                        Ok(write) => this.state.set(State::Write {
-                            write,
-                            response: Some(response),
-                        }),
-                        Err(reason) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Ok(
-                                ctx.finish(response, Outcome::NotStored(reason))
-                            ));
-                        }
-                    }
-                }
-                StateProj::Write { write, response } => {
-                    let written = ready!(write.as_mut().poll(cx));
-                    let ctx = this.ctx.as_mut().expect("a write always has a context");
-                    let response = response.take().expect("the write state is left once");
-                    this.state.set(State::Done);
-                    return Poll::Ready(Ok(ctx.written(response, written)));
-                }
-                StateProj::Done => panic!("ResponseFuture polled after completion"),
-            }
+            },
         }
     }
 }
 
-/// Calls the service the `Ready` state readied.
-fn call_readied<S, ReqBody>(
-    service: &mut Option<S>,
-    request: &mut Option<Request<ReqBody>>,
-) -> S::Future
-where
-    S: Service<Request<ReqBody>>,
-{
-    let (Some(mut service), Some(request)) = (service.take(), request.take()) else {
-        unreachable!("the service is called once");
-    };
-    service.call(request)
-}
+type Stepped<F, S, ReqBody, ResBody> = (
+    State<F, S, ReqBody, ResBody>,
+    Option<Response<ResponseBody<ResBody>>>,
+);
 
-/// Starts the refresh of a stale entry with the request that found it (as
-/// a GET), on the clone of the inner service it waited with (readied by
-/// the refresh), unless a refresh is under way.
-fn refresh_in_background<S, ReqBody, ResBody>(
-    ctx: &Ctx,
-    found: &Lookup,
-    service: &mut Option<S>,
-    request: &mut Option<Request<ReqBody>>,
-) where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send,
+/// One transition of a cached route's state: the next state, and the
+/// response when there is one. Pending while the current state waits.
+fn step<F, S, ReqBody, ResBody, E>(
+    ctx: &mut Ctx,
+    state: Pin<&mut State<F, S, ReqBody, ResBody>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Stepped<F, S, ReqBody, ResBody>, E>>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>, Error = E, Future = F>
+        + Send
+        + 'static,
+    F: Future<Output = Result<Response<ResBody>, E>> + Send,
     ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
     ResBody::Data: Send,
 {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    if let (Some(refresh), Some(service), Some(mut request)) =
-        (ctx.refresh(found), service.take(), request.take())
-    {
-        // The entry is the GET's: a HEAD's answer has no body to store.
-        if request.method() == http::Method::HEAD {
-            *request.method_mut() = http::Method::GET;
+    let stepped = match state.project() {
+        StateProj::Lookup { lookup, call } => {
+            let found = ready!(lookup.as_mut().poll(cx));
+            match ctx.decide(found) {
+                Next::Serve(response, refresh) => {
+                    if let (Some(refresh), Some(call)) = (refresh, call.take()) {
+                        refresh.start(call);
+                    }
+                    (State::Done, Some(response))
+                }
+                Next::Join(wait) => (
+                    State::Join {
+                        wait,
+                        call: call.take(),
+                    },
+                    None,
+                ),
+                Next::Call => (State::Ready { call: call.take() }, None),
+            }
         }
-        runtime.spawn(refresh.run(service, request));
+        StateProj::Join { wait, call } => match ctx.landed(ready!(wait.as_mut().poll(cx))) {
+            Next::Serve(response, _) => (State::Done, Some(response)),
+            Next::Join(next) => (
+                State::Join {
+                    wait: next,
+                    call: call.take(),
+                },
+                None,
+            ),
+            Next::Call => (State::Ready { call: call.take() }, None),
+        },
+        StateProj::Ready { call } => {
+            if let Some(pending) = call.as_mut() {
+                ready!(pending.service.poll_ready(cx))?;
+            }
+            match call.take() {
+                Some(Call {
+                    mut service,
+                    request,
+                }) => (
+                    State::Inner {
+                        future: service.call(request),
+                    },
+                    None,
+                ),
+                None => (State::Done, None),
+            }
+        }
+        StateProj::Inner { future } => {
+            let response = ready!(future.poll(cx))?;
+            match ctx.storable(&response) {
+                Err(outcome) => {
+                    let response = response.map(ResponseBody::inner);
+                    (State::Done, Some(ctx.finish(response, outcome)))
+                }
+                Ok(()) => {
+                    let (parts, body) = response.into_parts();
+                    let collect = Collecting {
+                        parts,
+                        body: Box::pin(body),
+                        frames: VecDeque::new(),
+                        size: 0,
+                    };
+                    (
+                        State::Collect {
+                            collect: Some(collect),
+                        },
+                        None,
+                    )
+                }
+            }
+        }
+        StateProj::Collect { collect } => {
+            let gave_up = match collect.as_mut() {
+                Some(reading) => ready!(read_capped(reading, ctx.max_body_bytes(), cx)),
+                None => return Poll::Ready(Ok((State::Done, None))),
+            };
+            match collect.take() {
+                Some(done) => collected(ctx, done, gave_up),
+                None => (State::Done, None),
+            }
+        }
+        StateProj::Write { write, response } => {
+            let written = ready!(write.as_mut().poll(cx));
+            let response = response.take().map(|r| ctx.written(r, written));
+            (State::Done, response)
+        }
+        StateProj::Done => panic!("ResponseFuture polled after completion"),
+    };
+    Poll::Ready(Ok(stepped))
+}
+
+/// Reads frames until the body ends (`None`) or must not be stored: over
+/// the cap, trailers, an error (`Some`, with the error to hand on).
+fn read_capped<B: Body>(
+    reading: &mut Collecting<B>,
+    cap: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Option<(Reason, Option<B::Error>)>> {
+    loop {
+        match ready!(reading.body.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    let data = data.copy_to_bytes(data.remaining());
+                    reading.size += data.len();
+                    reading.frames.push_back(Frame::data(data));
+                    if reading.size > cap {
+                        return Poll::Ready(Some((Reason::TooLarge, None)));
+                    }
+                }
+                Err(trailers) => {
+                    reading.frames.push_back(to_bytes(trailers));
+                    return Poll::Ready(Some((Reason::Trailers, None)));
+                }
+            },
+            Some(Err(err)) => return Poll::Ready(Some((Reason::BodyError, Some(err)))),
+            None => return Poll::Ready(None),
+        }
+    }
+}
+
+/// A body read whole (stored, then sent) or given up on (sent as read,
+/// then the rest streamed through).
+fn collected<F, S, ReqBody, ResBody>(
+    ctx: &mut Ctx,
+    done: Collecting<ResBody>,
+    gave_up: Option<(Reason, Option<ResBody::Error>)>,
+) -> Stepped<F, S, ReqBody, ResBody>
+where
+    ResBody: Body,
+{
+    let Collecting {
+        mut parts,
+        body,
+        frames,
+        size,
+    } = done;
+    if let Some((reason, error)) = gave_up {
+        let response = Response::from_parts(parts, ResponseBody::prefixed(frames, error, body));
+        return (
+            State::Done,
+            Some(ctx.finish(response, Outcome::NotStored(reason))),
+        );
+    }
+    let body = concat(frames, size);
+    entry::ensure_etag(&mut parts.headers, &body);
+    let entry = Entry::new(parts.status, &parts.headers, body.clone(), ctx.ttl());
+    let response = Response::from_parts(parts, ResponseBody::full(body));
+    let encoded = entry.encode();
+    ctx.share(&encoded);
+    match ctx.write(encoded) {
+        Ok(write) => (
+            State::Write {
+                write,
+                response: Some(response),
+            },
+            None,
+        ),
+        Err(reason) => (
+            State::Done,
+            Some(ctx.finish(response, Outcome::NotStored(reason))),
+        ),
     }
 }
 

@@ -8,13 +8,13 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::body::ResponseBody;
-use super::flight::{Leader, Role};
-use super::future::ResponseFuture;
-use crate::entry::Entry;
+use super::flight::{Landed, Leader, Role};
+use super::future::{Call, ResponseFuture};
+use crate::entry::{Entry, Slot};
 use crate::invalidate::Invalidate;
 use crate::policy::{Decision, Policy};
 use crate::stats::Reason;
-use crate::store::{CacheKey, Lookup, StoreError, StoreFuture};
+use crate::store::{CacheKey, Lookup, Observed, StoreError, StoreFuture};
 
 /// The `cache-status` cache name (RFC 9211).
 const CACHE_NAME: &str = "tower-redis-cache";
@@ -63,11 +63,11 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let head = request.method() == Method::HEAD;
         match self.policy.decide(&request) {
-            Decision::Pass => ResponseFuture::inner(self.inner.call(request), None),
+            Decision::Pass => ResponseFuture::pass(self.inner.call(request)),
             Decision::Bypass { route, reason } => {
                 let mut ctx = Ctx::new(&self.policy, route, head, None);
                 ctx.bypass = Some(reason);
-                ResponseFuture::inner(self.inner.call(request), Some(ctx))
+                ResponseFuture::bypass(self.inner.call(request), ctx)
             }
             Decision::Cache { route, key } => {
                 let lookup = self.policy.store().lookup(&key);
@@ -81,10 +81,24 @@ where
                 drop(std::mem::replace(&mut self.inner, service.clone()));
                 let mut ctx = Ctx::new(&self.policy, route, head, Some(key));
                 ctx.if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
-                ResponseFuture::lookup(lookup, service, request, ctx)
+                ResponseFuture::lookup(lookup, Call { service, request }, ctx)
             }
         }
     }
+}
+
+/// What a request on a cached route does next, once the store (or the
+/// flight it waited on) answered.
+// Short-lived and moved once; boxing the response would cost every hit an
+// allocation.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Next<B: Body> {
+    /// Answer with this response; start this refresh of a stale entry.
+    Serve(Response<ResponseBody<B>>, Option<Refresh>),
+    /// Wait for the request already calling the inner service.
+    Join(super::flight::Wait),
+    /// Call the inner service.
+    Call,
 }
 
 /// How one request on a cached route ended.
@@ -166,6 +180,49 @@ impl Ctx {
             }
         }
         self.finish(response, Outcome::Hit { ttl, age, stale })
+    }
+
+    /// The one place a lookup's outcome is decided: a hit (fresh, or stale
+    /// with its background refresh), joining the flight already calling the
+    /// inner service, or calling it.
+    pub(crate) fn decide<B: Body>(&mut self, found: Result<Lookup, StoreError>) -> Next<B> {
+        let found = match found {
+            Ok(found) => found,
+            Err(err) => {
+                self.lookup_failed(&err);
+                return Next::Call;
+            }
+        };
+        if let Observed::Value(raw) = found.payload() {
+            if let Slot::Entry(entry) = crate::entry::decode(raw.clone()) {
+                let refresh = match self.is_stale(&entry) {
+                    true => self.refresh(&found),
+                    false => None,
+                };
+                return Next::Serve(self.hit(entry), refresh);
+            }
+        }
+        match self.missed(found) {
+            Some(wait) => Next::Join(wait),
+            None => Next::Call,
+        }
+    }
+
+    /// How the flight this request waited on landed: its response shared,
+    /// or the inner service to call, or (its leader gone) the flight to
+    /// take over or to wait on again.
+    pub(crate) fn landed<B: Body>(&mut self, landed: Option<Landed>) -> Next<B> {
+        match landed {
+            Some(Landed::Entry(raw)) => match crate::entry::decode(raw) {
+                Slot::Entry(entry) => Next::Serve(self.collapsed(entry), None),
+                _ => Next::Call,
+            },
+            Some(Landed::Unshareable) => Next::Call,
+            None => match self.rejoin() {
+                Some(wait) => Next::Join(wait),
+                None => Next::Call,
+            },
+        }
     }
 
     /// The response a follower of a flight gets: the leader's, shared.
@@ -409,7 +466,31 @@ pub(crate) struct Refresh {
 }
 
 impl Refresh {
-    pub(crate) async fn run<S, ReqBody, ResBody>(self, mut service: S, request: Request<ReqBody>)
+    /// Runs in the background, with the request that found the entry stale
+    /// (as a GET: a HEAD's answer has no body to store) on the clone of the
+    /// inner service it waited with.
+    pub(crate) fn start<S, ReqBody, ResBody>(self, call: Call<S, ReqBody>)
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send,
+        ReqBody: Send + 'static,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Send,
+    {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Call {
+            service,
+            mut request,
+        } = call;
+        if request.method() == Method::HEAD {
+            *request.method_mut() = Method::GET;
+        }
+        runtime.spawn(self.run(service, request));
+    }
+
+    async fn run<S, ReqBody, ResBody>(self, mut service: S, request: Request<ReqBody>)
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
         ResBody: Body,
