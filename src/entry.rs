@@ -212,16 +212,30 @@ pub(crate) fn lease() -> Bytes {
 }
 
 fn token(format: u8) -> Bytes {
+    Bytes::copy_from_slice(&token_bytes(format))
+}
+
+/// A lease, on the stack: a hit never needs it as `Bytes`.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn lease_bytes() -> [u8; TOKEN_LEN] {
+    token_bytes(FORMAT_LEASE)
+}
+
+pub(crate) const TOKEN_LEN: usize = 29;
+
+/// `format`, this process's id, a counter and the time: unique across
+/// calls, processes and restarts.
+fn token_bytes(format: u8) -> [u8; TOKEN_LEN] {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut out = BytesMut::with_capacity(29);
-    out.put_u8(format);
-    out.put_u32(std::process::id());
-    out.put_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    out.put_u128(nanos);
-    out.freeze()
+    let mut out = [0; TOKEN_LEN];
+    out[0] = format;
+    out[1..5].copy_from_slice(&std::process::id().to_be_bytes());
+    out[5..13].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    out[13..].copy_from_slice(&nanos.to_be_bytes());
+    out
 }
 
 #[cfg(test)]

@@ -76,11 +76,16 @@ where
 /// runs at a time. What [`RedisStore::open`](super::RedisStore::open) uses.
 #[derive(Clone)]
 pub struct Reconnecting {
+    // One allocation shared by every clone: each operation clones this.
+    inner: Arc<Shared>,
+}
+
+struct Shared {
     client: redis::Client,
     config: AsyncConnectionConfig,
-    live: Arc<Mutex<Option<Live>>>,
-    attempt: Arc<Mutex<Attempt>>,
-    scripts: Arc<[String]>,
+    live: Mutex<Option<Live>>,
+    attempt: Mutex<Attempt>,
+    scripts: Vec<String>,
     /// The longest one connection attempt may take, setup included.
     setup_timeout: Duration,
 }
@@ -140,17 +145,23 @@ impl Reconnecting {
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(None);
         Self {
-            client,
-            config,
-            live: Arc::default(),
-            attempt: Arc::default(),
-            scripts: scripts.into(),
-            setup_timeout: connect_timeout * 3,
+            inner: Arc::new(Shared {
+                client,
+                config,
+                live: Mutex::default(),
+                attempt: Mutex::default(),
+                scripts,
+                setup_timeout: connect_timeout * 3,
+            }),
         }
     }
 
     fn current(&self) -> Option<Live> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -162,20 +173,21 @@ impl Reconnecting {
     ) -> Result<(MultiplexedConnection, Epoch, Option<&'static str>), StoreError> {
         let setup = async {
             let mut conn = self
+                .inner
                 .client
-                .get_multiplexed_async_connection_with_config(&self.config)
+                .get_multiplexed_async_connection_with_config(&self.inner.config)
                 .await?;
             let mut setup = redis::pipe();
             setup.cmd("INFO").arg("server");
             setup.cmd("INFO").arg("replication");
-            for script in self.scripts.iter() {
+            for script in self.inner.scripts.iter() {
                 setup.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
             }
             let (server, replication): (String, String) = setup.query_async(&mut conn).await?;
             Ok::<_, redis::RedisError>((conn, server, replication))
         };
         let (mut conn, server, replication) =
-            match tokio::time::timeout(self.setup_timeout, setup).await {
+            match tokio::time::timeout(self.inner.setup_timeout, setup).await {
                 Ok(done) => done.map_err(super::redis::backend)?,
                 Err(_) => return Err(StoreError::Timeout),
             };
@@ -194,7 +206,7 @@ impl Reconnecting {
             (Some(run), None) => Bytes::from(run),
             _ => Epoch::new(),
         };
-        let persistence = tokio::time::timeout(self.setup_timeout, persistence(&mut conn))
+        let persistence = tokio::time::timeout(self.inner.setup_timeout, persistence(&mut conn))
             .await
             .ok()
             .flatten();
@@ -204,14 +216,14 @@ impl Reconnecting {
     /// Runs one attempt and tells every operation waiting on it.
     async fn attempt(self, done: watch::Sender<Option<Result<(), StoreError>>>) {
         let result = self.establish().await;
-        let mut attempt = self.attempt.lock().unwrap_or_else(|e| e.into_inner());
+        let mut attempt = self.inner.attempt.lock().unwrap_or_else(|e| e.into_inner());
         attempt.running = None;
         let outcome = match result {
             Ok((conn, epoch, persistence)) => {
                 attempt.generation += 1;
                 attempt.failed = None;
                 tracing::debug!(epoch = %String::from_utf8_lossy(&epoch), "connected to redis");
-                *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
+                *self.inner.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
                     conn,
                     epoch,
                     generation: attempt.generation,
@@ -240,7 +252,7 @@ impl Connect for Reconnecting {
             return Box::pin(async move { Ok((live.conn, live.epoch, live.generation)) });
         }
         let mut waiting = {
-            let mut attempt = self.attempt.lock().unwrap_or_else(|e| e.into_inner());
+            let mut attempt = self.inner.attempt.lock().unwrap_or_else(|e| e.into_inner());
             match (&attempt.running, &attempt.failed) {
                 (Some(running), _) => running.clone(),
                 (None, Some((at, err))) if at.elapsed() < RETRY_AFTER => {
@@ -277,7 +289,7 @@ impl Connect for Reconnecting {
     }
 
     fn broken(&self, generation: u64) {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = self.inner.live.lock().unwrap_or_else(|e| e.into_inner());
         if live.as_ref().is_some_and(|l| l.generation == generation) {
             *live = None;
         }

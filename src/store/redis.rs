@@ -296,13 +296,13 @@ async fn lookup<C: ConnectionLike>(
     let (versions, entry) = match key {
         CacheKey::Plain(key) => {
             // One command: the entry if there is one, else our lease.
-            let lease = crate::entry::lease();
+            let lease = crate::entry::lease_bytes();
             let mut get = redis::cmd("SET");
-            get.arg(&key).arg(lease.as_ref()).arg("NX");
+            get.arg(&key).arg(&lease[..]).arg("NX");
             get.arg("PX").arg(millis(lease_ttl)).arg("GET");
             let entry = match get.query_async::<Option<Vec<u8>>>(conn).await {
                 Ok(Some(value)) => Observed::Value(Bytes::from(value)),
-                Ok(None) => Observed::Value(lease),
+                Ok(None) => Observed::Value(Bytes::copy_from_slice(&lease)),
                 Err(err) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
                 // Full, without eviction: no lease, but hits still serve.
                 // An empty key then reads absent, which no write matches.

@@ -199,6 +199,27 @@ struct Breaker {
     probing: bool,
     /// Whether each of the last calls was slow.
     recent: VecDeque<bool>,
+    /// How many of them were.
+    slow: usize,
+}
+
+impl Breaker {
+    /// Adds one call to the window of the last `window` calls.
+    fn push(&mut self, slow: bool, window: usize) {
+        self.recent.push_back(slow);
+        self.slow += usize::from(slow);
+        while self.recent.len() > window {
+            if self.recent.pop_front() == Some(true) {
+                self.slow -= 1;
+            }
+        }
+    }
+
+    /// True when the window is full and slow calls reach the threshold.
+    fn too_slow(&self, config: &BreakerConfig) -> bool {
+        self.recent.len() >= config.window
+            && self.slow * 100 >= self.recent.len() * usize::from(config.slow_call_percent)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,17 +354,12 @@ impl Shared {
         if admit == Admit::Probe {
             breaker.probing = false;
         }
-        breaker.recent.push_back(slow);
-        while breaker.recent.len() > config.window {
-            breaker.recent.pop_front();
-        }
+        breaker.push(slow, config.window);
         breaker.consecutive_failures = match unhealthy {
             true => breaker.consecutive_failures.saturating_add(1),
             false => 0,
         };
-        let slow_calls = breaker.recent.iter().filter(|s| **s).count();
-        let too_slow = breaker.recent.len() >= config.window
-            && slow_calls * 100 >= breaker.recent.len() * usize::from(config.slow_call_percent);
+        let too_slow = breaker.too_slow(config);
         let trip = too_slow
             || (admit == Admit::Probe && (unhealthy || slow))
             || (unhealthy && breaker.consecutive_failures >= config.failure_threshold);
@@ -353,6 +369,7 @@ impl Shared {
             }
             breaker.open_until = Some(Instant::now() + config.open_for);
             breaker.recent.clear();
+            breaker.slow = 0;
         } else if !unhealthy && !slow {
             breaker.open_until = None;
         }
@@ -368,17 +385,12 @@ impl Shared {
         if admit == Admit::Probe {
             breaker.probing = false;
         }
-        breaker.recent.push_back(waited > config.slow_call);
-        while breaker.recent.len() > config.window {
-            breaker.recent.pop_front();
-        }
-        let slow_calls = breaker.recent.iter().filter(|s| **s).count();
-        if breaker.recent.len() >= config.window
-            && slow_calls * 100 >= breaker.recent.len() * usize::from(config.slow_call_percent)
-        {
+        breaker.push(waited > config.slow_call, config.window);
+        if breaker.too_slow(config) {
             tracing::warn!(open_for = ?config.open_for, "cache store slow; circuit open");
             breaker.open_until = Some(Instant::now() + config.open_for);
             breaker.recent.clear();
+            breaker.slow = 0;
         }
     }
 
@@ -486,8 +498,16 @@ impl Shared {
         }
     }
 
+    /// Nothing queued and nothing lost: the cache may be used. One lock.
     fn clear(&self) -> bool {
-        !self.holding() && lock(&self.queue).by_key.is_empty()
+        let mut queue = lock(&self.queue);
+        if let Some(until) = queue.hold_until {
+            if Instant::now() < until {
+                return false;
+            }
+            queue.hold_until = None;
+        }
+        queue.by_key.is_empty()
     }
 }
 
