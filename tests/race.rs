@@ -10,27 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{app, get_req, method_req, send, Backend, Db};
+use common::{app, get_req, method_req, revision, send, Backend, Db};
 
 const MIN_WRITES: u64 = 150;
 const MIN_READS: u64 = 3000;
 const READERS: usize = 8;
-
-/// The revision of record 1 in an item or list body.
-fn revision(uri: &str, body: &str) -> u64 {
-    let marker = if uri.starts_with("/persons/") {
-        "\"rev\":"
-    } else {
-        "[\"1\","
-    };
-    let start = body.find(marker).unwrap_or_else(|| panic!("{uri}: {body}")) + marker.len();
-    body[start..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 async fn no_stale_reads(backend: Backend) {
     let db = Db::default();

@@ -12,25 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{app, get_req, method_req, send, Db, RedisServer};
+use common::{app, get_req, method_req, revision, send, Db, RedisServer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower_redis_cache::store::{RedisStore, Store};
-
-/// The revision of record 1 in an item or list body.
-fn revision(uri: &str, body: &str) -> u64 {
-    let marker = if uri.starts_with("/persons/") {
-        "\"rev\":"
-    } else {
-        "[\"1\","
-    };
-    let start = body.find(marker).unwrap_or_else(|| panic!("{uri}: {body}")) + marker.len();
-    body[start..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 /// A process: its own store over `url`, the shared database.
 fn process(url: &str, db: &Db) -> axum::Router {
@@ -109,13 +93,29 @@ where
     tally
 }
 
-async fn every(period: Duration, done: Arc<AtomicBool>, mut act: impl FnMut() -> bool) {
+async fn every(period: Duration, done: Arc<AtomicBool>, mut act: impl FnMut()) {
     while !done.load(Ordering::SeqCst) {
         tokio::time::sleep(period).await;
-        if !act() {
-            break;
-        }
+        act();
     }
+}
+
+/// The writer on A and readers on B while `command` is sent to Redis every
+/// `period`; asserts no stale read and some hits.
+async fn under_a_periodic_command(label: &str, period: Duration, command: &'static [&'static str]) {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let db = Db::default();
+    let (a, b) = (process(&server.url(), &db), process(&server.url(), &db));
+    let url = server.url();
+    let tally = read_after_write(a, b, db, RUN, |done| async move {
+        every(period, done, || redis_cmd(&url, command)).await
+    })
+    .await;
+    report(label, &tally);
+    assert_eq!(tally.stale, 0, "{tally:?}");
+    assert!(tally.hits > 0, "{tally:?}");
 }
 
 fn redis_cmd(url: &str, args: &[&str]) {
@@ -138,44 +138,24 @@ fn report(fault: &str, tally: &Tally) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stalls_longer_than_the_read_deadline() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
-    let db = Db::default();
-    let (a, b) = (process(&server.url(), &db), process(&server.url(), &db));
-    let url = server.url();
-    let tally = read_after_write(a, b, db, RUN, |done| async move {
-        every(Duration::from_millis(500), done, || {
-            redis_cmd(&url, &["DEBUG", "SLEEP", "0.2"]);
-            true
-        })
-        .await
-    })
+    let stall = &["DEBUG", "SLEEP", "0.2"];
+    under_a_periodic_command(
+        "DEBUG SLEEP 0.2 every 0.5 s",
+        Duration::from_millis(500),
+        stall,
+    )
     .await;
-    report("DEBUG SLEEP 0.2 every 0.5 s", &tally);
-    assert_eq!(tally.stale, 0, "{tally:?}");
-    assert!(tally.hits > 0, "{tally:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_killed_every_400_ms() {
-    let Some(server) = RedisServer::start() else {
-        return;
-    };
-    let db = Db::default();
-    let (a, b) = (process(&server.url(), &db), process(&server.url(), &db));
-    let url = server.url();
-    let tally = read_after_write(a, b, db, RUN, |done| async move {
-        every(Duration::from_millis(400), done, || {
-            redis_cmd(&url, &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
-            true
-        })
-        .await
-    })
+    let kill = &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"];
+    under_a_periodic_command(
+        "CLIENT KILL TYPE normal every 0.4 s",
+        Duration::from_millis(400),
+        kill,
+    )
     .await;
-    report("CLIENT KILL TYPE normal every 0.4 s", &tally);
-    assert_eq!(tally.stale, 0, "{tally:?}");
-    assert!(tally.hits > 0, "{tally:?}");
 }
 
 /// Forwards `127.0.0.1:<returned port>` to `target`, holding every chunk
@@ -252,7 +232,6 @@ async fn flushall_and_evictions_under_load() {
                     redis_cmd(&url, &["SET", &key, &"x".repeat(4096)]);
                 }
             }
-            true
         })
         .await
     })

@@ -104,17 +104,22 @@ async fn a_rule_reaches_the_scoped_entry_without_restating_the_scope(backend: Ba
     );
 }
 
+/// One cached person route at `pattern`, purged by a PATCH of it.
+fn person_policy(store: Arc<dyn Store>, namespace: &str, pattern: &str) -> Policy {
+    Policy::builder()
+        .store(store)
+        .namespace(namespace)
+        .route(Route::get(pattern).key("person:{id}"))
+        .on(Rule::new(&format!("PATCH {pattern}")).purge(&format!("GET {pattern}")))
+        .build()
+        .unwrap()
+}
+
 /// Set-up 3: one namespace, for reads, writes and the handle.
 async fn a_namespace_is_set_once_for_reads_and_writes(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let policy = Policy::builder()
-        .store(backend.store.clone())
-        .namespace("shop")
-        .route(Route::get("/persons/{id}").key("person:{id}"))
-        .on(Rule::new("PATCH /persons/{id}").purge("GET /persons/{id}"))
-        .build()
-        .unwrap();
+    let policy = person_policy(backend.store.clone(), "shop", "/persons/{id}");
     let key = policy.key_for(&get_req("/persons/1")).unwrap();
     assert_eq!(key.entry_key(&[]), "shop:person:1");
     let app = router(db.clone()).layer(CacheLayer::new(policy));
@@ -290,13 +295,7 @@ async fn percent_encoded_spellings_share_one_entry_and_one_invalidation(backend:
 async fn patterns_match_the_path_the_layer_sees_under_nest(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let outer = Policy::builder()
-        .store(backend.store.clone())
-        .namespace("outer")
-        .route(Route::get("/api/persons/{id}").key("person:{id}"))
-        .on(Rule::new("PATCH /api/persons/{id}").purge("GET /api/persons/{id}"))
-        .build()
-        .unwrap();
+    let outer = person_policy(backend.store.clone(), "outer", "/api/persons/{id}");
     let app = Router::new()
         .nest("/api", router(db.clone()))
         .layer(CacheLayer::new(outer));

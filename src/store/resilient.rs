@@ -838,14 +838,21 @@ mod tests {
         assert_eq!(store.health().circuit, Circuit::Closed);
     }
 
-    #[tokio::test]
-    async fn a_dropped_probe_gives_its_turn_back() {
+    /// A store whose circuit one failure opened, for `open_for`.
+    async fn opened(open_for: Duration) -> (Resilient<Faulty>, Faulty) {
         let config = BreakerConfig::default()
             .failure_threshold(1)
-            .open_for(Duration::from_millis(20));
+            .open_for(open_for);
         let (store, faulty) = resilient(config);
         faulty.set(Mode::Down);
         assert!(store.lookup(&key("a")).await.is_err());
+        assert_eq!(store.health().circuit, Circuit::Open);
+        (store, faulty)
+    }
+
+    #[tokio::test]
+    async fn a_dropped_probe_gives_its_turn_back() {
+        let (store, faulty) = opened(Duration::from_millis(20)).await;
         tokio::time::sleep(Duration::from_millis(30)).await;
         faulty.set(Mode::Hung);
         let probe = store.lookup(&key("a"));
@@ -863,12 +870,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalidations_go_through_an_open_circuit() {
-        let config = BreakerConfig::default()
-            .failure_threshold(1)
-            .open_for(Duration::from_secs(60));
-        let (store, faulty) = resilient(config);
-        faulty.set(Mode::Down);
-        assert!(store.lookup(&key("a")).await.is_err());
+        let (store, faulty) = opened(Duration::from_secs(60)).await;
         faulty.set(Mode::Up);
         assert_eq!(store.lookup(&key("a")).await, Err(StoreError::CircuitOpen));
         assert_eq!(store.invalidate(&deletes(&["a"])).await, Ok(()));

@@ -430,3 +430,19 @@ pub fn method_req(method: &str, uri: &str) -> Request<Body> {
         .body(Body::empty())
         .unwrap()
 }
+
+/// The revision of record 1 in an item or list body.
+pub fn revision(uri: &str, body: &str) -> u64 {
+    let marker = if uri.starts_with("/persons/") {
+        "\"rev\":"
+    } else {
+        "[\"1\","
+    };
+    let start = body.find(marker).unwrap_or_else(|| panic!("{uri}: {body}")) + marker.len();
+    body[start..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
