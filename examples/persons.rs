@@ -34,6 +34,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -760,6 +761,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+    // Installed before the policy serves anything: the cache registers its
+    // metric handles on first use.
+    let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Suffix("duration_seconds".into()),
+            &[
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0,
+            ],
+        )?
+        .install_recorder()?;
     let addr = env("PERSONS_ADDR", "127.0.0.1:3000");
     let tokens = parse_tokens(&env(
         "PERSONS_TOKENS",
@@ -837,6 +849,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/health", get(health))
         .route("/cache/health", get(cache_health))
         .route("/cache/stats", get(cache_stats))
+        // Prometheus text, unauthenticated like /health.
+        .route(
+            "/metrics",
+            get(move || std::future::ready(prometheus.render())),
+        )
         .with_state(app);
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;

@@ -68,6 +68,7 @@ mod policy;
 mod routes;
 mod stats;
 pub mod store;
+mod telemetry;
 
 pub use cache::{CacheLayer, X_CACHE};
 

@@ -5,6 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::StoreError;
+use crate::telemetry::{self, Invalidated, Op};
+
 /// Why a response on a cached route was not served from, or stored into,
 /// the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -51,7 +54,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    const ALL: [Reason; 18] = [
+    pub(crate) const ALL: [Reason; 18] = [
         Reason::Authorization,
         Reason::Query,
         Reason::ScopeMissing,
@@ -120,6 +123,7 @@ pub struct CacheStats {
     labels: Arc<[String]>,
     counters: Arc<[Counters]>,
     invalidations: Arc<InvalidationCounters>,
+    metrics: Arc<telemetry::Routes>,
 }
 
 #[derive(Debug, Default)]
@@ -175,6 +179,7 @@ impl CacheStats {
     pub(crate) fn new(labels: Vec<String>) -> Self {
         let counters = labels.iter().map(|_| Counters::default()).collect();
         Self {
+            metrics: Arc::new(telemetry::Routes::new(&labels)),
             labels: labels.into(),
             counters,
             invalidations: Arc::default(),
@@ -183,18 +188,22 @@ impl CacheStats {
 
     pub(crate) fn invalidation_applied(&self) {
         self.invalidations.applied.fetch_add(1, Ordering::Relaxed);
+        telemetry::invalidation(Invalidated::Applied);
     }
 
     pub(crate) fn invalidation_failed(&self) {
         self.invalidations.failed.fetch_add(1, Ordering::Relaxed);
+        telemetry::invalidation(Invalidated::Failed);
     }
 
     pub(crate) fn invalidation_skipped(&self) {
         self.invalidations.skipped.fetch_add(1, Ordering::Relaxed);
+        telemetry::invalidation(Invalidated::Skipped);
     }
 
     pub(crate) fn invalidation_unscoped(&self) {
         self.invalidations.unscoped.fetch_add(1, Ordering::Relaxed);
+        telemetry::invalidation(Invalidated::Unscoped);
     }
 
     /// The invalidations writes caused so far.
@@ -213,6 +222,7 @@ impl CacheStats {
         c.hits.fetch_add(1, Ordering::Relaxed);
         c.hit_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        self.metrics.hit(route, took);
     }
 
     pub(crate) fn miss(&self, route: usize, took: Duration) {
@@ -220,18 +230,30 @@ impl CacheStats {
         c.misses.fetch_add(1, Ordering::Relaxed);
         c.miss_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        self.metrics.miss(route, took);
     }
 
-    pub(crate) fn stored(&self, route: usize) {
+    /// An entry written; `took` is the write alone.
+    pub(crate) fn stored(&self, route: usize, took: Duration) {
         self.counters[route].stores.fetch_add(1, Ordering::Relaxed);
+        self.metrics.stored(route, took);
     }
 
-    pub(crate) fn error(&self, route: usize) {
+    pub(crate) fn error(&self, route: usize, op: Op, err: &StoreError) {
         self.counters[route].errors.fetch_add(1, Ordering::Relaxed);
+        telemetry::store_error(op, err);
     }
 
-    pub(crate) fn skip(&self, route: usize, reason: Reason) {
+    /// A request that did not use the cache.
+    pub(crate) fn bypass(&self, route: usize, reason: Reason) {
         self.counters[route].skips[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.metrics.bypass(route, reason);
+    }
+
+    /// A miss whose response was not stored.
+    pub(crate) fn not_stored(&self, route: usize, reason: Reason) {
+        self.counters[route].skips[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.metrics.not_stored(route, reason);
     }
 
     /// The counters of every route, in policy order.

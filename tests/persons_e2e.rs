@@ -37,7 +37,14 @@ fn example_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
     let mut build = Command::new(env!("CARGO"));
-    build.args(["build", "--quiet", "-p", "tower-redis-cache-examples", "--example", "persons"]);
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "tower-redis-cache-examples",
+        "--example",
+        "persons",
+    ]);
     if profile_dir
         .file_name()
         .is_some_and(|name| name == "release")
@@ -138,6 +145,15 @@ fn http(
 
 fn get(server: &Server, path: &str, auth: &str) -> Reply {
     http(server, "GET", path, Some(auth), None)
+}
+
+/// The value of the sample of `name` whose labels include all of `labels`.
+fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let bare = series.split('{').next()?;
+        (bare == name && labels.iter().all(|l| series.contains(l))).then(|| value.parse().ok())?
+    })
 }
 
 #[test]
@@ -367,6 +383,60 @@ fn seed_000_scenario_on_sqlite_and_redis() {
         stats.body
     );
     assert!(stats.body.contains("hit_rate"));
+
+    // The same counts at /metrics, in Prometheus text, without a token.
+    let scraped = http(&server, "GET", "/metrics", None, None);
+    assert_eq!(scraped.status, 200);
+    println!("GET /metrics (excerpt):");
+    for line in scraped.body.lines().filter(|l| {
+        l.starts_with("tower_redis_cache_") && !l.contains("_bucket") && l.contains("/persons/{id}")
+            || l.starts_with("tower_redis_cache_invalidations_total")
+            || l.starts_with("tower_redis_cache_circuit_state")
+    }) {
+        println!("  {line}");
+    }
+    let stats: serde_json::Value = serde_json::from_str(&stats.body).unwrap();
+    let item = stats["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "GET /persons/{id}")
+        .unwrap();
+    let item_route = r#"route="GET /persons/{id}""#;
+    for (metric, field) in [
+        ("tower_redis_cache_hits_total", "hits"),
+        ("tower_redis_cache_misses_total", "misses"),
+        ("tower_redis_cache_stores_total", "stores"),
+    ] {
+        assert_eq!(
+            metric_value(&scraped.body, metric, &[item_route]),
+            item[field].as_f64(),
+            "{metric} against /cache/stats {field}"
+        );
+    }
+    assert_eq!(
+        metric_value(
+            &scraped.body,
+            "tower_redis_cache_hit_duration_seconds_count",
+            &[item_route]
+        ),
+        item["hits"].as_f64(),
+    );
+    assert_eq!(
+        metric_value(
+            &scraped.body,
+            "tower_redis_cache_invalidations_total",
+            &[r#"outcome="applied""#]
+        ),
+        stats["invalidations"]["applied"].as_f64(),
+    );
+    assert_eq!(
+        metric_value(&scraped.body, "tower_redis_cache_circuit_state", &[]),
+        Some(0.0)
+    );
+    assert!(scraped
+        .body
+        .contains("# TYPE tower_redis_cache_hit_duration_seconds histogram"));
 
     // Redis stops under the running server: every answer still correct.
     redis.stop();

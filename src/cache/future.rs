@@ -173,7 +173,10 @@ where
 {
     let stepped = match state.project() {
         StateProj::Lookup { lookup, call } => {
-            let found = ready!(lookup.as_mut().poll(cx));
+            let found = {
+                let _span = ctx.span.enter();
+                ready!(lookup.as_mut().poll(cx))
+            };
             match ctx.decide(found) {
                 Next::Serve(response, refresh) => {
                     if let (Some(refresh), Some(call)) = (refresh, call.take()) {
@@ -254,7 +257,10 @@ where
             }
         }
         StateProj::Write { write, response } => {
-            let written = ready!(write.as_mut().poll(cx));
+            let written = {
+                let _span = ctx.span.enter();
+                ready!(write.as_mut().poll(cx))
+            };
             let response = response.take().map(|r| ctx.written(r, written));
             (State::Done, response)
         }

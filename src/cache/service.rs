@@ -15,6 +15,8 @@ use crate::invalidate::Invalidate;
 use crate::policy::{Decision, Policy};
 use crate::stats::Reason;
 use crate::store::{CacheKey, Lookup, Observed, StoreError, StoreFuture};
+use crate::telemetry::{warn_limited, Op};
+use tracing::Instrument;
 
 /// The `cache-status` cache name (RFC 9211).
 const CACHE_NAME: &str = "tower-redis-cache";
@@ -80,6 +82,7 @@ where
                 let service = self.inner.clone();
                 drop(std::mem::replace(&mut self.inner, service.clone()));
                 let mut ctx = Ctx::new(&self.policy, route, head, Some(key));
+                ctx.start_span(Op::Lookup);
                 ctx.if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
                 ResponseFuture::lookup(lookup, Call { service, request }, ctx)
             }
@@ -119,8 +122,13 @@ pub(crate) struct Ctx {
     seen: Option<Lookup>,
     bypass: Option<Reason>,
     started: Instant,
+    /// When the entry write started, for the store latency.
+    write_started: Option<Instant>,
     leader: Option<Leader>,
     if_none_match: Option<HeaderValue>,
+    /// The span of the store operation under way (disabled unless a
+    /// subscriber wants DEBUG spans).
+    pub(crate) span: tracing::Span,
 }
 
 impl Ctx {
@@ -133,9 +141,22 @@ impl Ctx {
             seen: None,
             bypass: None,
             started: Instant::now(),
+            write_started: None,
             leader: None,
             if_none_match: None,
+            span: tracing::Span::none(),
         }
+    }
+
+    /// Starts the span of a store operation on this route.
+    fn start_span(&mut self, op: Op) {
+        self.span = store_span(op, &self.policy.route(self.route).label);
+    }
+
+    /// Ends the current store operation's span with its outcome.
+    fn end_span(&self, outcome: &'static str, took: Duration) {
+        self.span.record("outcome", outcome);
+        self.span.record("duration_us", took.as_micros() as u64);
     }
 
     pub(crate) fn ttl(&self) -> Duration {
@@ -186,9 +207,11 @@ impl Ctx {
     /// with its background refresh), joining the flight already calling the
     /// inner service, or calling it.
     pub(crate) fn decide<B: Body>(&mut self, found: Result<Lookup, StoreError>) -> Next<B> {
+        let took = self.started.elapsed();
         let found = match found {
             Ok(found) => found,
             Err(err) => {
+                self.end_span("error", took);
                 self.lookup_failed(&err);
                 return Next::Call;
             }
@@ -199,9 +222,11 @@ impl Ctx {
                     true => self.refresh(&found),
                     false => None,
                 };
+                self.end_span(if refresh.is_some() { "stale" } else { "hit" }, took);
                 return Next::Serve(self.hit(entry), refresh);
             }
         }
+        self.end_span("miss", took);
         match self.missed(found) {
             Some(wait) => Next::Join(wait),
             None => Next::Call,
@@ -318,8 +343,8 @@ impl Ctx {
             }
             _ => {}
         }
-        self.policy.stats_ref().error(self.route);
-        tracing::warn!(route = self.label(), key = %self.key_text(), error = %err, "cache lookup failed; serving from the handler");
+        self.policy.stats_ref().error(self.route, Op::Lookup, err);
+        warn_limited!(route = self.label(), key = %self.key_text(), error = %err, "cache lookup failed; serving from the handler");
         self.bypass = Some(Reason::StoreError);
     }
 
@@ -340,7 +365,7 @@ impl Ctx {
         Err(Outcome::NotStored(reason))
     }
 
-    pub(crate) fn write(&self, value: Bytes) -> Result<StoreFuture<bool>, Reason> {
+    pub(crate) fn write(&mut self, value: Bytes) -> Result<StoreFuture<bool>, Reason> {
         let store = self.policy.store();
         // A delete's tombstone guards a key for `tombstone_ttl`; a miss slower
         // than half of it might store over an expired tombstone.
@@ -349,7 +374,12 @@ impl Ctx {
         }
         let ttl = self.ttl() + self.policy.route(self.route).stale_window;
         match (&self.key, &self.seen) {
-            (Some(key), Some(seen)) => Ok(store.store(key, seen, value, ttl)),
+            (Some(key), Some(seen)) => {
+                let write = store.store(key, seen, value, ttl);
+                self.write_started = Some(Instant::now());
+                self.start_span(Op::Store);
+                Ok(write)
+            }
             _ => Err(Reason::StoreError),
         }
     }
@@ -359,12 +389,24 @@ impl Ctx {
         response: Response<B>,
         written: Result<bool, StoreError>,
     ) -> Response<B> {
+        let took = self
+            .write_started
+            .map(|at| at.elapsed())
+            .unwrap_or_default();
         let outcome = match written {
-            Ok(true) => Outcome::Stored,
-            Ok(false) => Outcome::NotStored(Reason::Raced),
+            Ok(true) => {
+                self.end_span("stored", took);
+                self.policy.stats_ref().stored(self.route, took);
+                Outcome::Stored
+            }
+            Ok(false) => {
+                self.end_span("raced", took);
+                Outcome::NotStored(Reason::Raced)
+            }
             Err(err) => {
-                self.policy.stats_ref().error(self.route);
-                tracing::warn!(route = self.label(), key = %self.key_text(), error = %err, "cache store failed");
+                self.end_span("error", took);
+                self.policy.stats_ref().error(self.route, Op::Store, &err);
+                warn_limited!(route = self.label(), key = %self.key_text(), error = %err, "cache store failed");
                 Outcome::NotStored(Reason::StoreError)
             }
         };
@@ -403,7 +445,6 @@ impl Ctx {
             }
             Outcome::Stored => {
                 stats.miss(self.route, took);
-                stats.stored(self.route);
                 tracing::debug!(route, key = %key, "cache miss, stored");
                 (
                     "MISS",
@@ -412,7 +453,7 @@ impl Ctx {
             }
             Outcome::NotStored(reason) => {
                 stats.miss(self.route, took);
-                stats.skip(self.route, reason);
+                stats.not_stored(self.route, reason);
                 let reason = reason.as_str();
                 tracing::debug!(route, key = %key, reason, "cache miss, not stored");
                 (
@@ -421,7 +462,7 @@ impl Ctx {
                 )
             }
             Outcome::Bypass(reason) => {
-                stats.skip(self.route, reason);
+                stats.bypass(self.route, reason);
                 let reason = reason.as_str();
                 tracing::debug!(route, reason, "cache bypassed");
                 (
@@ -437,6 +478,18 @@ impl Ctx {
         }
         response
     }
+}
+
+/// The span of one store operation: `op` (`lookup`, `store`), the route,
+/// then its `outcome` and `duration_us` once it ended.
+pub(crate) fn store_span(op: Op, route: &str) -> tracing::Span {
+    tracing::debug_span!(
+        "cache.store",
+        op = op.as_str(),
+        route,
+        outcome = tracing::field::Empty,
+        duration_us = tracing::field::Empty,
+    )
 }
 
 /// A cache key as logs show it: `app:person:42`, `app:persons:list:v{version}:…`.
@@ -518,32 +571,42 @@ impl Refresh {
         let body = match collected {
             Ok(body) => body,
             Err(reason) => {
-                self.policy.stats_ref().skip(self.route, reason);
+                self.policy.stats_ref().not_stored(self.route, reason);
                 return;
             }
         };
         crate::entry::ensure_etag(&mut parts.headers, &body);
         let entry = Entry::new(parts.status, &parts.headers, body, route.ttl).encode();
+        let span = store_span(Op::Store, &route.label);
+        let started = Instant::now();
         let stored = self
             .policy
             .store()
             .store(&self.key, &self.seen, entry, route.ttl + route.stale_window)
+            .instrument(span.clone())
             .await;
+        let took = started.elapsed();
+        span.record("duration_us", took.as_micros() as u64);
         match stored {
             Ok(true) => {
-                self.policy.stats_ref().stored(self.route);
+                span.record("outcome", "stored");
+                self.policy.stats_ref().stored(self.route, took);
                 tracing::debug!(route = route.label, "stale entry refreshed");
             }
             Ok(false) => {
-                self.policy.stats_ref().skip(self.route, Reason::Raced);
+                span.record("outcome", "raced");
+                self.policy
+                    .stats_ref()
+                    .not_stored(self.route, Reason::Raced);
                 tracing::debug!(
                     route = route.label,
                     "stale entry refresh raced an invalidation; not stored"
                 );
             }
             Err(err) => {
-                self.policy.stats_ref().error(self.route);
-                tracing::warn!(route = route.label, error = %err, "stale entry refresh not stored");
+                span.record("outcome", "error");
+                self.policy.stats_ref().error(self.route, Op::Store, &err);
+                warn_limited!(route = route.label, error = %err, "stale entry refresh not stored");
             }
         }
     }

@@ -1,6 +1,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 use http::header::{HeaderName, HeaderValue};
 use http::Response;
@@ -8,6 +9,7 @@ use pin_project_lite::pin_project;
 
 use crate::policy::Policy;
 use crate::store::{Invalidation, StoreError, StoreFuture};
+use crate::telemetry::{self, warn_limited, Op};
 
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
@@ -39,6 +41,8 @@ pin_project! {
             apply: StoreFuture<()>,
             response: Option<Response<B>>,
             owed: Owed,
+            span: tracing::Span,
+            started: Instant,
         },
         Done,
     }
@@ -83,7 +87,8 @@ fn record(policy: &Policy, invalidation: &Invalidation, applied: Result<(), Stor
         }
         Err(err) => {
             policy.stats_ref().invalidation_failed();
-            tracing::warn!(actions = %actions, error = %err, "cache invalidation failed");
+            telemetry::store_error(Op::Invalidate, &err);
+            warn_limited!(actions = %actions, error = %err, "cache invalidation failed; queued for replay");
         }
     }
 }
@@ -129,21 +134,42 @@ where
                         return Poll::Ready(Ok(response));
                     }
                     let apply = policy.store().invalidate(&invalidation);
+                    let span = tracing::debug_span!(
+                        "cache.store",
+                        op = Op::Invalidate.as_str(),
+                        keys = invalidation.deletes().len() + invalidation.bumps().len(),
+                        outcome = tracing::field::Empty,
+                        duration_us = tracing::field::Empty,
+                    );
                     this.state.set(State::Invalidating {
                         apply,
                         response: Some(response),
                         owed: Owed(Some((invalidation, policy))),
+                        span,
+                        started: Instant::now(),
                     });
                 }
                 StateProj::Invalidating {
                     apply,
                     response,
                     owed,
+                    span,
+                    started,
                 } => {
-                    let applied = ready!(apply.as_mut().poll(cx));
+                    let applied = {
+                        let _span = span.enter();
+                        ready!(apply.as_mut().poll(cx))
+                    };
+                    span.record("duration_us", started.elapsed().as_micros() as u64);
                     let status = match applied {
-                        Ok(()) => INVALIDATED,
-                        Err(_) => PENDING,
+                        Ok(()) => {
+                            span.record("outcome", "applied");
+                            INVALIDATED
+                        }
+                        Err(_) => {
+                            span.record("outcome", "failed");
+                            PENDING
+                        }
                     };
                     if let Some((invalidation, policy)) = owed.settle() {
                         record(&policy, &invalidation, applied);

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{CacheKey, Invalidation, Lookup, Store, StoreError, StoreFuture, VersionKey};
+use crate::telemetry::{self, warn_limited, CircuitGauge, Op};
 
 /// Thresholds of the circuit breaker and the invalidation queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,7 +311,10 @@ impl<S: Store + Clone> Resilient<S> {
                         shared.applied(&sent);
                         tracing::info!(keys = sent.len(), "queued invalidations replayed");
                     }
-                    Err(_) => tokio::time::sleep(shared.config.open_for).await,
+                    Err(err) => {
+                        telemetry::store_error(Op::Replay, &err);
+                        tokio::time::sleep(shared.config.open_for).await
+                    }
                 }
             }
             shared.replaying.store(false, Ordering::Release);
@@ -329,6 +333,7 @@ impl Shared {
             None => Admit::Go,
             Some(until) if Instant::now() >= until && !breaker.probing => {
                 breaker.probing = true;
+                telemetry::circuit(CircuitGauge::HalfOpen);
                 Admit::Probe
             }
             Some(_) => return Err(StoreError::CircuitOpen),
@@ -370,8 +375,10 @@ impl Shared {
             breaker.open_until = Some(Instant::now() + config.open_for);
             breaker.recent.clear();
             breaker.slow = 0;
-        } else if !unhealthy && !slow {
-            breaker.open_until = None;
+            telemetry::circuit(CircuitGauge::Open);
+        } else if !unhealthy && !slow && breaker.open_until.take().is_some() {
+            tracing::info!("cache store healthy again; circuit closed");
+            telemetry::circuit(CircuitGauge::Closed);
         }
     }
 
@@ -391,6 +398,7 @@ impl Shared {
             breaker.open_until = Some(Instant::now() + config.open_for);
             breaker.recent.clear();
             breaker.slow = 0;
+            telemetry::circuit(CircuitGauge::Open);
         }
     }
 
@@ -424,6 +432,7 @@ impl Shared {
             queue.order.clear();
             queue.hold_until = Some(Instant::now() + hold);
         }
+        telemetry::pending_invalidations(queue.by_key.len());
         sent
     }
 
@@ -472,6 +481,7 @@ impl Shared {
                 }
             }
         }
+        telemetry::pending_invalidations(queue.by_key.len());
     }
 
     /// Forgets what was applied, keeping keys queued again since.
@@ -483,6 +493,7 @@ impl Shared {
                 queue.order.remove(seq);
             }
         }
+        telemetry::pending_invalidations(queue.by_key.len());
     }
 
     /// True while lost invalidations keep the cache off.
@@ -639,7 +650,7 @@ impl<S: Store + Clone> Store for Resilient<S> {
                     }
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, "invalidation queued for replay");
+                    warn_limited!(error = %err, "invalidation queued for replay");
                     owed.queue();
                 }
             }

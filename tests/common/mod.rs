@@ -32,7 +32,9 @@ impl RedisServer {
     /// run anyway (`REQUIRE_REDIS=1`, `--include-ignored`), they fail here.
     pub fn start() -> Self {
         if let Err(err) = Command::new("redis-server").arg("--version").output() {
-            panic!("redis-server is not on PATH ({err}); install it (apt-get install redis-server)");
+            panic!(
+                "redis-server is not on PATH ({err}); install it (apt-get install redis-server)"
+            );
         }
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
