@@ -2,8 +2,15 @@
 //!
 //! ```text
 //! 0x01 | status u16 | stored_at_ms u64 | ttl_s u32 | n u8 | (name_len u8, name, value_len u16, value)* | body_len u32 | body
+//! 0x05 | (the same head)                                        | body_len u32 | raw_len u32 | zstd frame of the body
 //! 0x02 | nonce                               (a tombstone left by an invalidation)
+//! 0x03 | nonce                               (a miss's lease)
 //! ```
+//!
+//! `0x05` (feature `compression`) holds a body longer than the policy's
+//! `compress_over`; `0x01` entries written before stay readable. A build
+//! without the feature reads a `0x05` entry as unreadable: a miss, then
+//! overwritten.
 //!
 //! Anything else — another format, truncated bytes, garbage — decodes to
 //! [`Slot::Unreadable`] and is treated as a miss.
@@ -18,6 +25,13 @@ use sha2::Digest;
 const FORMAT_ENTRY: u8 = 0x01;
 const FORMAT_TOMBSTONE: u8 = 0x02;
 const FORMAT_LEASE: u8 = 0x03;
+// 0x04 is the Redis store's epoch stamp, around an entry.
+const FORMAT_COMPRESSED: u8 = 0x05;
+
+/// The zstd level of compressed entries: fast to write, and decoding speed
+/// barely depends on it.
+#[cfg(feature = "compression")]
+const ZSTD_LEVEL: i32 = 3;
 
 /// Headers kept with a stored response; everything else is dropped.
 pub(crate) const STORED_HEADERS: [HeaderName; 5] = [
@@ -70,14 +84,30 @@ impl Entry {
         }
     }
 
+    /// The stored form, body as is.
     pub(crate) fn encode(&self) -> Bytes {
+        self.encode_over(usize::MAX)
+    }
+
+    /// The stored form, the body compressed when it is longer than
+    /// `compress_over` bytes and compression makes it shorter (feature
+    /// `compression`; without it, never).
+    pub(crate) fn encode_over(&self, compress_over: usize) -> Bytes {
+        let compressed = match self.body.len() > compress_over {
+            true => compress(&self.body),
+            false => None,
+        };
+        let body: &[u8] = compressed.as_deref().unwrap_or(&self.body);
         let header_len: usize = self
             .headers
             .iter()
             .map(|(n, v)| 3 + n.as_str().len() + v.len())
             .sum();
-        let mut out = BytesMut::with_capacity(16 + header_len + self.body.len());
-        out.put_u8(FORMAT_ENTRY);
+        let mut out = BytesMut::with_capacity(20 + header_len + body.len());
+        out.put_u8(match compressed {
+            Some(_) => FORMAT_COMPRESSED,
+            None => FORMAT_ENTRY,
+        });
         out.put_u16(self.status.as_u16());
         out.put_u64(self.stored_at_ms);
         out.put_u32(self.ttl_s);
@@ -96,8 +126,11 @@ impl Entry {
             out.put_u16(value.len() as u16);
             out.put_slice(value.as_bytes());
         }
-        out.put_u32(self.body.len() as u32);
-        out.put_slice(&self.body);
+        out.put_u32(body.len() as u32);
+        if compressed.is_some() {
+            out.put_u32(self.body.len() as u32);
+        }
+        out.put_slice(body);
         out.freeze()
     }
 
@@ -120,12 +153,14 @@ impl Entry {
 /// True when `raw` is in the entry format (whether or not it decodes).
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn is_entry(raw: &[u8]) -> bool {
-    raw.first() == Some(&FORMAT_ENTRY)
+    matches!(raw.first(), Some(&(FORMAT_ENTRY | FORMAT_COMPRESSED)))
 }
 
 pub(crate) fn decode(mut raw: Bytes) -> Slot {
     match raw.first() {
-        Some(&FORMAT_ENTRY) => decode_entry(&mut raw).map_or(Slot::Unreadable, Slot::Entry),
+        Some(&(FORMAT_ENTRY | FORMAT_COMPRESSED)) => {
+            decode_entry(&mut raw).map_or(Slot::Unreadable, Slot::Entry)
+        }
         Some(&FORMAT_TOMBSTONE | &FORMAT_LEASE) => Slot::Tombstone,
         _ => Slot::Unreadable,
     }
@@ -135,7 +170,7 @@ fn decode_entry(raw: &mut Bytes) -> Option<Entry> {
     if raw.remaining() < 1 + 2 + 8 + 4 + 1 {
         return None;
     }
-    raw.advance(1);
+    let compressed = raw.get_u8() == FORMAT_COMPRESSED;
     let status = StatusCode::from_u16(raw.get_u16()).ok()?;
     let stored_at_ms = raw.get_u64();
     let ttl_s = raw.get_u32();
@@ -155,17 +190,70 @@ fn decode_entry(raw: &mut Bytes) -> Option<Entry> {
         let value = HeaderValue::from_maybe_shared(raw.split_to(value_len)).ok()?;
         headers.append(name, value);
     }
-    if raw.remaining() < 4 || raw.remaining() != 4 + raw.clone().get_u32() as usize {
+    if raw.remaining() < 4 {
         return None;
     }
-    raw.advance(4);
+    let body_len = raw.get_u32() as usize;
+    let body = match compressed {
+        false if raw.remaining() == body_len => raw.split_off(0),
+        true if raw.remaining() >= 4 && raw.remaining() - 4 == body_len => {
+            let raw_len = raw.get_u32() as usize;
+            decompress(raw, raw_len)?
+        }
+        _ => return None,
+    };
     Some(Entry {
         status,
         headers,
-        body: raw.split_off(0),
+        body,
         stored_at_ms,
         ttl_s,
     })
+}
+
+// A zstd context costs far more to set up than a few KiB cost to
+// (de)compress: each thread keeps one of each.
+#[cfg(feature = "compression")]
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+#[cfg(feature = "compression")]
+fn compress(body: &[u8]) -> Option<Vec<u8>> {
+    let compressed = COMPRESSOR.with(|cell| {
+        let mut cell = cell.try_borrow_mut().ok()?;
+        if cell.is_none() {
+            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        cell.as_mut()?.compress(body).ok()
+    })?;
+    (compressed.len() < body.len()).then_some(compressed)
+}
+
+#[cfg(not(feature = "compression"))]
+fn compress(_: &[u8]) -> Option<Vec<u8>> {
+    None
+}
+
+/// The body of a compressed entry, which must be exactly `raw_len` bytes.
+#[cfg(feature = "compression")]
+fn decompress(frame: &[u8], raw_len: usize) -> Option<Bytes> {
+    let body = DECOMPRESSOR.with(|cell| {
+        let mut cell = cell.try_borrow_mut().ok()?;
+        if cell.is_none() {
+            *cell = zstd::bulk::Decompressor::new().ok();
+        }
+        cell.as_mut()?.decompress(frame, raw_len).ok()
+    })?;
+    (body.len() == raw_len).then(|| Bytes::from(body))
+}
+
+#[cfg(not(feature = "compression"))]
+fn decompress(_: &[u8], _: usize) -> Option<Bytes> {
+    None
 }
 
 /// Gives a stored response a strong ETag from its body's SHA-256, unless
@@ -304,6 +392,70 @@ mod tests {
         ensure_etag(&mut headers, b"{}");
         let strong = headers[http::header::ETAG].to_str().unwrap();
         assert!(strong.starts_with('"') && strong.len() == 34, "{strong}");
+    }
+
+    fn json_list(items: usize) -> Bytes {
+        let list: Vec<String> = (0..items)
+            .map(|i| format!(r#"{{"id":{i},"name":"Person {i}","email":"person{i}@example.com"}}"#))
+            .collect();
+        Bytes::from(format!("[{}]", list.join(",")))
+    }
+
+    #[test]
+    fn short_bodies_are_never_compressed() {
+        let entry = sample();
+        assert_eq!(entry.encode_over(entry.body.len()), entry.encode());
+        // Compressing 8 bytes would make them longer: kept as they are.
+        assert_eq!(entry.encode_over(0)[0], FORMAT_ENTRY);
+    }
+
+    #[cfg(feature = "compression")]
+    #[test]
+    fn long_bodies_are_compressed_and_read_back_whole() {
+        let mut entry = sample();
+        entry.body = json_list(100);
+        let plain = entry.encode();
+        let packed = entry.encode_over(1024);
+        assert_eq!(packed[0], FORMAT_COMPRESSED);
+        assert!(
+            packed.len() * 3 < plain.len(),
+            "{} vs {}",
+            packed.len(),
+            plain.len()
+        );
+        for raw in [plain, packed.clone()] {
+            match decode(raw) {
+                Slot::Entry(decoded) => assert_eq!(decoded, entry),
+                other => panic!("expected an entry, got {other:?}"),
+            }
+        }
+        for cut in 0..packed.len() {
+            assert!(
+                matches!(decode(packed.slice(..cut)), Slot::Unreadable),
+                "cut at {cut}"
+            );
+        }
+        // A frame that decodes to another length than the entry says is
+        // refused, not trusted.
+        let frame = zstd::bulk::compress(&entry.body, ZSTD_LEVEL).unwrap();
+        let raw_len_at = packed.len() - frame.len() - 4;
+        for claimed in [entry.body.len() - 1, entry.body.len() + 1] {
+            let mut lying = packed.to_vec();
+            lying[raw_len_at..raw_len_at + 4].copy_from_slice(&(claimed as u32).to_be_bytes());
+            assert!(
+                matches!(decode(Bytes::from(lying)), Slot::Unreadable),
+                "{claimed}"
+            );
+        }
+    }
+
+    #[cfg(not(feature = "compression"))]
+    #[test]
+    fn without_the_feature_a_compressed_entry_is_a_miss() {
+        let mut raw = sample().encode().to_vec();
+        raw[0] = FORMAT_COMPRESSED;
+        assert!(is_entry(&raw));
+        assert!(matches!(decode(Bytes::from(raw)), Slot::Unreadable));
     }
 
     #[test]

@@ -81,6 +81,12 @@ pub mod bench_support {
 
     /// Encodes a 200 JSON response with `body` as a stored entry.
     pub fn encode_entry(body: Bytes) -> Bytes {
+        encode_entry_over(body, usize::MAX)
+    }
+
+    /// Encodes like [`encode_entry`], compressing a body longer than
+    /// `compress_over` (feature `compression`).
+    pub fn encode_entry_over(body: Bytes, compress_over: usize) -> Bytes {
         let mut headers = http::HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,
@@ -92,7 +98,7 @@ pub mod bench_support {
             body,
             Duration::from_secs(60),
         )
-        .encode()
+        .encode_over(compress_over)
     }
 
     /// Decodes a stored value; true when it is an entry.
@@ -104,6 +110,8 @@ pub use error::ConfigError;
 pub use handle::{CacheHandle, HandleError, Health, WarmReport};
 pub use invalidate::InvalidateLayer;
 pub use key::Scope;
+#[cfg(feature = "compression")]
+pub use policy::DEFAULT_COMPRESS_OVER;
 pub use policy::{Policy, PolicyBuilder, Route, Rule, DEFAULT_MAX_BODY_BYTES};
 pub use stats::{CacheStats, InvalidationStats, Reason, RouteStats};
 

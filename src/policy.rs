@@ -19,6 +19,13 @@ use crate::store::{CacheKey, Invalidation, MemoryStore, Store, VersionKey};
 /// Default cap on a stored body: 1 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
+/// Bodies longer than this are stored compressed, by default, when the
+/// `compression` feature is on (1 KiB); without it, none is.
+#[cfg(feature = "compression")]
+pub const DEFAULT_COMPRESS_OVER: usize = 1 << 10;
+#[cfg(not(feature = "compression"))]
+const DEFAULT_COMPRESS_OVER: usize = usize::MAX;
+
 /// One cached GET route (HEAD is served from the same entries).
 ///
 /// ```
@@ -269,6 +276,7 @@ pub struct Policy {
 struct PolicyInner {
     layout: Layout,
     max_body_bytes: usize,
+    compress_over: usize,
     routes: Vec<CompiledRoute>,
     table: RouteTable,
     groups: Vec<Group>,
@@ -295,6 +303,7 @@ impl std::fmt::Debug for PolicyInner {
 pub struct PolicyBuilder {
     namespace: String,
     max_body_bytes: usize,
+    compress_over: usize,
     default_ttl: Duration,
     routes: Vec<Route>,
     rules: Vec<Rule>,
@@ -328,6 +337,7 @@ impl Policy {
         PolicyBuilder {
             namespace: "app".to_owned(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            compress_over: DEFAULT_COMPRESS_OVER,
             default_ttl: Duration::from_secs(60),
             routes: Vec::new(),
             rules: Vec::new(),
@@ -343,6 +353,11 @@ impl Policy {
     /// The largest body that is stored; larger ones stream through.
     pub fn max_body_bytes(&self) -> usize {
         self.inner.max_body_bytes
+    }
+
+    /// Bodies longer than this are stored compressed (`usize::MAX`: never).
+    pub(crate) fn compress_over(&self) -> usize {
+        self.inner.compress_over
     }
 
     /// Route labels (`GET /persons/{id}`), in declaration order.
@@ -591,6 +606,19 @@ impl PolicyBuilder {
         self
     }
 
+    /// Stores bodies longer than `bytes` zstd-compressed (default
+    /// [`DEFAULT_COMPRESS_OVER`], 1 KiB; `usize::MAX` turns it off). Smaller
+    /// bodies, and bodies compression would not shrink, are stored as they
+    /// are. Every hit on a compressed entry decompresses it: worth it when
+    /// Redis memory or network is the limit, for JSON of a few KiB and more.
+    /// Entries stored uncompressed stay readable after this is turned on;
+    /// a process built without the feature reads compressed ones as misses.
+    #[cfg(feature = "compression")]
+    pub fn compress_over(mut self, bytes: usize) -> Self {
+        self.compress_over = bytes;
+        self
+    }
+
     /// The TTL of routes that set none (default 60 s).
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
         self.default_ttl = ttl;
@@ -681,6 +709,7 @@ impl PolicyBuilder {
             inner: Arc::new(PolicyInner {
                 layout: Layout::new(self.namespace),
                 max_body_bytes: self.max_body_bytes,
+                compress_over: self.compress_over,
                 routes,
                 table,
                 groups,

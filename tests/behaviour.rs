@@ -13,6 +13,7 @@ use tower_redis_cache::Reason;
 
 backend_tests!(
     miss_then_hit_calls_the_handler_once,
+    large_bodies_are_stored_compressed_and_old_entries_still_read,
     entries_expire_after_their_ttl,
     keys_differ_across_params_query_and_scope,
     equivalent_queries_share_an_entry,
@@ -705,4 +706,57 @@ async fn a_not_modified_answer_claims_no_content_length(backend: Backend) {
         assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{method}");
         assert_eq!(response.headers().get("content-length"), None, "{method}");
     }
+}
+
+/// With the `compression` feature (the test package turns it on), bodies
+/// over `compress_over` (1 KiB by default) are stored compressed and served
+/// whole; an entry stored uncompressed (before the feature was on) is
+/// still a hit.
+async fn large_bodies_are_stored_compressed_and_old_entries_still_read(backend: Backend) {
+    let db = Db::default();
+    let (app, _) = app(backend.store.clone(), db.clone());
+    let large = common::large_json();
+    assert!(large.len() > 3000 && large.len() < CAP);
+    for expected in ["MISS", "HIT"] {
+        let (status, x_cache, body) = send(&app, get_req("/shape/large-json")).await;
+        assert_eq!((status, x_cache.as_str()), (StatusCode::OK, expected));
+        assert!(body == large, "the body served on a {expected} differs");
+    }
+    let key = CacheKey::Plain("app:shape:large-json".into());
+    let stored = backend.store.lookup(&key).await.unwrap();
+    let Observed::Value(stored) = stored.entry() else {
+        panic!("no entry at {key:?}");
+    };
+    // Redis keeps entries under its epoch stamp: 0x04, length, epoch.
+    let raw = match stored[0] {
+        0x04 => stored.slice(2 + usize::from(stored[1])..),
+        _ => stored.clone(),
+    };
+    assert_eq!(raw[0], 0x05, "the compressed entry format");
+    assert!(
+        raw.len() * 3 < large.len(),
+        "{} stored bytes for a {} byte body",
+        raw.len(),
+        large.len()
+    );
+
+    let key = CacheKey::Plain("app:shape:ok".into());
+    let seen = backend.store.lookup(&key).await.unwrap();
+    let old =
+        tower_redis_cache::bench_support::encode_entry(Bytes::from_static(b"{\"ok\":\"old\"}"));
+    let written = backend
+        .store
+        .store(&key, &seen, old, Duration::from_secs(60))
+        .await;
+    assert_eq!(written, Ok(true));
+    let served = send(&app, get_req("/shape/ok")).await;
+    assert_eq!(
+        served,
+        (StatusCode::OK, "HIT".into(), r#"{"ok":"old"}"#.into())
+    );
+    assert_eq!(
+        db.calls(),
+        1,
+        "only the first large-json request reached the handler"
+    );
 }

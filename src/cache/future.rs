@@ -325,7 +325,7 @@ where
     entry::ensure_etag(&mut parts.headers, &body);
     let entry = Entry::new(parts.status, &parts.headers, body.clone(), ctx.ttl());
     let response = Response::from_parts(parts, ResponseBody::full(body));
-    let encoded = entry.encode();
+    let encoded = entry.encode_over(ctx.compress_over());
     ctx.share(&encoded);
     match ctx.write(encoded) {
         Ok(write) => (

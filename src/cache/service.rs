@@ -167,6 +167,10 @@ impl Ctx {
         self.policy.max_body_bytes()
     }
 
+    pub(crate) fn compress_over(&self) -> usize {
+        self.policy.compress_over()
+    }
+
     fn label(&self) -> &str {
         &self.policy.route(self.route).label
     }
@@ -576,7 +580,8 @@ impl Refresh {
             }
         };
         crate::entry::ensure_etag(&mut parts.headers, &body);
-        let entry = Entry::new(parts.status, &parts.headers, body, route.ttl).encode();
+        let entry = Entry::new(parts.status, &parts.headers, body, route.ttl)
+            .encode_over(self.policy.compress_over());
         let span = store_span(Op::Store, &route.label);
         let started = Instant::now();
         let stored = self

@@ -333,6 +333,14 @@ pub async fn tenant(
 }
 
 /// Responses of every shape the cache must refuse (or accept).
+/// A list response of about 3.5 KiB (under `CAP`), as JSON APIs send them.
+pub fn large_json() -> String {
+    let items: Vec<String> = (0..40)
+        .map(|i| format!(r#"{{"id":{i},"name":"Person {i}","email":"person{i}@example.com","tenant":"acme"}}"#))
+        .collect();
+    format!(r#"{{"items":[{}],"total":40}}"#, items.join(","))
+}
+
 async fn shape(State(db): State<Db>, Path(kind): Path<String>) -> Response<Body> {
     db.calls.fetch_add(1, Ordering::SeqCst);
     db.pause().await;
@@ -346,6 +354,7 @@ async fn shape(State(db): State<Db>, Path(kind): Path<String>) -> Response<Body>
         "no-store" => (json, [(header::CACHE_CONTROL, "no-store")], "{}").into_response(),
         "private" => (json, [(header::CACHE_CONTROL, "private, max-age=60")], "{}").into_response(),
         "vary-star" => (json, [(header::VARY, "*")], "{}").into_response(),
+        "large-json" => (json, large_json()).into_response(),
         "big" => {
             // 16 chunks of 1 KiB, streamed, with no length announced.
             let chunks = (0..16).map(|i| Ok::<_, std::io::Error>(vec![b'a' + i as u8; 1024]));

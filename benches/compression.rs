@@ -1,0 +1,101 @@
+//! What compressed entries save and cost, on the persons example's list
+//! responses (`GET /persons?limit=20` and `?limit=100`, same shape): the
+//! stored bytes with and without compression (printed), and a hit through
+//! `CacheLayer` on the memory store either way, so the difference is the
+//! decompression a hit pays.
+//!
+//! Run with `cargo bench --features compression --bench compression`.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, ServiceExt};
+use tower_redis_cache::{bench_support, CacheLayer, Policy, Route};
+
+/// A persons list page as the example serves it.
+fn persons_page(limit: usize) -> Bytes {
+    let first = [
+        "Ana", "Bruno", "Carla", "Diego", "Elisa", "Fábio", "Gabriela", "Hugo",
+    ];
+    let last = ["Silva", "Souza", "Oliveira", "Santos", "Lima"];
+    let cities = ["São Paulo", "Rio de Janeiro", "Belo Horizonte", "Curitiba"];
+    let items: Vec<String> = (0..limit)
+        .map(|i| {
+            let name = first[i % first.len()];
+            format!(
+                r#"{{"addresses":[{{"city":"{}","id":{},"street":"Rua {i}"}}],"email":"{}.{i}@acme.example","id":{},"name":"{name} {} {i}","phones":[{{"id":{},"number":"+55 11 9{:04}-{:04}"}}]}}"#,
+                cities[i % cities.len()],
+                i + 1,
+                name.to_lowercase(),
+                i + 1,
+                last[i % last.len()],
+                i + 1,
+                (i * 37) % 10_000,
+                (i * 91) % 10_000,
+            )
+        })
+        .collect();
+    Bytes::from(format!(
+        r#"{{"items":[{}],"limit":{limit},"skip":0,"total":2000}}"#,
+        items.join(",")
+    ))
+}
+
+fn layer(compress_over: usize) -> CacheLayer {
+    CacheLayer::new(
+        Policy::builder()
+            .route(Route::get("/persons").key("persons:list:{query_hash}"))
+            .compress_over(compress_over)
+            .build()
+            .unwrap(),
+    )
+}
+
+fn bench(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for limit in [20, 100] {
+        let body = persons_page(limit);
+        let plain = bench_support::encode_entry_over(body.clone(), usize::MAX).len();
+        let packed = bench_support::encode_entry_over(body.clone(), 1024).len();
+        println!(
+            "persons list, limit={limit}: body {} B; entry {plain} B plain, {packed} B compressed ({:.1}x smaller, {:.0}% saved)",
+            body.len(),
+            plain as f64 / packed as f64,
+            100.0 * (1.0 - packed as f64 / plain as f64),
+        );
+        for (label, compress_over) in [("plain", usize::MAX), ("compressed", 1024)] {
+            let page = body.clone();
+            let handler = tower::service_fn(move |_req: Request<()>| {
+                let mut response = Response::new(Full::new(page.clone()));
+                response
+                    .headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                async { Ok::<_, Infallible>(response) }
+            });
+            let cached = layer(compress_over).layer(handler);
+            c.bench_function(&format!("hit, persons list limit={limit}, {label}"), |b| {
+                b.to_async(&runtime).iter(|| async {
+                    let response = cached
+                        .clone()
+                        .oneshot(
+                            Request::get(format!("/persons?limit={limit}"))
+                                .body(())
+                                .unwrap(),
+                        )
+                        .await
+                        .unwrap();
+                    response.into_body().collect().await.unwrap()
+                })
+            });
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
