@@ -85,6 +85,7 @@ impl Entry {
     }
 
     /// The stored form, body as is.
+    #[cfg(test)]
     pub(crate) fn encode(&self) -> Bytes {
         self.encode_over(usize::MAX)
     }
@@ -394,6 +395,7 @@ mod tests {
         assert!(strong.starts_with('"') && strong.len() == 34, "{strong}");
     }
 
+    #[cfg(feature = "compression")]
     fn json_list(items: usize) -> Bytes {
         let list: Vec<String> = (0..items)
             .map(|i| format!(r#"{{"id":{i},"name":"Person {i}","email":"person{i}@example.com"}}"#))
