@@ -1,5 +1,6 @@
-//! The persons API of seed 000, cached end to end: SQLite behind, the cache
-//! in front, tenant-scoped keys, invalidation on every write.
+//! A persons CRUD API (persons with addresses and phones, per tenant),
+//! cached end to end: SQLite behind, the cache in front, tenant-scoped
+//! keys, invalidation on every write, Prometheus metrics at `/metrics`.
 //!
 //! Run with:
 //!
@@ -15,7 +16,8 @@
 //! `CACHE_REDIS_TIMEOUT_MS` (100), `PERSONS_TOKENS` (`token=tenant,…`; demo
 //! tokens when unset), `PERSONS_ADMIN_TOKEN` (the admin endpoints' bearer
 //! token; generated and printed when unset), `PERSONS_DB` (a SQLite file; in
-//! memory when unset), `PERSONS_SEED` (sample persons per tenant, 2000).
+//! memory when unset), `PERSONS_SEED` (sample persons per tenant, 2000),
+//! `RUST_LOG` (info).
 //!
 //! Admin endpoints (`Authorization: Bearer <admin token>`, JSON bodies):
 //! `POST /cache/invalidate` `{"group":"persons:list","tenant":"acme"}`

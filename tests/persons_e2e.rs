@@ -1,6 +1,6 @@
 //! The persons example end to end: the real server binary on a real TCP
 //! port, its SQLite database, a real `redis-server`, walked through the
-//! seed-000 scenario, including another tenant and Redis stopping and
+//! whole persons scenario (reads, writes, tenants, admin endpoints, metrics), including another tenant and Redis stopping and
 //! restarting under the running server.
 //!
 //! The test builds the example binary itself (`cargo build --example persons`).
@@ -158,7 +158,7 @@ fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 
 #[test]
 #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
-fn seed_000_scenario_on_sqlite_and_redis() {
+fn the_persons_scenario_on_sqlite_and_redis() {
     let mut redis = RedisServer::start();
     let server = start(&redis.url());
 
@@ -183,7 +183,7 @@ fn seed_000_scenario_on_sqlite_and_redis() {
         "normalised query"
     );
 
-    // R3/R6: the keys read like the seed's, under the `app:` namespace.
+    // The keys are readable, under the `app:` namespace.
     let mut raw = redis::Client::open(redis.url())
         .unwrap()
         .get_connection()
