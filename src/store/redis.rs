@@ -29,42 +29,38 @@ local function read(k)
 end
 ";
 
-/// KEYS version keys; ARGV entry prefix, suffix, then the ttl ms of each
-/// version key. The entry key is the prefix, the versions joined by `.`,
-/// then the suffix. A missing (or unreadable) version key is created here,
-/// with the server time in microseconds, so the miss's write compares
-/// against a value it saw, never against "absent".
-/// Returns {1, value} per version key, then {entry state, entry}.
-static LOOKUP_VERSIONED_CODE: LazyLock<String> = LazyLock::new(|| {
+/// KEYS version keys; ARGV the ttl ms of each. Reads every version key and
+/// creates a missing (or unreadable) one with the server time in
+/// microseconds, above anything a lost counter reached, so a miss's write
+/// compares against a value it saw, never against "absent". Returns the
+/// values. Run only when a plain read found a version key missing: no entry
+/// can exist under a version created here.
+static ENSURE_VERSIONS_CODE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "{READ_FN}
-local out, parts = {{}}, {{}}
+local out = {{}}
 for i = 1, #KEYS do
   local s, v = read(KEYS[i])
   if s ~= 1 then
     local t = redis.call('TIME')
     v = t[1] .. string.format('%06d', tonumber(t[2]))
-    redis.call('SET', KEYS[i], v, 'PX', ARGV[2 + i])
+    redis.call('SET', KEYS[i], v, 'PX', ARGV[i])
   end
-  out[#out + 1] = 1
-  out[#out + 1] = v
-  parts[i] = v
+  out[i] = v
 end
-local es, e = read(ARGV[1] .. table.concat(parts, '.') .. ARGV[2])
-out[#out + 1] = es
-out[#out + 1] = e
 return out"
     )
 });
-static LOOKUP_VERSIONED: LazyLock<Script> = LazyLock::new(|| Script::new(&LOOKUP_VERSIONED_CODE));
+static ENSURE_VERSIONS: LazyLock<Script> = LazyLock::new(|| Script::new(&ENSURE_VERSIONS_CODE));
 
 /// Plain: KEYS[1] entry key; ARGV 'p', seen state, seen value, value, ttl ms.
-/// Versioned: KEYS version keys; ARGV 'v', entry prefix, suffix, then per
-/// version key its seen value and ttl ms, then value, ttl ms.
+/// Versioned: KEYS version keys then the entry key (made of the versions the
+/// lookup saw); ARGV 'v', then per version key its seen value and ttl ms,
+/// then value, ttl ms.
 /// Writes only if every key still holds exactly what the lookup saw (the
 /// miss's own lease, a tombstone, the version): a guard that was evicted or
 /// expired reads absent and fails the write. Version keys are renewed so
-/// they outlive the entry.
+/// they outlive the entry. Every key the script touches is in KEYS.
 static STORE_CODE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "{READ_FN}
@@ -75,19 +71,18 @@ if ARGV[1] == 'p' then
   redis.call('SET', KEYS[1], value, 'PX', ttl)
   return 1
 end
-local parts = {{}}
-for i = 1, #KEYS do
+local n = #KEYS - 1
+for i = 1, n do
   local s, cur = read(KEYS[i])
-  if s ~= 1 or cur ~= ARGV[2 + 2 * i] then return 0 end
-  parts[i] = cur
+  if s ~= 1 or cur ~= ARGV[2 * i] then return 0 end
 end
-for i = 1, #KEYS do
-  local keep = tonumber(ARGV[3 + 2 * i])
+for i = 1, n do
+  local keep = tonumber(ARGV[1 + 2 * i])
   if redis.call('PTTL', KEYS[i]) < keep then
     redis.call('PEXPIRE', KEYS[i], keep)
   end
 end
-redis.call('SET', ARGV[2] .. table.concat(parts, '.') .. ARGV[3], value, 'PX', ttl)
+redis.call('SET', KEYS[#KEYS], value, 'PX', ttl)
 return 1"
     )
 });
@@ -151,6 +146,7 @@ struct Link<C> {
     write_deadline: Duration,
     tombstone_ttl: Duration,
     lease_ttl: Duration,
+    seen_versions: std::sync::Arc<SeenVersions>,
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
@@ -176,7 +172,7 @@ impl RedisStore<Reconnecting> {
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(backend)?;
         let scripts = vec![
-            LOOKUP_VERSIONED_CODE.clone(),
+            ENSURE_VERSIONS_CODE.clone(),
             STORE_CODE.clone(),
             INVALIDATE_CODE.to_owned(),
         ];
@@ -201,6 +197,7 @@ impl<C: Connect> RedisStore<C> {
             write_deadline: DEFAULT_WRITE_DEADLINE,
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
             lease_ttl: DEFAULT_LEASE_TTL,
+            seen_versions: std::sync::Arc::default(),
         };
         Self {
             inner: Resilient::new(link, BreakerConfig::default()),
@@ -286,11 +283,12 @@ async fn apply<C: ConnectionLike>(
 }
 
 /// One lookup: a `SET … NX GET` for a plain key (the entry, or a lease when
-/// there is none), one script call for a versioned one.
+/// there is none); for a versioned one, see [`versioned_lookup`].
 async fn lookup<C: ConnectionLike>(
     conn: &mut C,
     epoch: &Epoch,
     lease_ttl: Duration,
+    seen_versions: &SeenVersions,
     key: CacheKey,
 ) -> Result<Lookup, StoreError> {
     let (versions, entry) = match key {
@@ -322,41 +320,128 @@ async fn lookup<C: ConnectionLike>(
             };
             (Vec::new(), entry)
         }
-        CacheKey::Versioned {
-            versions,
-            prefix,
-            suffix,
-        } => {
-            let mut invocation = LOOKUP_VERSIONED.prepare_invoke();
-            for version in &versions {
-                invocation.key(version.key());
-            }
-            invocation.arg(&prefix).arg(&suffix);
-            for version in &versions {
-                invocation.arg(millis(version.ttl()));
-            }
-            let reply: Vec<redis::Value> = invocation.invoke_async(conn).await.map_err(backend)?;
-            let mut observed = reply.chunks(2).map(|pair| match pair {
-                [redis::Value::Int(state), value] => {
-                    let bytes = match value {
-                        redis::Value::BulkString(bytes) => bytes.clone(),
-                        _ => Vec::new(),
-                    };
-                    Ok(observed(*state, bytes))
-                }
-                _ => Err(StoreError::Backend("unexpected lookup reply".to_owned())),
-            });
-            let found = observed
-                .by_ref()
-                .take(versions.len())
-                .collect::<Result<Vec<_>, _>>()?;
-            (found, observed.next().unwrap_or(Ok(Observed::Absent))?)
+        versioned @ CacheKey::Versioned { .. } => {
+            versioned_lookup(conn, seen_versions, &versioned).await?
         }
     };
     let payload = unstamp(&entry, epoch);
     Ok(Lookup::new(versions, entry)
         .with_payload(payload)
         .with_origin(epoch.clone()))
+}
+
+/// The version values this process last read, per version key, so that a
+/// versioned lookup can read the versions and the entry under them in one
+/// round trip. A value here is only a guess: the lookup checks it against
+/// the versions it reads in the same trip. Bounded: cleared when full.
+#[derive(Debug, Default)]
+struct SeenVersions(std::sync::Mutex<std::collections::HashMap<String, Bytes>>);
+
+/// How many version keys [`SeenVersions`] remembers before it starts over.
+const SEEN_VERSIONS_CAP: usize = 4096;
+
+impl SeenVersions {
+    fn get(&self, versions: &[super::VersionKey]) -> Option<Vec<Bytes>> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        versions.iter().map(|v| map.get(v.key()).cloned()).collect()
+    }
+
+    fn remember(&self, versions: &[super::VersionKey], values: &[Bytes]) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() + versions.len() > SEEN_VERSIONS_CAP {
+            map.clear();
+        }
+        for (version, value) in versions.iter().zip(values) {
+            match map.get_mut(version.key()) {
+                Some(known) => *known = value.clone(),
+                None => {
+                    map.insert(version.key().to_owned(), value.clone());
+                }
+            }
+        }
+    }
+}
+
+/// A versioned lookup with plain reads, one round trip in the steady
+/// state: `GET` of each version key pipelined with a `GET` of the entry
+/// under the versions this process saw last. When the versions read are
+/// those, the entry read is current; after a bump (or on a first lookup) a
+/// second `GET` reads the entry under the new versions. A missing version
+/// key is created by a script, and then no entry can exist under it.
+/// Every command names its keys (no key is built inside Redis).
+async fn versioned_lookup<C: ConnectionLike>(
+    conn: &mut C,
+    seen_versions: &SeenVersions,
+    key: &CacheKey,
+) -> Result<(Vec<Observed>, Observed), StoreError> {
+    let versions = key.versions();
+    let guess = seen_versions.get(versions);
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for version in versions {
+        pipe.cmd("GET").arg(version.key());
+    }
+    if let Some(guess) = &guess {
+        let parts: Vec<&[u8]> = guess.iter().map(Bytes::as_ref).collect();
+        pipe.cmd("GET").arg(key.entry_key(&parts));
+    }
+    let mut replies = pipe
+        .query_async::<Vec<redis::Value>>(conn)
+        .await
+        .map_err(backend)?
+        .into_iter();
+    let mut current = Vec::with_capacity(versions.len());
+    for reply in replies.by_ref().take(versions.len()) {
+        match reply {
+            redis::Value::BulkString(value) => current.push(Bytes::from(value)),
+            // Missing, or not a string: created (or replaced) by the script.
+            redis::Value::Nil | redis::Value::ServerError(_) => break,
+            other => return Err(unexpected(&other)),
+        }
+    }
+    if current.len() < versions.len() {
+        let mut invocation = ENSURE_VERSIONS.prepare_invoke();
+        for version in versions {
+            invocation.key(version.key()).arg(millis(version.ttl()));
+        }
+        let created: Vec<Vec<u8>> = invocation.invoke_async(conn).await.map_err(backend)?;
+        let created: Vec<Bytes> = created.into_iter().map(Bytes::from).collect();
+        seen_versions.remember(versions, &created);
+        return Ok((
+            created.into_iter().map(Observed::Value).collect(),
+            Observed::Absent,
+        ));
+    }
+    let entry = match guess {
+        Some(guess) if guess == current => entry_reply(replies.next())?,
+        _ => {
+            seen_versions.remember(versions, &current);
+            let parts: Vec<&[u8]> = current.iter().map(Bytes::as_ref).collect();
+            let mut get = redis::cmd("GET");
+            get.arg(key.entry_key(&parts));
+            entry_reply(Some(get.query_async(conn).await.map_err(backend)?))?
+        }
+    };
+    Ok((current.into_iter().map(Observed::Value).collect(), entry))
+}
+
+/// An entry as a `GET` answered it.
+fn entry_reply(reply: Option<redis::Value>) -> Result<Observed, StoreError> {
+    match reply {
+        Some(redis::Value::BulkString(value)) => Ok(Observed::Value(Bytes::from(value))),
+        Some(redis::Value::Nil) | None => Ok(Observed::Absent),
+        Some(redis::Value::ServerError(err)) if err.code() == "WRONGTYPE" => {
+            Ok(Observed::WrongType)
+        }
+        Some(other) => Err(unexpected(&other)),
+    }
+}
+
+fn unexpected(reply: &redis::Value) -> StoreError {
+    match reply {
+        redis::Value::ServerError(err) => StoreError::Backend(err.to_string()),
+        other => StoreError::Backend(format!("unexpected reply: {other:?}")),
+    }
 }
 
 /// Marks a value written under a known server epoch.
@@ -430,13 +515,6 @@ where
 }
 
 /// (state, bytes) as the scripts report them.
-fn observed(state: i64, value: Vec<u8>) -> Observed {
-    match state {
-        0 => Observed::Absent,
-        1 => Observed::Value(Bytes::from(value)),
-        _ => Observed::WrongType,
-    }
-}
 
 fn seen_args(seen: &Observed) -> (i64, &[u8]) {
     match seen {
@@ -457,10 +535,11 @@ impl<C: Connect> Store for Link<C> {
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
         let (source, deadline, lease_ttl) = (self.source.clone(), self.deadline, self.lease_ttl);
+        let seen_versions = self.seen_versions.clone();
         let key = key.clone();
         Box::pin(async move {
             on_connection(&source, deadline, |mut conn, epoch| async move {
-                lookup(&mut conn, &epoch, lease_ttl, key).await
+                lookup(&mut conn, &epoch, lease_ttl, &seen_versions, key).await
             })
             .await
         })
@@ -484,11 +563,7 @@ impl<C: Connect> Store for Link<C> {
                 invocation.key(key).arg("p");
                 invocation.arg(state).arg(current);
             }
-            CacheKey::Versioned {
-                versions,
-                prefix,
-                suffix,
-            } => {
+            CacheKey::Versioned { versions, .. } => {
                 // A version the lookup did not read as a value cannot match.
                 let Some(seen) = seen.version_values() else {
                     return Box::pin(async { Ok(false) });
@@ -496,11 +571,12 @@ impl<C: Connect> Store for Link<C> {
                 if seen.len() != versions.len() {
                     return Box::pin(async { Ok(false) });
                 }
-                invocation.arg("v").arg(prefix).arg(suffix);
-                for (version, seen) in versions.iter().zip(seen) {
+                invocation.arg("v");
+                for (version, seen) in versions.iter().zip(&seen) {
                     invocation.key(version.key());
-                    invocation.arg(seen).arg(millis(version.ttl()));
+                    invocation.arg(*seen).arg(millis(version.ttl()));
                 }
+                invocation.key(key.entry_key(&seen));
             }
         }
         let (source, deadline) = (self.source.clone(), self.deadline);
@@ -629,7 +705,7 @@ mod tests {
     use http::{Request, Response, StatusCode};
     use http_body_util::Full;
     use redis::Value;
-    use tower::{Layer, ServiceExt};
+    use tower::{Layer, Service, ServiceExt};
 
     use super::*;
     use crate::entry::Entry;
@@ -694,7 +770,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_item_hit_is_one_command() {
-        let recorder = Recorder::answering(Value::BulkString(entry().to_vec()));
+        let recorder = Recorder::answering([Value::BulkString(entry().to_vec())]);
         let response = get(recorder.clone(), "/persons/42").await;
         assert_eq!(response.headers()["x-cache"], "HIT");
         let commands = recorder.commands();
@@ -704,50 +780,164 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_list_hit_is_one_evalsha() {
+    async fn a_list_hit_is_one_round_trip_of_two_gets_once_the_version_is_known() {
         let (prefix, suffix) = list_key_parts();
-        let recorder = Recorder::answering(Value::Array(vec![
-            Value::Int(1),
-            Value::BulkString(b"17".to_vec()),
-            Value::Int(1),
-            Value::BulkString(entry().to_vec()),
-        ]));
-        let response = get(recorder.clone(), "/persons").await;
-        assert_eq!(response.headers()["x-cache"], "HIT");
-        let commands = recorder.commands();
-        assert_eq!(commands.len(), 1, "{commands:?}");
+        let entry_key = format!("{prefix}17{suffix}");
+        let version = || Value::BulkString(b"17".to_vec());
+        let entry = || Value::BulkString(entry().to_vec());
+        // The first lookup learns the version, then reads the entry under
+        // it; the second reads both at once.
+        let recorder = Recorder::answering([version(), entry(), version(), entry()]);
+        let service = list_service(recorder.clone());
+        for _ in 0..2 {
+            let response = service
+                .clone()
+                .oneshot(Request::get("/persons").body(()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.headers()["x-cache"], "HIT");
+        }
+        let get = |key: &str| vec!["GET".to_owned(), key.to_owned()];
         assert_eq!(
-            commands[0],
+            recorder.trips(),
             [
-                "EVALSHA",
-                LOOKUP_VERSIONED.get_hash(),
-                "1",
-                "app:persons:list:ver",
-                &prefix,
-                &suffix,
-                "60000"
+                vec![get("app:persons:list:ver")],
+                vec![get(&entry_key)],
+                vec![get("app:persons:list:ver"), get(&entry_key)],
             ]
         );
     }
 
-    /// Records every command; answers the first with `lookup` (nil unless
-    /// set: an empty key), the others with 1.
+    #[tokio::test]
+    async fn after_a_bump_the_entry_is_read_under_the_new_version() {
+        let (prefix, suffix) = list_key_parts();
+        let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
+        let recorder = Recorder::answering([
+            bulk(b"17"),
+            bulk(&entry()),
+            // Bumped by another process: the guess misses, a second GET.
+            bulk(b"18"),
+            Value::Nil,
+            bulk(&entry()),
+        ]);
+        let service = list_service(recorder.clone());
+        for _ in 0..2 {
+            let response = service
+                .clone()
+                .oneshot(Request::get("/persons").body(()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.headers()["x-cache"], "HIT");
+        }
+        let trips = recorder.trips();
+        assert_eq!(trips.len(), 4, "{trips:?}");
+        assert_eq!(trips[2][1], ["GET", &format!("{prefix}17{suffix}")]);
+        assert_eq!(trips[3], [["GET", &format!("{prefix}18{suffix}")]]);
+    }
+
+    #[tokio::test]
+    async fn a_missing_version_is_created_by_a_script_and_stored_under() {
+        let (prefix, suffix) = list_key_parts();
+        let recorder = Recorder::answering([
+            Value::Nil,
+            Value::Array(vec![Value::BulkString(b"1795331671440125".to_vec())]),
+        ]);
+        let response = list_service(recorder.clone())
+            .oneshot(Request::get("/persons").body(()).unwrap())
+            .await
+            .unwrap();
+        let status = response.headers()["cache-status"].to_str().unwrap();
+        assert!(status.ends_with("stored"), "{status}");
+        let commands = recorder.commands();
+        assert_eq!(commands.len(), 3, "{commands:?}");
+        assert_eq!(commands[0], ["GET", "app:persons:list:ver"]);
+        assert_eq!(
+            commands[1],
+            [
+                "EVALSHA",
+                ENSURE_VERSIONS.get_hash(),
+                "1",
+                "app:persons:list:ver",
+                "60000"
+            ]
+        );
+        // The write names every key it touches: the version, then the entry.
+        assert_eq!(
+            commands[2][..5],
+            [
+                "EVALSHA",
+                STORE.get_hash(),
+                "2",
+                "app:persons:list:ver",
+                &format!("{prefix}1795331671440125{suffix}")
+            ]
+        );
+        assert_eq!(commands[2][5..8], ["v", "1795331671440125", "60000"]);
+    }
+
+    fn list_service(
+        conn: Recorder,
+    ) -> impl Service<
+        Request<()>,
+        Response = Response<crate::cache::ResponseBody<Full<Bytes>>>,
+        Error = Infallible,
+    > + Clone {
+        let handler = tower::service_fn(|_req: Request<()>| async {
+            let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        });
+        CacheLayer::new(policy(RedisStore::new(conn))).layer(handler)
+    }
+
+    /// Records every round trip (a command, or a pipeline of them); answers
+    /// commands with the replies queued by `answering`, in order, then
+    /// with nil for `GET`/`SET` (an empty key) and 1 for anything else.
     #[derive(Clone, Default)]
     struct Recorder {
-        log: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
-        lookup: Option<Value>,
+        trips: std::sync::Arc<std::sync::Mutex<Vec<Vec<Vec<String>>>>>,
+        answers: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Value>>>,
     }
 
     impl Recorder {
-        fn answering(lookup: Value) -> Self {
-            Self {
-                lookup: Some(lookup),
-                ..Self::default()
-            }
+        fn answering(replies: impl IntoIterator<Item = Value>) -> Self {
+            let recorder = Self::default();
+            recorder.answers.lock().unwrap().extend(replies);
+            recorder
         }
 
+        /// Every command sent, in order.
         fn commands(&self) -> Vec<Vec<String>> {
-            self.log.lock().unwrap().clone()
+            self.trips
+                .lock()
+                .unwrap()
+                .iter()
+                .flatten()
+                .cloned()
+                .collect()
+        }
+
+        /// The commands of each round trip.
+        fn trips(&self) -> Vec<Vec<Vec<String>>> {
+            self.trips.lock().unwrap().clone()
+        }
+
+        fn answer(&self, cmd: &redis::Cmd) -> (Vec<String>, Value) {
+            let args: Vec<String> = cmd
+                .args_iter()
+                .map(|arg| match arg {
+                    redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                    _ => "<other>".to_owned(),
+                })
+                .collect();
+            let reply = match self.answers.lock().unwrap().pop_front() {
+                Some(reply) => reply,
+                None if args[0] == "GET" || args[0] == "SET" => Value::Nil,
+                None => Value::Int(1),
+            };
+            (args, reply)
         }
     }
 
@@ -756,30 +946,21 @@ mod tests {
             &'a mut self,
             cmd: &'a redis::Cmd,
         ) -> redis::RedisFuture<'a, Value> {
-            let args: Vec<String> = cmd
-                .args_iter()
-                .map(|arg| match arg {
-                    redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
-                    _ => "<other>".to_owned(),
-                })
-                .collect();
-            let mut log = self.log.lock().unwrap();
-            let reply = match (log.is_empty(), &self.lookup) {
-                (true, Some(lookup)) => lookup.clone(),
-                (true, None) if args[0] == "SET" => Value::Nil,
-                _ => Value::Int(1),
-            };
-            log.push(args);
+            let (args, reply) = self.answer(cmd);
+            self.trips.lock().unwrap().push(vec![args]);
             Box::pin(async move { Ok(reply) })
         }
 
         fn req_packed_commands<'a>(
             &'a mut self,
-            _: &'a redis::Pipeline,
-            _: usize,
-            _: usize,
+            pipeline: &'a redis::Pipeline,
+            _offset: usize,
+            _count: usize,
         ) -> redis::RedisFuture<'a, Vec<Value>> {
-            Box::pin(async { Err((redis::ErrorKind::Client, "no pipelines expected").into()) })
+            let (commands, replies): (Vec<_>, Vec<_>) =
+                pipeline.cmd_iter().map(|cmd| self.answer(cmd)).unzip();
+            self.trips.lock().unwrap().push(commands);
+            Box::pin(async move { Ok(replies) })
         }
 
         fn get_db(&self) -> i64 {
