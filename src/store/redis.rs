@@ -362,11 +362,11 @@ impl SeenVersions {
     }
 }
 
-/// A versioned lookup with plain reads, one round trip in the steady
-/// state: `GET` of each version key pipelined with a `GET` of the entry
-/// under the versions this process saw last. When the versions read are
-/// those, the entry read is current; after a bump (or on a first lookup) a
-/// second `GET` reads the entry under the new versions. A missing version
+/// A versioned lookup with plain reads, one command in the steady state:
+/// one `MGET` of the version keys and of the entry under the versions this
+/// process saw last. When the versions read are those, the entry read is
+/// current; after a bump (or on a first lookup) a second command, a `GET`,
+/// reads the entry under the new versions. A missing version
 /// key is created by a script, and then no entry can exist under it.
 /// Every command names its keys (no key is built inside Redis).
 async fn versioned_lookup<C: ConnectionLike>(
@@ -376,29 +376,25 @@ async fn versioned_lookup<C: ConnectionLike>(
 ) -> Result<(Vec<Observed>, Observed), StoreError> {
     let versions = key.versions();
     let guess = seen_versions.get(versions);
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
+    let mut mget = redis::cmd("MGET");
     for version in versions {
-        pipe.cmd("GET").arg(version.key());
+        mget.arg(version.key());
     }
     if let Some(guess) = &guess {
         let parts: Vec<&[u8]> = guess.iter().map(Bytes::as_ref).collect();
-        pipe.cmd("GET").arg(key.entry_key(&parts));
+        mget.arg(key.entry_key(&parts));
     }
-    let mut replies = pipe
-        .query_async::<Vec<redis::Value>>(conn)
+    // MGET answers nil for a missing key and for one of another type alike.
+    let mut replies = mget
+        .query_async::<Vec<Option<Vec<u8>>>>(conn)
         .await
         .map_err(backend)?
         .into_iter();
-    let mut current = Vec::with_capacity(versions.len());
-    for reply in replies.by_ref().take(versions.len()) {
-        match reply {
-            redis::Value::BulkString(value) => current.push(Bytes::from(value)),
-            // Missing, or not a string: created (or replaced) by the script.
-            redis::Value::Nil | redis::Value::ServerError(_) => break,
-            other => return Err(unexpected(&other)),
-        }
-    }
+    let current: Vec<Bytes> = replies
+        .by_ref()
+        .take(versions.len())
+        .map_while(|reply| reply.map(Bytes::from))
+        .collect();
     if current.len() < versions.len() {
         let mut invocation = ENSURE_VERSIONS.prepare_invoke();
         for version in versions {
@@ -412,36 +408,23 @@ async fn versioned_lookup<C: ConnectionLike>(
             Observed::Absent,
         ));
     }
+    // An entry key of another type reads absent: the write replaces it.
     let entry = match guess {
-        Some(guess) if guess == current => entry_reply(replies.next())?,
+        Some(guess) if guess == current => replies.next().flatten(),
         _ => {
             seen_versions.remember(versions, &current);
             let parts: Vec<&[u8]> = current.iter().map(Bytes::as_ref).collect();
             let mut get = redis::cmd("GET");
             get.arg(key.entry_key(&parts));
-            entry_reply(Some(get.query_async(conn).await.map_err(backend)?))?
+            get.query_async::<Option<Vec<u8>>>(conn)
+                .await
+                .map_err(backend)?
         }
     };
+    let entry = entry.map_or(Observed::Absent, |value| {
+        Observed::Value(Bytes::from(value))
+    });
     Ok((current.into_iter().map(Observed::Value).collect(), entry))
-}
-
-/// An entry as a `GET` answered it.
-fn entry_reply(reply: Option<redis::Value>) -> Result<Observed, StoreError> {
-    match reply {
-        Some(redis::Value::BulkString(value)) => Ok(Observed::Value(Bytes::from(value))),
-        Some(redis::Value::Nil) | None => Ok(Observed::Absent),
-        Some(redis::Value::ServerError(err)) if err.code() == "WRONGTYPE" => {
-            Ok(Observed::WrongType)
-        }
-        Some(other) => Err(unexpected(&other)),
-    }
-}
-
-fn unexpected(reply: &redis::Value) -> StoreError {
-    match reply {
-        redis::Value::ServerError(err) => StoreError::Backend(err.to_string()),
-        other => StoreError::Backend(format!("unexpected reply: {other:?}")),
-    }
 }
 
 /// Marks a value written under a known server epoch.
@@ -780,14 +763,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_list_hit_is_one_round_trip_of_two_gets_once_the_version_is_known() {
+    async fn a_list_hit_is_one_mget_once_the_version_is_known() {
         let (prefix, suffix) = list_key_parts();
         let entry_key = format!("{prefix}17{suffix}");
         let version = || Value::BulkString(b"17".to_vec());
         let entry = || Value::BulkString(entry().to_vec());
         // The first lookup learns the version, then reads the entry under
         // it; the second reads both at once.
-        let recorder = Recorder::answering([version(), entry(), version(), entry()]);
+        let recorder = Recorder::answering([
+            Value::Array(vec![version()]),
+            entry(),
+            Value::Array(vec![version(), entry()]),
+        ]);
         let service = list_service(recorder.clone());
         for _ in 0..2 {
             let response = service
@@ -797,15 +784,15 @@ mod tests {
                 .unwrap();
             assert_eq!(response.headers()["x-cache"], "HIT");
         }
-        let get = |key: &str| vec!["GET".to_owned(), key.to_owned()];
         assert_eq!(
-            recorder.trips(),
+            recorder.commands(),
             [
-                vec![get("app:persons:list:ver")],
-                vec![get(&entry_key)],
-                vec![get("app:persons:list:ver"), get(&entry_key)],
+                vec!["MGET", "app:persons:list:ver"],
+                vec!["GET", &entry_key],
+                vec!["MGET", "app:persons:list:ver", &entry_key],
             ]
         );
+        assert_eq!(recorder.trips().len(), 3, "one round trip per command");
     }
 
     #[tokio::test]
@@ -813,11 +800,10 @@ mod tests {
         let (prefix, suffix) = list_key_parts();
         let bulk = |b: &[u8]| Value::BulkString(b.to_vec());
         let recorder = Recorder::answering([
-            bulk(b"17"),
+            Value::Array(vec![bulk(b"17")]),
             bulk(&entry()),
             // Bumped by another process: the guess misses, a second GET.
-            bulk(b"18"),
-            Value::Nil,
+            Value::Array(vec![bulk(b"18"), Value::Nil]),
             bulk(&entry()),
         ]);
         let service = list_service(recorder.clone());
@@ -829,17 +815,17 @@ mod tests {
                 .unwrap();
             assert_eq!(response.headers()["x-cache"], "HIT");
         }
-        let trips = recorder.trips();
-        assert_eq!(trips.len(), 4, "{trips:?}");
-        assert_eq!(trips[2][1], ["GET", &format!("{prefix}17{suffix}")]);
-        assert_eq!(trips[3], [["GET", &format!("{prefix}18{suffix}")]]);
+        let commands = recorder.commands();
+        assert_eq!(commands.len(), 4, "{commands:?}");
+        assert_eq!(commands[2][2], format!("{prefix}17{suffix}"));
+        assert_eq!(commands[3], ["GET", &format!("{prefix}18{suffix}")]);
     }
 
     #[tokio::test]
     async fn a_missing_version_is_created_by_a_script_and_stored_under() {
         let (prefix, suffix) = list_key_parts();
         let recorder = Recorder::answering([
-            Value::Nil,
+            Value::Array(vec![Value::Nil]),
             Value::Array(vec![Value::BulkString(b"1795331671440125".to_vec())]),
         ]);
         let response = list_service(recorder.clone())
@@ -850,7 +836,7 @@ mod tests {
         assert!(status.ends_with("stored"), "{status}");
         let commands = recorder.commands();
         assert_eq!(commands.len(), 3, "{commands:?}");
-        assert_eq!(commands[0], ["GET", "app:persons:list:ver"]);
+        assert_eq!(commands[0], ["MGET", "app:persons:list:ver"]);
         assert_eq!(
             commands[1],
             [
