@@ -497,8 +497,8 @@ where
     result
 }
 
-/// (state, bytes) as the scripts report them.
-
+/// What a plain lookup saw, as the store script's ARGV: (0 absent | 1
+/// string | 2 other type, value).
 fn seen_args(seen: &Observed) -> (i64, &[u8]) {
     match seen {
         Observed::Absent => (0, b""),
