@@ -44,16 +44,20 @@ pub(crate) fn error_kind(err: &StoreError) -> &'static str {
         StoreError::Timeout => "timeout",
         StoreError::Unreachable(_) => "unreachable",
         StoreError::Backend(_) => "backend",
+        StoreError::Denied(_) => "denied",
+        StoreError::Rejected(_) => "rejected",
         StoreError::CircuitOpen => "circuit-open",
         StoreError::PendingInvalidations => "pending-invalidations",
     }
 }
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-const ERROR_KINDS: [&str; 5] = [
+const ERROR_KINDS: [&str; 7] = [
     "timeout",
     "unreachable",
     "backend",
+    "denied",
+    "rejected",
     "circuit-open",
     "pending-invalidations",
 ];
@@ -429,6 +433,8 @@ mod tests {
             StoreError::Timeout,
             StoreError::Unreachable(String::new()),
             StoreError::Backend(String::new()),
+            StoreError::Denied(String::new()),
+            StoreError::Rejected(String::new()),
             StoreError::CircuitOpen,
             StoreError::PendingInvalidations,
         ];

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::{app, get_req, method_req, send, Db, RedisServer};
-use tower_redis_cache::store::{BreakerConfig, Circuit, RedisStore, Store};
+use tower_redis_cache::store::{BreakerConfig, Circuit, RedisStore, Store, StoreError};
 use tower_redis_cache::Reason;
 
 /// Requests `/persons/1` until it is a hit (at most 5 s), asserting every
@@ -279,4 +279,71 @@ async fn out_of_memory_writes_fail_without_stale_reads() {
     // then caching resumes, never with the old entry.
     let _: () = config("0").query_async(&mut raw).await.unwrap();
     assert!(until_hit(&app, r#"{"id":"1","rev":2}"#).await);
+}
+
+#[tokio::test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_wrong_password_opens_the_circuit_and_health_says_why() {
+    let server = RedisServer::start();
+    let mut raw = server.raw().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let url = format!("redis://:wrong@127.0.0.1:{}/0", server.port);
+    let store = RedisStore::open(&url)
+        .unwrap()
+        .deadline(common::TEST_DEADLINE)
+        .breaker(BreakerConfig::default().failure_threshold(3));
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, policy) = app(Arc::new(store), db);
+    for _ in 0..10 {
+        let (status, x_cache, body) = send(&app, get_req("/persons/1")).await;
+        assert_eq!((status, x_cache.as_str()), (StatusCode::OK, "BYPASS"));
+        assert_eq!(body, r#"{"id":"1","rev":1}"#);
+    }
+    let stats = policy.stats().route("GET /persons/{id}").unwrap();
+    assert_eq!(
+        stats.errors, 3,
+        "the store was tried until the circuit opened"
+    );
+    let skips: std::collections::HashMap<_, _> = stats.skips.into_iter().collect();
+    assert_eq!(skips.get(&Reason::CircuitOpen), Some(&7));
+    let health = policy.handle().health().await;
+    assert_eq!(health.details.circuit, Circuit::Open);
+    let error = health.error.unwrap();
+    assert!(error.contains("credentials"), "{error}");
+}
+
+#[tokio::test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn connect_fails_fast_with_the_reason_and_succeeds_on_a_running_server() {
+    let server = RedisServer::start();
+    assert!(RedisStore::connect(&server.url()).await.is_ok());
+    let mut raw = server.raw().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("s3cret")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let wrong = format!("redis://:wrong@127.0.0.1:{}/0", server.port);
+    let denied = RedisStore::connect(&wrong).await.unwrap_err();
+    assert!(matches!(denied, StoreError::Denied(_)), "{denied}");
+    let right = format!("redis://:s3cret@127.0.0.1:{}/0", server.port);
+    assert!(RedisStore::connect(&right).await.is_ok());
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let refused = RedisStore::connect(&format!("redis://127.0.0.1:{nobody}/0"))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, StoreError::Unreachable(_)), "{refused}");
 }

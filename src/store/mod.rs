@@ -276,8 +276,18 @@ pub enum StoreError {
     Timeout,
     /// The store could not be reached (refused, dropped, reset).
     Unreachable(String),
-    /// The store answered with an error (out of memory, read-only…).
+    /// The store answered with an error that may pass (out of memory,
+    /// busy…): an invalidation that failed so is queued for replay.
     Backend(String),
+    /// The store refused the credentials or the permissions (`WRONGPASS`,
+    /// `NOAUTH`, `NOPERM`): nothing works until the configuration is fixed.
+    /// Counts towards opening the circuit, like an unreachable store.
+    Denied(String),
+    /// The store refused the command itself (`CROSSSLOT`, `WRONGTYPE`,
+    /// `NOSCRIPT`…): sending it again cannot succeed, so an invalidation
+    /// that failed so is not queued for replay (it would block the cache
+    /// for ever); it is counted and logged.
+    Rejected(String),
     /// The circuit breaker is open: the store was not tried.
     CircuitOpen,
     /// Invalidations are waiting for replay, or were lost; the cache is not
@@ -291,6 +301,8 @@ impl fmt::Display for StoreError {
             Self::Timeout => write!(f, "store operation timed out"),
             Self::Unreachable(msg) => write!(f, "store unreachable: {msg}"),
             Self::Backend(msg) => write!(f, "store error: {msg}"),
+            Self::Denied(msg) => write!(f, "store refused our credentials: {msg}"),
+            Self::Rejected(msg) => write!(f, "store refused the command: {msg}"),
             Self::CircuitOpen => write!(f, "store circuit open; not tried"),
             Self::PendingInvalidations => write!(f, "invalidations not yet applied"),
         }
@@ -298,6 +310,14 @@ impl fmt::Display for StoreError {
 }
 
 impl std::error::Error for StoreError {}
+
+impl StoreError {
+    /// Whether the same operation may succeed later: what an invalidation
+    /// queue should keep.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::Rejected(_))
+    }
+}
 
 /// A place to keep cache entries.
 ///

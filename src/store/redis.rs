@@ -12,6 +12,9 @@ use super::{
     DEFAULT_TOMBSTONE_TTL,
 };
 
+/// How long [`RedisStore::connect`] tries before it gives up.
+const CONNECT_BUDGET: Duration = Duration::from_secs(5);
+
 /// Default deadline for one Redis read or entry write.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
 
@@ -184,6 +187,34 @@ impl RedisStore<Reconnecting> {
     }
 }
 
+impl RedisStore<Reconnecting> {
+    /// Like [`RedisStore::open`], then connects and pings once, so that a
+    /// wrong address, password or permission fails at start-up with a clear
+    /// error instead of turning every request into a miss. Later outages
+    /// are handled as always (misses, never errors).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_redis_cache::store::StoreError> {
+    /// use tower_redis_cache::store::RedisStore;
+    ///
+    /// let store = RedisStore::connect("redis://cache:s3cret@10.0.0.5:6379/0").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::open(url)?;
+        // The read deadline is for requests: at start-up the first
+        // connection (handshake, scripts) may take longer than one.
+        let until = tokio::time::Instant::now() + CONNECT_BUDGET;
+        loop {
+            match store.inner.get_ref().ping().await {
+                Ok(()) => return Ok(store),
+                Err(StoreError::Timeout) if tokio::time::Instant::now() < until => continue,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+}
+
 impl<C: Connect> RedisStore<C> {
     /// A store over `conn`: a `MultiplexedConnection`, a `ConnectionManager`
     /// or any other cloneable async connection (for an ACL user, a database
@@ -243,7 +274,22 @@ impl<C: Connect> RedisStore<C> {
 /// master answers, but not as the master we had: like a dropped connection.
 const NOT_OUR_MASTER: [&str; 3] = ["READONLY", "LOADING", "MASTERDOWN"];
 
+/// Refusals of who we are or what we may do.
+const DENIED: [&str; 3] = ["WRONGPASS", "NOAUTH", "NOPERM"];
+
+/// Refusals of the command itself: sending it again cannot succeed.
+const REJECTED: [&str; 4] = ["CROSSSLOT", "WRONGTYPE", "NOSCRIPT", "EXECABORT"];
+
 pub(crate) fn backend(err: RedisError) -> StoreError {
+    let code = err.code();
+    if err.kind() == redis::ErrorKind::AuthenticationFailed
+        || code.is_some_and(|code| DENIED.contains(&code))
+    {
+        return StoreError::Denied(err.to_string());
+    }
+    if code.is_some_and(|code| REJECTED.contains(&code)) {
+        return StoreError::Rejected(err.to_string());
+    }
     if err.is_io_error()
         || err.is_connection_refusal()
         || err.is_connection_dropped()

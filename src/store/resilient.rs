@@ -311,9 +311,16 @@ impl<S: Store + Clone> Resilient<S> {
                         shared.applied(&sent);
                         tracing::info!(keys = sent.len(), "queued invalidations replayed");
                     }
-                    Err(err) => {
+                    Err(err) if err.is_transient() => {
                         telemetry::store_error(Op::Replay, &err);
                         tokio::time::sleep(shared.config.open_for).await
+                    }
+                    // Sending it again cannot succeed: dropped, not retried
+                    // for ever with the cache held off.
+                    Err(err) => {
+                        telemetry::store_error(Op::Replay, &err);
+                        shared.applied(&sent);
+                        tracing::error!(keys = sent.len(), error = %err, "queued invalidations refused by the store; dropped");
                     }
                 }
             }
@@ -342,13 +349,14 @@ impl Shared {
         Ok(admit)
     }
 
-    /// Records how an operation ended and how long it took. Timeouts and
-    /// unreachable stores count towards the failure threshold, slow calls
-    /// towards the slow-call rate; server errors (`OOM`…) towards neither.
+    /// Records how an operation ended and how long it took. Timeouts,
+    /// unreachable stores and refused credentials count towards the failure
+    /// threshold, slow calls towards the slow-call rate; other server errors
+    /// (`OOM`, `WRONGTYPE`…) towards neither.
     fn record<T>(&self, admit: Admit, result: &Result<T, StoreError>, took: Duration) {
         let unhealthy = matches!(
             result,
-            Err(StoreError::Timeout | StoreError::Unreachable(_))
+            Err(StoreError::Timeout | StoreError::Unreachable(_) | StoreError::Denied(_))
         );
         if result.is_err() {
             self.failures.fetch_add(1, Ordering::Relaxed);
@@ -649,9 +657,15 @@ impl<S: Store + Clone> Store for Resilient<S> {
                         shared.superseded(&invalidation, mark);
                     }
                 }
-                Err(err) => {
+                Err(err) if err.is_transient() => {
                     warn_limited!(error = %err, "invalidation queued for replay");
                     owed.queue();
+                }
+                // Sending it again cannot succeed: queued, it would hold the
+                // cache off for ever.
+                Err(err) => {
+                    owed.invalidation = None;
+                    warn_limited!(error = %err, "invalidation refused by the store; not replayed");
                 }
             }
             result
@@ -704,10 +718,12 @@ mod tests {
     use super::*;
     use crate::store::{MemoryStore, Observed};
 
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[derive(Debug, Clone, Copy)]
     enum Mode {
         Up,
         Down,
+        /// Every operation refused as this error (`Denied`, `Rejected`).
+        Refuse(fn(String) -> StoreError),
         Slow(Duration),
         Hung,
     }
@@ -744,6 +760,7 @@ mod tests {
                 match mode {
                     Mode::Up => op.await,
                     Mode::Down => Err(StoreError::Unreachable("down".into())),
+                    Mode::Refuse(error) => Err(error("refused".into())),
                     Mode::Slow(by) => {
                         tokio::time::sleep(by).await;
                         op.await
@@ -798,6 +815,38 @@ mod tests {
     fn resilient(config: BreakerConfig) -> (Resilient<Faulty>, Faulty) {
         let faulty = Faulty::new();
         (Resilient::new(faulty.clone(), config), faulty)
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_open_the_circuit() {
+        let config = BreakerConfig::default().failure_threshold(3);
+        let (store, faulty) = resilient(config);
+        faulty.set(Mode::Refuse(StoreError::Denied));
+        for _ in 0..3 {
+            assert!(matches!(
+                store.lookup(&key("a")).await,
+                Err(StoreError::Denied(_))
+            ));
+        }
+        assert_eq!(store.lookup(&key("a")).await, Err(StoreError::CircuitOpen));
+        assert_eq!(faulty.calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refused_invalidation_is_not_queued_and_never_holds_the_cache_off() {
+        let (store, faulty) = resilient(BreakerConfig::default());
+        faulty.set(Mode::Refuse(StoreError::Rejected));
+        assert!(matches!(
+            store.invalidate(&deletes(&["a", "b"])).await,
+            Err(StoreError::Rejected(_))
+        ));
+        assert_eq!(store.health().pending_invalidations, 0);
+        faulty.set(Mode::Up);
+        assert!(store.lookup(&key("a")).await.is_ok(), "reads go on");
+        // A transient failure is still queued.
+        faulty.set(Mode::Down);
+        let _ = store.invalidate(&deletes(&["c"])).await;
+        assert_eq!(store.health().pending_invalidations, 1);
     }
 
     #[tokio::test]
