@@ -26,7 +26,7 @@ use crate::store::{Invalidation, Store, StoreError, StoreHealth, VersionKey};
 /// let handle = policy.handle();
 /// let purged = handle.purge(&http::Request::get("/persons/7").body(())?).await?;
 /// assert_eq!(purged, "app:person:7");
-/// assert_eq!(handle.bump("persons:list").await?, "app:persons:list:ver");
+/// assert_eq!(handle.bump("persons:list").await?, "{app:persons:list}:ver");
 /// assert!(handle.health().await.reachable);
 /// # Ok(()) }
 /// ```

@@ -479,10 +479,17 @@ fn hash_field_into(out: &mut Vec<u8>, bytes: &[u8]) {
 /// handle alike:
 ///
 /// - entries: `<ns>:<key>[:scope=<hash>]`, such as `app:person:42`;
-/// - versioned entries: `<ns>:<before>` + versions joined by `.` +
-///   `<after>[:scope=<hash>]`, such as `app:persons:list:v17:3fa9…`;
-/// - version keys: `<ns>:<group>:ver`, and for a group versioned per scope
-///   also `<ns>:<group>:ver:scope=<hash>`.
+/// - version keys: `{<ns>:<group>}:ver`, and for a group versioned per
+///   scope also `{<ns>:<group>}:ver:scope=<hash>`;
+/// - versioned entries: `{<ns>:<group>}:<before>` + versions joined by
+///   `.` + `<after>[:scope=<hash>]`, such as
+///   `{app:persons:list}:persons:list:v17:3fa9…`.
+///
+/// The braces are a Redis Cluster hash tag, derived from the group: a
+/// version key and every entry under it hash to one slot, so a lookup reads
+/// them with one `MGET` and a write checks them in one script, on a cluster
+/// as on one server. Users never write braces (namespaces and templates
+/// cannot hold them, parameters are percent-encoded).
 #[derive(Debug, Clone)]
 pub(crate) struct Layout {
     namespace: String,
@@ -510,10 +517,11 @@ impl Layout {
     /// The version key of a rendered group, for every scope (`scope` empty)
     /// or for one.
     pub(crate) fn version(&self, group: &str, scope: &str, ttl: Duration) -> VersionKey {
-        VersionKey::new(format!("{}:{group}:ver{scope}", self.namespace), ttl)
+        VersionKey::new(format!("{{{}:{group}}}:ver{scope}", self.namespace), ttl)
     }
 
-    /// A versioned entry key: the template split at `{version}`.
+    /// A versioned entry key: the template split at `{version}`, under the
+    /// hash tag of its version keys.
     pub(crate) fn versioned(
         &self,
         before: &str,
@@ -521,20 +529,94 @@ impl Layout {
         scope: &str,
         versions: Vec<VersionKey>,
     ) -> CacheKey {
+        let tag = versions
+            .first()
+            .and_then(|v| v.key().find('}').map(|end| &v.key()[..=end]))
+            .unwrap_or_default();
+        let mut prefix = String::with_capacity(tag.len() + before.len() + 1);
+        prefix.push_str(tag);
+        prefix.push(':');
+        prefix.push_str(before);
         let mut suffix = String::with_capacity(after.len() + scope.len());
         suffix.push_str(after);
         suffix.push_str(scope);
         CacheKey::Versioned {
             versions,
-            prefix: self.entry(before, ""),
+            prefix,
             suffix,
         }
     }
 }
 
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the
+/// text between the first `{` and the next `}`, when not empty), else of
+/// the whole key, modulo 16384.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn slot(key: &[u8]) -> u16 {
+    let hashed = match key.iter().position(|&b| b == b'{') {
+        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    crc16(hashed) % 16384
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_follow_redis_cluster_hash_tags() {
+        // Reference values from `CLUSTER KEYSLOT` on Redis 7.
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"123456789"), 12739);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(
+            slot(b"foo{}{bar}"),
+            slot(b"bar"),
+            "an empty tag hashes the whole key"
+        );
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
+
+    #[test]
+    fn a_version_key_and_its_entries_share_a_slot() {
+        let layout = Layout::new("app".to_owned());
+        let all = layout.version("persons:list", "", Duration::from_secs(60));
+        let mine = layout.version("persons:list", ":scope=ab12", Duration::from_secs(60));
+        assert_eq!(all.key(), "{app:persons:list}:ver");
+        let key = layout.versioned(
+            "persons:list:v",
+            ":3fa9",
+            ":scope=ab12",
+            vec![all.clone(), mine.clone()],
+        );
+        let entry = key.entry_key(&[b"17", b"18"]);
+        assert_eq!(
+            entry,
+            "{app:persons:list}:persons:list:v17.18:3fa9:scope=ab12"
+        );
+        let slots = [all.key(), mine.key(), entry.as_str()].map(|k| slot(k.as_bytes()));
+        assert!(slots.iter().all(|s| *s == slots[0]), "{slots:?}");
+    }
 
     fn enc(raw: impl AsRef<[u8]>) -> String {
         let mut out = String::new();

@@ -919,9 +919,9 @@ mod tests {
             panic!("expected a versioned key");
         };
         assert_eq!(versions.len(), 1);
-        assert_eq!(versions[0].key(), "app:persons:list:ver");
+        assert_eq!(versions[0].key(), "{app:persons:list}:ver");
         assert_eq!(versions[0].ttl(), Duration::from_secs(60));
-        assert_eq!(prefix, "app:persons:list:v");
+        assert_eq!(prefix, "{app:persons:list}:persons:list:v");
         assert!(suffix.starts_with(':') && suffix.len() == 33, "{suffix}");
     }
 
@@ -978,8 +978,10 @@ mod tests {
         };
         // A tenant's write bumps that tenant's lists only.
         assert_eq!(write.bumps(), &versions[1..]);
-        assert!(versions[1].key().starts_with("app:persons:list:ver:scope="));
-        assert_eq!(versions[0].key(), "app:persons:list:ver");
+        assert!(versions[1]
+            .key()
+            .starts_with("{app:persons:list}:ver:scope="));
+        assert_eq!(versions[0].key(), "{app:persons:list}:ver");
         assert_eq!(
             versions[1].ttl(),
             Duration::from_secs(45),
@@ -999,7 +1001,7 @@ mod tests {
             .invalidation(&Request::patch("/persons/42").body(()).unwrap())
             .unwrap();
         assert!(write.deletes().is_empty() && !complete);
-        assert_eq!(write.bumps()[0].key(), "app:persons:list:ver");
+        assert_eq!(write.bumps()[0].key(), "{app:persons:list}:ver");
         assert_eq!(p.stats().invalidations().unscoped, 1);
     }
 

@@ -354,7 +354,7 @@ async fn a_lost_version_key_never_brings_old_lists_back(backend: Backend) {
     let (_, x_cache, fresh) = send(&app, get_req("/persons")).await;
     assert_eq!(x_cache, "MISS");
     // The version key is lost: the next version must not be the first one again.
-    backend.evict("app:persons:list:ver").await;
+    backend.evict("{app:persons:list}:ver").await;
     assert_eq!(
         send(&app, method_req("PATCH", "/persons/1")).await.0,
         StatusCode::OK
@@ -363,7 +363,7 @@ async fn a_lost_version_key_never_brings_old_lists_back(backend: Backend) {
     assert_eq!(x_cache, "MISS");
     assert!(body.contains(r#"["1",3]"#) && body != fresh, "{body}");
     // Lost without a write in between: still a miss, never an old page.
-    backend.evict("app:persons:list:ver").await;
+    backend.evict("{app:persons:list}:ver").await;
     let (_, x_cache, body) = send(&app, get_req("/persons")).await;
     assert_eq!(
         (x_cache.as_str(), body.contains(r#"["1",3]"#)),
@@ -598,10 +598,10 @@ async fn an_evicted_guard_never_lets_an_old_read_store(backend: Backend) {
     // A list whose version key was missing at lookup; a bump recreates it,
     // and it is evicted again before the store.
     let list = policy.key_for(&get_req("/persons")).unwrap();
-    backend.evict("app:persons:list:ver").await;
+    backend.evict("{app:persons:list}:ver").await;
     let seen = backend.store.lookup(&list).await.unwrap();
     handle.bump("persons:list").await.unwrap();
-    backend.evict("app:persons:list:ver").await;
+    backend.evict("{app:persons:list}:ver").await;
     let written = backend
         .store
         .store(&list, &seen, old, Duration::from_secs(60))

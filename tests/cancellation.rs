@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{app, get_req, method_req, send, Backend, Db};
-use tower_redis_cache::store::{RedisStore, Store};
 
 backend_tests!(a_write_dropped_after_its_commit_still_invalidates);
 
@@ -18,14 +16,7 @@ async fn a_write_dropped_after_its_commit_still_invalidates(backend: Backend) {
     let (writer, policy) = app(backend.store.clone(), db.clone());
     // Another process over the same store (for Redis: its own connection,
     // breaker and queue).
-    let other_store: Arc<dyn Store> = match &backend.server {
-        Some(server) => Arc::new(
-            RedisStore::open(&server.url())
-                .unwrap()
-                .deadline(common::TEST_DEADLINE),
-        ),
-        None => backend.store.clone(),
-    };
+    let other_store = backend.another_store();
     let (other, _) = app(other_store, db.clone());
     for app in [&writer, &other] {
         send(app, get_req("/persons/1")).await;

@@ -193,10 +193,13 @@ fn the_persons_scenario_on_sqlite_and_redis() {
         keys.iter().any(|k| k.starts_with("app:person:1:scope=")),
         "{keys:?}"
     );
-    assert!(keys.iter().any(|k| k == "app:persons:list:ver"), "{keys:?}");
+    assert!(
+        keys.iter().any(|k| k == "{app:persons:list}:ver"),
+        "{keys:?}"
+    );
     assert!(
         keys.iter()
-            .any(|k| k.starts_with("app:persons:list:v") && k.contains(":scope=")),
+            .any(|k| k.starts_with("{app:persons:list}:persons:list:v") && k.contains(":scope=")),
         "{keys:?}"
     );
     assert!(
@@ -317,7 +320,7 @@ fn the_persons_scenario_on_sqlite_and_redis() {
     assert!(
         bumped
             .body
-            .starts_with(r#"{"bumped":"app:persons:list:ver:scope="#),
+            .starts_with(r#"{"bumped":"{app:persons:list}:ver:scope="#),
         "{}",
         bumped.body
     );
@@ -328,7 +331,7 @@ fn the_persons_scenario_on_sqlite_and_redis() {
     println!("POST /cache/invalidate (all) → {}", all.body);
     assert_eq!(
         all.body,
-        r#"{"bumped":"app:persons:list:ver","group":"persons:list","tenant":"*"}"#
+        r#"{"bumped":"{app:persons:list}:ver","group":"persons:list","tenant":"*"}"#
     );
     assert_eq!(get(&server, list, GLOBEX).x_cache(), "MISS");
     assert_eq!(get(&server, "/persons/2", ACME).x_cache(), "HIT");

@@ -94,7 +94,7 @@ async fn wrong_redis_types_are_misses_and_get_overwritten() {
         .await
         .unwrap();
     let _: () = redis::cmd("HSET")
-        .arg("app:persons:list:ver")
+        .arg("{app:persons:list}:ver")
         .arg("a")
         .arg("b")
         .query_async(&mut raw)
@@ -111,7 +111,7 @@ async fn wrong_redis_types_are_misses_and_get_overwritten() {
     }
     // A bump over a garbage version string starts a fresh version.
     let _: () = redis::cmd("SET")
-        .arg("app:persons:list:ver")
+        .arg("{app:persons:list}:ver")
         .arg("garbage")
         .query_async(&mut raw)
         .await

@@ -468,12 +468,12 @@ async fn the_handle_purges_bumps_and_warms(backend: Backend) {
     // A list entry is purged by a bump of its group: every page goes.
     send(&app, get_req("/persons?limit=2")).await;
     let purged = handle.purge(&get_req("/persons?limit=1")).await.unwrap();
-    assert_eq!(purged, "app:persons:list:ver");
+    assert_eq!(purged, "{app:persons:list}:ver");
     assert_eq!(send(&app, get_req("/persons?limit=1")).await.1, "MISS");
     assert_eq!(send(&app, get_req("/persons?limit=2")).await.1, "MISS");
     assert_eq!(
         handle.bump("persons:list").await.unwrap(),
-        "app:persons:list:ver"
+        "{app:persons:list}:ver"
     );
     assert_eq!(send(&app, get_req("/persons?limit=1")).await.1, "MISS");
     assert_eq!(

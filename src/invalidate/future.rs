@@ -189,7 +189,7 @@ where
     }
 }
 
-/// `del app:person:42, incr app:persons:list:ver`, for logs; formatted
+/// `del app:person:42, incr {app:persons:list}:ver`, for logs; formatted
 /// only if an event is emitted.
 struct Actions<'a>(&'a Invalidation);
 

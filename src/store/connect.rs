@@ -25,7 +25,8 @@ use super::StoreError;
 /// empty when unknown.
 pub(crate) type Epoch = Bytes;
 
-type Connecting<C> = Pin<Box<dyn Future<Output = Result<(C, Epoch, u64), StoreError>> + Send>>;
+pub(crate) type Connecting<C> =
+    Pin<Box<dyn Future<Output = Result<(C, Epoch, u64), StoreError>> + Send>>;
 
 /// A source of connections for a `RedisStore`: any cloneable redis-rs async
 /// connection (a `MultiplexedConnection`, a `ConnectionManager`, a mock), or
@@ -52,6 +53,12 @@ pub trait Connect: Clone + Send + Sync + 'static {
     #[doc(hidden)]
     fn persistence(&self) -> Option<&'static str> {
         None
+    }
+
+    /// True for a Redis Cluster: multi-key commands must stay in one slot.
+    #[doc(hidden)]
+    fn is_cluster(&self) -> bool {
+        false
     }
 }
 

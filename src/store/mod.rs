@@ -30,6 +30,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+#[cfg(feature = "cluster")]
+mod cluster;
 #[cfg(feature = "redis")]
 mod connect;
 mod memory;
@@ -39,7 +41,8 @@ mod resilient;
 
 pub use resilient::{BreakerConfig, Circuit, Resilient, StoreHealth};
 
-#[cfg(feature = "redis")]
+#[cfg(feature = "cluster")]
+pub use cluster::ClusterSource;
 #[cfg(feature = "redis")]
 pub use connect::{Connect, Reconnecting};
 pub use memory::MemoryStore;
@@ -68,7 +71,7 @@ impl VersionKey {
         Self { key, ttl }
     }
 
-    /// The key, such as `app:persons:list:ver`.
+    /// The key, such as `{app:persons:list}:ver`.
     pub fn key(&self) -> &str {
         &self.key
     }
@@ -95,7 +98,7 @@ pub enum CacheKey {
     /// A group versioned per scope has two version keys: the group's (bumped
     /// for every scope at once) and the scope's own.
     Versioned {
-        /// The version keys, such as `app:persons:list:ver`.
+        /// The version keys, such as `{app:persons:list}:ver`.
         versions: Vec<VersionKey>,
         /// The entry key before the versions.
         prefix: String,
@@ -264,6 +267,38 @@ impl Invalidation {
     /// have seen since.
     pub(crate) fn reissued(&self) -> Self {
         Self::new(self.deletes.clone(), self.bumps.clone())
+    }
+
+    /// The same actions, one invalidation per Redis Cluster slot (in the
+    /// order their first key appears), each with this tombstone. One part
+    /// when every key hashes to one slot.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn split_by_slot(&self) -> Vec<Self> {
+        let mut parts: Vec<(u16, Self)> = Vec::new();
+        let mut part = |key: &str| -> usize {
+            let slot = crate::key::slot(key.as_bytes());
+            parts
+                .iter()
+                .position(|(s, _)| *s == slot)
+                .unwrap_or_else(|| {
+                    let empty = Self {
+                        deletes: Vec::new(),
+                        bumps: Vec::new(),
+                        tombstone: self.tombstone.clone(),
+                    };
+                    parts.push((slot, empty));
+                    parts.len() - 1
+                })
+        };
+        let deletes: Vec<usize> = self.deletes.iter().map(|k| part(k)).collect();
+        let bumps: Vec<usize> = self.bumps.iter().map(|b| part(b.key())).collect();
+        for (key, at) in self.deletes.iter().zip(deletes) {
+            parts[at].1.deletes.push(key.clone());
+        }
+        for (bump, at) in self.bumps.iter().zip(bumps) {
+            parts[at].1.bumps.push(bump.clone());
+        }
+        parts.into_iter().map(|(_, part)| part).collect()
     }
 }
 

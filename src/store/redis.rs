@@ -150,6 +150,9 @@ struct Link<C> {
     tombstone_ttl: Duration,
     lease_ttl: Duration,
     seen_versions: std::sync::Arc<SeenVersions>,
+    /// Whether invalidations go out one per cluster slot: known for a
+    /// cluster source, learned from a `CROSSSLOT` for any other.
+    split: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
@@ -202,20 +205,26 @@ impl RedisStore<Reconnecting> {
     /// ```
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let store = Self::open(url)?;
-        // The read deadline is for requests: at start-up the first
-        // connection (handshake, scripts) may take longer than one.
+        store.connected().await?;
+        Ok(store)
+    }
+}
+
+impl<C: Connect> RedisStore<C> {
+    /// Pings until the store answers, or fails with the reason. The read
+    /// deadline is for requests: at start-up the first connection
+    /// (handshake, scripts, cluster topology) may take longer than one.
+    pub(crate) async fn connected(&self) -> Result<(), StoreError> {
         let until = tokio::time::Instant::now() + CONNECT_BUDGET;
         loop {
-            match store.inner.get_ref().ping().await {
-                Ok(()) => return Ok(store),
+            match self.inner.get_ref().ping().await {
+                Ok(()) => return Ok(()),
                 Err(StoreError::Timeout) if tokio::time::Instant::now() < until => continue,
                 Err(err) => return Err(err),
             }
         }
     }
-}
 
-impl<C: Connect> RedisStore<C> {
     /// A store over `conn`: a `MultiplexedConnection`, a `ConnectionManager`
     /// or any other cloneable async connection (for an ACL user, a database
     /// number, TLS settings), or a [`Reconnecting`]. Only
@@ -223,6 +232,7 @@ impl<C: Connect> RedisStore<C> {
     /// another, a restart that reloads old data is not detected.
     pub fn new(conn: C) -> Self {
         let link = Link {
+            split: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(conn.is_cluster())),
             source: conn,
             deadline: DEFAULT_DEADLINE,
             write_deadline: DEFAULT_WRITE_DEADLINE,
@@ -473,6 +483,71 @@ async fn versioned_lookup<C: ConnectionLike>(
     Ok((current.into_iter().map(Observed::Value).collect(), entry))
 }
 
+impl<C: Connect> Link<C> {
+    /// `invalidation` as one script call, tried twice within the write
+    /// deadline: a dropped or stalled connection fails the first, and the
+    /// second goes over a fresh one.
+    fn send(&self, invalidation: Invalidation) -> StoreFuture<()> {
+        let (source, budget, tombstone_ttl) =
+            (self.source.clone(), self.write_deadline, self.tombstone_ttl);
+        Box::pin(async move {
+            let until = tokio::time::Instant::now() + budget;
+            let send = |deadline, invalidation: Invalidation| {
+                let source = source.clone();
+                async move {
+                    let apply = |mut conn: C::Conn, _| async move {
+                        apply(&mut conn, &invalidation, tombstone_ttl).await
+                    };
+                    on_connection(&source, deadline, apply).await
+                }
+            };
+            let first = send(budget / 2, invalidation.clone()).await;
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match first {
+                // The first send may still land late: the second carries a
+                // tombstone of its own.
+                Err(StoreError::Unreachable(_) | StoreError::Timeout) if !left.is_zero() => {
+                    send(left, invalidation.reissued()).await
+                }
+                other => other,
+            }
+        })
+    }
+
+    /// One script call per slot, all under way at once; the first error,
+    /// if any part failed.
+    async fn send_by_slot(&self, invalidation: &Invalidation) -> Result<(), StoreError> {
+        let sends = invalidation
+            .split_by_slot()
+            .into_iter()
+            .map(|part| self.send(part))
+            .collect();
+        all(sends).await.into_iter().collect()
+    }
+}
+
+/// Runs `futures` concurrently and returns their outputs, in order.
+async fn all<T>(mut futures: Vec<StoreFuture<T>>) -> Vec<Result<T, StoreError>> {
+    let mut done: Vec<Option<Result<T, StoreError>>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (future, out) in futures.iter_mut().zip(done.iter_mut()) {
+            if out.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(result) => *out = Some(result),
+                    std::task::Poll::Pending => waiting = true,
+                }
+            }
+        }
+        match waiting {
+            true => std::task::Poll::Pending,
+            false => std::task::Poll::Ready(()),
+        }
+    })
+    .await;
+    done.into_iter().flatten().collect()
+}
+
 /// Marks a value written under a known server epoch.
 const STAMP: u8 = 0x04;
 
@@ -628,33 +703,23 @@ impl<C: Connect> Store for Link<C> {
         })
     }
 
-    /// Two tries within the write deadline: a dropped or stalled connection
-    /// fails the first, and the second goes over a fresh one.
+    /// One script call, or on a cluster one per slot, sent concurrently
+    /// (a `CROSSSLOT` refusal teaches a store over a connection it did not
+    /// know to be a cluster's to split from then on).
     fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
         if invalidation.is_empty() {
             return Box::pin(async { Ok(()) });
         }
-        let (source, budget, tombstone_ttl) =
-            (self.source.clone(), self.write_deadline, self.tombstone_ttl);
+        let link = self.clone();
         let invalidation = invalidation.clone();
         Box::pin(async move {
-            let until = tokio::time::Instant::now() + budget;
-            let send = |deadline, invalidation: Invalidation| {
-                let source = source.clone();
-                async move {
-                    let apply = |mut conn: C::Conn, _| async move {
-                        apply(&mut conn, &invalidation, tombstone_ttl).await
-                    };
-                    on_connection(&source, deadline, apply).await
-                }
-            };
-            let first = send(budget / 2, invalidation.clone()).await;
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            match first {
-                // The first send may still land late: the second carries a
-                // tombstone of its own.
-                Err(StoreError::Unreachable(_) | StoreError::Timeout) if !left.is_zero() => {
-                    send(left, invalidation.reissued()).await
+            if link.split.load(std::sync::atomic::Ordering::Relaxed) {
+                return link.send_by_slot(&invalidation).await;
+            }
+            match link.send(invalidation.clone()).await {
+                Err(StoreError::Rejected(msg)) if msg.contains("CROSSSLOT") => {
+                    link.split.store(true, std::sync::atomic::Ordering::Relaxed);
+                    link.send_by_slot(&invalidation.reissued()).await
                 }
                 other => other,
             }
@@ -794,7 +859,10 @@ mod tests {
 
     fn list_key_parts() -> (String, String) {
         let query_hash = crate::key::QueryRule::hash(&[]);
-        ("app:persons:list:v".to_owned(), format!(":{query_hash}"))
+        (
+            "{app:persons:list}:persons:list:v".to_owned(),
+            format!(":{query_hash}"),
+        )
     }
 
     #[tokio::test]
@@ -833,9 +901,9 @@ mod tests {
         assert_eq!(
             recorder.commands(),
             [
-                vec!["MGET", "app:persons:list:ver"],
+                vec!["MGET", "{app:persons:list}:ver"],
                 vec!["GET", &entry_key],
-                vec!["MGET", "app:persons:list:ver", &entry_key],
+                vec!["MGET", "{app:persons:list}:ver", &entry_key],
             ]
         );
         assert_eq!(recorder.trips().len(), 3, "one round trip per command");
@@ -882,14 +950,14 @@ mod tests {
         assert!(status.ends_with("stored"), "{status}");
         let commands = recorder.commands();
         assert_eq!(commands.len(), 3, "{commands:?}");
-        assert_eq!(commands[0], ["MGET", "app:persons:list:ver"]);
+        assert_eq!(commands[0], ["MGET", "{app:persons:list}:ver"]);
         assert_eq!(
             commands[1],
             [
                 "EVALSHA",
                 ENSURE_VERSIONS.get_hash(),
                 "1",
-                "app:persons:list:ver",
+                "{app:persons:list}:ver",
                 "60000"
             ]
         );
@@ -900,7 +968,7 @@ mod tests {
                 "EVALSHA",
                 STORE.get_hash(),
                 "2",
-                "app:persons:list:ver",
+                "{app:persons:list}:ver",
                 &format!("{prefix}1795331671440125{suffix}")
             ]
         );
@@ -1090,7 +1158,7 @@ mod tests {
                 INVALIDATE.get_hash(),
                 "2",
                 "app:person:42",
-                "app:persons:list:ver",
+                "{app:persons:list}:ver",
                 "1"
             ]
         );

@@ -143,10 +143,141 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis Cluster of three masters on loopback, formed with `redis-cli
+/// --cluster create`, killed on drop.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    children: Vec<Option<Child>>,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        if let Err(err) = Command::new("redis-cli").arg("--version").output() {
+            panic!("redis-cli is not on PATH ({err}); install it (apt-get install redis-tools)");
+        }
+        let ports = cluster_ports(3);
+        let mut cluster = Self {
+            ports: ports.clone(),
+            children: Vec::new(),
+        };
+        for port in &ports {
+            let dir = std::env::temp_dir().join(format!("tower-redis-cache-cluster-{port}"));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .args(["--dir", dir.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            cluster.children.push(Some(child));
+        }
+        for port in &ports {
+            wait_for(|| std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok());
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for port in &ports {
+            wait_for(|| {
+                Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .is_ok_and(|out| {
+                        String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+                    })
+            });
+        }
+        cluster
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    pub fn store(&self) -> RedisStore<tower_redis_cache::store::ClusterSource> {
+        RedisStore::cluster(self.urls())
+            .unwrap()
+            .deadline(TEST_DEADLINE)
+    }
+
+    /// A connection that follows the cluster, for checks and key surgery.
+    pub async fn raw(&self) -> redis::cluster_async::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls())
+            .unwrap()
+            .get_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Kills the master at `index` (its slots stay unserved: no replicas).
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.children[index].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for index in 0..self.children.len() {
+            self.kill(index);
+        }
+        for port in &self.ports {
+            let _ = std::fs::remove_dir_all(
+                std::env::temp_dir().join(format!("tower-redis-cache-cluster-{port}")),
+            );
+        }
+    }
+}
+
+/// `n` free ports whose cluster bus ports (port + 10000) are free too.
+fn cluster_ports(n: usize) -> Vec<u16> {
+    let mut ports = Vec::new();
+    let mut held = Vec::new();
+    while ports.len() < n {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            ports.push(port);
+        }
+        held.push(listener);
+    }
+    ports
+}
+
+fn wait_for(mut ready: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if ready() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("gave up waiting for the cluster");
+}
+
 /// A store under test, and the server behind it if any.
 pub struct Backend {
     pub store: Arc<dyn Store>,
     pub server: Option<RedisServer>,
+    pub cluster: Option<RedisCluster>,
     memory: Option<MemoryStore>,
 }
 
@@ -156,6 +287,7 @@ impl Backend {
         Self {
             store: Arc::new(memory.clone()),
             server: None,
+            cluster: None,
             memory: Some(memory),
         }
     }
@@ -168,23 +300,48 @@ impl Backend {
         Self {
             store: Arc::new(store),
             server: Some(server),
+            cluster: None,
             memory: None,
+        }
+    }
+
+    pub fn cluster() -> Self {
+        let cluster = RedisCluster::start();
+        Self {
+            store: Arc::new(cluster.store()),
+            server: None,
+            cluster: Some(cluster),
+            memory: None,
+        }
+    }
+
+    /// A second store over the same data, as another process would have
+    /// (for Redis: its own connection, breaker and queue).
+    pub fn another_store(&self) -> Arc<dyn Store> {
+        match (&self.server, &self.cluster) {
+            (Some(server), _) => Arc::new(
+                RedisStore::open(&server.url())
+                    .unwrap()
+                    .deadline(TEST_DEADLINE),
+            ),
+            (None, Some(cluster)) => Arc::new(cluster.store()),
+            (None, None) => self.store.clone(),
         }
     }
 
     /// Loses a key (an entry, a tombstone, a version key), as an eviction or
     /// a restart without persistence would.
     pub async fn evict(&self, key: &str) {
-        match (&self.memory, &self.server) {
-            (Some(memory), _) => memory.evict(key),
-            (None, Some(server)) => {
-                let _: () = redis::cmd("DEL")
-                    .arg(key)
-                    .query_async(&mut server.raw().await)
-                    .await
-                    .unwrap();
+        let del = || redis::cmd("DEL").arg(key).clone();
+        match (&self.memory, &self.server, &self.cluster) {
+            (Some(memory), _, _) => memory.evict(key),
+            (None, Some(server), _) => {
+                let _: () = del().query_async(&mut server.raw().await).await.unwrap();
             }
-            (None, None) => unreachable!(),
+            (None, None, Some(cluster)) => {
+                let _: () = del().query_async(&mut cluster.raw().await).await.unwrap();
+            }
+            (None, None, None) => unreachable!(),
         }
     }
 }
@@ -208,6 +365,16 @@ macro_rules! backend_tests {
                 #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
                 async fn $name() {
                     let backend = $crate::common::Backend::redis();
+                    super::$name(backend).await;
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test]
+                #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+                async fn $name() {
+                    let backend = $crate::common::Backend::cluster();
                     super::$name(backend).await;
                 }
             )*
