@@ -95,3 +95,10 @@ async fn no_stale_reads_redis() {
     let backend = Backend::redis();
     no_stale_reads(backend).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn no_stale_reads_cluster() {
+    let backend = Backend::cluster();
+    no_stale_reads(backend).await;
+}

@@ -31,6 +31,7 @@ pub struct ClusterSource {
 struct Shared {
     client: ClusterClient,
     conn: OnceCell<ClusterConnection>,
+    scripts: Vec<String>,
 }
 
 impl std::fmt::Debug for ClusterSource {
@@ -46,6 +47,7 @@ impl ClusterSource {
             inner: Arc::new(Shared {
                 client,
                 conn: OnceCell::new(),
+                scripts: super::redis::scripts(),
             }),
         }
     }
@@ -59,7 +61,19 @@ impl Connect for ClusterSource {
         Box::pin(async move {
             let conn = shared
                 .conn
-                .get_or_try_init(|| shared.client.get_async_connection())
+                .get_or_try_init(|| async {
+                    let mut conn = shared.client.get_async_connection().await?;
+                    // On every master, so requests never pay a NOSCRIPT
+                    // round trip (a restarted node still may, once).
+                    for script in &shared.scripts {
+                        let _: redis::Value = redis::cmd("SCRIPT")
+                            .arg("LOAD")
+                            .arg(script)
+                            .query_async(&mut conn)
+                            .await?;
+                    }
+                    Ok::<_, redis::RedisError>(conn)
+                })
                 .await
                 .map_err(backend)?;
             Ok((conn.clone(), Epoch::new(), 0))

@@ -177,15 +177,10 @@ impl RedisStore<Reconnecting> {
     /// runtime.
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(backend)?;
-        let scripts = vec![
-            ENSURE_VERSIONS_CODE.clone(),
-            STORE_CODE.clone(),
-            INVALIDATE_CODE.to_owned(),
-        ];
         Ok(Self::new(Reconnecting::new(
             client,
             Duration::from_secs(1),
-            scripts,
+            scripts(),
         )))
     }
 }
@@ -278,6 +273,15 @@ impl<C: Connect> RedisStore<C> {
         self.inner.get_mut().lease_ttl = ttl;
         self
     }
+}
+
+/// The sources of every script the store runs, loaded on each connection.
+pub(crate) fn scripts() -> Vec<String> {
+    vec![
+        ENSURE_VERSIONS_CODE.clone(),
+        STORE_CODE.clone(),
+        INVALIDATE_CODE.to_owned(),
+    ]
 }
 
 /// A server that is loading, read-only (a demoted master) or without its

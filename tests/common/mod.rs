@@ -226,6 +226,18 @@ impl RedisCluster {
             .unwrap()
     }
 
+    /// Stops (`SIGSTOP`) or resumes (`SIGCONT`) the master at `index`: it
+    /// keeps its connections and answers nothing meanwhile.
+    pub fn signal(&self, index: usize, signal: &str) {
+        if let Some(child) = &self.children[index] {
+            let done = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(done.success());
+        }
+    }
+
     /// Kills the master at `index` (its slots stay unserved: no replicas).
     pub fn kill(&mut self, index: usize) {
         if let Some(mut child) = self.children[index].take() {
@@ -238,6 +250,7 @@ impl RedisCluster {
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         for index in 0..self.children.len() {
+            self.signal(index, "-CONT");
             self.kill(index);
         }
         for port in &self.ports {
