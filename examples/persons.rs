@@ -8,9 +8,12 @@
 //! cargo run --release --example persons
 //! # with Redis instead of the in-process store:
 //! REDIS_URL=redis://127.0.0.1:6379/0 cargo run --release --example persons
+//! # with a Redis Cluster (comma-separated seed nodes):
+//! REDIS_CLUSTER_URLS=redis://127.0.0.1:7000,redis://127.0.0.1:7001 cargo run --release --example persons
 //! ```
 //!
 //! Environment (all optional): `PERSONS_ADDR` (127.0.0.1:3000), `REDIS_URL`,
+//! `REDIS_CLUSTER_URLS` (cluster seeds; wins over `REDIS_URL`),
 //! `CACHE=on|off` (on), `CACHE_TTL_PERSON_SECONDS` (300),
 //! `CACHE_TTL_LIST_SECONDS` (60), `CACHE_NAMESPACE` (app),
 //! `CACHE_REDIS_TIMEOUT_MS` (100), `PERSONS_TOKENS` (`token=tenant,…`; demo
@@ -40,7 +43,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tower_redis_cache::store::RedisStore;
+use tower_redis_cache::store::{RedisStore, Store};
 use tower_redis_cache::{CacheHandle, CacheLayer, HandleError, Policy, Route, Rule, Scope};
 
 /// The tenant a bearer token belongs to, set by the auth middleware.
@@ -696,7 +699,7 @@ fn cache_policy(
     namespace: &str,
     person_ttl: u64,
     list_ttl: u64,
-    redis: Option<RedisStore>,
+    redis: Option<Arc<dyn Store>>,
 ) -> Result<Policy, tower_redis_cache::ConfigError> {
     let item_and_lists = |route: &str| {
         Rule::new(route)
@@ -789,16 +792,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let db = open_db(db_path.as_deref(), env_u64("PERSONS_SEED", 2000), &tenants)?;
 
     let cache_on = !env("CACHE", "on").eq_ignore_ascii_case("off");
-    let redis = match std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) {
-        Some(url) => Some(
-            RedisStore::open(&url)?.deadline(Duration::from_millis(env_u64(
-                "CACHE_REDIS_TIMEOUT_MS",
-                100,
-            ))),
-        ),
-        None => None,
-    };
-    let store_name = if redis.is_some() { "redis" } else { "memory" };
+    let deadline = Duration::from_millis(env_u64("CACHE_REDIS_TIMEOUT_MS", 100));
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let (redis, store_name): (Option<Arc<dyn Store>>, _) =
+        match (var("REDIS_CLUSTER_URLS"), var("REDIS_URL")) {
+            (Some(seeds), _) => {
+                let seeds = seeds.split(',').map(str::trim).filter(|s| !s.is_empty());
+                let store = RedisStore::cluster(seeds)?.deadline(deadline);
+                (Some(Arc::new(store)), "redis cluster")
+            }
+            (None, Some(url)) => {
+                let store = RedisStore::open(&url)?.deadline(deadline);
+                (Some(Arc::new(store)), "redis")
+            }
+            (None, None) => (None, "memory"),
+        };
     let policy = match cache_on {
         true => Some(cache_policy(
             &env("CACHE_NAMESPACE", "app"),

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::RedisServer;
+use common::{RedisCluster, RedisServer};
 
 const ACME: &str = "Bearer demo-token-acme";
 const GLOBEX: &str = "Bearer demo-token-globex";
@@ -57,6 +57,12 @@ fn example_binary() -> PathBuf {
 }
 
 fn start(redis_url: &str) -> Server {
+    start_with("REDIS_URL", redis_url)
+}
+
+/// The example with `store_var` (`REDIS_URL`, `REDIS_CLUSTER_URLS`) set to
+/// `value`.
+fn start_with(store_var: &str, value: &str) -> Server {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -65,7 +71,7 @@ fn start(redis_url: &str) -> Server {
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(example_binary())
         .env("PERSONS_ADDR", &addr)
-        .env("REDIS_URL", redis_url)
+        .env(store_var, value)
         .env("PERSONS_SEED", "200")
         .env("CACHE_REDIS_TIMEOUT_MS", "1000")
         .env("RUST_LOG", "warn")
@@ -474,4 +480,41 @@ fn the_persons_scenario_on_sqlite_and_redis() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(resumed, "caching resumed after Redis came back");
+}
+
+#[test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+fn the_example_runs_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let server = start_with("REDIS_CLUSTER_URLS", &cluster.urls().join(","));
+    for path in ["/persons/1", "/persons?limit=5"] {
+        assert_eq!(get(&server, path, ACME).x_cache(), "MISS", "{path}");
+        assert_eq!(get(&server, path, ACME).x_cache(), "HIT", "{path}");
+    }
+    let renamed = http(
+        &server,
+        "PATCH",
+        "/persons/1",
+        Some(ACME),
+        Some(r#"{"name":"Ana no Cluster"}"#),
+    );
+    assert_eq!(renamed.status, 200, "{}", renamed.body);
+    // The item and the tenant's lists live in different slots: both were
+    // invalidated.
+    for path in ["/persons/1", "/persons?limit=5"] {
+        let reply = get(&server, path, ACME);
+        assert_eq!(reply.x_cache(), "MISS", "{path}");
+        assert!(
+            reply.body.contains("Ana no Cluster"),
+            "{path}: {}",
+            reply.body
+        );
+    }
+    let health = http(&server, "GET", "/cache/health", None, None);
+    assert!(health.body.contains(r#""redis":"ok""#), "{}", health.body);
+    assert!(
+        health.body.contains(r#""store":"redis""#),
+        "{}",
+        health.body
+    );
 }
