@@ -17,7 +17,9 @@ fn main() {
     for dir in dirs.iter().filter(|dir| dir.is_dir()) {
         println!("cargo::rerun-if-changed={}", dir.display());
     }
-    let found = dirs.iter().any(|dir| dir.join("redis-server").is_file());
+    // redis-cli forms the test cluster.
+    let on_path = |name: &str| dirs.iter().any(|dir| dir.join(name).is_file());
+    let found = on_path("redis-server") && on_path("redis-cli");
     let required = env::var("REQUIRE_REDIS").as_deref() == Ok("1");
     if !found && !required {
         println!("cargo::rustc-cfg=redis_missing");

@@ -67,9 +67,11 @@ fn start_tls() -> TlsRedis {
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server starts");
+    // Killed and waited for on drop, on every path.
+    let server = TlsRedis { port, child, dir };
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return TlsRedis { port, child, dir };
+            return server;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
