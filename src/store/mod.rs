@@ -400,6 +400,15 @@ pub trait Store: Send + Sync + 'static {
     fn longest_entry_life(&self, life: Duration) {
         let _ = life;
     }
+
+    /// The parts `invalidation` goes out as, when more than one (a cluster
+    /// store: one per slot), so that a decorator can queue and replay each
+    /// on its own. `None`: one part.
+    #[doc(hidden)]
+    fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
+        let _ = invalidation;
+        None
+    }
 }
 
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
@@ -440,6 +449,33 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn longest_entry_life(&self, life: Duration) {
         (**self).longest_entry_life(life);
     }
+
+    fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
+        (**self).parts(invalidation)
+    }
+}
+
+/// Runs `futures` concurrently and returns their outputs, in order.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) async fn all<T>(mut futures: Vec<StoreFuture<T>>) -> Vec<Result<T, StoreError>> {
+    let mut done: Vec<Option<Result<T, StoreError>>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (future, out) in futures.iter_mut().zip(done.iter_mut()) {
+            if out.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(result) => *out = Some(result),
+                    std::task::Poll::Pending => waiting = true,
+                }
+            }
+        }
+        match waiting {
+            true => std::task::Poll::Pending,
+            false => std::task::Poll::Ready(()),
+        }
+    })
+    .await;
+    done.into_iter().flatten().collect()
 }
 
 /// The first version a missing version key gets: the current time in
@@ -448,4 +484,28 @@ pub(crate) fn fresh_version() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalidation_splits_into_one_part_per_slot_with_its_tombstone() {
+        let ttl = Duration::from_secs(60);
+        let invalidation = Invalidation::new(
+            vec!["app:person:1".to_owned()],
+            vec![
+                VersionKey::new("{app:persons:list}:ver".to_owned(), ttl),
+                VersionKey::new("{app:persons:list}:ver:scope=ab".to_owned(), ttl),
+            ],
+        );
+        let parts = invalidation.split_by_slot();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].deletes(), ["app:person:1"]);
+        assert!(parts[0].bumps().is_empty());
+        assert!(parts[1].deletes().is_empty());
+        assert_eq!(parts[1].bumps().len(), 2, "a group's version keys share a slot");
+        assert!(parts.iter().all(|p| p.tombstone() == invalidation.tombstone()));
+    }
 }

@@ -526,30 +526,8 @@ impl<C: Connect> Link<C> {
             .into_iter()
             .map(|part| self.send(part))
             .collect();
-        all(sends).await.into_iter().collect()
+        super::all(sends).await.into_iter().collect()
     }
-}
-
-/// Runs `futures` concurrently and returns their outputs, in order.
-async fn all<T>(mut futures: Vec<StoreFuture<T>>) -> Vec<Result<T, StoreError>> {
-    let mut done: Vec<Option<Result<T, StoreError>>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut waiting = false;
-        for (future, out) in futures.iter_mut().zip(done.iter_mut()) {
-            if out.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(result) => *out = Some(result),
-                    std::task::Poll::Pending => waiting = true,
-                }
-            }
-        }
-        match waiting {
-            true => std::task::Poll::Pending,
-            false => std::task::Poll::Ready(()),
-        }
-    })
-    .await;
-    done.into_iter().flatten().collect()
 }
 
 /// Marks a value written under a known server epoch.
@@ -747,6 +725,14 @@ impl<C: Connect> Store for Link<C> {
     fn tombstone_ttl(&self) -> Duration {
         self.tombstone_ttl
     }
+
+    fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
+        if !self.split.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let parts = invalidation.split_by_slot();
+        (parts.len() > 1).then_some(parts)
+    }
 }
 
 impl<C: Connect> Store for RedisStore<C> {
@@ -774,6 +760,10 @@ impl<C: Connect> Store for RedisStore<C> {
 
     fn ping(&self) -> StoreFuture<()> {
         self.inner.ping()
+    }
+
+    fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
+        self.inner.parts(invalidation)
     }
 
     fn tombstone_ttl(&self) -> Duration {

@@ -287,6 +287,47 @@ impl<S: Store + Clone> Resilient<S> {
         }
     }
 
+    /// One invalidation sent as one store call; queued if it fails.
+    fn invalidate_one(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+        if invalidation.is_empty() {
+            return Box::pin(async { Ok(()) });
+        }
+        // What was queued before this send; what it supersedes if it lands.
+        let mark = self.shared.mark();
+        // Queued if it fails, or if its future is dropped first.
+        let owed = Unconfirmed {
+            store: self.clone(),
+            invalidation: Some(invalidation.clone()),
+        };
+        self.shared.operations.fetch_add(1, Ordering::Relaxed);
+        let apply = self.inner.invalidate(invalidation);
+        Box::pin(async move {
+            let mut owed = owed;
+            let started = Instant::now();
+            let result = apply.await;
+            let shared = &owed.store.shared;
+            shared.record(Admit::Go, &result, started.elapsed());
+            match &result {
+                Ok(()) => {
+                    if let Some(invalidation) = owed.invalidation.take() {
+                        shared.superseded(&invalidation, mark);
+                    }
+                }
+                Err(err) if err.is_transient() => {
+                    warn_limited!(error = %err, "invalidation queued for replay");
+                    owed.queue();
+                }
+                // Sending it again cannot succeed: queued, it would hold the
+                // cache off for ever.
+                Err(err) => {
+                    owed.invalidation = None;
+                    warn_limited!(error = %err, "invalidation refused by the store; not replayed");
+                }
+            }
+            result
+        })
+    }
+
     /// Sends queued invalidations every `open_for` until none is left, from
     /// one background task, so a process that serves no reads still replays.
     fn schedule_replay(&self) {
@@ -632,44 +673,16 @@ impl<S: Store + Clone> Store for Resilient<S> {
         })
     }
 
+    /// Sends `invalidation`, or each of its parts (one per cluster slot)
+    /// concurrently, every part queued for replay on its own if it fails.
     fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
-        if invalidation.is_empty() {
-            return Box::pin(async { Ok(()) });
-        }
-        // What was queued before this send; what it supersedes if it lands.
-        let mark = self.shared.mark();
-        // Queued if it fails, or if its future is dropped first.
-        let owed = Unconfirmed {
-            store: self.clone(),
-            invalidation: Some(invalidation.clone()),
-        };
-        self.shared.operations.fetch_add(1, Ordering::Relaxed);
-        let apply = self.inner.invalidate(invalidation);
-        Box::pin(async move {
-            let mut owed = owed;
-            let started = Instant::now();
-            let result = apply.await;
-            let shared = &owed.store.shared;
-            shared.record(Admit::Go, &result, started.elapsed());
-            match &result {
-                Ok(()) => {
-                    if let Some(invalidation) = owed.invalidation.take() {
-                        shared.superseded(&invalidation, mark);
-                    }
-                }
-                Err(err) if err.is_transient() => {
-                    warn_limited!(error = %err, "invalidation queued for replay");
-                    owed.queue();
-                }
-                // Sending it again cannot succeed: queued, it would hold the
-                // cache off for ever.
-                Err(err) => {
-                    owed.invalidation = None;
-                    warn_limited!(error = %err, "invalidation refused by the store; not replayed");
-                }
+        match self.inner.parts(invalidation) {
+            None => self.invalidate_one(invalidation),
+            Some(parts) => {
+                let sends = parts.iter().map(|part| self.invalidate_one(part)).collect();
+                Box::pin(async move { super::all(sends).await.into_iter().collect() })
             }
-            result
-        })
+        }
     }
 
     fn ping(&self) -> StoreFuture<()> {
@@ -815,6 +828,71 @@ mod tests {
     fn resilient(config: BreakerConfig) -> (Resilient<Faulty>, Faulty) {
         let faulty = Faulty::new();
         (Resilient::new(faulty.clone(), config), faulty)
+    }
+
+    /// A store whose invalidations go out one part per deleted key, and
+    /// fail for the part holding `failing`.
+    #[derive(Clone)]
+    struct OnePartFails {
+        inner: MemoryStore,
+        failing: &'static str,
+    }
+
+    impl Store for OnePartFails {
+        fn name(&self) -> &'static str {
+            "one-part-fails"
+        }
+        fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+            self.inner.lookup(key)
+        }
+        fn store(
+            &self,
+            key: &CacheKey,
+            seen: &Lookup,
+            value: Bytes,
+            ttl: Duration,
+        ) -> StoreFuture<bool> {
+            self.inner.store(key, seen, value, ttl)
+        }
+        fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+            if invalidation.deletes().iter().any(|k| k == self.failing) {
+                return Box::pin(async { Err(StoreError::Unreachable("node down".into())) });
+            }
+            self.inner.invalidate(invalidation)
+        }
+        fn ping(&self) -> StoreFuture<()> {
+            self.inner.ping()
+        }
+        fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
+            Some(
+                invalidation
+                    .deletes()
+                    .iter()
+                    .map(|k| deletes(&[k.as_str()]))
+                    .collect(),
+            )
+        }
+    }
+
+    #[tokio::test]
+    async fn each_part_of_an_invalidation_is_queued_on_its_own() {
+        let store = Resilient::new(
+            OnePartFails {
+                inner: MemoryStore::new(),
+                failing: "b",
+            },
+            BreakerConfig::default(),
+        );
+        assert!(store.invalidate(&deletes(&["a", "b", "c"])).await.is_err());
+        assert_eq!(
+            lock(&store.shared.queue)
+                .by_key
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>(),
+            ["b"],
+            "only the failed part waits for replay"
+        );
     }
 
     #[tokio::test]
