@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{app, get_req, method_req, send, Db, RedisServer};
+use common::{app, get_req, method_req, send, Db, RedisCluster, RedisServer};
 use tower_redis_cache::store::{BreakerConfig, Circuit, RedisStore, Store, StoreError};
 use tower_redis_cache::Reason;
 
@@ -83,44 +83,59 @@ async fn a_building_layer_needs_no_running_redis() {
 #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
 async fn wrong_redis_types_are_misses_and_get_overwritten() {
     let server = RedisServer::start();
-    let mut raw = server.raw().await;
     let db = Db::default();
     db.set("1", 1);
     let app = redis_app(&server, db.clone());
+    wrong_types(&app, &mut server.raw().await).await;
+}
+
+#[tokio::test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn wrong_redis_types_on_a_cluster_are_misses_and_get_overwritten() {
+    let cluster = RedisCluster::start();
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _) = app(Arc::new(cluster.store()), db.clone());
+    wrong_types(&app, &mut cluster.raw().await).await;
+}
+
+/// Keys of the wrong type where the cache reads and writes: misses, then
+/// overwritten; a garbage version restarts the group.
+async fn wrong_types(app: &axum::Router, raw: &mut impl redis::aio::ConnectionLike) {
     let _: () = redis::cmd("LPUSH")
         .arg("app:person:1")
         .arg("x")
-        .query_async(&mut raw)
+        .query_async(raw)
         .await
         .unwrap();
     let _: () = redis::cmd("HSET")
         .arg("{app:persons:list}:ver")
         .arg("a")
         .arg("b")
-        .query_async(&mut raw)
+        .query_async(raw)
         .await
         .unwrap();
     for uri in ["/persons/1", "/persons"] {
-        let (status, x_cache, _) = send(&app, get_req(uri)).await;
+        let (status, x_cache, _) = send(app, get_req(uri)).await;
         assert_eq!(
             (status, x_cache.as_str()),
             (StatusCode::OK, "MISS"),
             "{uri}"
         );
-        assert_eq!(send(&app, get_req(uri)).await.1, "HIT", "{uri}");
+        assert_eq!(send(app, get_req(uri)).await.1, "HIT", "{uri}");
     }
     // A bump over a garbage version string starts a fresh version.
     let _: () = redis::cmd("SET")
         .arg("{app:persons:list}:ver")
         .arg("garbage")
-        .query_async(&mut raw)
+        .query_async(raw)
         .await
         .unwrap();
     assert_eq!(
-        send(&app, method_req("POST", "/persons?2")).await.0,
+        send(app, method_req("POST", "/persons?2")).await.0,
         StatusCode::CREATED
     );
-    let (_, x_cache, body) = send(&app, get_req("/persons")).await;
+    let (_, x_cache, body) = send(app, get_req("/persons")).await;
     assert_eq!(x_cache, "MISS");
     assert!(body.contains(r#"["2",1]"#), "{body}");
 }
@@ -216,6 +231,26 @@ async fn client_kill_of_our_connection_reconnects() {
     assert!(killed >= 1);
     let hit = until_hit(&app, r#"{"id":"1","rev":1}"#).await;
     assert!(hit, "the connection came back by itself");
+}
+
+#[tokio::test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn client_kill_on_every_cluster_node_reconnects() {
+    let cluster = RedisCluster::start();
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, _) = app(Arc::new(cluster.store()), db.clone());
+    send(&app, get_req("/persons/1")).await;
+    assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
+    for port in &cluster.ports {
+        let killed = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "client", "kill", "type", "normal"])
+            .output()
+            .unwrap();
+        assert!(killed.status.success());
+    }
+    let hit = until_hit(&app, r#"{"id":"1","rev":1}"#).await;
+    assert!(hit, "the cluster connection came back by itself");
 }
 
 #[tokio::test]

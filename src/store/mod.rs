@@ -505,7 +505,13 @@ mod tests {
         assert_eq!(parts[0].deletes(), ["app:person:1"]);
         assert!(parts[0].bumps().is_empty());
         assert!(parts[1].deletes().is_empty());
-        assert_eq!(parts[1].bumps().len(), 2, "a group's version keys share a slot");
-        assert!(parts.iter().all(|p| p.tombstone() == invalidation.tombstone()));
+        assert_eq!(
+            parts[1].bumps().len(),
+            2,
+            "a group's version keys share a slot"
+        );
+        assert!(parts
+            .iter()
+            .all(|p| p.tombstone() == invalidation.tombstone()));
     }
 }
