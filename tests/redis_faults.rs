@@ -320,14 +320,7 @@ async fn out_of_memory_writes_fail_without_stale_reads() {
 #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
 async fn a_wrong_password_opens_the_circuit_and_health_says_why() {
     let server = RedisServer::start();
-    let mut raw = server.raw().await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("requirepass")
-        .arg("s3cret")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    require_password(&server, "s3cret").await;
     let url = format!("redis://:wrong@127.0.0.1:{}/0", server.port);
     let store = RedisStore::open(&url)
         .unwrap()
@@ -359,14 +352,7 @@ async fn a_wrong_password_opens_the_circuit_and_health_says_why() {
 async fn connect_fails_fast_with_the_reason_and_succeeds_on_a_running_server() {
     let server = RedisServer::start();
     assert!(RedisStore::connect(&server.url()).await.is_ok());
-    let mut raw = server.raw().await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("requirepass")
-        .arg("s3cret")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    require_password(&server, "s3cret").await;
     let wrong = format!("redis://:wrong@127.0.0.1:{}/0", server.port);
     let denied = RedisStore::connect(&wrong).await.unwrap_err();
     assert!(matches!(denied, StoreError::Denied(_)), "{denied}");
@@ -381,4 +367,15 @@ async fn connect_fails_fast_with_the_reason_and_succeeds_on_a_running_server() {
         .await
         .unwrap_err();
     assert!(matches!(refused, StoreError::Unreachable(_)), "{refused}");
+}
+
+/// Makes `server` require `password` from new connections.
+async fn require_password(server: &RedisServer, password: &str) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg(password)
+        .query_async(&mut server.raw().await)
+        .await
+        .unwrap();
 }

@@ -836,7 +836,21 @@ mod tests {
         conn: C,
         uri: &str,
     ) -> Response<crate::cache::ResponseBody<Full<Bytes>>> {
-        let store = RedisStore::new(conn);
+        service(conn)
+            .oneshot(Request::get(uri).body(()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// The cache layer of `policy()` over a store on `conn`, in front of a
+    /// handler that answers `{}` as JSON.
+    fn service<C: ConnectionLike + Clone + Send + Sync + 'static>(
+        conn: C,
+    ) -> impl Service<
+        Request<()>,
+        Response = Response<crate::cache::ResponseBody<Full<Bytes>>>,
+        Error = Infallible,
+    > + Clone {
         let handler = tower::service_fn(|_req: Request<()>| async {
             let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
             response
@@ -844,11 +858,7 @@ mod tests {
                 .insert("content-type", "application/json".parse().unwrap());
             Ok::<_, Infallible>(response)
         });
-        let service = CacheLayer::new(policy(store)).layer(handler);
-        service
-            .oneshot(Request::get(uri).body(()).unwrap())
-            .await
-            .unwrap()
+        CacheLayer::new(policy(RedisStore::new(conn))).layer(handler)
     }
 
     fn list_key_parts() -> (String, String) {
@@ -883,15 +893,7 @@ mod tests {
             entry(),
             Value::Array(vec![version(), entry()]),
         ]);
-        let service = list_service(recorder.clone());
-        for _ in 0..2 {
-            let response = service
-                .clone()
-                .oneshot(Request::get("/persons").body(()).unwrap())
-                .await
-                .unwrap();
-            assert_eq!(response.headers()["x-cache"], "HIT");
-        }
+        two_list_hits(&recorder).await;
         assert_eq!(
             recorder.commands(),
             [
@@ -914,15 +916,7 @@ mod tests {
             Value::Array(vec![bulk(b"18"), Value::Nil]),
             bulk(&entry()),
         ]);
-        let service = list_service(recorder.clone());
-        for _ in 0..2 {
-            let response = service
-                .clone()
-                .oneshot(Request::get("/persons").body(()).unwrap())
-                .await
-                .unwrap();
-            assert_eq!(response.headers()["x-cache"], "HIT");
-        }
+        two_list_hits(&recorder).await;
         let commands = recorder.commands();
         assert_eq!(commands.len(), 4, "{commands:?}");
         assert_eq!(commands[2][2], format!("{prefix}17{suffix}"));
@@ -936,7 +930,7 @@ mod tests {
             Value::Array(vec![Value::Nil]),
             Value::Array(vec![Value::BulkString(b"1795331671440125".to_vec())]),
         ]);
-        let response = list_service(recorder.clone())
+        let response = service(recorder.clone())
             .oneshot(Request::get("/persons").body(()).unwrap())
             .await
             .unwrap();
@@ -969,21 +963,17 @@ mod tests {
         assert_eq!(commands[2][5..8], ["v", "1795331671440125", "60000"]);
     }
 
-    fn list_service(
-        conn: Recorder,
-    ) -> impl Service<
-        Request<()>,
-        Response = Response<crate::cache::ResponseBody<Full<Bytes>>>,
-        Error = Infallible,
-    > + Clone {
-        let handler = tower::service_fn(|_req: Request<()>| async {
-            let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
-            response
-                .headers_mut()
-                .insert("content-type", "application/json".parse().unwrap());
-            Ok::<_, Infallible>(response)
-        });
-        CacheLayer::new(policy(RedisStore::new(conn))).layer(handler)
+    /// Two requests for `/persons` over one store on `recorder`: both hits.
+    async fn two_list_hits(recorder: &Recorder) {
+        let service = service(recorder.clone());
+        for _ in 0..2 {
+            let response = service
+                .clone()
+                .oneshot(Request::get("/persons").body(()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.headers()["x-cache"], "HIT");
+        }
     }
 
     /// Records every round trip (a command, or a pipeline of them); answers
