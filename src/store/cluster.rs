@@ -14,7 +14,7 @@ use redis::cluster_async::ClusterConnection;
 use tokio::sync::OnceCell;
 
 use super::connect::{Connect, Connecting, Epoch};
-use super::redis::{backend, DEFAULT_DEADLINE};
+use super::redis::{backend, DEFAULT_WRITE_DEADLINE};
 use super::{RedisStore, StoreError};
 
 /// The connection of a store over a Redis Cluster: one cluster connection
@@ -91,9 +91,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 impl RedisStore<ClusterSource> {
     /// A store over the Redis Cluster that `seeds` (`redis://host:port`
     /// URLs of some of its nodes, with credentials if any) belong to. The
-    /// cluster client is tuned to the store's deadline: redis-rs would
-    /// otherwise retry with waits from about a second, longer than any
-    /// request should wait for a cache. Nothing is connected before first
+    /// cluster client is tuned to the store's deadlines: at most 2 retries,
+    /// 5 to 25 ms apart (redis-rs would otherwise wait from about a second,
+    /// longer than any request should wait for a cache), 1 s to connect to
+    /// a node, and a response timeout of half the write budget; every
+    /// operation is still bounded by the store's own deadline. Nothing is connected before first
     /// use; see [`RedisStore::cluster_connect`] to fail fast at start-up.
     ///
     /// ```no_run
@@ -113,7 +115,10 @@ impl RedisStore<ClusterSource> {
             .min_retry_wait(5)
             .max_retry_wait(25)
             .connection_timeout(CONNECT_TIMEOUT)
-            .response_timeout(DEFAULT_DEADLINE)
+            // Each operation has the store's own deadline (reads 100 ms,
+            // invalidations 1 s in two tries); the client's must not cut a
+            // write's try short.
+            .response_timeout(DEFAULT_WRITE_DEADLINE / 2)
             .build()
             .map_err(backend)?;
         Ok(Self::from_cluster_client(client))
