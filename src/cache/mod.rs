@@ -105,4 +105,5 @@ mod service;
 pub use body::ResponseBody;
 pub use future::ResponseFuture;
 pub use layer::CacheLayer;
+pub(crate) use service::CACHE_STATUS;
 pub use service::{Cache, X_CACHE};

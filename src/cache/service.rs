@@ -2,7 +2,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
@@ -23,6 +23,13 @@ const CACHE_NAME: &str = "tower-redis-cache";
 
 /// Header telling whether the cache served the response: `HIT`, `MISS` or `BYPASS`.
 pub const X_CACHE: &str = "x-cache";
+
+/// [`X_CACHE`] as a header name: inserting by `&str` would parse (and, for a
+/// name `http` does not know, allocate) on every response.
+const X_CACHE_NAME: HeaderName = HeaderName::from_static(X_CACHE);
+
+/// The RFC 9211 `cache-status` header.
+pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// Middleware that serves cached GET/HEAD routes from a store, fills it on
 /// a miss, and applies the invalidations of successful writes. See the
@@ -440,19 +447,29 @@ impl Ctx {
                 } else {
                     ""
                 };
-                ("HIT", format!("{CACHE_NAME}; hit; ttl={ttl}{detail}"))
+                (
+                    "HIT",
+                    header_value(format_args!("{CACHE_NAME}; hit; ttl={ttl}{detail}")),
+                )
             }
             Outcome::Collapsed => {
                 stats.miss(self.route, took);
                 tracing::debug!(route, key = %key, "cache miss, collapsed into a flight under way");
-                ("MISS", format!("{CACHE_NAME}; fwd=uri-miss; collapsed"))
+                (
+                    "MISS",
+                    Some(HeaderValue::from_static(
+                        "tower-redis-cache; fwd=uri-miss; collapsed",
+                    )),
+                )
             }
             Outcome::Stored => {
                 stats.miss(self.route, took);
                 tracing::debug!(route, key = %key, "cache miss, stored");
                 (
                     "MISS",
-                    format!("{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; stored"),
+                    header_value(format_args!(
+                        "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; stored"
+                    )),
                 )
             }
             Outcome::NotStored(reason) => {
@@ -462,7 +479,9 @@ impl Ctx {
                 tracing::debug!(route, key = %key, reason, "cache miss, not stored");
                 (
                     "MISS",
-                    format!("{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; detail={reason}"),
+                    header_value(format_args!(
+                        "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; detail={reason}"
+                    )),
                 )
             }
             Outcome::Bypass(reason) => {
@@ -471,17 +490,28 @@ impl Ctx {
                 tracing::debug!(route, reason, "cache bypassed");
                 (
                     "BYPASS",
-                    format!("{CACHE_NAME}; fwd=bypass; detail={reason}"),
+                    header_value(format_args!("{CACHE_NAME}; fwd=bypass; detail={reason}")),
                 )
             }
         };
         let headers = response.headers_mut();
-        headers.insert(X_CACHE, HeaderValue::from_static(x_cache));
-        if let Ok(value) = HeaderValue::try_from(cache_status) {
-            headers.insert("cache-status", value);
+        headers.insert(X_CACHE_NAME, HeaderValue::from_static(x_cache));
+        if let Some(value) = cache_status {
+            headers.insert(CACHE_STATUS, value);
         }
         response
     }
+}
+
+/// A header value formatted on the stack and copied once (a `String`
+/// would grow, then be copied again).
+fn header_value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 128];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    cursor.write_fmt(args).ok()?;
+    let len = cursor.position() as usize;
+    HeaderValue::from_bytes(&buf[..len]).ok()
 }
 
 /// The span of one store operation: `op` (`lookup`, `store`), the route,
@@ -717,6 +747,22 @@ fn is_json(value: &HeaderValue) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_cache_status_fits_the_stack_buffer() {
+        for reason in Reason::ALL {
+            let reason = reason.as_str();
+            let value = header_value(format_args!(
+                "{CACHE_NAME}; fwd=uri-miss; fwd-status=599; detail={reason}"
+            ));
+            assert!(value.is_some(), "{reason}");
+        }
+        let hit = header_value(format_args!(
+            "{CACHE_NAME}; hit; ttl={}; detail=stale-while-revalidate",
+            i64::MIN
+        ));
+        assert!(hit.is_some());
+    }
 
     fn reason(status: u16, headers: &[(&str, &str)]) -> Option<Reason> {
         let mut map = HeaderMap::new();

@@ -3,15 +3,14 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::HeaderValue;
 use http::Response;
 use pin_project_lite::pin_project;
 
+use crate::cache::CACHE_STATUS;
 use crate::policy::Policy;
 use crate::store::{Invalidation, StoreError, StoreFuture};
 use crate::telemetry::{self, warn_limited, Op};
-
-const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// On a write whose invalidation the store confirmed.
 const INVALIDATED: &str = "tower-redis-cache; fwd=method; detail=invalidated";
