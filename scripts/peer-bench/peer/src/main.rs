@@ -97,8 +97,9 @@ async fn main() {
     }
 }
 
-/// tower-redis-cache on the same handler: one route, `/item`, kept 300 s
-/// under the key `app:item`.
+/// tower-redis-cache on the same handler: `/item`, kept 300 s under the key
+/// `app:item`, and `/list`, a versioned route (group `list`) as list
+/// endpoints use.
 #[cfg(feature = "ours")]
 fn ours<S>(mode: &str, url: Option<String>, base: S) -> Svc
 where
@@ -110,7 +111,13 @@ where
     use tower_redis_cache::store::{MemoryStore, RedisStore};
     use tower_redis_cache::{CacheLayer, Policy, Route};
     let builder = Policy::builder()
-        .route(Route::get("/item").key("item").ttl(Duration::from_secs(300)));
+        .route(Route::get("/item").key("item").ttl(Duration::from_secs(300)))
+        .route(
+            Route::get("/list")
+                .key("list:v{version}")
+                .versioned_by("list")
+                .ttl(Duration::from_secs(300)),
+        );
     let builder = match mode {
         "ours-memory" => builder.store(MemoryStore::new()),
         _ => {
