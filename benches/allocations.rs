@@ -7,13 +7,13 @@
 //! Run with `cargo bench --bench allocations [--features metrics]`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use tower::{Layer, Service, ServiceExt};
+mod support;
+use support::handler;
 use tower_redis_cache::{CacheLayer, Policy, Route};
 
 struct Counting;
@@ -40,22 +40,6 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 const ROUNDS: u64 = 10_000;
-
-fn handler() -> impl Service<
-    Request<()>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone {
-    tower::service_fn(|_req: Request<()>| async {
-        let mut response =
-            Response::new(Full::new(Bytes::from_static(br#"{"id":1,"name":"Ana"}"#)));
-        response
-            .headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-        Ok::<_, Infallible>(response)
-    })
-}
 
 /// Allocations per call of `request()` through `service`, averaged.
 async fn per_request<S>(service: &S, mut request: impl FnMut(u64) -> Request<()>) -> f64

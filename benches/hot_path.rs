@@ -4,31 +4,16 @@
 //!
 //! Run with `cargo bench --bench hot_path`.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use tower::{Layer, Service, ServiceExt};
+use http::Request;
+use http_body_util::BodyExt;
+use tower::{Layer, ServiceExt};
+mod support;
+use support::handler;
 use tower_redis_cache::{bench_support, CacheLayer, Policy, Route};
-
-fn handler() -> impl Service<
-    Request<()>,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone {
-    tower::service_fn(|_req: Request<()>| async {
-        let mut response =
-            Response::new(Full::new(Bytes::from_static(br#"{"id":1,"name":"Ana"}"#)));
-        response
-            .headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-        Ok::<_, Infallible>(response)
-    })
-}
 
 fn policy(ttl: Duration) -> Policy {
     Policy::builder()
