@@ -54,6 +54,12 @@ pub enum ConfigError {
     ZeroBodyCap,
     /// A header name that is not valid HTTP.
     InvalidHeaderName(String),
+    /// An in-process tier that cannot work: a zero bound, no room, or a
+    /// store that does not report invalidations.
+    InProcess {
+        /// Why it cannot work.
+        reason: String,
+    },
     /// A rule with no action, or a method that cannot be used.
     InvalidRule {
         /// The rule, as `POST /persons`.
@@ -120,6 +126,7 @@ impl fmt::Display for ConfigError {
             ),
             Self::ZeroBodyCap => write!(f, "the body cap must be at least one byte"),
             Self::InvalidHeaderName(name) => write!(f, "`{name}` is not a valid header name"),
+            Self::InProcess { reason } => write!(f, "in-process tier: {reason}"),
             Self::InvalidRule { rule, reason } => write!(f, "invalid rule `{rule}`: {reason}"),
             Self::UnknownRoute { rule, route } => write!(
                 f,

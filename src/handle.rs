@@ -100,6 +100,20 @@ pub struct Health {
     pub error: Option<String>,
     /// Circuit breaker and replay queue.
     pub details: StoreHealth,
+    /// The in-process tier, when a route uses it.
+    pub in_process: Option<InProcessHealth>,
+}
+
+/// The in-process tier's state (feature `tier`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InProcessHealth {
+    /// Whether invalidations are being received, so the tier serves hits.
+    /// Off until the subscription is up, and after it dropped until it is
+    /// up again.
+    pub live: bool,
+    /// Entries held (some may be void, awaiting eviction).
+    pub entries: usize,
 }
 
 impl CacheHandle {
@@ -205,7 +219,20 @@ impl CacheHandle {
             reachable: ping.is_ok(),
             error: ping.err().map(|e| e.to_string()),
             details: store.health(),
+            in_process: self.in_process(),
         }
+    }
+
+    /// The in-process tier's state, when a route uses it.
+    pub fn in_process(&self) -> Option<InProcessHealth> {
+        #[cfg(feature = "tier")]
+        if let Some(tier) = self.policy.tier() {
+            return Some(InProcessHealth {
+                live: tier.is_live(),
+                entries: tier.len(),
+            });
+        }
+        None
     }
 
     /// The version groups of the policy, and whether each is per scope.

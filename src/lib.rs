@@ -69,6 +69,8 @@ mod routes;
 mod stats;
 pub mod store;
 mod telemetry;
+#[cfg(feature = "tier")]
+mod tier;
 
 pub use cache::{CacheLayer, X_CACHE};
 
@@ -107,13 +109,15 @@ pub mod bench_support {
     }
 }
 pub use error::ConfigError;
-pub use handle::{CacheHandle, HandleError, Health, WarmReport};
+pub use handle::{CacheHandle, HandleError, Health, InProcessHealth, WarmReport};
 pub use invalidate::InvalidateLayer;
 pub use key::Scope;
 #[cfg(feature = "compression")]
 pub use policy::DEFAULT_COMPRESS_OVER;
 pub use policy::{Policy, PolicyBuilder, Route, Rule, DEFAULT_MAX_BODY_BYTES};
 pub use stats::{CacheStats, InvalidationStats, Reason, RouteStats};
+#[cfg(feature = "tier")]
+pub use tier::{InProcess, DEFAULT_TIER_BYTES, DEFAULT_TIER_ENTRIES};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

@@ -58,6 +58,8 @@ pub struct Route {
     query: QueryRule,
     version_group: Option<String>,
     per_scope: bool,
+    #[cfg(feature = "tier")]
+    in_process: Option<Duration>,
 }
 
 impl Route {
@@ -76,6 +78,8 @@ impl Route {
             query: QueryRule::default(),
             version_group: None,
             per_scope: false,
+            #[cfg(feature = "tier")]
+            in_process: None,
         }
     }
 
@@ -154,6 +158,21 @@ impl Route {
         self
     }
 
+    /// Also keeps this route's entries in this process, for at most
+    /// `bound` each (and never past their TTL), in the policy's
+    /// [`InProcess`](crate::InProcess) tier: a hit there costs no round
+    /// trip (feature `tier`). The store must publish its invalidations (a
+    /// `RedisStore` does): the writing process reads its own writes, other
+    /// processes see a write once its invalidation reaches them (the
+    /// publish delay, a millisecond or so), and never later than `bound`.
+    /// See the [README](https://docs.rs/tower-redis-cache) for the measured
+    /// delay.
+    #[cfg(feature = "tier")]
+    pub fn in_process(mut self, bound: Duration) -> Self {
+        self.in_process = Some(bound);
+        self
+    }
+
     fn label(&self) -> String {
         format!("GET {}", self.pattern)
     }
@@ -219,6 +238,9 @@ pub(crate) struct CompiledRoute {
     pub(crate) scope: Scope,
     public: bool,
     query: QueryRule,
+    /// The hard bound of the route's entries in the in-process tier.
+    #[cfg(feature = "tier")]
+    pub(crate) in_process: Option<Duration>,
 }
 
 /// A version group as one route or rule renders it.
@@ -285,6 +307,8 @@ struct PolicyInner {
     store: Arc<dyn Store>,
     stats: CacheStats,
     flights: FlightTable,
+    #[cfg(feature = "tier")]
+    tier: Option<crate::tier::Tier>,
 }
 
 impl std::fmt::Debug for PolicyInner {
@@ -308,6 +332,8 @@ pub struct PolicyBuilder {
     routes: Vec<Route>,
     rules: Vec<Rule>,
     store: Option<Arc<dyn Store>>,
+    #[cfg(feature = "tier")]
+    in_process: crate::tier::InProcess,
 }
 
 impl std::fmt::Debug for PolicyBuilder {
@@ -342,6 +368,8 @@ impl Policy {
             routes: Vec::new(),
             rules: Vec::new(),
             store: None,
+            #[cfg(feature = "tier")]
+            in_process: crate::tier::InProcess::new(),
         }
     }
 
@@ -400,6 +428,12 @@ impl Policy {
 
     pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// The in-process tier, when a route uses it.
+    #[cfg(feature = "tier")]
+    pub(crate) fn tier(&self) -> Option<&crate::tier::Tier> {
+        self.inner.tier.as_ref()
     }
 
     pub(crate) fn stats_ref(&self) -> &CacheStats {
@@ -631,6 +665,14 @@ impl PolicyBuilder {
         self
     }
 
+    /// The bounds of the in-process tier that routes marked
+    /// [`Route::in_process`] share (default [`InProcess::new`](crate::InProcess::new)).
+    #[cfg(feature = "tier")]
+    pub fn in_process(mut self, bounds: crate::tier::InProcess) -> Self {
+        self.in_process = bounds;
+        self
+    }
+
     /// Adds what a write invalidates.
     pub fn on(mut self, rule: Rule) -> Self {
         self.rules.push(rule);
@@ -665,6 +707,12 @@ impl PolicyBuilder {
             if ttl.is_zero() {
                 return Err(ConfigError::ZeroTtl { route: label });
             }
+            #[cfg(feature = "tier")]
+            if route.in_process.is_some_and(|bound| bound.is_zero()) {
+                return Err(ConfigError::InProcess {
+                    reason: format!("route `{label}` keeps entries in process for 0 s"),
+                });
+            }
             if route.per_scope && route.version_group.is_none() {
                 return Err(ConfigError::GroupScope {
                     group: String::new(),
@@ -690,6 +738,8 @@ impl PolicyBuilder {
                 scope: route.scope,
                 public: route.public,
                 query: route.query,
+                #[cfg(feature = "tier")]
+                in_process: route.in_process,
             });
         }
         let mut rule_table = RouteTable::default();
@@ -705,6 +755,14 @@ impl PolicyBuilder {
         let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         let longest = routes.iter().map(|r| r.ttl + r.stale_window).max();
         store.longest_entry_life(longest.unwrap_or(self.default_ttl));
+        #[cfg(feature = "tier")]
+        let (store, tier) = match routes.iter().any(|r| r.in_process.is_some()) {
+            true => {
+                let (store, tier) = tiered(store, self.in_process)?;
+                (store, Some(tier))
+            }
+            false => (store, None),
+        };
         Ok(Policy {
             inner: Arc::new(PolicyInner {
                 layout: Layout::new(self.namespace),
@@ -718,9 +776,39 @@ impl PolicyBuilder {
                 store,
                 stats,
                 flights: FlightTable::default(),
+                #[cfg(feature = "tier")]
+                tier,
             }),
         })
     }
+}
+
+/// `store` behind an in-process tier of `bounds`, which the store tells of
+/// every invalidation.
+#[cfg(feature = "tier")]
+fn tiered(
+    store: Arc<dyn Store>,
+    bounds: crate::tier::InProcess,
+) -> Result<(Arc<dyn Store>, crate::tier::Tier), ConfigError> {
+    if bounds.is_empty() {
+        return Err(ConfigError::InProcess {
+            reason: "the in-process tier holds no entry or no byte".to_owned(),
+        });
+    }
+    let tier = crate::tier::Tier::new(bounds);
+    if !tier.watch(&*store) {
+        return Err(ConfigError::InProcess {
+            reason: format!(
+                "the {} store does not report invalidations (a RedisStore over its own connection needs `subscribe_via`, and a channel)",
+                store.name()
+            ),
+        });
+    }
+    let store: Arc<dyn Store> = Arc::new(crate::tier::Tiered {
+        inner: store,
+        tier: tier.clone(),
+    });
+    Ok((store, tier))
 }
 
 /// Adds `route` to the group `name` (creating it), checking that per-scope

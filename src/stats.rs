@@ -108,6 +108,7 @@ impl Reason {
 #[derive(Debug, Default)]
 struct Counters {
     hits: AtomicU64,
+    in_process_hits: AtomicU64,
     misses: AtomicU64,
     stores: AtomicU64,
     errors: AtomicU64,
@@ -159,6 +160,8 @@ pub struct RouteStats {
     pub route: String,
     /// Responses served from the cache.
     pub hits: u64,
+    /// Of the hits, those served from the in-process tier (no round trip).
+    pub in_process_hits: u64,
     /// Lookups that found nothing usable.
     pub misses: u64,
     /// Responses written to the cache.
@@ -217,9 +220,13 @@ impl CacheStats {
         }
     }
 
-    pub(crate) fn hit(&self, route: usize, took: Duration) {
+    /// A hit, from the in-process tier when `local`.
+    pub(crate) fn hit(&self, route: usize, took: Duration, local: bool) {
         let c = &self.counters[route];
         c.hits.fetch_add(1, Ordering::Relaxed);
+        if local {
+            c.in_process_hits.fetch_add(1, Ordering::Relaxed);
+        }
         c.hit_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         self.metrics.hit(route, took);
@@ -270,6 +277,7 @@ impl CacheStats {
                 RouteStats {
                     route: label.clone(),
                     hits,
+                    in_process_hits: c.in_process_hits.load(Ordering::Relaxed),
                     misses,
                     stores: c.stores.load(Ordering::Relaxed),
                     errors: c.errors.load(Ordering::Relaxed),

@@ -35,6 +35,8 @@ pin_project! {
     {
         // Not a cached route: the inner future, untouched.
         Pass { #[pin] future: F },
+        // Answered at once (from the in-process tier).
+        Served { response: Option<Response<ResponseBody<ResBody>>> },
         // A cached route: its context and where it stands.
         Cached {
             ctx: Ctx,
@@ -109,6 +111,16 @@ impl<F, S, ReqBody, ResBody: Body> ResponseFuture<F, S, ReqBody, ResBody> {
         }
     }
 
+    /// A response ready at once.
+    #[cfg(feature = "tier")]
+    pub(crate) fn served(response: Response<ResponseBody<ResBody>>) -> Self {
+        Self {
+            kind: Kind::Served {
+                response: Some(response),
+            },
+        }
+    }
+
     pub(crate) fn lookup(lookup: StoreFuture<Lookup>, call: Call<S, ReqBody>, ctx: Ctx) -> Self {
         Self {
             kind: Kind::Cached {
@@ -139,6 +151,10 @@ where
             KindProj::Pass { future } => future
                 .poll(cx)
                 .map(|done| done.map(|response| response.map(ResponseBody::inner))),
+            KindProj::Served { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => panic!("ResponseFuture polled after completion"),
+            },
             KindProj::Cached { ctx, mut state } => loop {
                 let (next, output) = ready!(step(ctx, state.as_mut(), cx))?;
                 state.set(next);

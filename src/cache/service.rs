@@ -79,7 +79,6 @@ where
                 ResponseFuture::bypass(self.inner.call(request), ctx)
             }
             Decision::Cache { route, key } => {
-                let lookup = self.policy.store().lookup(&key);
                 // The store answers before the inner service may be called,
                 // and a hit never calls it. The readiness `poll_ready`
                 // reserved (a concurrency permit, a buffer slot) is given
@@ -88,9 +87,16 @@ where
                 // the store answers.
                 let service = self.inner.clone();
                 drop(std::mem::replace(&mut self.inner, service.clone()));
-                let mut ctx = Ctx::new(&self.policy, route, head, Some(key));
-                ctx.start_span(Op::Lookup);
+                let mut ctx = Ctx::new(&self.policy, route, head, None);
                 ctx.if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
+                #[cfg(feature = "tier")]
+                let key = match ctx.local_hit(key) {
+                    Ok(response) => return ResponseFuture::served(response),
+                    Err(key) => key,
+                };
+                let lookup = self.policy.store().lookup(&key);
+                ctx.key = Some(key);
+                ctx.start_span(Op::Lookup);
                 ResponseFuture::lookup(lookup, Call { service, request }, ctx)
             }
         }
@@ -113,7 +119,12 @@ pub(crate) enum Next<B: Body> {
 
 /// How one request on a cached route ended.
 pub(crate) enum Outcome {
-    Hit { ttl: i64, age: u64, stale: bool },
+    Hit {
+        ttl: i64,
+        age: u64,
+        stale: bool,
+        local: bool,
+    },
     Collapsed,
     Stored,
     NotStored(Reason),
@@ -136,6 +147,20 @@ pub(crate) struct Ctx {
     /// The span of the store operation under way (disabled unless a
     /// subscriber wants DEBUG spans).
     pub(crate) span: tracing::Span,
+    /// On a route kept in process too: the tier's generation read before
+    /// the store was asked; and whether the tier answered.
+    #[cfg(feature = "tier")]
+    local: Local,
+}
+
+/// Where a request on a route kept in process stands with the tier.
+#[cfg(feature = "tier")]
+#[derive(Default)]
+struct Local {
+    generation: Option<u64>,
+    served: bool,
+    /// The entry this miss stored, kept in process once the store wrote it.
+    stored: Option<Bytes>,
 }
 
 impl Ctx {
@@ -152,6 +177,43 @@ impl Ctx {
             leader: None,
             if_none_match: None,
             span: tracing::Span::none(),
+            #[cfg(feature = "tier")]
+            local: Local::default(),
+        }
+    }
+
+    /// The response from the in-process tier, when the route uses it and
+    /// holds a servable entry for `key`; else `key` back, for the store.
+    /// Reads the tier's generation first, for the fill once the store
+    /// answered.
+    #[cfg(feature = "tier")]
+    fn local_hit<B: Body>(&mut self, key: CacheKey) -> Result<Response<ResponseBody<B>>, CacheKey> {
+        let tier = match (self.policy.route(self.route).in_process, self.policy.tier()) {
+            (Some(_), Some(tier)) => tier,
+            _ => return Err(key),
+        };
+        self.local.generation = Some(tier.generation());
+        match tier.get(&key, self.started).map(crate::entry::decode) {
+            Some(Slot::Entry(entry)) => {
+                self.key = Some(key);
+                self.local.served = true;
+                Ok(self.hit(entry))
+            }
+            _ => Err(key),
+        }
+    }
+
+    /// Keeps `raw`, fresh for `fresh_for`, in the in-process tier, unless
+    /// an invalidation of its key or group arrived since the lookup began.
+    #[cfg(feature = "tier")]
+    fn fill_local(&self, raw: Bytes, fresh_for: Duration) {
+        let (Some(generation), Some(key), Some(tier)) =
+            (self.local.generation, &self.key, self.policy.tier())
+        else {
+            return;
+        };
+        if let Some(bound) = self.policy.route(self.route).in_process {
+            tier.fill(key, raw, generation, self.started + bound.min(fresh_for));
         }
     }
 
@@ -211,7 +273,19 @@ impl Ctx {
                 headers.remove(name);
             }
         }
-        self.finish(response, Outcome::Hit { ttl, age, stale })
+        #[cfg(feature = "tier")]
+        let local = self.local.served;
+        #[cfg(not(feature = "tier"))]
+        let local = false;
+        self.finish(
+            response,
+            Outcome::Hit {
+                ttl,
+                age,
+                stale,
+                local,
+            },
+        )
     }
 
     /// The one place a lookup's outcome is decided: a hit (fresh, or stale
@@ -234,6 +308,12 @@ impl Ctx {
                     false => None,
                 };
                 self.end_span(if refresh.is_some() { "stale" } else { "hit" }, took);
+                #[cfg(feature = "tier")]
+                if refresh.is_none() {
+                    let fresh_ms = (entry.stored_at_ms + u64::from(entry.ttl_s) * 1000)
+                        .saturating_sub(crate::entry::unix_ms());
+                    self.fill_local(raw.clone(), Duration::from_millis(fresh_ms));
+                }
                 return Next::Serve(self.hit(entry), refresh);
             }
         }
@@ -386,6 +466,10 @@ impl Ctx {
         let ttl = self.ttl() + self.policy.route(self.route).stale_window;
         match (&self.key, &self.seen) {
             (Some(key), Some(seen)) => {
+                #[cfg(feature = "tier")]
+                if self.local.generation.is_some() {
+                    self.local.stored = Some(value.clone());
+                }
                 let write = store.store(key, seen, value, ttl);
                 self.write_started = Some(Instant::now());
                 self.start_span(Op::Store);
@@ -406,6 +490,10 @@ impl Ctx {
             .unwrap_or_default();
         let outcome = match written {
             Ok(true) => {
+                #[cfg(feature = "tier")]
+                if let Some(stored) = self.local.stored.take() {
+                    self.fill_local(stored, self.ttl());
+                }
                 self.end_span("stored", took);
                 self.policy.stats_ref().stored(self.route, took);
                 Outcome::Stored
@@ -436,16 +524,21 @@ impl Ctx {
         let route = self.label();
         let key = self.key_text();
         let (x_cache, cache_status) = match outcome {
-            Outcome::Hit { ttl, age, stale } => {
-                stats.hit(self.route, took);
+            Outcome::Hit {
+                ttl,
+                age,
+                stale,
+                local,
+            } => {
+                stats.hit(self.route, took, local);
                 response
                     .headers_mut()
                     .insert(header::AGE, HeaderValue::from(age));
                 tracing::debug!(route, key = %key, stale, "cache hit");
-                let detail = if stale {
-                    "; detail=stale-while-revalidate"
-                } else {
-                    ""
+                let detail = match (stale, local) {
+                    (true, _) => "; detail=stale-while-revalidate",
+                    (false, true) => "; detail=in-process",
+                    (false, false) => "",
                 };
                 (
                     "HIT",

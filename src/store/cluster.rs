@@ -121,7 +121,11 @@ impl RedisStore<ClusterSource> {
             .response_timeout(DEFAULT_WRITE_DEADLINE / 2)
             .build()
             .map_err(backend)?;
-        Ok(Self::from_cluster_client(client))
+        // Messages published on one node reach every node's subscribers.
+        let nodes = seeds
+            .iter()
+            .filter_map(|seed| redis::Client::open(seed.as_str()).ok());
+        Ok(Self::from_cluster_client(client).subscribe_via(nodes.collect::<Vec<_>>()))
     }
 
     /// A store over a cluster client you built (TLS, ACL user, read

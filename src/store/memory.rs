@@ -30,6 +30,9 @@ pub struct MemoryStore {
     max_bytes: usize,
     tombstone_ttl: Duration,
     lease_ttl: Duration,
+    /// The tiers told of each invalidation (feature `tier`).
+    #[cfg(feature = "tier")]
+    watchers: Arc<Mutex<Vec<crate::tier::Watcher>>>,
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -75,6 +78,8 @@ impl MemoryStore {
             max_bytes: 64 << 20,
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
             lease_ttl: super::DEFAULT_LEASE_TTL,
+            #[cfg(feature = "tier")]
+            watchers: Arc::default(),
         }
     }
 
@@ -323,7 +328,26 @@ impl Store for MemoryStore {
 
     fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
         self.invalidate_now(invalidation);
+        #[cfg(feature = "tier")]
+        {
+            let keys = || {
+                let deletes = invalidation.deletes().iter().map(String::as_str);
+                deletes.chain(invalidation.bumps().iter().map(|b| b.key()))
+            };
+            let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+            watchers.retain(|watcher| watcher.invalidated(keys()));
+        }
         Box::pin(async { Ok(()) })
+    }
+
+    /// Every tier over this store hears each invalidation as it is applied.
+    #[cfg(feature = "tier")]
+    fn watch(&self, watcher: crate::tier::Watcher) -> Option<crate::tier::WatchTask> {
+        watcher.live();
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        watchers.retain(crate::tier::Watcher::wanted);
+        watchers.push(watcher);
+        Some(Box::pin(async {}))
     }
 
     fn ping(&self) -> StoreFuture<()> {

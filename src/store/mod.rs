@@ -38,16 +38,21 @@ mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 mod resilient;
+#[cfg(feature = "redis")]
+mod subscribe;
 
 pub use resilient::{BreakerConfig, Circuit, Resilient, StoreHealth};
 
+#[cfg(feature = "tier")]
+#[doc(hidden)]
+pub use crate::tier::{WatchTask, Watcher};
 #[cfg(feature = "cluster")]
 pub use cluster::ClusterSource;
 #[cfg(feature = "redis")]
 pub use connect::{Connect, Reconnecting};
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
-pub use redis::{RedisStore, DEFAULT_DEADLINE, DEFAULT_WRITE_DEADLINE};
+pub use redis::{RedisStore, DEFAULT_CHANNEL, DEFAULT_DEADLINE, DEFAULT_WRITE_DEADLINE};
 
 /// The future every store operation returns.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -409,6 +414,17 @@ pub trait Store: Send + Sync + 'static {
         let _ = invalidation;
         None
     }
+
+    /// Reports every invalidation applied to this store, whichever process
+    /// sent it, to `watcher` (for the in-process tier), from the task
+    /// returned, which the tier spawns. `None`: this store cannot, so no
+    /// route may use the tier over it.
+    #[cfg(feature = "tier")]
+    #[doc(hidden)]
+    fn watch(&self, watcher: crate::tier::Watcher) -> Option<crate::tier::WatchTask> {
+        let _ = watcher;
+        None
+    }
 }
 
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
@@ -452,6 +468,11 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 
     fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
         (**self).parts(invalidation)
+    }
+
+    #[cfg(feature = "tier")]
+    fn watch(&self, watcher: crate::tier::Watcher) -> Option<crate::tier::WatchTask> {
+        (**self).watch(watcher)
     }
 }
 

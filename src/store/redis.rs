@@ -7,6 +7,7 @@ use redis::{RedisError, Script};
 
 use super::connect::{Connect, Epoch, Reconnecting};
 use super::resilient::{BreakerConfig, Resilient, StoreHealth};
+pub use super::subscribe::DEFAULT_CHANNEL;
 use super::{
     CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture, DEFAULT_LEASE_TTL,
     DEFAULT_TOMBSTONE_TTL,
@@ -92,9 +93,11 @@ return 1"
 static STORE: LazyLock<Script> = LazyLock::new(|| Script::new(&STORE_CODE));
 
 /// KEYS deletes then bumps; ARGV number of deletes, tombstone, tombstone ttl
-/// ms, then the ttl ms of each bumped key. A bump of a missing or unreadable
-/// version sets the server time in microseconds, above anything the lost
-/// counter reached; `INCR` keeps the key's TTL.
+/// ms, channel, then the ttl ms of each bumped key. A bump of a missing or
+/// unreadable version sets the server time in microseconds, above anything
+/// the lost counter reached; `INCR` keeps the key's TTL. Then, in the same
+/// atomic step, every key is published on the channel (unless empty) as
+/// `<len>:<key>` pieces, for the in-process tiers of every process.
 const INVALIDATE_CODE: &str = r"
 local deletes = tonumber(ARGV[1])
 for i = 1, deletes do
@@ -108,8 +111,13 @@ for i = deletes + 1, #KEYS do
     redis.call('INCR', k)
   else
     local t = redis.call('TIME')
-    redis.call('SET', k, t[1] .. string.format('%06d', tonumber(t[2])), 'PX', ARGV[3 + i - deletes])
+    redis.call('SET', k, t[1] .. string.format('%06d', tonumber(t[2])), 'PX', ARGV[4 + i - deletes])
   end
+end
+if ARGV[4] ~= '' then
+  local keys = {}
+  for i = 1, #KEYS do keys[i] = string.len(KEYS[i]) .. ':' .. KEYS[i] end
+  redis.call('PUBLISH', ARGV[4], table.concat(keys))
 end
 return 1";
 static INVALIDATE: LazyLock<Script> = LazyLock::new(|| Script::new(INVALIDATE_CODE));
@@ -153,6 +161,10 @@ struct Link<C> {
     /// Whether invalidations go out one per cluster slot: known for a
     /// cluster source, learned from a `CROSSSLOT` for any other.
     split: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Where invalidations are published (empty: nowhere).
+    channel: std::sync::Arc<str>,
+    /// The servers an in-process tier subscribes through, tried in turn.
+    subscribe_via: std::sync::Arc<[redis::Client]>,
 }
 
 impl<C> std::fmt::Debug for RedisStore<C> {
@@ -177,11 +189,11 @@ impl RedisStore<Reconnecting> {
     /// runtime.
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(backend)?;
-        Ok(Self::new(Reconnecting::new(
-            client,
-            Duration::from_secs(1),
-            scripts(),
-        )))
+        let subscribe_via = client.clone();
+        Ok(
+            Self::new(Reconnecting::new(client, Duration::from_secs(1), scripts()))
+                .subscribe_via([subscribe_via]),
+        )
     }
 }
 
@@ -234,6 +246,8 @@ impl<C: Connect> RedisStore<C> {
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
             lease_ttl: DEFAULT_LEASE_TTL,
             seen_versions: std::sync::Arc::default(),
+            channel: std::sync::Arc::from(DEFAULT_CHANNEL),
+            subscribe_via: std::sync::Arc::from([]),
         };
         Self {
             inner: Resilient::new(link, BreakerConfig::default()),
@@ -271,6 +285,25 @@ impl<C: Connect> RedisStore<C> {
     /// takes longer is not stored.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.inner.get_mut().lease_ttl = ttl;
+        self
+    }
+
+    /// The Pub/Sub channel every invalidation is published on, for the
+    /// in-process tiers of every process (default [`DEFAULT_CHANNEL`]).
+    /// Every process over one Redis must use the same; an empty name
+    /// publishes nothing (then no process may use an in-process tier).
+    pub fn channel(mut self, channel: &str) -> Self {
+        self.inner.get_mut().channel = std::sync::Arc::from(channel);
+        self
+    }
+
+    /// The servers an in-process tier subscribes to invalidations through,
+    /// tried in turn (for a cluster, any of its nodes: messages reach them
+    /// all). Set by [`RedisStore::open`] and [`RedisStore::cluster`]; give
+    /// them for a store made with [`RedisStore::new`] or
+    /// [`RedisStore::from_cluster_client`] whose routes use the tier.
+    pub fn subscribe_via(mut self, clients: impl IntoIterator<Item = redis::Client>) -> Self {
+        self.inner.get_mut().subscribe_via = clients.into_iter().collect();
         self
     }
 }
@@ -323,6 +356,7 @@ async fn apply<C: ConnectionLike>(
     conn: &mut C,
     invalidation: &Invalidation,
     tombstone_ttl: Duration,
+    channel: &str,
 ) -> Result<(), StoreError> {
     let mut invocation = INVALIDATE.prepare_invoke();
     for key in invalidation.deletes() {
@@ -334,7 +368,8 @@ async fn apply<C: ConnectionLike>(
     invocation
         .arg(invalidation.deletes().len())
         .arg(invalidation.tombstone().as_ref())
-        .arg(millis(tombstone_ttl));
+        .arg(millis(tombstone_ttl))
+        .arg(channel);
     for bump in invalidation.bumps() {
         invocation.arg(millis(bump.ttl()));
     }
@@ -494,13 +529,14 @@ impl<C: Connect> Link<C> {
     fn send(&self, invalidation: Invalidation) -> StoreFuture<()> {
         let (source, budget, tombstone_ttl) =
             (self.source.clone(), self.write_deadline, self.tombstone_ttl);
+        let channel = self.channel.clone();
         Box::pin(async move {
             let until = tokio::time::Instant::now() + budget;
             let send = |deadline, invalidation: Invalidation| {
-                let source = source.clone();
+                let (source, channel) = (source.clone(), channel.clone());
                 async move {
                     let apply = |mut conn: C::Conn, _| async move {
-                        apply(&mut conn, &invalidation, tombstone_ttl).await
+                        apply(&mut conn, &invalidation, tombstone_ttl, &channel).await
                     };
                     on_connection(&source, deadline, apply).await
                 }
@@ -772,6 +808,21 @@ impl<C: Connect> Store for RedisStore<C> {
 
     fn longest_entry_life(&self, life: Duration) {
         self.inner.longest_entry_life(life);
+    }
+
+    /// Subscribes to the store's channel, when it publishes and knows a
+    /// server to subscribe through.
+    #[cfg(feature = "tier")]
+    fn watch(&self, watcher: crate::tier::Watcher) -> Option<crate::tier::WatchTask> {
+        let link = self.inner.get_ref();
+        if link.channel.is_empty() || link.subscribe_via.is_empty() {
+            return None;
+        }
+        Some(super::subscribe::task(
+            link.subscribe_via.clone(),
+            link.channel.clone(),
+            watcher,
+        ))
     }
 
     fn health(&self) -> StoreHealth {

@@ -693,6 +693,11 @@ impl<S: Store + Clone> Store for Resilient<S> {
         self.inner.tombstone_ttl()
     }
 
+    #[cfg(feature = "tier")]
+    fn watch(&self, watcher: crate::tier::Watcher) -> Option<crate::tier::WatchTask> {
+        self.inner.watch(watcher)
+    }
+
     fn longest_entry_life(&self, life: Duration) {
         let millis = u64::try_from(life.as_millis()).unwrap_or(u64::MAX).max(1);
         self.shared.entry_life_ms.store(millis, Ordering::Relaxed);

@@ -1,0 +1,176 @@
+//! The subscription that feeds an in-process tier with the invalidations
+//! Redis publishes (feature `tier`).
+//!
+//! The invalidation script publishes, on the store's channel, every key it
+//! deleted or bumped, in the same atomic step. One task per tier holds a
+//! dedicated pub/sub connection: it reports each message, pings every
+//! second, and on any failure reports the subscription lost (the tier drops
+//! everything) before it subscribes again.
+
+#![cfg_attr(not(feature = "tier"), allow(dead_code, unused_imports))]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+#[cfg(feature = "tier")]
+use futures_core::Stream;
+use redis::aio::{PubSubSink, PubSubStream};
+
+use crate::telemetry::warn_limited;
+#[cfg(feature = "tier")]
+use crate::tier::{WatchTask, Watcher};
+
+/// The channel invalidations are published on unless set otherwise.
+pub const DEFAULT_CHANNEL: &str = "tower-redis-cache:invalidations";
+
+/// How often the subscription connection is pinged.
+const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a ping, a connection or a subscription may take.
+const WITHIN: Duration = Duration::from_secs(1);
+
+/// The pause before subscribing again.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// The keys of one published invalidation: `<len>:<key>` pieces, back to
+/// back (keys may hold any byte). Stops at the first malformed piece.
+pub(crate) fn published_keys(payload: &[u8]) -> impl Iterator<Item = &str> {
+    let mut rest = payload;
+    std::iter::from_fn(move || {
+        let colon = rest.iter().position(|&b| b == b':')?;
+        let len: usize = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
+        let key = rest.get(colon + 1..colon + 1 + len)?;
+        rest = &rest[colon + 1 + len..];
+        std::str::from_utf8(key).ok()
+    })
+}
+
+/// The task that keeps `watcher` told, over a subscription to `channel`
+/// on one of `clients` (tried in turn), until the tier is gone.
+#[cfg(feature = "tier")]
+pub(crate) fn task(
+    clients: Arc<[redis::Client]>,
+    channel: Arc<str>,
+    watcher: Watcher,
+) -> WatchTask {
+    Box::pin(async move {
+        let mut turn = 0;
+        while watcher.wanted() && !clients.is_empty() {
+            let client = &clients[turn % clients.len()];
+            turn += 1;
+            let subscribed = tokio::time::timeout(WITHIN, async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&*channel).await?;
+                Ok::<_, redis::RedisError>(pubsub.split())
+            })
+            .await;
+            match subscribed {
+                Ok(Ok((sink, stream))) => {
+                    if !watcher.live() {
+                        return;
+                    }
+                    tracing::info!(
+                        channel = &*channel,
+                        "in-process tier on: subscribed to invalidations"
+                    );
+                    let why = listen(sink, stream, &watcher).await;
+                    if !watcher.lost() {
+                        return;
+                    }
+                    tracing::warn!(
+                        channel = &*channel,
+                        reason = why,
+                        "in-process tier off until subscribed again"
+                    );
+                }
+                Ok(Err(err)) => {
+                    warn_limited!(channel = &*channel, error = %err, "in-process tier: cannot subscribe to invalidations");
+                }
+                Err(_) => {
+                    warn_limited!(
+                        channel = &*channel,
+                        "in-process tier: subscribing timed out"
+                    );
+                }
+            }
+            tokio::time::sleep(RETRY_AFTER).await;
+        }
+    })
+}
+
+/// What woke the listener.
+#[cfg(feature = "tier")]
+enum Event {
+    Message(Option<redis::Msg>),
+    Tick,
+    Pinged(bool),
+}
+
+#[cfg(feature = "tier")]
+type Ping = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// Reports messages until the connection ends, a ping fails or the tier is
+/// gone; returns why it stopped.
+#[cfg(feature = "tier")]
+async fn listen(sink: PubSubSink, mut stream: PubSubStream, watcher: &Watcher) -> &'static str {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ping: Option<Ping> = None;
+    loop {
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(message) = Pin::new(&mut stream).poll_next(cx) {
+                return Poll::Ready(Event::Message(message));
+            }
+            match ping.as_mut() {
+                Some(ping) => ping.as_mut().poll(cx).map(Event::Pinged),
+                None => ticks.poll_tick(cx).map(|_| Event::Tick),
+            }
+        })
+        .await;
+        match event {
+            Event::Message(Some(message)) => {
+                if !watcher.invalidated(published_keys(message.get_payload_bytes())) {
+                    return "tier gone";
+                }
+            }
+            Event::Message(None) => return "connection closed",
+            Event::Tick if !watcher.wanted() => return "tier gone",
+            Event::Tick => {
+                let mut sink = sink.clone();
+                ping = Some(Box::pin(async move {
+                    let pong = tokio::time::timeout(WITHIN, sink.ping::<redis::Value>());
+                    matches!(pong.await, Ok(Ok(_)))
+                }));
+            }
+            Event::Pinged(true) => ping = None,
+            Event::Pinged(false) => return "ping failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_keys_are_length_prefixed_and_may_hold_any_character() {
+        let payload = [
+            &b"12:app:person:1"[..],
+            b"4:a:b\n",
+            b"22:{app:persons:list}:ver",
+        ]
+        .concat();
+        let keys: Vec<&str> = published_keys(&payload).collect();
+        assert_eq!(keys, ["app:person:1", "a:b\n", "{app:persons:list}:ver"]);
+    }
+
+    #[test]
+    fn a_malformed_payload_yields_what_parsed() {
+        let keys: Vec<&str> = published_keys(b"12:app:person:1x:oops").collect();
+        assert_eq!(keys, ["app:person:1"]);
+        assert_eq!(published_keys(b"99:short").count(), 0);
+    }
+}

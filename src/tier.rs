@@ -1,0 +1,555 @@
+//! The in-process tier (feature `tier`): entries of the routes that opt in
+//! ([`Route::in_process`](crate::Route::in_process)) kept in this process
+//! too, so that a hit there costs no round trip.
+//!
+//! # What keeps it coherent
+//!
+//! - **Every invalidation is published by the store that applies it**, in
+//!   the same step: Redis's invalidation script `PUBLISH`es the keys it
+//!   deleted and bumped, atomically with the deletes and bumps. Each
+//!   process subscribes and drops the entries those keys guard.
+//! - **The writing process drops its own copies** before it sends the
+//!   invalidation and again once the store applied it, before the write's
+//!   response: read-your-writes in the writing process.
+//! - **A fill that raced an invalidation is never kept.** Each lookup reads
+//!   a generation counter before it asks the store; an entry is kept (and
+//!   served) only if no invalidation of its key or group arrived since.
+//! - **The tier is only used while the subscription is up.** When the
+//!   subscription connection drops, fails a ping, or subscribes again, the
+//!   whole tier is dropped and fills under way are refused: invalidations
+//!   published meanwhile were missed.
+//! - **Entries live at most the route's hard bound** (`Route::in_process`),
+//!   and never past their freshness; stale entries are served from the
+//!   store, which refreshes them.
+//!
+//! So other processes see a write within the publish delay (measured in the
+//! README), and never later than the hard bound, even when a message is
+//! lost on a connection that looks healthy.
+
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::store::{CacheKey, Invalidation, Lookup, Store, StoreFuture, StoreHealth};
+
+/// Default bound on the number of entries the tier holds.
+pub const DEFAULT_TIER_ENTRIES: usize = 10_000;
+
+/// Default bound on the bytes the tier holds: 64 MiB.
+pub const DEFAULT_TIER_BYTES: usize = 64 << 20;
+
+/// How many generation slots keys hash into: a collision only drops an
+/// entry early.
+const SLOTS: usize = 4096;
+
+/// The bounds of the in-process tier, for
+/// [`PolicyBuilder::in_process`](crate::PolicyBuilder::in_process).
+///
+/// ```
+/// use tower_redis_cache::InProcess;
+///
+/// let tier = InProcess::new().max_entries(50_000).max_bytes(256 << 20);
+/// # let _ = tier;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct InProcess {
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+impl Default for InProcess {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InProcess {
+    /// At most [`DEFAULT_TIER_ENTRIES`] entries and [`DEFAULT_TIER_BYTES`].
+    pub fn new() -> Self {
+        Self {
+            max_entries: DEFAULT_TIER_ENTRIES,
+            max_bytes: DEFAULT_TIER_BYTES,
+        }
+    }
+
+    /// The most entries kept (least recently useful ones go first).
+    pub fn max_entries(mut self, max: usize) -> Self {
+        self.max_entries = max;
+        self
+    }
+
+    /// The most bytes kept (entry and key sizes).
+    pub fn max_bytes(mut self, max: usize) -> Self {
+        self.max_bytes = max;
+        self
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.max_entries == 0 || self.max_bytes == 0
+    }
+}
+
+/// One entry kept in the tier.
+#[derive(Clone)]
+struct Local {
+    raw: Bytes,
+    /// The generation the lookup that found it read before asking the store.
+    generation: u64,
+    /// Past this, the entry is not served (hard bound, or staleness).
+    until: Instant,
+}
+
+/// Weighs an entry by its bytes, but at least `floor` (the byte bound over
+/// the entry bound), so that both bounds hold with one weight.
+#[derive(Clone)]
+struct Weigh {
+    floor: u64,
+}
+
+impl quick_cache::Weighter<CacheKey, Local> for Weigh {
+    fn weight(&self, key: &CacheKey, local: &Local) -> u64 {
+        let key_len = match key {
+            CacheKey::Plain(key) => key.len(),
+            CacheKey::Versioned { prefix, suffix, .. } => prefix.len() + suffix.len(),
+        };
+        ((local.raw.len() + key_len) as u64).max(self.floor)
+    }
+}
+
+/// The tier of one policy. Cloning shares it.
+#[derive(Clone)]
+pub(crate) struct Tier {
+    state: Arc<State>,
+    /// The subscription task, spawned on first use within a runtime.
+    task: Arc<Mutex<Option<WatchTask>>>,
+}
+
+struct State {
+    entries: quick_cache::sync::Cache<CacheKey, Local, Weigh>,
+    /// The generation of the last invalidation or clear this process saw.
+    clock: AtomicU64,
+    /// The generation of the last clear: entries filled before it are void.
+    cleared: AtomicU64,
+    /// Whether invalidations are being received.
+    live: AtomicBool,
+    /// Per key hash, the generation of the last invalidation of a key with
+    /// that hash.
+    slots: Box<[AtomicU64]>,
+    hasher: quick_cache::DefaultHashBuilder,
+}
+
+impl State {
+    fn slot(&self, key: &str) -> &AtomicU64 {
+        let at = self.hasher.hash_one(key) as usize % SLOTS;
+        &self.slots[at]
+    }
+
+    /// Whether an entry filled at `generation` for `key` may still be used.
+    fn valid(&self, key: &CacheKey, generation: u64) -> bool {
+        if !self.live.load(Ordering::Acquire) || generation < self.cleared.load(Ordering::Acquire) {
+            return false;
+        }
+        let newer = |guard: &str| self.slot(guard).load(Ordering::Acquire) > generation;
+        match key {
+            CacheKey::Plain(key) => !newer(key),
+            CacheKey::Versioned { versions, .. } => !versions.iter().any(|v| newer(v.key())),
+        }
+    }
+
+    fn invalidated<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let generation = self.clock.fetch_add(1, Ordering::AcqRel) + 1;
+        for key in keys {
+            self.slot(key).fetch_max(generation, Ordering::AcqRel);
+        }
+    }
+
+    fn clear(&self, live: bool) {
+        if !live {
+            self.live.store(false, Ordering::Release);
+        }
+        let generation = self.clock.fetch_add(1, Ordering::AcqRel) + 1;
+        self.cleared.fetch_max(generation, Ordering::AcqRel);
+        self.entries.clear();
+        if live {
+            self.live.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl Tier {
+    pub(crate) fn new(bounds: InProcess) -> Self {
+        let floor = (bounds.max_bytes / bounds.max_entries.max(1)).max(1) as u64;
+        let entries = quick_cache::sync::Cache::with_weighter(
+            bounds.max_entries,
+            bounds.max_bytes as u64,
+            Weigh { floor },
+        );
+        Self {
+            state: Arc::new(State {
+                entries,
+                clock: AtomicU64::new(0),
+                cleared: AtomicU64::new(0),
+                live: AtomicBool::new(false),
+                slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+                hasher: quick_cache::DefaultHashBuilder::default(),
+            }),
+            task: Arc::default(),
+        }
+    }
+
+    /// Asks `store` to report its invalidations to this tier. False when it
+    /// cannot.
+    pub(crate) fn watch(&self, store: &dyn Store) -> bool {
+        let watcher = Watcher(Arc::downgrade(&self.state));
+        match store.watch(watcher) {
+            Some(task) => {
+                *lock(&self.task) = Some(task);
+                self.start();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Spawns the subscription task, once, when a runtime is at hand.
+    fn start(&self) {
+        let mut task = lock(&self.task);
+        if task.is_some() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                if let Some(task) = task.take() {
+                    runtime.spawn(task);
+                }
+            }
+        }
+    }
+
+    /// The generation a lookup reads before it asks the store.
+    pub(crate) fn generation(&self) -> u64 {
+        self.state.clock.load(Ordering::Acquire)
+    }
+
+    /// The entry kept for `key`, if it may be served at `now`.
+    pub(crate) fn get(&self, key: &CacheKey, now: Instant) -> Option<Bytes> {
+        if !self.state.live.load(Ordering::Acquire) {
+            self.start();
+            return None;
+        }
+        let local = self.state.entries.get(key)?;
+        if now >= local.until || !self.state.valid(key, local.generation) {
+            return None;
+        }
+        Some(local.raw)
+    }
+
+    /// Keeps `raw` for `key` until `until`, unless an invalidation of its
+    /// key or group arrived since `generation` was read (then the store may
+    /// have answered with what it invalidated).
+    pub(crate) fn fill(&self, key: &CacheKey, raw: Bytes, generation: u64, until: Instant) {
+        if !self.state.valid(key, generation) {
+            return;
+        }
+        let local = Local {
+            raw,
+            generation,
+            until,
+        };
+        self.state.entries.insert(key.clone(), local);
+    }
+
+    /// Drops what `invalidation` invalidates.
+    pub(crate) fn evict(&self, invalidation: &Invalidation) {
+        let keys = invalidation.deletes().iter().map(String::as_str);
+        let bumps = invalidation.bumps().iter().map(|b| b.key());
+        self.state.invalidated(keys.chain(bumps));
+    }
+
+    /// How many entries the tier holds (some may be void).
+    pub(crate) fn len(&self) -> usize {
+        self.state.entries.len()
+    }
+
+    /// Whether invalidations are being received, so the tier is used.
+    pub(crate) fn is_live(&self) -> bool {
+        self.state.live.load(Ordering::Acquire)
+    }
+}
+
+/// The task that receives a store's invalidations and reports them to a
+/// tier; it ends once the tier is gone.
+#[doc(hidden)]
+pub type WatchTask = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Where a store reports the invalidations it receives, for a tier.
+/// Each method returns false once the tier is gone: the reporting may stop.
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct Watcher(Weak<State>);
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher").finish_non_exhaustive()
+    }
+}
+
+impl Watcher {
+    /// Invalidations are being received from now on: the tier starts empty.
+    pub fn live(&self) -> bool {
+        self.0.upgrade().map(|state| state.clear(true)).is_some()
+    }
+
+    /// Invalidations may have been missed: the tier is dropped and unused
+    /// until [`Watcher::live`].
+    pub fn lost(&self) -> bool {
+        self.0.upgrade().map(|state| state.clear(false)).is_some()
+    }
+
+    /// These keys were deleted or bumped.
+    pub fn invalidated<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> bool {
+        self.0
+            .upgrade()
+            .map(|state| state.invalidated(keys))
+            .is_some()
+    }
+
+    /// Whether the tier still exists.
+    pub fn wanted(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The policy's store with the tier's own evictions around every
+/// invalidation: before it is sent (fills under way are refused) and once
+/// the store answered (fills that read the store before it applied are
+/// refused, and the write's response waits for this).
+pub(crate) struct Tiered {
+    pub(crate) inner: Arc<dyn Store>,
+    pub(crate) tier: Tier,
+}
+
+/// Evicts again when the invalidation is done, or dropped.
+struct EvictAfter {
+    tier: Tier,
+    invalidation: Invalidation,
+}
+
+impl Drop for EvictAfter {
+    fn drop(&mut self) {
+        self.tier.evict(&self.invalidation);
+    }
+}
+
+impl Store for Tiered {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+        self.inner.lookup(key)
+    }
+
+    fn store(
+        &self,
+        key: &CacheKey,
+        seen: &Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> StoreFuture<bool> {
+        self.inner.store(key, seen, value, ttl)
+    }
+
+    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+        self.tier.evict(invalidation);
+        let apply = self.inner.invalidate(invalidation);
+        let after = EvictAfter {
+            tier: self.tier.clone(),
+            invalidation: invalidation.clone(),
+        };
+        Box::pin(async move {
+            let applied = apply.await;
+            drop(after);
+            applied
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        self.inner.ping()
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        self.inner.tombstone_ttl()
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.inner.health()
+    }
+
+    fn longest_entry_life(&self, life: Duration) {
+        self.inner.longest_entry_life(life);
+    }
+
+    fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
+        self.inner.parts(invalidation)
+    }
+
+    fn watch(&self, watcher: Watcher) -> Option<WatchTask> {
+        self.inner.watch(watcher)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::VersionKey;
+
+    fn tier() -> Tier {
+        let tier = Tier::new(InProcess::new());
+        Watcher(Arc::downgrade(&tier.state)).live();
+        tier
+    }
+
+    fn list_key(version_key: &str) -> CacheKey {
+        CacheKey::Versioned {
+            versions: vec![VersionKey::new(
+                version_key.to_owned(),
+                Duration::from_secs(60),
+            )],
+            prefix: "app:persons:list:v".to_owned(),
+            suffix: ":q".to_owned(),
+        }
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn a_fill_is_served_until_its_key_is_invalidated() {
+        let tier = tier();
+        let key = CacheKey::Plain("app:person:1".to_owned());
+        tier.fill(&key, Bytes::from_static(b"v1"), tier.generation(), later());
+        assert_eq!(tier.get(&key, Instant::now()).as_deref(), Some(&b"v1"[..]));
+        tier.evict(&Invalidation::new(vec!["app:person:1".to_owned()], vec![]));
+        assert_eq!(tier.get(&key, Instant::now()), None);
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_invalidation_is_refused() {
+        let tier = tier();
+        let key = list_key("{app:persons:list}:ver");
+        let before = tier.generation();
+        tier.evict(&Invalidation::new(
+            vec![],
+            vec![VersionKey::new(
+                "{app:persons:list}:ver".to_owned(),
+                Duration::from_secs(60),
+            )],
+        ));
+        tier.fill(&key, Bytes::from_static(b"old"), before, later());
+        assert_eq!(tier.get(&key, Instant::now()), None);
+        tier.fill(&key, Bytes::from_static(b"new"), tier.generation(), later());
+        assert_eq!(tier.get(&key, Instant::now()).as_deref(), Some(&b"new"[..]));
+    }
+
+    #[test]
+    fn another_group_or_key_leaves_an_entry_alone() {
+        let tier = tier();
+        let key = list_key("{app:persons:list}:ver:scope=a");
+        let before = tier.generation();
+        tier.evict(&Invalidation::new(
+            vec!["app:person:2".to_owned()],
+            vec![VersionKey::new(
+                "{app:persons:list}:ver:scope=b".to_owned(),
+                Duration::from_secs(60),
+            )],
+        ));
+        tier.fill(&key, Bytes::from_static(b"v"), before, later());
+        // A hash collision would drop it; with 4096 slots these two do not.
+        assert!(tier.get(&key, Instant::now()).is_some());
+    }
+
+    #[test]
+    fn a_lost_subscription_drops_everything_and_refuses_fills_under_way() {
+        let tier = tier();
+        let watcher = Watcher(Arc::downgrade(&tier.state));
+        let key = CacheKey::Plain("app:person:1".to_owned());
+        tier.fill(&key, Bytes::from_static(b"v1"), tier.generation(), later());
+        let under_way = tier.generation();
+        watcher.lost();
+        assert_eq!(tier.get(&key, Instant::now()), None);
+        assert_eq!(tier.len(), 0);
+        tier.fill(&key, Bytes::from_static(b"v1"), tier.generation(), later());
+        assert_eq!(tier.get(&key, Instant::now()), None, "not live");
+        watcher.live();
+        tier.fill(&key, Bytes::from_static(b"v1"), under_way, later());
+        assert_eq!(
+            tier.get(&key, Instant::now()),
+            None,
+            "filled across the gap"
+        );
+        tier.fill(&key, Bytes::from_static(b"v2"), tier.generation(), later());
+        assert_eq!(tier.get(&key, Instant::now()).as_deref(), Some(&b"v2"[..]));
+    }
+
+    #[test]
+    fn an_entry_is_not_served_past_its_bound() {
+        let tier = tier();
+        let key = CacheKey::Plain("app:person:1".to_owned());
+        let until = Instant::now() + Duration::from_millis(10);
+        tier.fill(&key, Bytes::from_static(b"v1"), tier.generation(), until);
+        assert!(tier.get(&key, until - Duration::from_millis(1)).is_some());
+        assert_eq!(tier.get(&key, until), None);
+    }
+
+    #[test]
+    fn both_bounds_hold() {
+        let tier = Tier::new(InProcess::new().max_entries(100).max_bytes(10_000));
+        Watcher(Arc::downgrade(&tier.state)).live();
+        let fill = |name: &str, size: usize| {
+            for i in 0..1000 {
+                let key = CacheKey::Plain(format!("app:{name}:{i}"));
+                tier.fill(
+                    &key,
+                    Bytes::from(vec![b'x'; size]),
+                    tier.generation(),
+                    later(),
+                );
+                assert!(tier.len() <= 100, "{} entries", tier.len());
+                assert!(tier.state.entries.weight() <= 10_000);
+            }
+        };
+        fill("small", 10);
+        fill("big", 1000);
+        let key = CacheKey::Plain("app:big:last".to_owned());
+        tier.state.clear(true);
+        tier.fill(
+            &key,
+            Bytes::from(vec![b'x'; 1000]),
+            tier.generation(),
+            later(),
+        );
+        assert!(
+            tier.get(&key, Instant::now()).is_some(),
+            "a 1 KB entry fits"
+        );
+    }
+
+    #[test]
+    fn a_watcher_outliving_its_tier_says_so() {
+        let tier = tier();
+        let watcher = Watcher(Arc::downgrade(&tier.state));
+        assert!(watcher.invalidated(["app:person:1"]));
+        drop(tier);
+        assert!(!watcher.wanted());
+        assert!(!watcher.invalidated(["app:person:1"]));
+    }
+}
