@@ -110,7 +110,7 @@ impl RedisStore<ClusterSource> {
         S: AsRef<str>,
     {
         let seeds: Vec<String> = seeds.into_iter().map(|s| s.as_ref().to_owned()).collect();
-        let client = ClusterClient::builder(seeds)
+        let client = ClusterClient::builder(seeds.clone())
             .retries(2)
             .min_retry_wait(5)
             .max_retry_wait(25)

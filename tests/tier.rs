@@ -1,0 +1,394 @@
+//! The in-process tier (feature `tier`), over real Redis servers and
+//! clusters, with two independent stacks as two processes would have: hits
+//! cost no round trip, the writing process reads its own writes, other
+//! processes see a write within the publish delay and never after the
+//! route's bound, and a lost subscription drops the whole tier.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use common::{get_req, method_req, revision, router, Backend, Db, RedisServer, TEST_DEADLINE};
+use tower::ServiceExt;
+use tower_redis_cache::store::{RedisStore, Store};
+use tower_redis_cache::{CacheLayer, ConfigError, Policy, Route, Rule};
+
+/// The two routes of the suites, both kept in process for `bound`.
+fn policy(store: Arc<dyn Store>, bound: Duration) -> Result<Policy, ConfigError> {
+    Policy::builder()
+        .store(store)
+        .route(
+            Route::get("/persons/{id}")
+                .key("person:{id}")
+                .ttl(Duration::from_secs(60))
+                .in_process(bound),
+        )
+        .route(
+            Route::get("/persons")
+                .key("persons:list:v{version}:{query_hash}")
+                .versioned_by("persons:list")
+                .ttl(Duration::from_secs(60))
+                .in_process(bound),
+        )
+        .on(Rule::new("PATCH|DELETE /persons/{id}")
+            .purge("GET /persons/{id}")
+            .bump("persons:list"))
+        .build()
+}
+
+/// One process: its stack over `store`, and its policy.
+struct Process {
+    app: axum::Router,
+    policy: Policy,
+}
+
+impl Process {
+    async fn new(store: Arc<dyn Store>, db: &Db, bound: Duration) -> Self {
+        let policy = policy(store, bound).unwrap();
+        let app = router(db.clone()).layer(CacheLayer::new(policy.clone()));
+        let process = Self { app, policy };
+        process.wait_live().await;
+        process
+    }
+
+    /// Until the tier receives invalidations (it is unused before).
+    async fn wait_live(&self) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !self.policy.handle().in_process().unwrap().live {
+            assert!(Instant::now() < until, "the tier never subscribed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// (status, cache-status, body)
+    async fn get(&self, uri: &str) -> (StatusCode, String, String) {
+        let response = self.app.clone().oneshot(get_req(uri)).await.unwrap();
+        let status = response.status();
+        let cache_status = response
+            .headers()
+            .get("cache-status")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            cache_status,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    async fn patch(&self, uri: &str) {
+        let response = self.app.clone().oneshot(method_req("PATCH", uri)).await;
+        assert_eq!(response.unwrap().status(), StatusCode::OK);
+    }
+
+    fn in_process_hits(&self) -> u64 {
+        let stats = self.policy.stats().snapshot();
+        stats.iter().map(|r| r.in_process_hits).sum()
+    }
+}
+
+const BOUND: Duration = Duration::from_secs(5);
+
+/// The `calls` Redis counted for lookups, writes and invalidations.
+async fn data_commands(server: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut server.raw().await)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| {
+            [
+                "cmdstat_get:",
+                "cmdstat_set:",
+                "cmdstat_mget:",
+                "cmdstat_evalsha:",
+            ]
+            .iter()
+            .any(|c| l.starts_with(c))
+        })
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+async fn hits_after_the_first_cost_no_round_trip(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let a = Process::new(backend.store.clone(), &db, BOUND).await;
+    for uri in ["/persons/1", "/persons?limit=5"] {
+        let (_, status, _) = a.get(uri).await;
+        assert!(status.contains("stored"), "{uri}: {status}");
+    }
+    let before = match &backend.server {
+        Some(server) => Some(data_commands(server).await),
+        None => None,
+    };
+    for _ in 0..50 {
+        for uri in ["/persons/1", "/persons?limit=5"] {
+            let (code, status, body) = a.get(uri).await;
+            assert_eq!(code, StatusCode::OK);
+            assert!(
+                status.contains("hit") && status.contains("detail=in-process"),
+                "{status}"
+            );
+            assert_eq!(revision(uri, &body), 1);
+        }
+    }
+    assert_eq!(a.in_process_hits(), 100);
+    assert_eq!(db.calls(), 2, "the handler ran for the two misses only");
+    if let (Some(server), Some(before)) = (&backend.server, before) {
+        let after = data_commands(server).await;
+        // INFO itself is not counted among these.
+        assert_eq!(
+            after - before,
+            0,
+            "100 in-process hits sent commands to Redis"
+        );
+    }
+}
+
+async fn the_writer_reads_its_write_and_the_other_process_soon_after(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let writer = Process::new(backend.store.clone(), &db, BOUND).await;
+    let reader = Process::new(backend.another_store(), &db, BOUND).await;
+    for uri in ["/persons/1", "/persons?limit=5"] {
+        for process in [&writer, &reader] {
+            process.get(uri).await;
+            let (_, status, _) = process.get(uri).await;
+            assert!(status.contains("in-process"), "warm: {status}");
+        }
+    }
+    writer.patch("/persons/1").await;
+    for uri in ["/persons/1", "/persons?limit=5"] {
+        let (_, status, body) = writer.get(uri).await;
+        assert_eq!(
+            revision(uri, &body),
+            2,
+            "{uri}: the writer read its own write ({status})"
+        );
+    }
+    let until = Instant::now() + BOUND;
+    for uri in ["/persons/1", "/persons?limit=5"] {
+        loop {
+            let (_, _, body) = reader.get(uri).await;
+            if revision(uri, &body) == 2 {
+                break;
+            }
+            assert!(Instant::now() < until, "{uri}: still old after the bound");
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+backend_tests!(
+    hits_after_the_first_cost_no_round_trip,
+    the_writer_reads_its_write_and_the_other_process_soon_after,
+);
+
+/// Readers on both processes while the second writes: every read the
+/// writing process starts after a write returned shows it (0 stale), and
+/// the other process never shows a write older than the bound. Prints the
+/// other process's stale reads within the publish delay.
+async fn concurrent(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 0);
+    db.read_delay_us.store(300, Ordering::Relaxed);
+    let bound = Duration::from_millis(500);
+    let writer = Arc::new(Process::new(backend.store.clone(), &db, bound).await);
+    let other = Arc::new(Process::new(backend.another_store(), &db, bound).await);
+    // When each revision's write returned.
+    let commits = Arc::new(std::sync::Mutex::new(vec![Instant::now()]));
+    let done = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (process, uri) in [
+        (writer.clone(), "/persons/1"),
+        (writer.clone(), "/persons?limit=10"),
+        (other.clone(), "/persons/1"),
+        (other.clone(), "/persons?limit=10"),
+    ] {
+        let (commits, done, reads) = (commits.clone(), done.clone(), reads.clone());
+        let mine = Arc::ptr_eq(&process, &writer);
+        tasks.push(tokio::spawn(async move {
+            let (mut stale, mut late, mut n) = (0u64, 0u64, 0u64);
+            while !done.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                let floor = commits.lock().unwrap().len() as u64 - 1;
+                let (code, _, body) = process.get(uri).await;
+                assert_eq!(code, StatusCode::OK);
+                let seen = revision(uri, &body);
+                if seen < floor {
+                    stale += 1;
+                    // Past the bound after the write that made it stale.
+                    let made_stale = commits.lock().unwrap()[seen as usize + 1];
+                    if started.duration_since(made_stale) > bound {
+                        late += 1;
+                    }
+                }
+                n += 1;
+                reads.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+            (mine, n, stale, late)
+        }));
+    }
+    let mut rev = 0;
+    while rev < 100 || reads.load(Ordering::Relaxed) < 3000 {
+        rev += 1;
+        writer.patch("/persons/1").await;
+        commits.lock().unwrap().push(Instant::now());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    done.store(true, Ordering::SeqCst);
+    let (mut writer_stale, mut other_stale, mut late, mut total) = (0, 0, 0, 0);
+    for task in tasks {
+        let (mine, n, stale, past) = task.await.unwrap();
+        total += n;
+        late += past;
+        match mine {
+            true => writer_stale += stale,
+            false => other_stale += stale,
+        }
+    }
+    let local = writer.in_process_hits() + other.in_process_hits();
+    eprintln!(
+        "{rev} writes, {total} reads ({local} in-process hits): writer stale {writer_stale}, \
+         other process stale {other_stale} (within the publish delay), past the bound {late}"
+    );
+    assert!(local > 0, "the tier served some reads");
+    assert_eq!(writer_stale, 0, "the writing process read old data");
+    assert_eq!(late, 0, "a read past the bound was stale");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn concurrent_writes_redis() {
+    concurrent(Backend::redis()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn concurrent_writes_cluster() {
+    concurrent(Backend::cluster()).await;
+}
+
+/// Invalidations published while a process's subscription was down never
+/// reach it: its whole tier is dropped when the connection drops, and it
+/// is used again only once subscribed again.
+#[tokio::test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_lost_subscription_drops_the_tier() {
+    let backend = Backend::redis();
+    let server = backend.server.as_ref().unwrap();
+    let db = Db::default();
+    db.set("1", 1);
+    let writer = Process::new(backend.store.clone(), &db, BOUND).await;
+    let reader = Process::new(backend.another_store(), &db, BOUND).await;
+    reader.get("/persons/1").await;
+    let (_, status, _) = reader.get("/persons/1").await;
+    assert!(status.contains("in-process"), "{status}");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut server.raw().await)
+        .await
+        .unwrap();
+    assert_eq!(killed, 2, "one subscription per process");
+    // Published while nobody listens.
+    writer.patch("/persons/1").await;
+    let (_, status, body) = reader.get("/persons/1").await;
+    assert_eq!(
+        revision("/persons/1", &body),
+        2,
+        "served old data: {status}"
+    );
+    reader.wait_live().await;
+    let (_, _, body) = reader.get("/persons/1").await;
+    assert_eq!(revision("/persons/1", &body), 2);
+}
+
+/// A writer whose store publishes nothing (misconfigured, or an old
+/// version): other processes still see its write once the route's bound
+/// passed.
+#[tokio::test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn an_unpublished_write_is_seen_once_the_bound_passed() {
+    let server = RedisServer::start();
+    let db = Db::default();
+    db.set("1", 1);
+    let bound = Duration::from_millis(300);
+    let silent: Arc<dyn Store> = Arc::new(
+        RedisStore::open(&server.url())
+            .unwrap()
+            .deadline(TEST_DEADLINE)
+            .channel(""),
+    );
+    let silent_writer = router(db.clone()).layer(CacheLayer::new(
+        Policy::builder()
+            .store(silent)
+            .route(Route::get("/persons/{id}").key("person:{id}"))
+            .on(Rule::new("PATCH /persons/{id}").purge("GET /persons/{id}"))
+            .build()
+            .unwrap(),
+    ));
+    let store = Arc::new(
+        RedisStore::open(&server.url())
+            .unwrap()
+            .deadline(TEST_DEADLINE),
+    );
+    let reader = Process::new(store, &db, bound).await;
+    reader.get("/persons/1").await;
+    let filled = Instant::now();
+    let response = silent_writer
+        .oneshot(method_req("PATCH", "/persons/1"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (_, status, body) = reader.get("/persons/1").await;
+    if filled.elapsed() < bound {
+        assert!(status.contains("in-process"), "{status}");
+        assert_eq!(
+            revision("/persons/1", &body),
+            1,
+            "no message, so still the old entry"
+        );
+    }
+    tokio::time::sleep(bound.saturating_sub(filled.elapsed())).await;
+    let (_, status, body) = reader.get("/persons/1").await;
+    assert_eq!(revision("/persons/1", &body), 2, "past the bound: {status}");
+}
+
+#[tokio::test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_tier_needs_a_store_that_publishes() {
+    let server = RedisServer::start();
+    let conn = server.raw().await;
+    let err = policy(Arc::new(RedisStore::new(conn.clone())), BOUND).unwrap_err();
+    assert!(matches!(err, ConfigError::InProcess { .. }), "{err}");
+    assert!(err.to_string().contains("subscribe_via"), "{err}");
+    let client = redis::Client::open(server.url()).unwrap();
+    let store = RedisStore::new(conn).subscribe_via([client]);
+    assert!(policy(Arc::new(store), BOUND).is_ok());
+    let silent = RedisStore::open(&server.url()).unwrap().channel("");
+    assert!(policy(Arc::new(silent), BOUND).is_err());
+    let zero = policy(
+        Arc::new(tower_redis_cache::store::MemoryStore::new()),
+        Duration::ZERO,
+    );
+    assert!(matches!(zero, Err(ConfigError::InProcess { .. })));
+}
