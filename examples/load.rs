@@ -11,6 +11,15 @@
 //! `--vary skip` makes every request distinct (`&skip=<n>`), so each one
 //! misses. Prints one line: requests, concurrency, p50/p99/mean in µs,
 //! throughput, and the `x-cache` values seen.
+//!
+//! `--writer <addr>` measures instead how soon a write on one process is
+//! seen by another (two persons processes with `CACHE_IN_PROCESS_MS` set,
+//! one Redis, one `PERSONS_DB`): `--requests` rounds of a `PATCH` of
+//! `--path` on the writer, a read on the writer (which must show it at
+//! once), then reads on `--addr` until it shows it (`--patch <path>`
+//! writes another path, such as a person shown in a `--path` list). Prints the writer's
+//! stale reads and the delay percentiles, from the write's response to the
+//! first response showing it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -20,6 +29,8 @@ use tokio::net::TcpStream;
 
 struct Options {
     addr: String,
+    writer: Option<String>,
+    patch: Option<String>,
     path: String,
     token: String,
     requests: usize,
@@ -30,6 +41,8 @@ struct Options {
 fn options() -> Result<Options, String> {
     let mut options = Options {
         addr: "127.0.0.1:3000".into(),
+        writer: None,
+        patch: None,
         path: "/persons/1".into(),
         token: "demo-token-acme".into(),
         requests: 2000,
@@ -41,6 +54,8 @@ fn options() -> Result<Options, String> {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--addr" => options.addr = value,
+            "--writer" => options.writer = Some(value),
+            "--patch" => options.patch = Some(value),
             "--path" => options.path = value,
             "--token" => options.token = value,
             "--requests" => options.requests = value.parse().map_err(|_| "--requests: a number")?,
@@ -55,15 +70,37 @@ fn options() -> Result<Options, String> {
     Ok(options)
 }
 
-/// One request on a keep-alive connection; returns (status, x-cache).
+/// One GET on a keep-alive connection; returns (status, x-cache).
 async fn request(
     stream: &mut BufReader<TcpStream>,
     addr: &str,
     path: &str,
     token: &str,
 ) -> std::io::Result<(u16, String)> {
-    let head =
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
+    let (status, x_cache, _) = exchange(stream, addr, "GET", path, token, None).await?;
+    Ok((status, x_cache))
+}
+
+/// One request on a keep-alive connection, with a JSON body if any;
+/// returns (status, x-cache, body).
+async fn exchange(
+    stream: &mut BufReader<TcpStream>,
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    json: Option<&str>,
+) -> std::io::Result<(u16, String, Vec<u8>)> {
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n");
+    if let Some(json) = json {
+        head.push_str(&format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n\r\n{json}",
+            json.len()
+        ));
+    } else {
+        head.push_str("\r\n");
+    }
     stream.get_mut().write_all(head.as_bytes()).await?;
     let mut line = String::new();
     stream.read_line(&mut line).await?;
@@ -84,18 +121,75 @@ async fn request(
             if name.eq_ignore_ascii_case("content-length") {
                 length = value.trim().parse().unwrap_or(0);
             } else if name.eq_ignore_ascii_case("x-cache") {
-                x_cache = value.trim().to_owned();
+                x_cache.replace_range(..x_cache.find(' ').unwrap_or(x_cache.len()), value.trim());
+            } else if name.eq_ignore_ascii_case("cache-status") && value.contains("in-process") {
+                x_cache.push_str(" in-process");
             }
         }
     }
     let mut body = vec![0; length];
     stream.read_exact(&mut body).await?;
-    Ok((status, x_cache))
+    Ok((status, x_cache, body))
+}
+
+/// The `--writer` mode: how soon another process sees a write.
+async fn publish_delay(options: &Options, writer: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let (path, token) = (options.path.as_str(), options.token.as_str());
+    let patch = options.patch.as_deref().unwrap_or(path);
+    let mut on_writer = BufReader::new(TcpStream::connect(writer).await?);
+    let mut on_reader = BufReader::new(TcpStream::connect(&options.addr).await?);
+    let (mut delays, mut writer_stale, mut polls, mut kept) = (Vec::new(), 0, 0, 0);
+    for round in 0..options.requests {
+        // Both processes hold the current version in process.
+        for _ in 0..2 {
+            exchange(&mut on_writer, writer, "GET", path, token, None).await?;
+            let (_, x_cache, _) =
+                exchange(&mut on_reader, &options.addr, "GET", path, token, None).await?;
+            kept += usize::from(x_cache == "HIT in-process");
+        }
+        let name = format!("delay-{}-{round}", std::process::id());
+        let json = format!(r#"{{"name":"{name}"}}"#);
+        let (status, _, _) =
+            exchange(&mut on_writer, writer, "PATCH", patch, token, Some(&json)).await?;
+        if status != 200 {
+            return Err(format!("PATCH {patch} answered {status}").into());
+        }
+        let written = Instant::now();
+        let shows = |body: &[u8]| String::from_utf8_lossy(body).contains(&name);
+        let (_, _, body) = exchange(&mut on_writer, writer, "GET", path, token, None).await?;
+        writer_stale += usize::from(!shows(&body));
+        loop {
+            let (_, _, body) =
+                exchange(&mut on_reader, &options.addr, "GET", path, token, None).await?;
+            polls += 1;
+            if shows(&body) {
+                delays.push(written.elapsed());
+                break;
+            }
+            if written.elapsed() > Duration::from_secs(30) {
+                return Err(format!("round {round}: the reader never showed the write").into());
+            }
+        }
+    }
+    delays.sort();
+    let at =
+        |q: f64| delays[((delays.len() as f64 * q) as usize).min(delays.len() - 1)].as_micros();
+    println!(
+        "rounds={} writer_stale={writer_stale} delay_p50_us={} delay_p99_us={} delay_max_us={} reader_polls={polls} reader_in_process_hits={kept}",
+        delays.len(),
+        at(0.50),
+        at(0.99),
+        at(1.0),
+    );
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let options = options()?;
+    if let Some(writer) = options.writer.clone() {
+        return publish_delay(&options, &writer).await;
+    }
     let per_client = options.requests / options.concurrency;
     let started = Instant::now();
     let mut clients = Vec::new();

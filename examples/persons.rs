@@ -16,7 +16,9 @@
 //! `REDIS_CLUSTER_URLS` (cluster seeds; wins over `REDIS_URL`),
 //! `CACHE=on|off` (on), `CACHE_TTL_PERSON_SECONDS` (300),
 //! `CACHE_TTL_LIST_SECONDS` (60), `CACHE_NAMESPACE` (app),
-//! `CACHE_REDIS_TIMEOUT_MS` (100), `PERSONS_TOKENS` (`token=tenant,…`; demo
+//! `CACHE_REDIS_TIMEOUT_MS` (100), `CACHE_IN_PROCESS_MS` (off; with a
+//! value, both routes are also kept in process for at most that long, the
+//! in-process tier), `PERSONS_TOKENS` (`token=tenant,…`; demo
 //! tokens when unset), `PERSONS_ADMIN_TOKEN` (the admin endpoints' bearer
 //! token; generated and printed when unset), `PERSONS_DB` (a SQLite file; in
 //! memory when unset), `PERSONS_SEED` (sample persons per tenant, 2000),
@@ -497,6 +499,9 @@ async fn cache_health(State(app): State<App>) -> Json<Value> {
     if let Some(error) = health.error {
         body["error"] = json!(error);
     }
+    if let Some(tier) = health.in_process {
+        body["in_process"] = json!({"live": tier.live, "entries": tier.entries});
+    }
     Json(body)
 }
 
@@ -515,7 +520,8 @@ async fn cache_stats(State(app): State<App>) -> Json<Value> {
                 .map(|(reason, n)| (reason.as_str().to_owned(), json!(n)))
                 .collect();
             json!({
-                "route": r.route, "hits": r.hits, "misses": r.misses, "stores": r.stores,
+                "route": r.route, "hits": r.hits, "in_process_hits": r.in_process_hits,
+                "misses": r.misses, "stores": r.stores,
                 "errors": r.errors, "skips": skips, "hit_rate": r.hit_rate,
                 "mean_hit_us": r.mean_hit_latency.as_micros() as u64,
                 "mean_miss_us": r.mean_miss_latency.as_micros() as u64,
@@ -699,8 +705,15 @@ fn cache_policy(
     namespace: &str,
     person_ttl: u64,
     list_ttl: u64,
+    in_process: Option<Duration>,
     redis: Option<Arc<dyn Store>>,
 ) -> Result<Policy, tower_redis_cache::ConfigError> {
+    // The in-process tier, when asked for: each route's entries also kept
+    // in this process for at most `bound`.
+    let local = |route: Route| match in_process {
+        Some(bound) => route.in_process(bound),
+        None => route,
+    };
     let item_and_lists = |route: &str| {
         Rule::new(route)
             .purge("GET /persons/{id}")
@@ -708,13 +721,13 @@ fn cache_policy(
     };
     let mut policy = Policy::builder()
         .namespace(namespace)
-        .route(
+        .route(local(
             Route::get("/persons/{id}")
                 .key("person:{id}")
                 .ttl(Duration::from_secs(person_ttl))
                 .scope(tenant_scope()),
-        )
-        .route(
+        ))
+        .route(local(
             Route::get("/persons")
                 .key("persons:list:v{version}:{query_hash}")
                 .versioned_by("persons:list")
@@ -722,7 +735,7 @@ fn cache_policy(
                 .query_allowlist(["limit", "skip", "name", "email", "sort"])
                 .ttl(Duration::from_secs(list_ttl))
                 .scope(tenant_scope()),
-        )
+        ))
         .on(Rule::new("POST /persons").bump("persons:list"))
         .on(item_and_lists("PATCH|DELETE /persons/{id}"))
         .on(item_and_lists("POST /persons/{id}/addresses"))
@@ -812,6 +825,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             &env("CACHE_NAMESPACE", "app"),
             env_u64("CACHE_TTL_PERSON_SECONDS", 300),
             env_u64("CACHE_TTL_LIST_SECONDS", 60),
+            Some(env_u64("CACHE_IN_PROCESS_MS", 0))
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
             redis,
         )?),
         false => None,

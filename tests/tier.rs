@@ -286,6 +286,70 @@ async fn concurrent_writes_cluster() {
     concurrent(Backend::cluster()).await;
 }
 
+/// How long after a write's response the other process stops serving the
+/// old entry from its tier: it polls (each poll an in-process hit, a few
+/// microseconds) until a read shows the write, and the delay runs to the
+/// start of that read. Prints the percentiles; every delay must stay under
+/// the bound.
+async fn publish_delay(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 0);
+    let writer = Process::new(backend.store.clone(), &db, BOUND).await;
+    let other = Process::new(backend.another_store(), &db, BOUND).await;
+    // The reads and writes run on a thread of their own, so that the
+    // runtime's workers idle as a server's do and handle each message as
+    // it comes (a task polling in a loop would hold a worker).
+    let runtime = tokio::runtime::Handle::current();
+    let delays = tokio::task::spawn_blocking(move || {
+        let mut delays = Vec::new();
+        for rev in 1..=300u64 {
+            for _ in 0..2 {
+                runtime.block_on(other.get("/persons/1"));
+            }
+            runtime.block_on(writer.patch("/persons/1"));
+            let written = Instant::now();
+            loop {
+                // Measured to the start of the read that shows the write:
+                // the old entry was gone by then.
+                let polled = Instant::now();
+                let (_, _, body) = runtime.block_on(other.get("/persons/1"));
+                if revision("/persons/1", &body) == rev {
+                    delays.push(polled - written);
+                    break;
+                }
+                assert!(written.elapsed() < BOUND, "still old after the bound");
+                // Spinning would take the core the subscriber needs.
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+        delays
+    })
+    .await
+    .unwrap();
+    let mut delays = delays;
+    delays.sort();
+    let at = |q: f64| delays[((delays.len() as f64 * q) as usize).min(delays.len() - 1)];
+    eprintln!(
+        "publish delay over {} writes: p50 {:?}, p99 {:?}, max {:?}",
+        delays.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn publish_delay_redis() {
+    publish_delay(Backend::redis()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn publish_delay_cluster() {
+    publish_delay(Backend::cluster()).await;
+}
+
 /// Invalidations published while a process's subscription was down never
 /// reach it: its whole tier is dropped when the connection drops, and it
 /// is used again only once subscribed again.
