@@ -135,19 +135,30 @@ impl Entry {
         out.freeze()
     }
 
-    /// Seconds left before the entry goes stale, negative once it has.
-    pub(crate) fn remaining_ttl_s(&self) -> i64 {
-        i64::from(self.ttl_s) - self.age_s() as i64
+    /// Seconds left at `now_ms` (see [`unix_ms`]) before the entry goes
+    /// stale, negative once it has.
+    pub(crate) fn remaining_ttl_s(&self, now_ms: u64) -> i64 {
+        i64::from(self.ttl_s) - self.age_s(now_ms) as i64
     }
 
-    /// True once the entry outlived its TTL (served only within a
-    /// stale-while-revalidate window).
-    pub(crate) fn is_stale(&self) -> bool {
-        unix_ms() >= self.stored_at_ms + u64::from(self.ttl_s) * 1000
+    /// True once the entry outlived its TTL at `now_ms` (served only within
+    /// a stale-while-revalidate window).
+    pub(crate) fn is_stale(&self, now_ms: u64) -> bool {
+        now_ms >= self.fresh_until_ms()
     }
 
-    pub(crate) fn age_s(&self) -> u64 {
-        unix_ms().saturating_sub(self.stored_at_ms) / 1000
+    /// How long the entry stays fresh after `now_ms`.
+    #[cfg_attr(not(feature = "tier"), allow(dead_code))]
+    pub(crate) fn fresh_for(&self, now_ms: u64) -> Duration {
+        Duration::from_millis(self.fresh_until_ms().saturating_sub(now_ms))
+    }
+
+    fn fresh_until_ms(&self) -> u64 {
+        self.stored_at_ms + u64::from(self.ttl_s) * 1000
+    }
+
+    pub(crate) fn age_s(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.stored_at_ms) / 1000
     }
 }
 

@@ -197,7 +197,7 @@ impl Ctx {
             Some(Slot::Entry(entry)) => {
                 self.key = Some(key);
                 self.local.served = true;
-                Ok(self.hit(entry))
+                Ok(self.hit(entry, crate::entry::unix_ms()))
             }
             _ => Err(key),
         }
@@ -249,11 +249,13 @@ impl Ctx {
         KeyText(self.key.as_ref())
     }
 
-    pub(crate) fn hit<B: Body>(&mut self, entry: Entry) -> Response<ResponseBody<B>> {
+    /// The response of a hit on `entry`, at `now_ms` (one clock read per
+    /// hit, see [`unix_ms`](crate::entry::unix_ms)).
+    pub(crate) fn hit<B: Body>(&mut self, entry: Entry, now_ms: u64) -> Response<ResponseBody<B>> {
         let (ttl, age, stale) = (
-            entry.remaining_ttl_s(),
-            entry.age_s(),
-            self.is_stale(&entry),
+            entry.remaining_ttl_s(now_ms),
+            entry.age_s(now_ms),
+            self.is_stale(&entry, now_ms),
         );
         let not_modified = match (&self.if_none_match, entry.headers.get(header::ETAG)) {
             (Some(condition), Some(etag)) => crate::entry::none_match(condition, etag),
@@ -303,18 +305,17 @@ impl Ctx {
         };
         if let Observed::Value(raw) = found.payload() {
             if let Slot::Entry(entry) = crate::entry::decode(raw.clone()) {
-                let refresh = match self.is_stale(&entry) {
+                let now_ms = crate::entry::unix_ms();
+                let refresh = match self.is_stale(&entry, now_ms) {
                     true => self.refresh(&found),
                     false => None,
                 };
                 self.end_span(if refresh.is_some() { "stale" } else { "hit" }, took);
                 #[cfg(feature = "tier")]
                 if refresh.is_none() {
-                    let fresh_ms = (entry.stored_at_ms + u64::from(entry.ttl_s) * 1000)
-                        .saturating_sub(crate::entry::unix_ms());
-                    self.fill_local(raw.clone(), Duration::from_millis(fresh_ms));
+                    self.fill_local(raw.clone(), entry.fresh_for(now_ms));
                 }
-                return Next::Serve(self.hit(entry), refresh);
+                return Next::Serve(self.hit(entry, now_ms), refresh);
             }
         }
         self.end_span("miss", took);
@@ -396,8 +397,8 @@ impl Ctx {
 
     /// True when `entry` is past its TTL on a route that serves stale
     /// entries while refreshing them.
-    pub(crate) fn is_stale(&self, entry: &Entry) -> bool {
-        !self.policy.route(self.route).stale_window.is_zero() && entry.is_stale()
+    pub(crate) fn is_stale(&self, entry: &Entry, now_ms: u64) -> bool {
+        !self.policy.route(self.route).stale_window.is_zero() && entry.is_stale(now_ms)
     }
 
     /// The background refresh of a stale entry, unless one is under way.

@@ -1,10 +1,14 @@
 //! Peer anchor: one JSON endpoint on a plain hyper server, served bare, behind
 //! tower-http-cache (Redis or memory backend), or, built with the `ours`
 //! feature, behind tower-redis-cache (Redis or memory store).
-//! Usage: peer-harness <nocache|thc-redis|thc-memory|ours-redis|ours-memory> <port> [redis_url]
+//! Usage: peer-harness <nocache|thc-redis|thc-memory|ours-redis|ours-memory|ours-tier> <port> [redis_url]
+//! (`ours-tier`: tower-redis-cache over Redis with its in-process tier.)
 //! With PEER_CALLS_PORT=<port> set, a connection to 127.0.0.1:<port> reads
-//! how many times the handler ran (decimal, then the connection closes): a
-//! cached mode whose count grows under load is not serving hits.
+//! how many times the handler ran and how many heap allocations the
+//! process made so far (`<calls> <allocations>`, decimal, then the
+//! connection closes): a cached mode whose count grows under load is not
+//! serving hits. Allocations are counted only after a connection sends
+//! `count` first (reading them costs an atomic add per allocation).
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -35,6 +39,33 @@ fn body() -> Bytes {
 }
 
 static HANDLER_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// The system allocator, counting allocations once asked to.
+struct Counting;
+
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        std::alloc::System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        std::alloc::System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        std::alloc::System.realloc(ptr, layout, size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 async fn handler(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     HANDLER_CALLS.fetch_add(1, Ordering::Relaxed);
@@ -72,15 +103,27 @@ async fn main() {
                     .map_err(|x| e(x.into())),
             )
         }
-        "ours-memory" | "ours-redis" => ours(&mode, args.get(3).cloned(), base),
+        "ours-memory" | "ours-redis" | "ours-tier" => ours(&mode, args.get(3).cloned(), base),
         other => panic!("unknown mode {other}"),
     };
     if let Some(calls_port) = std::env::var("PEER_CALLS_PORT").ok().and_then(|p| p.parse::<u16>().ok()) {
         let calls = tokio::net::TcpListener::bind(("127.0.0.1", calls_port)).await.unwrap();
         tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             while let Ok((mut stream, _)) = calls.accept().await {
-                let count = HANDLER_CALLS.load(Ordering::Relaxed).to_string();
+                // `count` turns allocation counting on; anything else (or
+                // nothing, within 50 ms) just reads.
+                let mut ask = [0u8; 5];
+                if let Ok(Ok(5)) = tokio::time::timeout(Duration::from_millis(50), stream.read_exact(&mut ask)).await {
+                    if &ask == b"count" {
+                        COUNTING.store(true, Ordering::Relaxed);
+                    }
+                }
+                let count = format!(
+                    "{} {}",
+                    HANDLER_CALLS.load(Ordering::Relaxed),
+                    ALLOCATIONS.load(Ordering::Relaxed)
+                );
                 let _ = stream.write_all(count.as_bytes()).await;
             }
         });
@@ -99,7 +142,7 @@ async fn main() {
 
 /// tower-redis-cache on the same handler: `/item`, kept 300 s under the key
 /// `app:item`, and `/list`, a versioned route (group `list`) as list
-/// endpoints use.
+/// endpoints use. `ours-tier` keeps both in process too, for at most 1 s.
 #[cfg(feature = "ours")]
 fn ours<S>(mode: &str, url: Option<String>, base: S) -> Svc
 where
@@ -110,14 +153,18 @@ where
     use http_body_util::BodyExt;
     use tower_redis_cache::store::{MemoryStore, RedisStore};
     use tower_redis_cache::{CacheLayer, Policy, Route};
+    let tier = |route: Route| match mode {
+        "ours-tier" => route.in_process(Duration::from_secs(1)),
+        _ => route,
+    };
     let builder = Policy::builder()
-        .route(Route::get("/item").key("item").ttl(Duration::from_secs(300)))
-        .route(
+        .route(tier(Route::get("/item").key("item").ttl(Duration::from_secs(300))))
+        .route(tier(
             Route::get("/list")
                 .key("list:v{version}")
                 .versioned_by("list")
                 .ttl(Duration::from_secs(300)),
-        );
+        ));
     let builder = match mode {
         "ours-memory" => builder.store(MemoryStore::new()),
         _ => {
