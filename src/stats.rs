@@ -105,7 +105,22 @@ impl Reason {
     }
 }
 
+/// Each route's counters are kept in this many copies, one per group of
+/// threads, each on its own cache lines: threads serving hits at once do
+/// not contend on one counter. A snapshot sums them.
+const SHARDS: usize = 8;
+
+/// The copy of the counters this thread updates.
+fn shard() -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) as usize % SHARDS;
+    }
+    SHARD.with(|shard| *shard)
+}
+
 #[derive(Debug, Default)]
+#[repr(align(128))]
 struct Counters {
     hits: AtomicU64,
     in_process_hits: AtomicU64,
@@ -180,13 +195,20 @@ pub struct RouteStats {
 
 impl CacheStats {
     pub(crate) fn new(labels: Vec<String>) -> Self {
-        let counters = labels.iter().map(|_| Counters::default()).collect();
+        let counters = (0..labels.len() * SHARDS)
+            .map(|_| Counters::default())
+            .collect();
         Self {
             metrics: Arc::new(telemetry::Routes::new(&labels)),
             labels: labels.into(),
             counters,
             invalidations: Arc::default(),
         }
+    }
+
+    /// This thread's copy of `route`'s counters.
+    fn counters(&self, route: usize) -> &Counters {
+        &self.counters[route * SHARDS + shard()]
     }
 
     pub(crate) fn invalidation_applied(&self) {
@@ -222,7 +244,7 @@ impl CacheStats {
 
     /// A hit, from the in-process tier when `local`.
     pub(crate) fn hit(&self, route: usize, took: Duration, local: bool) {
-        let c = &self.counters[route];
+        let c = self.counters(route);
         c.hits.fetch_add(1, Ordering::Relaxed);
         if local {
             c.in_process_hits.fetch_add(1, Ordering::Relaxed);
@@ -233,7 +255,7 @@ impl CacheStats {
     }
 
     pub(crate) fn miss(&self, route: usize, took: Duration) {
-        let c = &self.counters[route];
+        let c = self.counters(route);
         c.misses.fetch_add(1, Ordering::Relaxed);
         c.miss_nanos
             .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
@@ -242,24 +264,24 @@ impl CacheStats {
 
     /// An entry written; `took` is the write alone.
     pub(crate) fn stored(&self, route: usize, took: Duration) {
-        self.counters[route].stores.fetch_add(1, Ordering::Relaxed);
+        self.counters(route).stores.fetch_add(1, Ordering::Relaxed);
         self.metrics.stored(route, took);
     }
 
     pub(crate) fn error(&self, route: usize, op: Op, err: &StoreError) {
-        self.counters[route].errors.fetch_add(1, Ordering::Relaxed);
+        self.counters(route).errors.fetch_add(1, Ordering::Relaxed);
         telemetry::store_error(op, err);
     }
 
     /// A request that did not use the cache.
     pub(crate) fn bypass(&self, route: usize, reason: Reason) {
-        self.counters[route].skips[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.counters(route).skips[reason.index()].fetch_add(1, Ordering::Relaxed);
         self.metrics.bypass(route, reason);
     }
 
     /// A miss whose response was not stored.
     pub(crate) fn not_stored(&self, route: usize, reason: Reason) {
-        self.counters[route].skips[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.counters(route).skips[reason.index()].fetch_add(1, Ordering::Relaxed);
         self.metrics.not_stored(route, reason);
     }
 
@@ -267,23 +289,24 @@ impl CacheStats {
     pub fn snapshot(&self) -> Vec<RouteStats> {
         self.labels
             .iter()
-            .zip(self.counters.iter())
-            .map(|(label, c)| {
-                let hits = c.hits.load(Ordering::Relaxed);
-                let misses = c.misses.load(Ordering::Relaxed);
-                let mean = |nanos: &AtomicU64, n: u64| {
-                    Duration::from_nanos(nanos.load(Ordering::Relaxed).checked_div(n).unwrap_or(0))
+            .zip(self.counters.chunks(SHARDS))
+            .map(|(label, shards)| {
+                let sum = |read: &dyn Fn(&Counters) -> &AtomicU64| -> u64 {
+                    shards.iter().map(|c| read(c).load(Ordering::Relaxed)).sum()
                 };
+                let (hits, misses) = (sum(&|c| &c.hits), sum(&|c| &c.misses));
+                let mean =
+                    |nanos: u64, n: u64| Duration::from_nanos(nanos.checked_div(n).unwrap_or(0));
                 RouteStats {
                     route: label.clone(),
                     hits,
-                    in_process_hits: c.in_process_hits.load(Ordering::Relaxed),
+                    in_process_hits: sum(&|c| &c.in_process_hits),
                     misses,
-                    stores: c.stores.load(Ordering::Relaxed),
-                    errors: c.errors.load(Ordering::Relaxed),
+                    stores: sum(&|c| &c.stores),
+                    errors: sum(&|c| &c.errors),
                     skips: Reason::ALL
                         .iter()
-                        .map(|r| (*r, c.skips[r.index()].load(Ordering::Relaxed)))
+                        .map(|r| (*r, sum(&|c| &c.skips[r.index()])))
                         .filter(|(_, n)| *n > 0)
                         .collect(),
                     hit_rate: if hits + misses == 0 {
@@ -291,8 +314,8 @@ impl CacheStats {
                     } else {
                         hits as f64 / (hits + misses) as f64
                     },
-                    mean_hit_latency: mean(&c.hit_nanos, hits),
-                    mean_miss_latency: mean(&c.miss_nanos, misses),
+                    mean_hit_latency: mean(sum(&|c| &c.hit_nanos), hits),
+                    mean_miss_latency: mean(sum(&|c| &c.miss_nanos), misses),
                 }
             })
             .collect()
