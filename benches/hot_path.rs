@@ -2,7 +2,8 @@
 //! entry encode/decode, and a hit and a miss through `CacheLayer` with the
 //! memory store, against the bare handler.
 //!
-//! Run with `cargo bench --bench hot_path`.
+//! Run with `cargo bench --bench hot_path` (`--features tier` adds a hit
+//! from the in-process tier).
 
 use std::time::Duration;
 
@@ -84,6 +85,33 @@ fn bench(c: &mut Criterion) {
             response.into_body().collect().await.unwrap()
         })
     });
+
+    // The same hit from the in-process tier (over the memory store, which
+    // reports its invalidations at once): what a Redis-backed route kept in
+    // process costs per hit.
+    #[cfg(feature = "tier")]
+    {
+        let policy = Policy::builder()
+            .route(
+                Route::get("/persons/{id}")
+                    .key("person:{id}")
+                    .ttl(Duration::from_secs(3600))
+                    .in_process(Duration::from_secs(3600)),
+            )
+            .build()
+            .unwrap();
+        let tiered = CacheLayer::new(policy).layer(handler());
+        c.bench_function("hit, in-process tier", |b| {
+            b.to_async(&runtime).iter(|| async {
+                let response = tiered
+                    .clone()
+                    .oneshot(Request::get("/persons/1").body(()).unwrap())
+                    .await
+                    .unwrap();
+                response.into_body().collect().await.unwrap()
+            })
+        });
+    }
 
     let uncached = CacheLayer::new(policy(Duration::from_secs(3600))).layer(handler());
     let mut id = 0u64;

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::entry::Entry;
 use crate::store::{CacheKey, Invalidation, Lookup, Store, StoreFuture, StoreHealth};
 
 /// Default bound on the number of entries the tier holds.
@@ -95,10 +96,12 @@ impl InProcess {
     }
 }
 
-/// One entry kept in the tier.
+/// One entry kept in the tier, decoded: a hit clones it (no parsing).
 #[derive(Clone)]
 struct Local {
-    raw: Bytes,
+    entry: Entry,
+    /// The entry's size as stored, for the byte bound.
+    size: usize,
     /// The generation the lookup that found it read before asking the store.
     generation: u64,
     /// Past this, the entry is not served (hard bound, or staleness).
@@ -118,7 +121,7 @@ impl quick_cache::Weighter<CacheKey, Local> for Weigh {
             CacheKey::Plain(key) => key.len(),
             CacheKey::Versioned { prefix, suffix, .. } => prefix.len() + suffix.len(),
         };
-        ((local.raw.len() + key_len) as u64).max(self.floor)
+        ((local.size + key_len) as u64).max(self.floor)
     }
 }
 
@@ -235,7 +238,7 @@ impl Tier {
     }
 
     /// The entry kept for `key`, if it may be served at `now`.
-    pub(crate) fn get(&self, key: &CacheKey, now: Instant) -> Option<Bytes> {
+    pub(crate) fn get(&self, key: &CacheKey, now: Instant) -> Option<Entry> {
         if !self.state.live.load(Ordering::Acquire) {
             self.start();
             return None;
@@ -244,18 +247,27 @@ impl Tier {
         if now >= local.until || !self.state.valid(key, local.generation) {
             return None;
         }
-        Some(local.raw)
+        Some(local.entry)
     }
 
-    /// Keeps `raw` for `key` until `until`, unless an invalidation of its
-    /// key or group arrived since `generation` was read (then the store may
-    /// have answered with what it invalidated).
-    pub(crate) fn fill(&self, key: &CacheKey, raw: Bytes, generation: u64, until: Instant) {
+    /// Keeps `entry` (`size` bytes as stored) for `key` until `until`,
+    /// unless an invalidation of its key or group arrived since
+    /// `generation` was read (then the store may have answered with what it
+    /// invalidated).
+    pub(crate) fn fill(
+        &self,
+        key: &CacheKey,
+        entry: Entry,
+        size: usize,
+        generation: u64,
+        until: Instant,
+    ) {
         if !self.state.valid(key, generation) {
             return;
         }
         let local = Local {
-            raw,
+            entry,
+            size,
             generation,
             until,
         };
@@ -428,6 +440,21 @@ mod tests {
         }
     }
 
+    fn entry(body: &'static str) -> Entry {
+        let headers = http::HeaderMap::new();
+        let body = Bytes::from_static(body.as_bytes());
+        Entry::new(
+            http::StatusCode::OK,
+            &headers,
+            body,
+            Duration::from_secs(60),
+        )
+    }
+
+    fn body(found: Option<Entry>) -> Option<Bytes> {
+        found.map(|entry| entry.body)
+    }
+
     fn later() -> Instant {
         Instant::now() + Duration::from_secs(60)
     }
@@ -436,8 +463,11 @@ mod tests {
     fn a_fill_is_served_until_its_key_is_invalidated() {
         let tier = tier();
         let key = CacheKey::Plain("app:person:1".to_owned());
-        tier.fill(&key, Bytes::from_static(b"v1"), tier.generation(), later());
-        assert_eq!(tier.get(&key, Instant::now()).as_deref(), Some(&b"v1"[..]));
+        tier.fill(&key, entry("v1"), 2, tier.generation(), later());
+        assert_eq!(
+            body(tier.get(&key, Instant::now())).as_deref(),
+            Some(&b"v1"[..])
+        );
         tier.evict(&Invalidation::new(vec!["app:person:1".to_owned()], vec![]));
         assert_eq!(tier.get(&key, Instant::now()), None);
     }
@@ -454,10 +484,13 @@ mod tests {
                 Duration::from_secs(60),
             )],
         ));
-        tier.fill(&key, Bytes::from_static(b"old"), before, later());
+        tier.fill(&key, entry("old"), 2, before, later());
         assert_eq!(tier.get(&key, Instant::now()), None);
-        tier.fill(&key, Bytes::from_static(b"new"), tier.generation(), later());
-        assert_eq!(tier.get(&key, Instant::now()).as_deref(), Some(&b"new"[..]));
+        tier.fill(&key, entry("new"), 2, tier.generation(), later());
+        assert_eq!(
+            body(tier.get(&key, Instant::now())).as_deref(),
+            Some(&b"new"[..])
+        );
     }
 
     #[test]
@@ -472,7 +505,7 @@ mod tests {
                 Duration::from_secs(60),
             )],
         ));
-        tier.fill(&key, Bytes::from_static(b"v"), before, later());
+        tier.fill(&key, entry("v"), 2, before, later());
         // A hash collision would drop it; with 4096 slots these two do not.
         assert!(tier.get(&key, Instant::now()).is_some());
     }
@@ -482,22 +515,25 @@ mod tests {
         let tier = tier();
         let watcher = Watcher(Arc::downgrade(&tier.state));
         let key = CacheKey::Plain("app:person:1".to_owned());
-        tier.fill(&key, Bytes::from_static(b"v1"), tier.generation(), later());
+        tier.fill(&key, entry("v1"), 2, tier.generation(), later());
         let under_way = tier.generation();
         watcher.lost();
         assert_eq!(tier.get(&key, Instant::now()), None);
         assert_eq!(tier.len(), 0);
-        tier.fill(&key, Bytes::from_static(b"v1"), tier.generation(), later());
+        tier.fill(&key, entry("v1"), 2, tier.generation(), later());
         assert_eq!(tier.get(&key, Instant::now()), None, "not live");
         watcher.live();
-        tier.fill(&key, Bytes::from_static(b"v1"), under_way, later());
+        tier.fill(&key, entry("v1"), 2, under_way, later());
         assert_eq!(
             tier.get(&key, Instant::now()),
             None,
             "filled across the gap"
         );
-        tier.fill(&key, Bytes::from_static(b"v2"), tier.generation(), later());
-        assert_eq!(tier.get(&key, Instant::now()).as_deref(), Some(&b"v2"[..]));
+        tier.fill(&key, entry("v2"), 2, tier.generation(), later());
+        assert_eq!(
+            body(tier.get(&key, Instant::now())).as_deref(),
+            Some(&b"v2"[..])
+        );
     }
 
     #[test]
@@ -505,7 +541,7 @@ mod tests {
         let tier = tier();
         let key = CacheKey::Plain("app:person:1".to_owned());
         let until = Instant::now() + Duration::from_millis(10);
-        tier.fill(&key, Bytes::from_static(b"v1"), tier.generation(), until);
+        tier.fill(&key, entry("v1"), 2, tier.generation(), until);
         assert!(tier.get(&key, until - Duration::from_millis(1)).is_some());
         assert_eq!(tier.get(&key, until), None);
     }
@@ -517,12 +553,7 @@ mod tests {
         let fill = |name: &str, size: usize| {
             for i in 0..1000 {
                 let key = CacheKey::Plain(format!("app:{name}:{i}"));
-                tier.fill(
-                    &key,
-                    Bytes::from(vec![b'x'; size]),
-                    tier.generation(),
-                    later(),
-                );
+                tier.fill(&key, entry("x"), size, tier.generation(), later());
                 assert!(tier.len() <= 100, "{} entries", tier.len());
                 assert!(tier.state.entries.weight() <= 10_000);
             }
@@ -531,12 +562,7 @@ mod tests {
         fill("big", 1000);
         let key = CacheKey::Plain("app:big:last".to_owned());
         tier.state.clear(true);
-        tier.fill(
-            &key,
-            Bytes::from(vec![b'x'; 1000]),
-            tier.generation(),
-            later(),
-        );
+        tier.fill(&key, entry("x"), 1000, tier.generation(), later());
         assert!(
             tier.get(&key, Instant::now()).is_some(),
             "a 1 KB entry fits"

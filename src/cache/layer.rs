@@ -36,7 +36,6 @@ impl<S> Layer<S> for CacheLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Cache {
             inner: Invalidate::new(inner, self.policy.clone()),
-            policy: self.policy.clone(),
         }
     }
 }

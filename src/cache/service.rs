@@ -36,14 +36,15 @@ pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-statu
 /// [module docs](super) for details.
 #[derive(Clone)]
 pub struct Cache<S> {
+    // Holds the policy too: one reference count per clone (services are
+    // cloned per request, and threads contend on that count).
     pub(crate) inner: Invalidate<S>,
-    pub(crate) policy: Policy,
 }
 
 impl<S> std::fmt::Debug for Cache<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cache")
-            .field("policy", &self.policy)
+            .field("policy", self.inner.policy())
             .finish_non_exhaustive()
     }
 }
@@ -71,10 +72,11 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let head = request.method() == Method::HEAD;
-        match self.policy.decide(&request) {
+        let policy = self.inner.policy();
+        match policy.decide(&request) {
             Decision::Pass => ResponseFuture::pass(self.inner.call(request)),
             Decision::Bypass { route, reason } => {
-                let mut ctx = Ctx::new(&self.policy, route, head, None);
+                let mut ctx = Ctx::new(policy, route, head, None);
                 ctx.bypass = Some(reason);
                 ResponseFuture::bypass(self.inner.call(request), ctx)
             }
@@ -85,16 +87,20 @@ where
                 // back at once; the future readies an unreserved clone only
                 // on a miss, so a hit holds none of the inner capacity while
                 // the store answers.
-                let service = self.inner.clone();
-                drop(std::mem::replace(&mut self.inner, service.clone()));
-                let mut ctx = Ctx::new(&self.policy, route, head, None);
+                let mut ctx = Ctx::new(policy, route, head, None);
                 ctx.if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
                 #[cfg(feature = "tier")]
                 let key = match ctx.local_hit(key) {
-                    Ok(response) => return ResponseFuture::served(response),
+                    Ok(response) => {
+                        let unreserved = self.inner.clone();
+                        drop(std::mem::replace(&mut self.inner, unreserved));
+                        return ResponseFuture::served(response);
+                    }
                     Err(key) => key,
                 };
-                let lookup = self.policy.store().lookup(&key);
+                let lookup = ctx.policy.store().lookup(&key);
+                let service = self.inner.clone();
+                drop(std::mem::replace(&mut self.inner, service.clone()));
                 ctx.key = Some(key);
                 ctx.start_span(Op::Lookup);
                 ResponseFuture::lookup(lookup, Call { service, request }, ctx)
@@ -193,27 +199,29 @@ impl Ctx {
             _ => return Err(key),
         };
         self.local.generation = Some(tier.generation());
-        match tier.get(&key, self.started).map(crate::entry::decode) {
-            Some(Slot::Entry(entry)) => {
+        match tier.get(&key, self.started) {
+            Some(entry) => {
                 self.key = Some(key);
                 self.local.served = true;
                 Ok(self.hit(entry, crate::entry::unix_ms()))
             }
-            _ => Err(key),
+            None => Err(key),
         }
     }
 
-    /// Keeps `raw`, fresh for `fresh_for`, in the in-process tier, unless
-    /// an invalidation of its key or group arrived since the lookup began.
+    /// Keeps `entry` (`size` bytes stored), fresh for `fresh_for`, in the
+    /// in-process tier, unless an invalidation of its key or group arrived
+    /// since the lookup began.
     #[cfg(feature = "tier")]
-    fn fill_local(&self, raw: Bytes, fresh_for: Duration) {
+    fn fill_local(&self, entry: Entry, size: usize, fresh_for: Duration) {
         let (Some(generation), Some(key), Some(tier)) =
             (self.local.generation, &self.key, self.policy.tier())
         else {
             return;
         };
         if let Some(bound) = self.policy.route(self.route).in_process {
-            tier.fill(key, raw, generation, self.started + bound.min(fresh_for));
+            let until = self.started + bound.min(fresh_for);
+            tier.fill(key, entry, size, generation, until);
         }
     }
 
@@ -312,8 +320,8 @@ impl Ctx {
                 };
                 self.end_span(if refresh.is_some() { "stale" } else { "hit" }, took);
                 #[cfg(feature = "tier")]
-                if refresh.is_none() {
-                    self.fill_local(raw.clone(), entry.fresh_for(now_ms));
+                if refresh.is_none() && self.local.generation.is_some() {
+                    self.fill_local(entry.clone(), raw.len(), entry.fresh_for(now_ms));
                 }
                 return Next::Serve(self.hit(entry, now_ms), refresh);
             }
@@ -493,7 +501,9 @@ impl Ctx {
             Ok(true) => {
                 #[cfg(feature = "tier")]
                 if let Some(stored) = self.local.stored.take() {
-                    self.fill_local(stored, self.ttl());
+                    if let Slot::Entry(entry) = crate::entry::decode(stored.clone()) {
+                        self.fill_local(entry, stored.len(), self.ttl());
+                    }
                 }
                 self.end_span("stored", took);
                 self.policy.stats_ref().stored(self.route, took);

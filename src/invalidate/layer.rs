@@ -47,6 +47,11 @@ impl<S> Invalidate<S> {
     pub(crate) fn new(inner: S, policy: Policy) -> Self {
         Self { inner, policy }
     }
+
+    /// The policy, shared with the cache layer wrapping this one.
+    pub(crate) fn policy(&self) -> &Policy {
+        &self.policy
+    }
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Invalidate<S>
