@@ -42,6 +42,10 @@ pub(crate) const STORED_HEADERS: [HeaderName; 5] = [
     http::header::ETAG,
 ];
 
+/// Headers a hit adds to the stored ones: `content-length`, `age`,
+/// `x-cache`, `cache-status`.
+const ADDED_HEADERS: usize = 4;
+
 /// A decoded cached response.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Entry {
@@ -135,6 +139,43 @@ impl Entry {
         out.freeze()
     }
 
+    /// A copy to answer with: its header map has room for the headers a
+    /// hit adds (a clone's would grow, reallocating, on the first insert).
+    #[cfg(feature = "tier")]
+    pub(crate) fn to_serve(&self) -> Self {
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + ADDED_HEADERS);
+        for (name, value) in &self.headers {
+            headers.append(name.clone(), value.clone());
+        }
+        Self {
+            status: self.status,
+            headers,
+            body: self.body.clone(),
+            stored_at_ms: self.stored_at_ms,
+            ttl_s: self.ttl_s,
+        }
+    }
+
+    /// The same entry in buffers of its own: clones of it share no
+    /// reference count with clones of `self` (a thread's own copy).
+    #[cfg(feature = "tier")]
+    pub(crate) fn deep_copy(&self) -> Self {
+        let mut headers = HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in &self.headers {
+            let mut copy =
+                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            copy.set_sensitive(value.is_sensitive());
+            headers.append(name.clone(), copy);
+        }
+        Self {
+            status: self.status,
+            headers,
+            body: Bytes::copy_from_slice(&self.body),
+            stored_at_ms: self.stored_at_ms,
+            ttl_s: self.ttl_s,
+        }
+    }
+
     /// Seconds left at `now_ms` (see [`unix_ms`]) before the entry goes
     /// stale, negative once it has.
     pub(crate) fn remaining_ttl_s(&self, now_ms: u64) -> i64 {
@@ -187,7 +228,7 @@ fn decode_entry(raw: &mut Bytes) -> Option<Entry> {
     let stored_at_ms = raw.get_u64();
     let ttl_s = raw.get_u32();
     let count = raw.get_u8();
-    let mut headers = HeaderMap::new();
+    let mut headers = HeaderMap::with_capacity(usize::from(count) + ADDED_HEADERS);
     for _ in 0..count {
         let name_len = usize::from(*raw.first()?);
         raw.advance(1);

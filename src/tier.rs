@@ -48,6 +48,58 @@ pub const DEFAULT_TIER_BYTES: usize = 64 << 20;
 /// entry early.
 const SLOTS: usize = 4096;
 
+/// Entries each thread keeps its own copy of, per tier: a hit on a shared
+/// entry touches its reference counts and the shard's lock, which threads
+/// serving the same hot entry at once contend on.
+const NEAR_ENTRIES: usize = 64;
+
+/// Tiers (policies) a thread keeps copies for before it starts over.
+const NEAR_TIERS: usize = 8;
+
+/// Entries larger than this are only shared, never copied per thread.
+const NEAR_MAX_BYTES: usize = 16 << 10;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static NEAR: std::cell::RefCell<Near> = std::cell::RefCell::default();
+}
+
+/// One thread's copies of the tier's hottest entries: at most
+/// [`NEAR_ENTRIES`] per tier, each at most [`NEAR_MAX_BYTES`]; started over
+/// when full. A copy is served under exactly the checks of the entry it
+/// copies (the same generation and bound), so it is as coherent.
+#[derive(Default)]
+struct Near {
+    tiers: Vec<(u64, std::collections::HashMap<CacheKey, Local>)>,
+}
+
+impl Near {
+    fn get(&self, tier: u64, key: &CacheKey) -> Option<&Local> {
+        let (_, entries) = self.tiers.iter().find(|(id, _)| *id == tier)?;
+        entries.get(key)
+    }
+
+    fn put(&mut self, tier: u64, key: &CacheKey, local: Local) {
+        let at = match self.tiers.iter().position(|(id, _)| *id == tier) {
+            Some(at) => at,
+            None => {
+                // Tiers of dropped policies leave their copies behind.
+                if self.tiers.len() >= NEAR_TIERS {
+                    self.tiers.clear();
+                }
+                self.tiers.push((tier, std::collections::HashMap::new()));
+                self.tiers.len() - 1
+            }
+        };
+        let entries = &mut self.tiers[at].1;
+        if entries.len() >= NEAR_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(key.clone(), local);
+    }
+}
+
 /// The bounds of the in-process tier, for
 /// [`PolicyBuilder::in_process`](crate::PolicyBuilder::in_process).
 ///
@@ -134,6 +186,8 @@ pub(crate) struct Tier {
 }
 
 struct State {
+    /// Unique to this tier in the process: keys the threads' own copies.
+    id: u64,
     entries: quick_cache::sync::Cache<CacheKey, Local, Weigh>,
     /// The generation of the last invalidation or clear this process saw.
     clock: AtomicU64,
@@ -195,6 +249,7 @@ impl Tier {
         );
         Self {
             state: Arc::new(State {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 entries,
                 clock: AtomicU64::new(0),
                 cleared: AtomicU64::new(0),
@@ -243,11 +298,31 @@ impl Tier {
             self.start();
             return None;
         }
+        let usable = |local: &Local| now < local.until && self.state.valid(key, local.generation);
+        let id = self.state.id;
+        let near = NEAR.with(|near| {
+            let near = near.borrow();
+            near.get(id, key)
+                .filter(|l| usable(l))
+                .map(|l| l.entry.to_serve())
+        });
+        if near.is_some() {
+            return near;
+        }
         let local = self.state.entries.get(key)?;
-        if now >= local.until || !self.state.valid(key, local.generation) {
+        if !usable(&local) {
             return None;
         }
-        Some(local.entry)
+        if local.size <= NEAR_MAX_BYTES {
+            let own = Local {
+                entry: local.entry.deep_copy(),
+                ..local
+            };
+            let entry = own.entry.to_serve();
+            NEAR.with(|near| near.borrow_mut().put(id, key, own));
+            return Some(entry);
+        }
+        Some(local.entry.to_serve())
     }
 
     /// Keeps `entry` (`size` bytes as stored) for `key` until `until`,
@@ -516,6 +591,8 @@ mod tests {
         let watcher = Watcher(Arc::downgrade(&tier.state));
         let key = CacheKey::Plain("app:person:1".to_owned());
         tier.fill(&key, entry("v1"), 2, tier.generation(), later());
+        // Served once: this thread now holds its own copy too.
+        assert!(tier.get(&key, Instant::now()).is_some());
         let under_way = tier.generation();
         watcher.lost();
         assert_eq!(tier.get(&key, Instant::now()), None);
