@@ -456,3 +456,48 @@ async fn a_tier_needs_a_store_that_publishes() {
     );
     assert!(matches!(zero, Err(ConfigError::InProcess { .. })));
 }
+
+/// An in-process hit gives back the readiness it was called with: under a
+/// `ConcurrencyLimit(1)`, a hit answered while its service is kept does
+/// not keep the permit from the next request.
+#[tokio::test]
+async fn an_in_process_hit_holds_no_inner_capacity() {
+    use tower::{Service, ServiceBuilder};
+    let handler = tower::service_fn(|_req: http::Request<()>| async {
+        let mut response =
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")));
+        response
+            .headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let policy = Policy::builder()
+        .route(Route::get("/items/{id}").key("item:{id}").in_process(BOUND))
+        .build()
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(CacheLayer::new(policy))
+        .concurrency_limit(1)
+        .service(handler);
+    for _ in 0..2 {
+        let request = http::Request::get("/items/1").body(()).unwrap();
+        service.clone().oneshot(request).await.unwrap();
+    }
+    let mut kept = service.clone();
+    kept.ready().await.unwrap();
+    let response = kept
+        .call(http::Request::get("/items/1").body(()).unwrap())
+        .await
+        .unwrap();
+    let status = response.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(status.contains("in-process"), "{status}");
+    let mut next = service.clone();
+    tokio::time::timeout(Duration::from_secs(2), next.ready())
+        .await
+        .expect("the in-process hit kept the permit")
+        .unwrap();
+    drop(kept);
+}

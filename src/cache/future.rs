@@ -37,9 +37,11 @@ pin_project! {
         Pass { #[pin] future: F },
         // Answered at once (from the in-process tier).
         Served { response: Option<Response<ResponseBody<ResBody>>> },
-        // A cached route: its context and where it stands.
+        // A cached route: its context (boxed: the future is moved whole
+        // a few times per request, and this is its largest part) and
+        // where it stands.
         Cached {
-            ctx: Ctx,
+            ctx: Box<Ctx>,
             #[pin]
             state: State<F, S, ReqBody, ResBody>,
         },
@@ -105,7 +107,7 @@ impl<F, S, ReqBody, ResBody: Body> ResponseFuture<F, S, ReqBody, ResBody> {
     pub(crate) fn bypass(future: F, ctx: Ctx) -> Self {
         Self {
             kind: Kind::Cached {
-                ctx,
+                ctx: Box::new(ctx),
                 state: State::Inner { future },
             },
         }
@@ -124,7 +126,7 @@ impl<F, S, ReqBody, ResBody: Body> ResponseFuture<F, S, ReqBody, ResBody> {
     pub(crate) fn lookup(lookup: StoreFuture<Lookup>, call: Call<S, ReqBody>, ctx: Ctx) -> Self {
         Self {
             kind: Kind::Cached {
-                ctx,
+                ctx: Box::new(ctx),
                 state: State::Lookup {
                     lookup,
                     call: Some(call),

@@ -84,23 +84,24 @@ where
                 // The store answers before the inner service may be called,
                 // and a hit never calls it. The readiness `poll_ready`
                 // reserved (a concurrency permit, a buffer slot) is given
-                // back at once; the future readies an unreserved clone only
-                // on a miss, so a hit holds none of the inner capacity while
-                // the store answers.
-                let mut ctx = Ctx::new(policy, route, head, None);
+                // back at once, with the service that holds it; the future
+                // readies an unreserved clone only on a miss, so a hit
+                // holds none of the inner capacity while the store answers.
+                // (The released service's policy becomes the request's: no
+                // shared reference count is touched for it.)
+                let unreserved = self.inner.clone();
+                let (reserved, policy) =
+                    std::mem::replace(&mut self.inner, unreserved).into_parts();
+                drop(reserved);
+                let mut ctx = Ctx::owning(policy, route, head, None);
                 ctx.if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
                 #[cfg(feature = "tier")]
                 let key = match ctx.local_hit(key) {
-                    Ok(response) => {
-                        let unreserved = self.inner.clone();
-                        drop(std::mem::replace(&mut self.inner, unreserved));
-                        return ResponseFuture::served(response);
-                    }
+                    Ok(response) => return ResponseFuture::served(response),
                     Err(key) => key,
                 };
                 let lookup = ctx.policy.store().lookup(&key);
                 let service = self.inner.clone();
-                drop(std::mem::replace(&mut self.inner, service.clone()));
                 ctx.key = Some(key);
                 ctx.start_span(Op::Lookup);
                 ResponseFuture::lookup(lookup, Call { service, request }, ctx)
@@ -171,8 +172,12 @@ struct Local {
 
 impl Ctx {
     fn new(policy: &Policy, route: usize, head: bool, key: Option<CacheKey>) -> Self {
+        Self::owning(policy.clone(), route, head, key)
+    }
+
+    fn owning(policy: Policy, route: usize, head: bool, key: Option<CacheKey>) -> Self {
         Self {
-            policy: policy.clone(),
+            policy,
             route,
             key,
             head,

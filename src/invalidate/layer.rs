@@ -52,6 +52,11 @@ impl<S> Invalidate<S> {
     pub(crate) fn policy(&self) -> &Policy {
         &self.policy
     }
+
+    /// The inner service and the policy.
+    pub(crate) fn into_parts(self) -> (S, Policy) {
+        (self.inner, self.policy)
+    }
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Invalidate<S>
