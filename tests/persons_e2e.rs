@@ -63,6 +63,11 @@ fn start(redis_url: &str) -> Server {
 /// The example with `store_var` (`REDIS_URL`, `REDIS_CLUSTER_URLS`) set to
 /// `value`.
 fn start_with(store_var: &str, value: &str) -> Server {
+    start_env(&[(store_var, value)])
+}
+
+/// The example with these environment variables set too.
+fn start_env(vars: &[(&str, &str)]) -> Server {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -71,7 +76,7 @@ fn start_with(store_var: &str, value: &str) -> Server {
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(example_binary())
         .env("PERSONS_ADDR", &addr)
-        .env(store_var, value)
+        .envs(vars.iter().copied())
         .env("PERSONS_SEED", "200")
         .env("CACHE_REDIS_TIMEOUT_MS", "1000")
         .env("RUST_LOG", "warn")
@@ -517,4 +522,84 @@ fn the_example_runs_on_a_cluster() {
         "{}",
         health.body
     );
+}
+
+/// Two example processes over one Redis and one SQLite file, both routes
+/// kept in process for a minute: a write on one shows at once on it, and
+/// on the other well within the minute, so through the published
+/// invalidation, for the item and the tenant's list alike.
+#[test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+fn two_processes_with_the_in_process_tier() {
+    let redis = RedisServer::start();
+    let db = std::env::temp_dir().join(format!("persons-tier-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&db);
+    let vars = [
+        ("REDIS_URL", redis.url()),
+        ("PERSONS_DB", db.display().to_string()),
+        ("CACHE_IN_PROCESS_MS", "60000".to_owned()),
+    ];
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let writer = start_env(&vars);
+    // The first process created and seeded the file.
+    assert_eq!(get(&writer, "/persons/1", ACME).status, 200);
+    let other = start_env(&vars);
+    for server in [&writer, &other] {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !http(server, "GET", "/cache/health", None, None)
+            .body
+            .contains(r#""live":true"#)
+        {
+            assert!(
+                std::time::Instant::now() < until,
+                "the tier never subscribed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for path in ["/persons/1", "/persons?limit=5"] {
+        for server in [&writer, &other] {
+            get(server, path, ACME);
+            let reply = get(server, path, ACME);
+            let status = reply.header("cache-status").unwrap_or_default().to_owned();
+            assert!(status.contains("in-process"), "{path}: {status}");
+        }
+    }
+    let renamed = http(
+        &writer,
+        "PATCH",
+        "/persons/1",
+        Some(ACME),
+        Some(r#"{"name":"Ana em Dois Processos"}"#),
+    );
+    assert_eq!(renamed.status, 200, "{}", renamed.body);
+    for path in ["/persons/1", "/persons?limit=5"] {
+        let reply = get(&writer, path, ACME);
+        assert!(
+            reply.body.contains("Ana em Dois Processos"),
+            "writer, {path}: {}",
+            reply.body
+        );
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let reply = get(&other, path, ACME);
+            if reply.body.contains("Ana em Dois Processos") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "other process, {path}: still old 2 s after the write: {}",
+                reply.body
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let stats = http(&other, "GET", "/cache/stats", None, None);
+    assert!(
+        stats.body.contains(r#""in_process_hits":"#),
+        "{}",
+        stats.body
+    );
+    drop((writer, other));
+    let _ = std::fs::remove_file(&db);
 }
