@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use common::{get_req, method_req, revision, router, Backend, Db, RedisServer, TEST_DEADLINE};
+use common::{
+    get_req, method_req, revision, router, send_reading, Backend, Db, RedisServer, TEST_DEADLINE,
+};
 use tower::ServiceExt;
 use tower_redis_cache::store::{RedisStore, Store};
 use tower_redis_cache::{CacheLayer, ConfigError, Policy, Route, Rule};
@@ -65,21 +67,7 @@ impl Process {
 
     /// (status, cache-status, body)
     async fn get(&self, uri: &str) -> (StatusCode, String, String) {
-        let response = self.app.clone().oneshot(get_req(uri)).await.unwrap();
-        let status = response.status();
-        let cache_status = response
-            .headers()
-            .get("cache-status")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        (
-            status,
-            cache_status,
-            String::from_utf8_lossy(&body).into_owned(),
-        )
+        send_reading(&self.app, get_req(uri), "cache-status").await
     }
 
     async fn patch(&self, uri: &str) {

@@ -591,11 +591,20 @@ pub fn router(db: Db) -> Router {
 
 /// One request through `app`: (status, x-cache, body).
 pub async fn send(app: &Router, request: Request<Body>) -> (StatusCode, String, String) {
+    send_reading(app, request, "x-cache").await
+}
+
+/// One request through `app`: (status, the header `name`, body).
+pub async fn send_reading(
+    app: &Router,
+    request: Request<Body>,
+    name: &str,
+) -> (StatusCode, String, String) {
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let x_cache = response
         .headers()
-        .get("x-cache")
+        .get(name)
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default();
     let body = axum::body::to_bytes(response.into_body(), usize::MAX)
