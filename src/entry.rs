@@ -373,7 +373,9 @@ fn token_bytes(format: u8) -> [u8; TOKEN_LEN] {
         .map_or(0, |d| d.as_nanos());
     let mut out = [0; TOKEN_LEN];
     out[0] = format;
-    out[1..5].copy_from_slice(&std::process::id().to_be_bytes());
+    // Read once: `getpid` is a system call, and a lease is minted per lookup.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    out[1..5].copy_from_slice(&PID.get_or_init(std::process::id).to_be_bytes());
     out[5..13].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
     out[13..].copy_from_slice(&nanos.to_be_bytes());
     out
