@@ -64,26 +64,12 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let bare = handler();
     c.bench_function("bare handler", |b| {
-        b.to_async(&runtime).iter(|| async {
-            let response = bare
-                .clone()
-                .oneshot(Request::get("/persons/1").body(()).unwrap())
-                .await
-                .unwrap();
-            response.into_body().collect().await.unwrap()
-        })
+        b.to_async(&runtime).iter(|| get_one(&bare))
     });
 
     let cached = CacheLayer::new(policy(Duration::from_secs(3600))).layer(handler());
     c.bench_function("hit, memory store", |b| {
-        b.to_async(&runtime).iter(|| async {
-            let response = cached
-                .clone()
-                .oneshot(Request::get("/persons/1").body(()).unwrap())
-                .await
-                .unwrap();
-            response.into_body().collect().await.unwrap()
-        })
+        b.to_async(&runtime).iter(|| get_one(&cached))
     });
 
     // The same hit from the in-process tier (over the memory store, which
@@ -102,14 +88,7 @@ fn bench(c: &mut Criterion) {
             .unwrap();
         let tiered = CacheLayer::new(policy).layer(handler());
         c.bench_function("hit, in-process tier", |b| {
-            b.to_async(&runtime).iter(|| async {
-                let response = tiered
-                    .clone()
-                    .oneshot(Request::get("/persons/1").body(()).unwrap())
-                    .await
-                    .unwrap();
-                response.into_body().collect().await.unwrap()
-            })
+            b.to_async(&runtime).iter(|| get_one(&tiered))
         });
     }
 
@@ -132,6 +111,19 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+}
+
+/// One `GET /persons/1` through `service`, its body read.
+async fn get_one<S, B>(service: &S) -> Bytes
+where
+    S: tower::Service<Request<()>, Response = http::Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let request = Request::get("/persons/1").body(()).unwrap();
+    let response = service.clone().oneshot(request).await.unwrap();
+    response.into_body().collect().await.unwrap().to_bytes()
 }
 
 criterion_group!(benches, pieces, bench);

@@ -135,13 +135,7 @@ async fn hits_do_not_hold_the_inner_service_while_the_store_answers() {
         gate: Arc::default(),
         barrier: Arc::new(tokio::sync::Barrier::new(HITS)),
     };
-    let handler = tower::service_fn(|_req: Request<()>| async {
-        let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
-        response
-            .headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-        Ok::<_, Infallible>(response)
-    });
+    let handler = json_handler();
     let policy = Policy::builder()
         .store(store.clone())
         .route(Route::get("/items/{id}").key("item:{id}"))
@@ -174,4 +168,57 @@ async fn hits_do_not_hold_the_inner_service_while_the_store_answers() {
     for response in responses {
         assert_eq!(response.unwrap().headers()["x-cache"], "HIT");
     }
+}
+
+/// A handler answering `{}` as JSON.
+fn json_handler() -> impl Service<
+    Request<()>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send,
+> + Clone {
+    tower::service_fn(|_req: Request<()>| async {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
+        response
+            .headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        Ok::<_, Infallible>(response)
+    })
+}
+
+/// An in-process hit (feature `tier`) gives back the readiness it was
+/// called with: under a `ConcurrencyLimit(1)`, a hit answered while its
+/// service is kept does not keep the permit from the next request.
+#[tokio::test]
+async fn an_in_process_hit_holds_no_inner_capacity() {
+    let policy = Policy::builder()
+        .route(
+            Route::get("/items/{id}")
+                .key("item:{id}")
+                .in_process(Duration::from_secs(60)),
+        )
+        .build()
+        .unwrap();
+    let service = ServiceBuilder::new()
+        .layer(CacheLayer::new(policy))
+        .concurrency_limit(1)
+        .service(json_handler());
+    for _ in 0..2 {
+        let request = Request::get("/items/1").body(()).unwrap();
+        service.clone().oneshot(request).await.unwrap();
+    }
+    let mut kept = service.clone();
+    kept.ready().await.unwrap();
+    let response = kept
+        .call(Request::get("/items/1").body(()).unwrap())
+        .await
+        .unwrap();
+    let status = response.headers()["cache-status"].to_str().unwrap();
+    assert!(status.contains("in-process"), "{status}");
+    let mut next = service.clone();
+    tokio::time::timeout(Duration::from_secs(2), next.ready())
+        .await
+        .expect("the in-process hit kept the permit")
+        .unwrap();
+    drop(kept);
 }
