@@ -235,6 +235,14 @@ impl Ctx {
         self.span = store_span(op, &self.policy.route(self.route).label);
     }
 
+    /// Ends the lookup's span with its outcome (the clock is read only
+    /// when a subscriber records the span).
+    fn end_lookup_span(&self, outcome: &'static str) {
+        if !self.span.is_disabled() {
+            self.end_span(outcome, self.started.elapsed());
+        }
+    }
+
     /// Ends the current store operation's span with its outcome.
     fn end_span(&self, outcome: &'static str, took: Duration) {
         self.span.record("outcome", outcome);
@@ -307,31 +315,32 @@ impl Ctx {
     /// with its background refresh), joining the flight already calling the
     /// inner service, or calling it.
     pub(crate) fn decide<B: Body>(&mut self, found: Result<Lookup, StoreError>) -> Next<B> {
-        let took = self.started.elapsed();
-        let found = match found {
+        let mut found = match found {
             Ok(found) => found,
             Err(err) => {
-                self.end_span("error", took);
+                self.end_lookup_span("error");
                 self.lookup_failed(&err);
                 return Next::Call;
             }
         };
-        if let Observed::Value(raw) = found.payload() {
-            if let Slot::Entry(entry) = crate::entry::decode(raw.clone()) {
+        if let Observed::Value(raw) = found.take_payload() {
+            #[cfg(feature = "tier")]
+            let size = raw.len();
+            if let Slot::Entry(entry) = crate::entry::decode(raw) {
                 let now_ms = crate::entry::unix_ms();
                 let refresh = match self.is_stale(&entry, now_ms) {
                     true => self.refresh(&found),
                     false => None,
                 };
-                self.end_span(if refresh.is_some() { "stale" } else { "hit" }, took);
+                self.end_lookup_span(if refresh.is_some() { "stale" } else { "hit" });
                 #[cfg(feature = "tier")]
                 if refresh.is_none() && self.local.generation.is_some() {
-                    self.fill_local(entry.clone(), raw.len(), entry.fresh_for(now_ms));
+                    self.fill_local(entry.clone(), size, entry.fresh_for(now_ms));
                 }
                 return Next::Serve(self.hit(entry, now_ms), refresh);
             }
         }
-        self.end_span("miss", took);
+        self.end_lookup_span("miss");
         match self.missed(found) {
             Some(wait) => Next::Join(wait),
             None => Next::Call,

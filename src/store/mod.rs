@@ -200,9 +200,10 @@ impl Lookup {
         self
     }
 
-    /// What may be served from this lookup.
-    pub(crate) fn payload(&self) -> &Observed {
-        &self.payload
+    /// What may be served from this lookup, taken out of it (the lookup
+    /// keeps what conditional writes compare against).
+    pub(crate) fn take_payload(&mut self) -> Observed {
+        std::mem::replace(&mut self.payload, Observed::Absent)
     }
 
     /// What each version key held.
