@@ -4,7 +4,8 @@
 //! repeatable. With `--features metrics` a Prometheus recorder is installed
 //! first: the difference is what the metrics cost per request.
 //!
-//! Run with `cargo bench --bench allocations [--features metrics]`.
+//! Run with `cargo bench --bench allocations [--features metrics,tier]`
+//! (`tier` adds a hit from the in-process tier).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,6 +105,23 @@ fn main() {
                 .unwrap()
         })
         .await;
+        // The same hit from the in-process tier (feature `tier`).
+        #[cfg(feature = "tier")]
+        let in_process = {
+            let policy = Policy::builder()
+                .route(
+                    Route::get("/persons/{id}")
+                        .key("person:{id}")
+                        .in_process(std::time::Duration::from_secs(60)),
+                )
+                .build()
+                .unwrap();
+            let tiered = CacheLayer::new(policy).layer(handler());
+            per_request(&tiered, get).await;
+            Some(per_request(&tiered, get).await)
+        };
+        #[cfg(not(feature = "tier"))]
+        let in_process: Option<f64> = None;
         let metrics = if cfg!(feature = "metrics") {
             "on"
         } else {
@@ -116,5 +134,8 @@ fn main() {
         println!("  hit                   {hit:.2}");
         println!("  hit, 304              {not_modified:.2}");
         println!("  miss + store          {miss:.2}");
+        if let Some(in_process) = in_process {
+            println!("  hit, in-process tier  {in_process:.2}");
+        }
     });
 }
