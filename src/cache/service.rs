@@ -565,10 +565,7 @@ impl Ctx {
                     (false, true) => "; detail=in-process",
                     (false, false) => "",
                 };
-                (
-                    "HIT",
-                    header_value(format_args!("{CACHE_NAME}; hit; ttl={ttl}{detail}")),
-                )
+                ("HIT", hit_status(ttl, detail))
             }
             Outcome::Collapsed => {
                 stats.miss(self.route, took);
@@ -619,6 +616,27 @@ impl Ctx {
         }
         response
     }
+}
+
+/// The `cache-status` of a hit with `ttl` seconds left: formatted once per
+/// thread for each distinct value (hits on hot entries repeat it until the
+/// next second), then cloned.
+fn hit_status(ttl: i64, detail: &'static str) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(i64, &'static str, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((seen, seen_detail, value)) = last.as_ref() {
+            if *seen == ttl && *seen_detail == detail {
+                return Some(value.clone());
+            }
+        }
+        let value = header_value(format_args!("{CACHE_NAME}; hit; ttl={ttl}{detail}"))?;
+        *last = Some((ttl, detail, value.clone()));
+        Some(value)
+    })
 }
 
 /// A header value formatted on the stack and copied once (a `String`
