@@ -182,9 +182,55 @@ async fn the_writer_reads_its_write_and_the_other_process_soon_after(backend: Ba
     }
 }
 
+/// A write whose future is dropped after its handler committed still
+/// reaches every tier: the writer's own (the invalidation sent from the
+/// dropped future evicts around it) and the other process's (published),
+/// well before a bound of a minute.
+async fn a_dropped_write_still_reaches_every_tier(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let bound = Duration::from_secs(60);
+    let writer = Process::new(backend.store.clone(), &db, bound).await;
+    let other = Process::new(backend.another_store(), &db, bound).await;
+    for process in [&writer, &other] {
+        for uri in ["/persons/1", "/persons?limit=1"] {
+            process.get(uri).await;
+            let (_, status, _) = process.get(uri).await;
+            assert!(status.contains("in-process"), "warm: {status}");
+        }
+    }
+    let write = writer
+        .app
+        .clone()
+        .oneshot(method_req("PATCH", "/persons/1?slow=1"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), write)
+            .await
+            .is_err(),
+        "the client gave up while the handler was still running"
+    );
+    assert_eq!(db.revisions.lock().unwrap()["1"], 2, "the write committed");
+    for process in [&writer, &other] {
+        let until = Instant::now() + Duration::from_secs(2);
+        loop {
+            let (_, _, item) = process.get("/persons/1").await;
+            let (_, _, list) = process.get("/persons?limit=1").await;
+            if revision("/persons/1", &item) == 2 && revision("/persons?limit=1", &list) == 2 {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "a tier still serves the pre-write entry"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
 backend_tests!(
     hits_after_the_first_cost_no_round_trip,
     the_writer_reads_its_write_and_the_other_process_soon_after,
+    a_dropped_write_still_reaches_every_tier,
 );
 
 /// Readers on both processes while the second writes: every read the
