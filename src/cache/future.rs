@@ -345,7 +345,7 @@ where
     let response = Response::from_parts(parts, ResponseBody::full(body));
     let encoded = entry.encode_over(ctx.compress_over());
     ctx.share(&encoded);
-    match ctx.write(encoded) {
+    match ctx.write(&entry, encoded) {
         Ok(write) => (
             State::Write {
                 write,

@@ -166,8 +166,9 @@ pub(crate) struct Ctx {
 struct Local {
     generation: Option<u64>,
     served: bool,
-    /// The entry this miss stored, kept in process once the store wrote it.
-    stored: Option<Bytes>,
+    /// The entry this miss stored and its stored size, kept in process
+    /// once the store wrote it.
+    stored: Option<(Entry, usize)>,
 }
 
 impl Ctx {
@@ -479,7 +480,14 @@ impl Ctx {
         Err(Outcome::NotStored(reason))
     }
 
-    pub(crate) fn write(&mut self, value: Bytes) -> Result<StoreFuture<bool>, Reason> {
+    /// Writes `value`, the stored form of `entry` (which the in-process
+    /// tier keeps once the store wrote it).
+    #[cfg_attr(not(feature = "tier"), allow(unused_variables))]
+    pub(crate) fn write(
+        &mut self,
+        entry: &Entry,
+        value: Bytes,
+    ) -> Result<StoreFuture<bool>, Reason> {
         let store = self.policy.store();
         // A delete's tombstone guards a key for `tombstone_ttl`; a miss slower
         // than half of it might store over an expired tombstone.
@@ -491,7 +499,7 @@ impl Ctx {
             (Some(key), Some(seen)) => {
                 #[cfg(feature = "tier")]
                 if self.local.generation.is_some() {
-                    self.local.stored = Some(value.clone());
+                    self.local.stored = Some((entry.clone(), value.len()));
                 }
                 let write = store.store(key, seen, value, ttl);
                 self.write_started = Some(Instant::now());
@@ -514,10 +522,8 @@ impl Ctx {
         let outcome = match written {
             Ok(true) => {
                 #[cfg(feature = "tier")]
-                if let Some(stored) = self.local.stored.take() {
-                    if let Slot::Entry(entry) = crate::entry::decode(stored.clone()) {
-                        self.fill_local(entry, stored.len(), self.ttl());
-                    }
+                if let Some((entry, size)) = self.local.stored.take() {
+                    self.fill_local(entry, size, self.ttl());
                 }
                 self.end_span("stored", took);
                 self.policy.stats_ref().stored(self.route, took);
