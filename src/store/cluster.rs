@@ -80,6 +80,11 @@ impl Connect for ClusterSource {
         })
     }
 
+    fn live(&self) -> Option<(ClusterConnection, Epoch, u64)> {
+        let conn = self.inner.conn.get()?;
+        Some((conn.clone(), Epoch::new(), 0))
+    }
+
     fn is_cluster(&self) -> bool {
         true
     }

@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::AsyncConnectionConfig;
+use redis::{AsyncConnectionConfig, Cmd, RedisFuture, Value};
 use tokio::sync::watch;
 
+use super::batch::Batched;
 use super::StoreError;
 
 /// What a connection reports about the server it talks to: its `run_id`,
@@ -40,6 +41,20 @@ pub trait Connect: Clone + Send + Sync + 'static {
     /// A connection, the server's epoch and the connection's generation.
     #[doc(hidden)]
     fn connect(&self) -> Connecting<Self::Conn>;
+
+    /// What [`connect`](Connect::connect) gives when a connection is
+    /// already up, without a future to box: the path of every operation.
+    #[doc(hidden)]
+    fn live(&self) -> Option<(Self::Conn, Epoch, u64)> {
+        None
+    }
+
+    /// Sends one command, handed over whole (a batching connection queues
+    /// it as it is, without a copy).
+    #[doc(hidden)]
+    fn send(conn: &mut Self::Conn, cmd: Cmd) -> RedisFuture<'_, Value> {
+        Box::pin(async move { conn.req_packed_command(&cmd).await })
+    }
 
     /// The connection of `generation` failed: the next operation gets a
     /// fresh one.
@@ -71,6 +86,10 @@ where
     fn connect(&self) -> Connecting<C> {
         let conn = self.clone();
         Box::pin(async move { Ok((conn, Epoch::new(), 0)) })
+    }
+
+    fn live(&self) -> Option<(C, Epoch, u64)> {
+        Some((self.clone(), Epoch::new(), 0))
     }
 }
 
@@ -117,7 +136,7 @@ struct Attempt {
 
 #[derive(Clone)]
 struct Live {
-    conn: MultiplexedConnection,
+    conn: Batched,
     epoch: Epoch,
     generation: u64,
     persistence: Option<&'static str>,
@@ -231,7 +250,7 @@ impl Reconnecting {
                 attempt.failed = None;
                 tracing::debug!(epoch = %String::from_utf8_lossy(&epoch), "connected to redis");
                 *self.inner.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
-                    conn,
+                    conn: Batched::new(conn),
                     epoch,
                     generation: attempt.generation,
                     persistence,
@@ -248,13 +267,13 @@ impl Reconnecting {
 }
 
 impl Connect for Reconnecting {
-    type Conn = MultiplexedConnection;
+    type Conn = Batched;
 
     /// The live connection; else the attempt under way; else a new attempt,
     /// unless one failed less than [`RETRY_AFTER`] ago. One attempt at a
     /// time, as its own task: an operation that gives up at its deadline
     /// does not cancel it, so a slow link still ends up connected.
-    fn connect(&self) -> Connecting<MultiplexedConnection> {
+    fn connect(&self) -> Connecting<Batched> {
         if let Some(live) = self.current() {
             return Box::pin(async move { Ok((live.conn, live.epoch, live.generation)) });
         }
@@ -289,6 +308,15 @@ impl Connect for Reconnecting {
                 },
             }
         })
+    }
+
+    fn live(&self) -> Option<(Batched, Epoch, u64)> {
+        self.current()
+            .map(|live| (live.conn, live.epoch, live.generation))
+    }
+
+    fn send(conn: &mut Batched, cmd: Cmd) -> RedisFuture<'_, Value> {
+        conn.send(cmd)
     }
 
     fn persistence(&self) -> Option<&'static str> {

@@ -30,6 +30,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+#[cfg(feature = "redis")]
+mod batch;
 #[cfg(feature = "cluster")]
 mod cluster;
 #[cfg(feature = "redis")]
@@ -46,6 +48,9 @@ pub use resilient::{BreakerConfig, Circuit, Resilient, StoreHealth};
 #[cfg(feature = "tier")]
 #[doc(hidden)]
 pub use crate::tier::{WatchTask, Watcher};
+#[cfg(feature = "redis")]
+#[doc(hidden)]
+pub use batch::Batched;
 #[cfg(feature = "cluster")]
 pub use cluster::ClusterSource;
 #[cfg(feature = "redis")]

@@ -377,52 +377,49 @@ async fn apply<C: ConnectionLike>(
     Ok(())
 }
 
-/// One lookup: a `SET … NX GET` for a plain key (the entry, or a lease when
-/// there is none); for a versioned one, see [`versioned_lookup`].
-async fn lookup<C: ConnectionLike>(
-    conn: &mut C,
-    epoch: &Epoch,
+/// A plain key's lookup: one command, the entry if there is one, else
+/// this miss's lease (`SET key lease NX PX ttl GET`).
+async fn plain_lookup<C: Connect>(
+    conn: &mut C::Conn,
+    key: &str,
     lease_ttl: Duration,
-    seen_versions: &SeenVersions,
-    key: CacheKey,
-) -> Result<Lookup, StoreError> {
-    let (versions, entry) = match key {
-        CacheKey::Plain(key) => {
-            // One command: the entry if there is one, else our lease.
-            let lease = crate::entry::lease_bytes();
-            let mut get = redis::cmd("SET");
-            get.arg(&key).arg(&lease[..]).arg("NX");
-            get.arg("PX").arg(millis(lease_ttl)).arg("GET");
-            let entry = match get.query_async::<Option<Vec<u8>>>(conn).await {
-                Ok(Some(value)) => Observed::Value(Bytes::from(value)),
-                Ok(None) => Observed::Value(Bytes::copy_from_slice(&lease)),
-                Err(err) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
-                // Full, without eviction: no lease, but hits still serve.
-                // An empty key then reads absent, which no write matches.
-                Err(err) if err.code() == Some("OOM") => {
-                    let mut get = redis::cmd("GET");
-                    get.arg(&key);
-                    match get
-                        .query_async::<Option<Vec<u8>>>(conn)
-                        .await
-                        .map_err(backend)?
-                    {
-                        Some(value) => Observed::Value(Bytes::from(value)),
-                        None => Observed::Absent,
-                    }
-                }
-                Err(err) => return Err(backend(err)),
-            };
-            (Vec::new(), entry)
+) -> Result<Observed, StoreError> {
+    let lease = crate::entry::lease_bytes();
+    let mut lookup = redis::Cmd::with_capacity(7, key.len() + lease.len() + 24);
+    lookup.arg("SET").arg(key).arg(&lease[..]).arg("NX");
+    lookup.arg("PX").arg(millis(lease_ttl)).arg("GET");
+    let reply = C::send(conn, lookup)
+        .await
+        .and_then(|value| value.extract_error())
+        .and_then(|value| Ok(redis::from_redis_value::<Option<Vec<u8>>>(value)?));
+    Ok(match reply {
+        Ok(Some(value)) => Observed::Value(Bytes::from(value)),
+        Ok(None) => Observed::Value(Bytes::copy_from_slice(&lease)),
+        Err(err) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
+        // Full, without eviction: no lease, but hits still serve.
+        // An empty key then reads absent, which no write matches.
+        Err(err) if err.code() == Some("OOM") => {
+            let mut get = redis::cmd("GET");
+            get.arg(key);
+            match get
+                .query_async::<Option<Vec<u8>>>(conn)
+                .await
+                .map_err(backend)?
+            {
+                Some(value) => Observed::Value(Bytes::from(value)),
+                None => Observed::Absent,
+            }
         }
-        versioned @ CacheKey::Versioned { .. } => {
-            versioned_lookup(conn, seen_versions, &versioned).await?
-        }
-    };
-    let payload = unstamp(&entry, epoch);
-    Ok(Lookup::new(versions, entry)
+        Err(err) => return Err(backend(err)),
+    })
+}
+
+/// What a lookup saw, with what of it may be served under `epoch`.
+fn looked_up(versions: Vec<Observed>, entry: Observed, epoch: Epoch) -> Lookup {
+    let payload = unstamp(&entry, &epoch);
+    Lookup::new(versions, entry)
         .with_payload(payload)
-        .with_origin(epoch.clone()))
+        .with_origin(epoch)
 }
 
 /// The version values this process last read, per version key, so that a
@@ -618,7 +615,10 @@ where
 {
     let generation = std::sync::atomic::AtomicU64::new(u64::MAX);
     let attempt = async {
-        let (conn, epoch, used) = source.connect().await?;
+        let (conn, epoch, used) = match source.live() {
+            Some(live) => live,
+            None => source.connect().await?,
+        };
         generation.store(used, std::sync::atomic::Ordering::Relaxed);
         op(conn, epoch).await
     };
@@ -656,15 +656,31 @@ impl<C: Connect> Store for Link<C> {
     }
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
-        let (source, deadline, lease_ttl) = (self.source.clone(), self.deadline, self.lease_ttl);
-        let seen_versions = self.seen_versions.clone();
-        let key = key.clone();
-        Box::pin(async move {
-            on_connection(&source, deadline, |mut conn, epoch| async move {
-                lookup(&mut conn, &epoch, lease_ttl, &seen_versions, key).await
-            })
-            .await
-        })
+        let (source, deadline) = (self.source.clone(), self.deadline);
+        match key {
+            CacheKey::Plain(key) => {
+                let (key, lease_ttl) = (key.clone(), self.lease_ttl);
+                Box::pin(async move {
+                    on_connection(&source, deadline, |mut conn, epoch| async move {
+                        let entry = plain_lookup::<C>(&mut conn, &key, lease_ttl).await?;
+                        Ok(looked_up(Vec::new(), entry, epoch))
+                    })
+                    .await
+                })
+            }
+            versioned @ CacheKey::Versioned { .. } => {
+                let seen_versions = self.seen_versions.clone();
+                let key = versioned.clone();
+                Box::pin(async move {
+                    on_connection(&source, deadline, |mut conn, epoch| async move {
+                        let (versions, entry) =
+                            versioned_lookup(&mut conn, &seen_versions, &key).await?;
+                        Ok(looked_up(versions, entry, epoch))
+                    })
+                    .await
+                })
+            }
+        }
     }
 
     fn store(

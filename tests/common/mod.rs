@@ -17,7 +17,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use tower::ServiceExt;
-use tower_redis_cache::store::{MemoryStore, RedisStore, Store};
+use tower_redis_cache::store::{BreakerConfig, MemoryStore, RedisStore, Store};
 use tower_redis_cache::{CacheLayer, Policy, Route, Rule, Scope};
 
 /// A `redis-server` on a free port, killed on drop.
@@ -215,6 +215,7 @@ impl RedisCluster {
         RedisStore::cluster(self.urls())
             .unwrap()
             .deadline(TEST_DEADLINE)
+            .breaker(test_breaker())
     }
 
     /// A connection that follows the cluster, for checks and key surgery.
@@ -309,7 +310,8 @@ impl Backend {
         let server = RedisServer::start();
         let store = RedisStore::open(&server.url())
             .unwrap()
-            .deadline(TEST_DEADLINE);
+            .deadline(TEST_DEADLINE)
+            .breaker(test_breaker());
         Self {
             store: Arc::new(store),
             server: Some(server),
@@ -335,7 +337,8 @@ impl Backend {
             (Some(server), _) => Arc::new(
                 RedisStore::open(&server.url())
                     .unwrap()
-                    .deadline(TEST_DEADLINE),
+                    .deadline(TEST_DEADLINE)
+                    .breaker(test_breaker()),
             ),
             (None, Some(cluster)) => Arc::new(cluster.store()),
             (None, None) => self.store.clone(),
@@ -430,6 +433,14 @@ pub const CAP: usize = 4096;
 /// Generous, so that a loaded CI machine does not turn slow writes into
 /// misses; the deadline itself is not what these tests check.
 pub const TEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The default breaker, but for what counts as a slow call: raised with the
+/// deadline, so that a debug build on a loaded machine (200 concurrent
+/// lookups on one runtime thread) does not open the circuit mid-test. The
+/// suites that test the breaker set their own.
+pub fn test_breaker() -> BreakerConfig {
+    BreakerConfig::default().slow_calls(TEST_DEADLINE / 4, 50, 20)
+}
 
 pub fn policy(store: Arc<dyn Store>) -> Policy {
     let json_route = |path: &str, key: &str| Route::get(path).key(key).ttl(Duration::from_secs(60));

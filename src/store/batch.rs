@@ -1,0 +1,158 @@
+//! Commands of concurrent requests, sent to Redis as one pipeline.
+//!
+//! Every request on a hot route sends one command. Sent one by one, each is
+//! a message to the connection's driver and, when the driver runs between
+//! two of them, a write of its own: Redis then wakes, reads and answers a
+//! few commands at a time, and that per-batch cost (system calls, context
+//! switches on a loaded machine) dominates a hit. [`Batched`] queues the
+//! single commands of a connection; the first command of a batch spawns
+//! a flush that first yields, so that every request the runtime is about to
+//! poll queues its command too, then sends the whole queue as one pipeline
+//! (one write, one read in Redis) and hands each request its own reply.
+//! A command still costs its request exactly one round trip: nothing waits
+//! for a batch to fill, a flush never waits for an earlier one, and the
+//! order of commands on the connection is the order they were queued.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{Cmd, RedisError, RedisFuture, Value};
+use tokio::sync::oneshot;
+
+/// The longest a flushed batch waits for Redis, longer than any
+/// operation's deadline (each still gives up at its own): a batch sent to
+/// a server that never answers does not hold its connection forever.
+const BATCH_BUDGET: Duration = Duration::from_secs(10);
+
+/// A multiplexed connection whose single commands are sent in batches
+/// (pipelines go out as they are). Cheap to clone: clones share the queue.
+/// The connection a [`Reconnecting`](super::Reconnecting) store uses.
+#[derive(Clone)]
+pub struct Batched {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    conn: MultiplexedConnection,
+    queue: Mutex<Vec<Queued>>,
+}
+
+/// A command waiting for the next flush, with where its reply goes.
+struct Queued {
+    cmd: Cmd,
+    reply: oneshot::Sender<Result<Value, RedisError>>,
+}
+
+impl std::fmt::Debug for Batched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batched").finish_non_exhaustive()
+    }
+}
+
+impl Batched {
+    pub(crate) fn new(conn: MultiplexedConnection) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                conn,
+                queue: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Vec<Queued>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Sends what is queued once the requests already runnable queued theirs,
+/// and answers each.
+async fn flush(shared: Arc<Shared>) {
+    tokio::task::yield_now().await;
+    let batch = std::mem::take(&mut *shared.queue());
+    if batch.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    let mut replies = Vec::with_capacity(batch.len());
+    for Queued { cmd, reply } in batch {
+        pipe.add_command(cmd);
+        replies.push(reply);
+    }
+    let mut conn = shared.conn.clone();
+    // Nothing of the shared state is held while Redis answers: the next
+    // batch may go out meanwhile.
+    drop(shared);
+    let sent = conn.req_packed_commands(&pipe, 0, replies.len());
+    let answered = match tokio::time::timeout(BATCH_BUDGET, sent).await {
+        Ok(answered) => answered,
+        Err(_) => Err(RedisError::from(std::io::Error::from(
+            std::io::ErrorKind::TimedOut,
+        ))),
+    };
+    match answered {
+        Ok(values) if values.len() == replies.len() => {
+            for (reply, value) in replies.into_iter().zip(values) {
+                let _ = reply.send(Ok(value));
+            }
+        }
+        Ok(_) => {
+            let err = RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "pipeline answered with the wrong number of replies",
+            ));
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+        Err(err) => {
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+impl Batched {
+    /// Queues `cmd` for the next flush; its reply.
+    pub(crate) fn send(&self, cmd: Cmd) -> RedisFuture<'static, Value> {
+        let (reply, answer) = oneshot::channel();
+        let first = {
+            let mut queue = self.shared.queue();
+            queue.push(Queued { cmd, reply });
+            queue.len() == 1
+        };
+        if first {
+            tokio::spawn(flush(self.shared.clone()));
+        }
+        Box::pin(async move {
+            answer.await.unwrap_or_else(|_| {
+                Err(RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::BrokenPipe,
+                )))
+            })
+        })
+    }
+}
+
+impl ConnectionLike for Batched {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        self.send(cmd.clone())
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let mut conn = self.shared.conn.clone();
+        Box::pin(async move { conn.req_packed_commands(cmd, offset, count).await })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.shared.conn.get_db()
+    }
+}
