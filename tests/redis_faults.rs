@@ -379,3 +379,96 @@ async fn require_password(server: &RedisServer, password: &str) {
         .await
         .unwrap();
 }
+
+/// Field `name` of the `section` of `INFO` on `conn`'s server.
+async fn info_field(
+    conn: &mut redis::aio::MultiplexedConnection,
+    section: &str,
+    name: &str,
+) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn concurrent_lookups_go_out_in_few_batches_and_each_gets_its_own_reply() {
+    const N: usize = 64;
+    let server = RedisServer::start();
+    let mut raw = server.raw().await;
+    let db = Db::default();
+    for id in 1..=N {
+        db.set(&id.to_string(), id as u64 * 10);
+    }
+    let app = redis_app(&server, db.clone());
+    for id in 1..=N {
+        send(&app, get_req(&format!("/persons/{id}"))).await;
+    }
+    // One entry of the wrong type: its lookup fails inside the batch,
+    // and the other lookups of that batch must not notice.
+    let _: () = redis::cmd("DEL")
+        .arg("app:person:7")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("LPUSH")
+        .arg("app:person:7")
+        .arg("x")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let calls = db.calls();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+
+    // Every request is runnable at once, as after one poll of many sockets.
+    let requests = (1..=N).map(|id| {
+        let app = app.clone();
+        tokio::spawn(async move { (id, send(&app, get_req(&format!("/persons/{id}"))).await) })
+    });
+    let answers = futures_util::future::join_all(requests).await;
+
+    let reads: u64 = info_field(&mut raw, "stats", "total_reads_processed")
+        .await
+        .parse()
+        .unwrap();
+    let reads = reads - 1; // this INFO
+    let lookups = info_field(&mut raw, "commandstats", "cmdstat_set").await;
+    for answer in answers {
+        let (id, (status, x_cache, body)) = answer.unwrap();
+        let expected = format!(r#"{{"id":"{id}","rev":{}}}"#, id * 10);
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, expected.as_str()),
+            "/persons/{id}"
+        );
+        let expected_cache = if id == 7 { "MISS" } else { "HIT" };
+        assert_eq!(x_cache, expected_cache, "/persons/{id}");
+    }
+    assert_eq!(
+        db.calls() - calls,
+        1,
+        "only the entry of the wrong type was a miss"
+    );
+    // N lookups (`SET … NX GET`), and the `SET` in person 7's write.
+    assert!(
+        lookups.starts_with(&format!("calls={},", N + 1)),
+        "{lookups}"
+    );
+    // One by one they were N reads in Redis (and N writes on our side).
+    assert!(
+        reads <= 8,
+        "{N} concurrent lookups took {reads} reads in Redis"
+    );
+}

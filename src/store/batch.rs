@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
+
 use redis::{Cmd, RedisError, RedisFuture, Value};
 use tokio::sync::oneshot;
 
@@ -28,13 +29,20 @@ const BATCH_BUDGET: Duration = Duration::from_secs(10);
 /// A multiplexed connection whose single commands are sent in batches
 /// (pipelines go out as they are). Cheap to clone: clones share the queue.
 /// The connection a [`Reconnecting`](super::Reconnecting) store uses.
-#[derive(Clone)]
-pub struct Batched {
-    shared: Arc<Shared>,
+pub struct Batched<C = MultiplexedConnection> {
+    shared: Arc<Shared<C>>,
 }
 
-struct Shared {
-    conn: MultiplexedConnection,
+impl<C> Clone for Batched<C> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Shared<C> {
+    conn: C,
     queue: Mutex<Vec<Queued>>,
 }
 
@@ -44,14 +52,14 @@ struct Queued {
     reply: oneshot::Sender<Result<Value, RedisError>>,
 }
 
-impl std::fmt::Debug for Batched {
+impl<C> std::fmt::Debug for Batched<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batched").finish_non_exhaustive()
     }
 }
 
-impl Batched {
-    pub(crate) fn new(conn: MultiplexedConnection) -> Self {
+impl<C> Batched<C> {
+    pub(crate) fn new(conn: C) -> Self {
         Self {
             shared: Arc::new(Shared {
                 conn,
@@ -61,7 +69,7 @@ impl Batched {
     }
 }
 
-impl Shared {
+impl<C> Shared<C> {
     fn queue(&self) -> MutexGuard<'_, Vec<Queued>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -69,7 +77,7 @@ impl Shared {
 
 /// Sends what is queued once the requests already runnable queued theirs,
 /// and answers each.
-async fn flush(shared: Arc<Shared>) {
+async fn flush<C: ConnectionLike + Clone>(shared: Arc<Shared<C>>) {
     tokio::task::yield_now().await;
     let batch = std::mem::take(&mut *shared.queue());
     if batch.is_empty() {
@@ -115,7 +123,7 @@ async fn flush(shared: Arc<Shared>) {
     }
 }
 
-impl Batched {
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batched<C> {
     /// Queues `cmd` for the next flush; its reply.
     pub(crate) fn send(&self, cmd: Cmd) -> RedisFuture<'static, Value> {
         let (reply, answer) = oneshot::channel();
@@ -137,7 +145,7 @@ impl Batched {
     }
 }
 
-impl ConnectionLike for Batched {
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> ConnectionLike for Batched<C> {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         self.send(cmd.clone())
     }

@@ -948,6 +948,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_hits_on_a_batched_connection_are_one_round_trip() {
+        const N: usize = 64;
+        let recorder = Recorder::answering((0..N).map(|_| Value::BulkString(entry().to_vec())));
+        let conn = crate::store::Batched::new(recorder.clone());
+        // All runnable at once, as after one poll of many sockets.
+        let local = tokio::task::LocalSet::new();
+        let requests: Vec<_> = (0..N)
+            .map(|id| {
+                let (conn, uri) = (conn.clone(), format!("/persons/{id}"));
+                local.spawn_local(async move { get(conn, &uri).await })
+            })
+            .collect();
+        local
+            .run_until(async {
+                for request in requests {
+                    assert_eq!(request.await.unwrap().headers()["x-cache"], "HIT");
+                }
+            })
+            .await;
+        let trips = recorder.trips();
+        assert_eq!(trips.len(), 1, "{N} lookups in one pipeline");
+        let keys: Vec<&str> = trips[0].iter().map(|command| command[1].as_str()).collect();
+        let expected: Vec<String> = (0..N).map(|id| format!("app:person:{id}")).collect();
+        assert_eq!(keys, expected, "in the order they were queued");
+    }
+
+    #[tokio::test]
     async fn a_list_hit_is_one_mget_once_the_version_is_known() {
         let (prefix, suffix) = list_key_parts();
         let entry_key = format!("{prefix}17{suffix}");
