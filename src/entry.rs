@@ -16,7 +16,7 @@
 //! [`Slot::Unreadable`] and is treated as a miss.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -69,6 +69,34 @@ pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long a thread trusts its pairing of the monotonic clock with the
+/// wall clock before it reads the wall clock again (so a stepped system
+/// clock is followed within this).
+const WALL_CLOCK_RESYNC: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// An instant and the wall clock (unix ms) read together.
+    static WALL_CLOCK: std::cell::Cell<Option<(Instant, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// The wall clock (unix ms) at `at`, an instant the caller read anyway: a
+/// hit reads one clock, not two. Derived from a pairing of both clocks
+/// that each thread renews every [`WALL_CLOCK_RESYNC`].
+pub(crate) fn unix_ms_at(at: Instant) -> u64 {
+    WALL_CLOCK.with(|pair| match pair.get() {
+        Some((base, base_ms))
+            if at >= base && at.saturating_duration_since(base) < WALL_CLOCK_RESYNC =>
+        {
+            base_ms + at.saturating_duration_since(base).as_millis() as u64
+        }
+        _ => {
+            let (now, now_ms) = (Instant::now(), unix_ms());
+            pair.set(Some((now, now_ms)));
+            now_ms.saturating_sub(now.saturating_duration_since(at).as_millis() as u64)
+        }
+    })
 }
 
 impl Entry {
@@ -364,26 +392,70 @@ pub(crate) fn lease_bytes() -> [u8; TOKEN_LEN] {
 
 pub(crate) const TOKEN_LEN: usize = 29;
 
-/// `format`, this process's id, a counter and the time: unique across
-/// calls, processes and restarts.
+/// `format`, then what tells this process from any other (its id, when it
+/// first minted a token, 64 random bits) and a counter: unique across
+/// calls, processes, restarts and hosts. No clock is read per token: a
+/// lease is minted per lookup.
 fn token_bytes(format: u8) -> [u8; TOKEN_LEN] {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    static PROCESS: std::sync::OnceLock<[u8; 20]> = std::sync::OnceLock::new();
+    let process = PROCESS.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut out = [0; 20];
+        out[..4].copy_from_slice(&std::process::id().to_be_bytes());
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        out[4..12].copy_from_slice(&started.to_be_bytes());
+        // The standard library seeds each `RandomState` from the OS.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        out[12..].copy_from_slice(&random.to_be_bytes());
+        out
+    });
     let mut out = [0; TOKEN_LEN];
     out[0] = format;
-    // Read once: `getpid` is a system call, and a lease is minted per lookup.
-    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    out[1..5].copy_from_slice(&PID.get_or_init(std::process::id).to_be_bytes());
-    out[5..13].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
-    out[13..].copy_from_slice(&nanos.to_be_bytes());
+    out[1..21].copy_from_slice(process);
+    out[21..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wall_clock_at_an_instant_follows_the_system_clock() {
+        let before = unix_ms();
+        let at = Instant::now();
+        let derived = unix_ms_at(at);
+        let after = unix_ms();
+        assert!(
+            (before..=after + 1).contains(&derived),
+            "{before} {derived} {after}"
+        );
+        // Later instants read later times, from the same pairing.
+        let later = at + Duration::from_millis(250);
+        let apart = unix_ms_at(later) - unix_ms_at(at);
+        assert!((249..=251).contains(&apart), "{apart}");
+        // An instant before the pairing was made still reads its own time.
+        let earlier = at.checked_sub(Duration::from_millis(40)).unwrap();
+        let derived = unix_ms_at(earlier);
+        assert!(
+            derived + 40 <= after + 1 && derived + 40 + 2 >= before,
+            "{derived}"
+        );
+    }
+
+    #[test]
+    fn tokens_are_unique_and_carry_their_format() {
+        let (a, b) = (lease_bytes(), lease_bytes());
+        assert_ne!(a, b);
+        assert_eq!(a[..21], b[..21], "one process, one prefix");
+        assert_eq!(a[0], FORMAT_LEASE);
+        assert_eq!(tombstone()[0], FORMAT_TOMBSTONE);
+    }
 
     fn sample() -> Entry {
         let mut headers = HeaderMap::new();

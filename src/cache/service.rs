@@ -209,7 +209,7 @@ impl Ctx {
             Some(entry) => {
                 self.key = Some(key);
                 self.local.served = true;
-                Ok(self.hit(entry, crate::entry::unix_ms()))
+                Ok(self.hit(entry, crate::entry::unix_ms_at(self.started)))
             }
             None => Err(key),
         }
@@ -271,8 +271,9 @@ impl Ctx {
         KeyText(self.key.as_ref())
     }
 
-    /// The response of a hit on `entry`, at `now_ms` (one clock read per
-    /// hit, see [`unix_ms`](crate::entry::unix_ms)).
+    /// The response of a hit on `entry`, at `now_ms`: the wall clock at the
+    /// request's start, derived from the instant read then (see
+    /// [`unix_ms_at`](crate::entry::unix_ms_at)).
     pub(crate) fn hit<B: Body>(&mut self, entry: Entry, now_ms: u64) -> Response<ResponseBody<B>> {
         let (ttl, age, stale) = (
             entry.remaining_ttl_s(now_ms),
@@ -328,7 +329,7 @@ impl Ctx {
             #[cfg(feature = "tier")]
             let size = raw.len();
             if let Slot::Entry(entry) = crate::entry::decode(raw) {
-                let now_ms = crate::entry::unix_ms();
+                let now_ms = crate::entry::unix_ms_at(self.started);
                 let refresh = match self.is_stale(&entry, now_ms) {
                     true => self.refresh(&found),
                     false => None,

@@ -79,16 +79,20 @@ impl<C> Shared<C> {
 /// and answers each.
 async fn flush<C: ConnectionLike + Clone>(shared: Arc<Shared<C>>) {
     tokio::task::yield_now().await;
-    let batch = std::mem::take(&mut *shared.queue());
-    if batch.is_empty() {
-        return;
-    }
-    let mut pipe = redis::pipe();
-    let mut replies = Vec::with_capacity(batch.len());
-    for Queued { cmd, reply } in batch {
-        pipe.add_command(cmd);
-        replies.push(reply);
-    }
+    let (pipe, replies) = {
+        // Drained in place: the queue keeps its capacity for the next batch.
+        let mut queue = shared.queue();
+        if queue.is_empty() {
+            return;
+        }
+        let mut pipe = redis::Pipeline::with_capacity(queue.len());
+        let mut replies = Vec::with_capacity(queue.len());
+        for Queued { cmd, reply } in queue.drain(..) {
+            pipe.add_command(cmd);
+            replies.push(reply);
+        }
+        (pipe, replies)
+    };
     let mut conn = shared.conn.clone();
     // Nothing of the shared state is held while Redis answers: the next
     // batch may go out meanwhile.
