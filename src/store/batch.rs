@@ -6,13 +6,15 @@
 //! few commands at a time, and that per-batch cost (system calls, context
 //! switches on a loaded machine) dominates a hit. [`Batched`] queues the
 //! single commands of a connection; the first command of a batch spawns
-//! a flush that first yields, so that every request the runtime is about to
-//! poll queues its command too, then sends the whole queue as one pipeline
-//! (one write, one read in Redis) and hands each request its own reply.
-//! A command still costs its request exactly one round trip: nothing waits
-//! for a batch to fill, a flush never waits for an earlier one, and the
-//! order of commands on the connection is the order they were queued.
+//! a flush. While an earlier batch is still out, the flush first yields, so
+//! that every request the runtime is about to poll queues its command too;
+//! then it sends the whole queue as one pipeline (one write, one read in
+//! Redis) and hands each request its own reply. A command still costs its
+//! request exactly one round trip: nothing waits for a batch to fill, an
+//! idle connection sends at once, a flush never waits for an earlier one,
+//! and commands go out in the order they were queued.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -43,6 +45,8 @@ impl<C> Clone for Batched<C> {
 
 struct Shared<C> {
     conn: C,
+    /// Batches sent and not answered yet.
+    in_flight: AtomicUsize,
     queue: Mutex<Vec<Queued>>,
 }
 
@@ -63,6 +67,7 @@ impl<C> Batched<C> {
         Self {
             shared: Arc::new(Shared {
                 conn,
+                in_flight: AtomicUsize::new(0),
                 queue: Mutex::new(Vec::new()),
             }),
         }
@@ -75,10 +80,14 @@ impl<C> Shared<C> {
     }
 }
 
-/// Sends what is queued once the requests already runnable queued theirs,
-/// and answers each.
+/// Sends what is queued and answers each. While an earlier batch is
+/// still out, it first lets the requests already runnable queue theirs:
+/// Redis is busy anyway, and they go out together. An idle connection
+/// sends at once.
 async fn flush<C: ConnectionLike + Clone>(shared: Arc<Shared<C>>) {
-    tokio::task::yield_now().await;
+    if shared.in_flight.load(Ordering::Relaxed) > 0 {
+        tokio::task::yield_now().await;
+    }
     let (pipe, replies) = {
         // Drained in place: the queue keeps its capacity for the next batch.
         let mut queue = shared.queue();
@@ -93,16 +102,18 @@ async fn flush<C: ConnectionLike + Clone>(shared: Arc<Shared<C>>) {
         }
         (pipe, replies)
     };
+    // No lock is held while Redis answers: the next batch may go out
+    // meanwhile.
     let mut conn = shared.conn.clone();
-    // Nothing of the shared state is held while Redis answers: the next
-    // batch may go out meanwhile.
-    drop(shared);
-    let sent = conn.req_packed_commands(&pipe, 0, replies.len());
-    let answered = match tokio::time::timeout(BATCH_BUDGET, sent).await {
-        Ok(answered) => answered,
-        Err(_) => Err(RedisError::from(std::io::Error::from(
-            std::io::ErrorKind::TimedOut,
-        ))),
+    let answered = {
+        let _out = InFlight::new(&shared.in_flight);
+        let sent = conn.req_packed_commands(&pipe, 0, replies.len());
+        match tokio::time::timeout(BATCH_BUDGET, sent).await {
+            Ok(answered) => answered,
+            Err(_) => Err(RedisError::from(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            ))),
+        }
     };
     match answered {
         Ok(values) if values.len() == replies.len() => {
@@ -124,6 +135,23 @@ async fn flush<C: ConnectionLike + Clone>(shared: Arc<Shared<C>>) {
                 let _ = reply.send(Err(err.clone()));
             }
         }
+    }
+}
+
+/// Counts a batch as out until dropped (answered, timed out, or the
+/// runtime shut down under it).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

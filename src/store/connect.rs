@@ -142,6 +142,15 @@ struct Live {
     persistence: Option<&'static str>,
 }
 
+/// The epoch stamped on entries for a server that tells `lifetime`.
+fn epoch_of(lifetime: &str) -> Epoch {
+    use sha2::Digest;
+    Bytes::copy_from_slice(&sha2::Sha256::digest(lifetime.as_bytes())[..EPOCH_LEN])
+}
+
+/// Bytes of an epoch: 96 bits, so two server lifetimes never share one.
+const EPOCH_LEN: usize = 12;
+
 /// What `CONFIG GET save` and `CONFIG GET appendonly` say, when the server
 /// allows `CONFIG` (managed services often do not).
 async fn persistence(conn: &mut MultiplexedConnection) -> Option<&'static str> {
@@ -224,12 +233,14 @@ impl Reconnecting {
         };
         // The server's lifetime and its dataset's history: a restart changes
         // the first, a promotion or a full resync the second.
+        // Every entry carries it, and every hit reads it back: the first
+        // 12 bytes of its SHA-256 stand for the 81 of `run_id.replid`.
         let epoch = match (
             field(&server, "run_id:"),
             field(&replication, "master_replid:"),
         ) {
-            (Some(run), Some(replid)) => Bytes::from(format!("{run}.{replid}")),
-            (Some(run), None) => Bytes::from(run),
+            (Some(run), Some(replid)) => epoch_of(&format!("{run}.{replid}")),
+            (Some(run), None) => epoch_of(&run),
             _ => Epoch::new(),
         };
         let persistence = tokio::time::timeout(self.inner.setup_timeout, persistence(&mut conn))
@@ -248,7 +259,7 @@ impl Reconnecting {
             Ok((conn, epoch, persistence)) => {
                 attempt.generation += 1;
                 attempt.failed = None;
-                tracing::debug!(epoch = %String::from_utf8_lossy(&epoch), "connected to redis");
+                tracing::debug!(epoch = ?epoch, "connected to redis");
                 *self.inner.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
                     conn: Batched::new(conn),
                     epoch,

@@ -948,7 +948,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn concurrent_hits_on_a_batched_connection_are_one_round_trip() {
+    async fn concurrent_hits_on_a_batched_connection_share_round_trips() {
         const N: usize = 64;
         let recorder = Recorder::answering((0..N).map(|_| Value::BulkString(entry().to_vec())));
         let conn = crate::store::Batched::new(recorder.clone());
@@ -967,9 +967,16 @@ mod tests {
                 }
             })
             .await;
+        // The idle connection sends what is queued when its flush runs;
+        // what queued after that goes out as the next batch.
         let trips = recorder.trips();
-        assert_eq!(trips.len(), 1, "{N} lookups in one pipeline");
-        let keys: Vec<&str> = trips[0].iter().map(|command| command[1].as_str()).collect();
+        let sizes: Vec<usize> = trips.iter().map(Vec::len).collect();
+        assert!(sizes.len() <= 2, "{N} lookups in batches of {sizes:?}");
+        let keys: Vec<&str> = trips
+            .iter()
+            .flatten()
+            .map(|command| command[1].as_str())
+            .collect();
         let expected: Vec<String> = (0..N).map(|id| format!("app:person:{id}")).collect();
         assert_eq!(keys, expected, "in the order they were queued");
     }
