@@ -186,6 +186,13 @@ struct Shared {
     config: BreakerConfig,
     breaker: Mutex<Breaker>,
     queue: Mutex<Queue>,
+    /// What the locked state says, for the path of every lookup: the
+    /// circuit is closed; closed, and a healthy fast call changes nothing
+    /// (no failure counted, the window full of fast calls); nothing is
+    /// queued and nothing lost. Written under the lock they mirror.
+    closed: AtomicBool,
+    quiet: AtomicBool,
+    queue_clear: AtomicBool,
     replaying: AtomicBool,
     /// The longest life of an entry, in ms, once a policy told us.
     entry_life_ms: AtomicU64,
@@ -279,6 +286,9 @@ impl<S: Store + Clone> Resilient<S> {
                 config,
                 breaker: Mutex::default(),
                 queue: Mutex::default(),
+                closed: AtomicBool::new(true),
+                quiet: AtomicBool::new(false),
+                queue_clear: AtomicBool::new(true),
                 replaying: AtomicBool::new(false),
                 entry_life_ms: AtomicU64::new(0),
                 operations: AtomicU64::new(0),
@@ -376,6 +386,10 @@ impl<S: Store + Clone> Resilient<S> {
 
 impl Shared {
     fn admit(&self) -> Result<Admit, StoreError> {
+        if self.closed.load(Ordering::Acquire) {
+            self.operations.fetch_add(1, Ordering::Relaxed);
+            return Ok(Admit::Go);
+        }
         let mut breaker = lock(&self.breaker);
         let admit = match breaker.open_until {
             None => Admit::Go,
@@ -404,6 +418,10 @@ impl Shared {
         }
         let config = &self.config;
         let slow = took > config.slow_call;
+        // A fast healthy call into a window of fast calls changes nothing.
+        if admit == Admit::Go && !unhealthy && !slow && self.quiet.load(Ordering::Acquire) {
+            return;
+        }
         let mut breaker = lock(&self.breaker);
         if admit == Admit::Probe {
             breaker.probing = false;
@@ -429,6 +447,22 @@ impl Shared {
             tracing::info!("cache store healthy again; circuit closed");
             telemetry::circuit(CircuitGauge::Closed);
         }
+        self.settle_breaker(&breaker);
+    }
+
+    fn settle_breaker(&self, breaker: &Breaker) {
+        let closed = breaker.open_until.is_none();
+        let quiet = closed
+            && breaker.consecutive_failures == 0
+            && breaker.slow == 0
+            && breaker.recent.len() >= self.config.window;
+        self.closed.store(closed, Ordering::Release);
+        self.quiet.store(quiet, Ordering::Release);
+    }
+
+    fn settle_queue(&self, queue: &Queue) {
+        let clear = queue.by_key.is_empty() && queue.hold_until.is_none();
+        self.queue_clear.store(clear, Ordering::Release);
     }
 
     /// An operation whose future was dropped before the store answered:
@@ -449,6 +483,7 @@ impl Shared {
             breaker.slow = 0;
             telemetry::circuit(CircuitGauge::Open);
         }
+        self.settle_breaker(&breaker);
     }
 
     fn enqueue(&self, invalidation: &Invalidation) -> Sent {
@@ -481,6 +516,7 @@ impl Shared {
             queue.order.clear();
             queue.hold_until = Some(Instant::now() + hold);
         }
+        self.settle_queue(&queue);
         telemetry::pending_invalidations(queue.by_key.len());
         sent
     }
@@ -530,6 +566,7 @@ impl Shared {
                 }
             }
         }
+        self.settle_queue(&queue);
         telemetry::pending_invalidations(queue.by_key.len());
     }
 
@@ -542,6 +579,7 @@ impl Shared {
                 queue.order.remove(seq);
             }
         }
+        self.settle_queue(&queue);
         telemetry::pending_invalidations(queue.by_key.len());
     }
 
@@ -552,20 +590,26 @@ impl Shared {
             Some(until) if Instant::now() < until => true,
             Some(_) => {
                 queue.hold_until = None;
+                self.settle_queue(&queue);
                 false
             }
             None => false,
         }
     }
 
-    /// Nothing queued and nothing lost: the cache may be used. One lock.
+    /// Nothing queued and nothing lost: the cache may be used. No lock
+    /// unless something is (or was).
     fn clear(&self) -> bool {
+        if self.queue_clear.load(Ordering::Acquire) {
+            return true;
+        }
         let mut queue = lock(&self.queue);
         if let Some(until) = queue.hold_until {
             if Instant::now() < until {
                 return false;
             }
             queue.hold_until = None;
+            self.settle_queue(&queue);
         }
         queue.by_key.is_empty()
     }
@@ -979,6 +1023,38 @@ mod tests {
             assert!(store.lookup(&key("a")).await.is_ok());
         }
         assert_eq!(store.health().circuit, Circuit::Closed);
+    }
+
+    #[tokio::test]
+    async fn fast_calls_skipped_past_the_lock_still_fill_the_slow_call_window() {
+        // Once the window is full of fast calls, a fast call takes no lock;
+        // the rate must come out as if each had been counted.
+        let config = BreakerConfig::default()
+            .slow_calls(Duration::from_millis(10), 50, 8)
+            .open_for(Duration::from_secs(60));
+        let (store, faulty) = resilient(config);
+        for _ in 0..30 {
+            assert!(store.lookup(&key("a")).await.is_ok());
+        }
+        faulty.set(Mode::Slow(Duration::from_millis(20)));
+        for _ in 0..3 {
+            assert!(store.lookup(&key("a")).await.is_ok());
+        }
+        assert_eq!(store.health().circuit, Circuit::Closed, "3 slow of 8");
+        assert!(store.lookup(&key("a")).await.is_ok());
+        assert_eq!(store.health().circuit, Circuit::Open, "4 slow of 8");
+        // A failure after fast calls counts too.
+        let config = BreakerConfig::default().failure_threshold(2);
+        let (store, faulty) = resilient(config);
+        for _ in 0..30 {
+            assert!(store.lookup(&key("a")).await.is_ok());
+        }
+        faulty.set(Mode::Down);
+        for _ in 0..2 {
+            assert!(store.lookup(&key("a")).await.is_err());
+        }
+        assert_eq!(store.health().circuit, Circuit::Open);
+        assert_eq!(store.lookup(&key("a")).await, Err(StoreError::CircuitOpen));
     }
 
     /// A store whose circuit one failure opened, for `open_for`.
