@@ -11,8 +11,11 @@
 //! then it sends the whole queue as one pipeline (one write, one read in
 //! Redis) and hands each request its own reply. A command still costs its
 //! request exactly one round trip: nothing waits for a batch to fill, an
-//! idle connection sends at once, a flush never waits for an earlier one,
-//! and commands go out in the order they were queued.
+//! idle connection sends at once, and a flush never waits for an earlier
+//! one. A batch keeps the order its commands were queued in; batches
+//! flushed at the same moment on two threads may pass each other, which
+//! no request can see: a request queues its next command only once the
+//! previous one answered.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -121,19 +121,37 @@ impl CacheKey {
     /// The entry key for the values of the version keys, in order (a plain
     /// key ignores them).
     pub fn entry_key(&self, versions: &[&[u8]]) -> String {
+        let mut key = Vec::with_capacity(self.entry_key_len());
+        let _ = self.write_entry_key(versions.iter().copied(), &mut key);
+        String::from_utf8(key)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+
+    fn entry_key_len(&self) -> usize {
         match self {
-            Self::Plain(key) => key.clone(),
+            Self::Plain(key) => key.len(),
+            Self::Versioned { prefix, suffix, .. } => prefix.len() + suffix.len() + 40,
+        }
+    }
+
+    /// Writes [`entry_key`](Self::entry_key) into `out`, without a string
+    /// of its own (the Redis store writes it straight into its command).
+    pub(crate) fn write_entry_key<'a>(
+        &self,
+        versions: impl Iterator<Item = &'a [u8]>,
+        out: &mut impl std::io::Write,
+    ) -> std::io::Result<()> {
+        match self {
+            Self::Plain(key) => out.write_all(key.as_bytes()),
             Self::Versioned { prefix, suffix, .. } => {
-                let mut key = String::with_capacity(prefix.len() + suffix.len() + 40);
-                key.push_str(prefix);
-                for (i, version) in versions.iter().enumerate() {
+                out.write_all(prefix.as_bytes())?;
+                for (i, version) in versions.enumerate() {
                     if i > 0 {
-                        key.push('.');
+                        out.write_all(b".")?;
                     }
-                    key.push_str(&String::from_utf8_lossy(version));
+                    out.write_all(version)?;
                 }
-                key.push_str(suffix);
-                key
+                out.write_all(suffix.as_bytes())
             }
         }
     }

@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::ConnectionLike;
-use redis::{RedisError, Script};
+use redis::{RedisError, Script, Value};
 
 use super::connect::{Connect, Epoch, Reconnecting};
 use super::resilient::{BreakerConfig, Resilient, StoreHealth};
@@ -134,7 +134,10 @@ static INVALIDATE: LazyLock<Script> = LazyLock::new(|| Script::new(INVALIDATE_CO
 /// NX PX ttl GET` (plain keys: the entry, or a lease of this miss when the
 /// key is empty; Redis 7.0 or later) or one `EVALSHA` (versioned keys);
 /// writes and invalidations are one `EVALSHA` each. No command scans the
-/// keyspace.
+/// keyspace. On the connection [`RedisStore::open`] makes, the commands of
+/// concurrent requests go out together as one pipeline (one write, and one
+/// read in Redis, for many lookups); each request still waits for its own
+/// reply only.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -461,32 +464,38 @@ impl SeenVersions {
 /// reads the entry under the new versions. A missing version
 /// key is created by a script, and then no entry can exist under it.
 /// Every command names its keys (no key is built inside Redis).
-async fn versioned_lookup<C: ConnectionLike>(
-    conn: &mut C,
+async fn versioned_lookup<C: Connect>(
+    conn: &mut C::Conn,
     seen_versions: &SeenVersions,
     key: &CacheKey,
 ) -> Result<(Vec<Observed>, Observed), StoreError> {
     let versions = key.versions();
     let guess = seen_versions.get(versions);
-    let mut mget = redis::cmd("MGET");
+    let size: usize = versions.iter().map(|v| v.key().len() + 16).sum();
+    let mut mget = redis::Cmd::with_capacity(versions.len() + 2, 2 * size + 64);
+    mget.arg("MGET");
     for version in versions {
         mget.arg(version.key());
     }
     if let Some(guess) = &guess {
-        let parts: Vec<&[u8]> = guess.iter().map(Bytes::as_ref).collect();
-        mget.arg(key.entry_key(&parts));
+        mget.arg(EntryKey(key, guess));
     }
     // MGET answers nil for a missing key and for one of another type alike.
-    let mut replies = mget
-        .query_async::<Vec<Option<Vec<u8>>>>(conn)
+    let reply = C::send(conn, mget)
         .await
-        .map_err(backend)?
-        .into_iter();
-    let current: Vec<Bytes> = replies
-        .by_ref()
-        .take(versions.len())
-        .map_while(|reply| reply.map(Bytes::from))
-        .collect();
+        .and_then(|value| value.extract_error())
+        .map_err(backend)?;
+    let Value::Array(replies) = reply else {
+        return Err(StoreError::Backend(format!("MGET answered {reply:?}")));
+    };
+    let mut replies = replies.into_iter();
+    let mut current = Vec::with_capacity(versions.len());
+    for reply in replies.by_ref().take(versions.len()) {
+        match reply {
+            Value::BulkString(value) => current.push(Observed::Value(Bytes::from(value))),
+            _ => break,
+        }
+    }
     if current.len() < versions.len() {
         let mut invocation = ENSURE_VERSIONS.prepare_invoke();
         for version in versions {
@@ -500,14 +509,30 @@ async fn versioned_lookup<C: ConnectionLike>(
             Observed::Absent,
         ));
     }
+    let guessed = guess.is_some_and(|guess| {
+        guess.len() == current.len()
+            && guess
+                .iter()
+                .zip(&current)
+                .all(|(guess, read)| matches!(read, Observed::Value(read) if read == guess))
+    });
     // An entry key of another type reads absent: the write replaces it.
-    let entry = match guess {
-        Some(guess) if guess == current => replies.next().flatten(),
-        _ => {
+    let entry = match guessed {
+        true => match replies.next() {
+            Some(Value::BulkString(value)) => Some(value),
+            _ => None,
+        },
+        false => {
+            let current: Vec<Bytes> = current
+                .iter()
+                .filter_map(|read| match read {
+                    Observed::Value(value) => Some(value.clone()),
+                    _ => None,
+                })
+                .collect();
             seen_versions.remember(versions, &current);
-            let parts: Vec<&[u8]> = current.iter().map(Bytes::as_ref).collect();
             let mut get = redis::cmd("GET");
-            get.arg(key.entry_key(&parts));
+            get.arg(EntryKey(key, &current));
             get.query_async::<Option<Vec<u8>>>(conn)
                 .await
                 .map_err(backend)?
@@ -516,7 +541,20 @@ async fn versioned_lookup<C: ConnectionLike>(
     let entry = entry.map_or(Observed::Absent, |value| {
         Observed::Value(Bytes::from(value))
     });
-    Ok((current.into_iter().map(Observed::Value).collect(), entry))
+    Ok((current, entry))
+}
+
+/// The entry key of a versioned key under these versions, written into a
+/// command as it is built (no string of its own). Lookups and writes both
+/// name the entry this way, byte for byte.
+struct EntryKey<'a, V>(&'a CacheKey, &'a [V]);
+
+impl<V: AsRef<[u8]>> redis::ToRedisArgs for EntryKey<'_, V> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        let EntryKey(key, versions) = self;
+        let mut arg = out.writer_for_next_arg();
+        let _ = key.write_entry_key(versions.iter().map(AsRef::as_ref), &mut arg);
+    }
 }
 
 impl<C: Connect> Link<C> {
@@ -674,7 +712,7 @@ impl<C: Connect> Store for Link<C> {
                 Box::pin(async move {
                     on_connection(&source, deadline, |mut conn, epoch| async move {
                         let (versions, entry) =
-                            versioned_lookup(&mut conn, &seen_versions, &key).await?;
+                            versioned_lookup::<C>(&mut conn, &seen_versions, &key).await?;
                         Ok(looked_up(versions, entry, epoch))
                     })
                     .await
@@ -714,7 +752,7 @@ impl<C: Connect> Store for Link<C> {
                     invocation.key(version.key());
                     invocation.arg(*seen).arg(millis(version.ttl()));
                 }
-                invocation.key(key.entry_key(&seen));
+                invocation.key(EntryKey(key, &seen));
             }
         }
         let (source, deadline) = (self.source.clone(), self.deadline);
