@@ -517,7 +517,15 @@ impl Layout {
     /// The version key of a rendered group, for every scope (`scope` empty)
     /// or for one.
     pub(crate) fn version(&self, group: &str, scope: &str, ttl: Duration) -> VersionKey {
-        VersionKey::new(format!("{{{}:{group}}}:ver{scope}", self.namespace), ttl)
+        // Pushed piece by piece: `format!` costs a list hit more than this.
+        let mut key = String::with_capacity(self.namespace.len() + group.len() + scope.len() + 7);
+        key.push('{');
+        key.push_str(&self.namespace);
+        key.push(':');
+        key.push_str(group);
+        key.push_str("}:ver");
+        key.push_str(scope);
+        VersionKey::new(key, ttl)
     }
 
     /// A versioned entry key: the template split at `{version}`, under the
@@ -531,7 +539,10 @@ impl Layout {
     ) -> CacheKey {
         let tag = versions
             .first()
-            .and_then(|v| v.key().find('}').map(|end| &v.key()[..=end]))
+            .and_then(|v| {
+                let end = v.key().bytes().position(|b| b == b'}')?;
+                v.key().get(..=end)
+            })
             .unwrap_or_default();
         let mut prefix = String::with_capacity(tag.len() + before.len() + 1);
         prefix.push_str(tag);
