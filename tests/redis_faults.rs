@@ -466,9 +466,13 @@ async fn concurrent_lookups_go_out_in_few_batches_and_each_gets_its_own_reply() 
         lookups.starts_with(&format!("calls={},", N + 1)),
         "{lookups}"
     );
-    // One by one they were N reads in Redis (and N writes on our side).
+    // One by one they would be up to N reads in Redis (N writes on our
+    // side); batched, 2 to 4 here. The bound leaves room for a loaded
+    // machine, where a batch may be cut short by a thread losing its core;
+    // the exact count is the mock test's
+    // (`concurrent_hits_on_a_batched_connection_share_round_trips`).
     assert!(
-        reads <= 8,
+        reads <= N as u64 / 4,
         "{N} concurrent lookups took {reads} reads in Redis"
     );
 }
