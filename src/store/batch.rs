@@ -112,25 +112,18 @@ async fn flush<C: ConnectionLike + Clone>(shared: Arc<Shared<C>>) {
         let _out = InFlight::new(&shared.in_flight);
         let sent = conn.req_packed_commands(&pipe, 0, replies.len());
         match tokio::time::timeout(BATCH_BUDGET, sent).await {
-            Ok(answered) => answered,
-            Err(_) => Err(RedisError::from(std::io::Error::from(
-                std::io::ErrorKind::TimedOut,
+            Ok(Ok(values)) if values.len() != replies.len() => Err(RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "pipeline answered with the wrong number of replies",
             ))),
+            Ok(answered) => answered,
+            Err(_) => Err(io_error(std::io::ErrorKind::TimedOut)),
         }
     };
     match answered {
-        Ok(values) if values.len() == replies.len() => {
+        Ok(values) => {
             for (reply, value) in replies.into_iter().zip(values) {
                 let _ = reply.send(Ok(value));
-            }
-        }
-        Ok(_) => {
-            let err = RedisError::from((
-                redis::ErrorKind::UnexpectedReturnType,
-                "pipeline answered with the wrong number of replies",
-            ));
-            for reply in replies {
-                let _ = reply.send(Err(err.clone()));
             }
         }
         Err(err) => {
@@ -139,6 +132,12 @@ async fn flush<C: ConnectionLike + Clone>(shared: Arc<Shared<C>>) {
             }
         }
     }
+}
+
+/// An I/O error of `kind`, which the store reads as "unreachable" (the
+/// connection is then replaced).
+fn io_error(kind: std::io::ErrorKind) -> RedisError {
+    RedisError::from(std::io::Error::from(kind))
 }
 
 /// Counts a batch as out until dropped (answered, timed out, or the
@@ -171,11 +170,9 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batched<C> {
             tokio::spawn(flush(self.shared.clone()));
         }
         Box::pin(async move {
-            answer.await.unwrap_or_else(|_| {
-                Err(RedisError::from(std::io::Error::from(
-                    std::io::ErrorKind::BrokenPipe,
-                )))
-            })
+            answer
+                .await
+                .unwrap_or_else(|_| Err(io_error(std::io::ErrorKind::BrokenPipe)))
         })
     }
 }

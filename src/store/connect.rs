@@ -285,8 +285,8 @@ impl Connect for Reconnecting {
     /// time, as its own task: an operation that gives up at its deadline
     /// does not cancel it, so a slow link still ends up connected.
     fn connect(&self) -> Connecting<Batched> {
-        if let Some(live) = self.current() {
-            return Box::pin(async move { Ok((live.conn, live.epoch, live.generation)) });
+        if let Some(live) = self.live() {
+            return Box::pin(async move { Ok(live) });
         }
         let mut waiting = {
             let mut attempt = self.inner.attempt.lock().unwrap_or_else(|e| e.into_inner());
