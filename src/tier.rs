@@ -340,8 +340,10 @@ impl Tier {
         if !self.state.valid(key, generation) {
             return;
         }
+        // In buffers of its own: an entry read from Redis may be a slice
+        // of a whole read buffer, which it would keep alive here.
         let local = Local {
-            entry,
+            entry: entry.deep_copy(),
             size,
             generation,
             until,

@@ -20,6 +20,7 @@ use redis::{AsyncConnectionConfig, Cmd, RedisFuture, Value};
 use tokio::sync::watch;
 
 use super::batch::Batched;
+use super::wire::{Replied, Reply, Wire};
 use super::StoreError;
 
 /// What a connection reports about the server it talks to: its `run_id`,
@@ -49,11 +50,12 @@ pub trait Connect: Clone + Send + Sync + 'static {
         None
     }
 
-    /// Sends one command, handed over whole (a batching connection queues
-    /// it as it is, without a copy).
+    /// Sends one single command, given as its arguments (a lookup's); its
+    /// reply.
     #[doc(hidden)]
-    fn send(conn: &mut Self::Conn, cmd: Cmd) -> RedisFuture<'_, Value> {
-        Box::pin(async move { conn.req_packed_command(&cmd).await })
+    fn request<'a>(conn: &'a mut Self::Conn, args: &[&[u8]]) -> Requested<'a> {
+        let cmd = command(args);
+        Requested::redis(Box::pin(async move { conn.req_packed_command(&cmd).await }))
     }
 
     /// The connection of `generation` failed: the next operation gets a
@@ -92,6 +94,109 @@ where
         Some((self.clone(), Epoch::new(), 0))
     }
 }
+
+/// `args` as a redis-rs command.
+fn command(args: &[&[u8]]) -> Cmd {
+    let size = args.iter().map(|arg| arg.len()).sum();
+    let mut cmd = Cmd::with_capacity(args.len(), size);
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    cmd
+}
+
+/// The reply to one command sent with [`Connect::request`].
+#[doc(hidden)]
+pub struct Requested<'a>(Sent<'a>);
+
+enum Sent<'a> {
+    Wire(Replied),
+    Redis(RedisFuture<'a, Value>),
+}
+
+impl<'a> Requested<'a> {
+    fn redis(sent: RedisFuture<'a, Value>) -> Self {
+        Self(Sent::Redis(sent))
+    }
+}
+
+impl std::fmt::Debug for Requested<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Requested").finish_non_exhaustive()
+    }
+}
+
+impl Future for Requested<'_> {
+    type Output = Result<Reply, StoreError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            Sent::Wire(replied) => Pin::new(replied).poll(cx),
+            Sent::Redis(sent) => sent.as_mut().poll(cx).map(|sent| {
+                sent.map_err(super::redis::backend)
+                    .and_then(|value| reply_of(value, 0))
+            }),
+        }
+    }
+}
+
+/// A redis-rs reply as a [`Reply`] (bulk strings without a copy).
+fn reply_of(value: Value, depth: usize) -> Result<Reply, StoreError> {
+    Ok(match value {
+        Value::Nil => Reply::Nil,
+        Value::BulkString(bytes) => Reply::Bulk(Bytes::from(bytes)),
+        Value::Int(n) => Reply::Int(n),
+        Value::Okay => Reply::Status(Bytes::from_static(b"OK")),
+        Value::SimpleString(line) => Reply::Status(Bytes::from(line)),
+        Value::Array(items) | Value::Set(items) if depth < 8 => Reply::Array(
+            items
+                .into_iter()
+                .map(|item| reply_of(item, depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::ServerError(err) => Reply::Error(Bytes::from(match err.details() {
+            Some(details) => format!("{} {details}", err.code()),
+            None => err.code().to_owned(),
+        })),
+        other => return Err(StoreError::Backend(format!("unexpected reply {other:?}"))),
+    })
+}
+
+/// The connection a [`Reconnecting`] store's operations get: the
+/// multiplexed connection, its single commands batched, and the wire that
+/// lookups take (unless the server is one the wire cannot reach, over
+/// TLS).
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct Linked {
+    batched: Batched,
+    wire: Option<Wire>,
+}
+
+impl ConnectionLike for Linked {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        self.batched.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.batched.req_packed_commands(cmd, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.batched.get_db()
+    }
+}
+
+/// The name the wire connection gives itself (`CLIENT LIST` shows it).
+pub(crate) const WIRE_NAME: &str = "tower-redis-cache:lookups";
 
 /// One multiplexed connection, replaced when it breaks, that reads the
 /// server's epoch (`run_id` and `master_replid`) and loads the scripts on
@@ -136,7 +241,7 @@ struct Attempt {
 
 #[derive(Clone)]
 struct Live {
-    conn: Batched,
+    conn: Linked,
     epoch: Epoch,
     generation: u64,
     persistence: Option<&'static str>,
@@ -146,6 +251,27 @@ struct Live {
 fn epoch_of(lifetime: &str) -> Epoch {
     use sha2::Digest;
     Bytes::copy_from_slice(&sha2::Sha256::digest(lifetime.as_bytes())[..EPOCH_LEN])
+}
+
+/// The epoch of the server whose `INFO server` and `INFO replication`
+/// read `server` and `replication`: its lifetime and its dataset's history.
+/// A restart changes the first, a promotion or a full resync the second.
+/// Every entry carries it, and every hit reads it back: the first 12 bytes
+/// of its SHA-256 stand for the 81 of `run_id.replid`.
+fn epoch_from(server: &str, replication: &str) -> Epoch {
+    let field = |info: &str, name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.trim().to_owned())
+    };
+    match (
+        field(server, "run_id:"),
+        field(replication, "master_replid:"),
+    ) {
+        (Some(run), Some(replid)) => epoch_of(&format!("{run}.{replid}")),
+        (Some(run), None) => epoch_of(&run),
+        _ => Epoch::new(),
+    }
 }
 
 /// Bytes of an epoch: 96 bits, so two server lifetimes never share one.
@@ -203,9 +329,7 @@ impl Reconnecting {
 impl Reconnecting {
     /// One connection attempt: connect, read the server's epoch, load the
     /// scripts, read its persistence.
-    async fn establish(
-        &self,
-    ) -> Result<(MultiplexedConnection, Epoch, Option<&'static str>), StoreError> {
+    async fn establish(&self) -> Result<(Linked, Epoch, Option<&'static str>), StoreError> {
         let setup = async {
             let mut conn = self
                 .inner
@@ -226,28 +350,39 @@ impl Reconnecting {
                 Ok(done) => done.map_err(super::redis::backend)?,
                 Err(_) => return Err(StoreError::Timeout),
             };
-        let field = |info: &str, name: &str| {
-            info.lines()
-                .find_map(|line| line.strip_prefix(name))
-                .map(|value| value.trim().to_owned())
-        };
-        // The server's lifetime and its dataset's history: a restart changes
-        // the first, a promotion or a full resync the second.
-        // Every entry carries it, and every hit reads it back: the first
-        // 12 bytes of its SHA-256 stand for the 81 of `run_id.replid`.
-        let epoch = match (
-            field(&server, "run_id:"),
-            field(&replication, "master_replid:"),
-        ) {
-            (Some(run), Some(replid)) => epoch_of(&format!("{run}.{replid}")),
-            (Some(run), None) => epoch_of(&run),
-            _ => Epoch::new(),
-        };
+        let epoch = epoch_from(&server, &replication);
         let persistence = tokio::time::timeout(self.inner.setup_timeout, persistence(&mut conn))
             .await
             .ok()
             .flatten();
+        let wire = self.wire(&epoch).await;
+        let conn = Linked {
+            batched: Batched::new(conn),
+            wire,
+        };
         Ok((conn, epoch, persistence))
+    }
+
+    /// The wire for lookups, when the server can be reached with one and
+    /// is the one the multiplexed connection reads `epoch` from (a restart
+    /// in between would mix two lifetimes). Without it, lookups take the
+    /// multiplexed connection: slower, as correct.
+    async fn wire(&self, epoch: &Epoch) -> Option<Wire> {
+        let info = self.inner.client.get_connection_info();
+        let opened = tokio::time::timeout(self.inner.setup_timeout, Wire::open(info, WIRE_NAME));
+        let (wire, server, replication) = match opened.await {
+            Ok(Some(Ok(opened))) => opened,
+            Ok(None) => return None,
+            Ok(Some(Err(err))) => {
+                tracing::debug!(error = %err, "no wire for lookups");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!("no wire for lookups: timed out");
+                return None;
+            }
+        };
+        (epoch_from(&server, &replication) == *epoch).then_some(wire)
     }
 
     /// Runs one attempt and tells every operation waiting on it.
@@ -261,7 +396,7 @@ impl Reconnecting {
                 attempt.failed = None;
                 tracing::debug!(epoch = ?epoch, "connected to redis");
                 *self.inner.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
-                    conn: Batched::new(conn),
+                    conn,
                     epoch,
                     generation: attempt.generation,
                     persistence,
@@ -278,13 +413,13 @@ impl Reconnecting {
 }
 
 impl Connect for Reconnecting {
-    type Conn = Batched;
+    type Conn = Linked;
 
     /// The live connection; else the attempt under way; else a new attempt,
     /// unless one failed less than [`RETRY_AFTER`] ago. One attempt at a
     /// time, as its own task: an operation that gives up at its deadline
     /// does not cancel it, so a slow link still ends up connected.
-    fn connect(&self) -> Connecting<Batched> {
+    fn connect(&self) -> Connecting<Linked> {
         if let Some(live) = self.live() {
             return Box::pin(async move { Ok(live) });
         }
@@ -321,13 +456,16 @@ impl Connect for Reconnecting {
         })
     }
 
-    fn live(&self) -> Option<(Batched, Epoch, u64)> {
+    fn live(&self) -> Option<(Linked, Epoch, u64)> {
         self.current()
             .map(|live| (live.conn, live.epoch, live.generation))
     }
 
-    fn send(conn: &mut Batched, cmd: Cmd) -> RedisFuture<'_, Value> {
-        conn.send(cmd)
+    fn request<'a>(conn: &'a mut Linked, args: &[&[u8]]) -> Requested<'a> {
+        match &conn.wire {
+            Some(wire) => Requested(Sent::Wire(wire.send(args))),
+            None => Requested::redis(conn.batched.send(command(args))),
+        }
     }
 
     fn persistence(&self) -> Option<&'static str> {

@@ -42,6 +42,8 @@ mod redis;
 mod resilient;
 #[cfg(feature = "redis")]
 mod subscribe;
+#[cfg(feature = "redis")]
+mod wire;
 
 pub use resilient::{BreakerConfig, Circuit, Resilient, StoreHealth};
 
@@ -55,9 +57,15 @@ pub use batch::Batched;
 pub use cluster::ClusterSource;
 #[cfg(feature = "redis")]
 pub use connect::{Connect, Reconnecting};
+#[cfg(feature = "redis")]
+#[doc(hidden)]
+pub use connect::{Linked, Requested};
 pub use memory::MemoryStore;
 #[cfg(feature = "redis")]
 pub use redis::{RedisStore, DEFAULT_CHANNEL, DEFAULT_DEADLINE, DEFAULT_WRITE_DEADLINE};
+#[cfg(feature = "redis")]
+#[doc(hidden)]
+pub use wire::Reply;
 
 /// The future every store operation returns.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;

@@ -3,11 +3,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::ConnectionLike;
-use redis::{RedisError, Script, Value};
+use redis::{RedisError, Script};
 
 use super::connect::{Connect, Epoch, Reconnecting};
 use super::resilient::{BreakerConfig, Resilient, StoreHealth};
 pub use super::subscribe::DEFAULT_CHANNEL;
+use super::wire::{Decimal, Reply};
 use super::{
     CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture, DEFAULT_LEASE_TTL,
     DEFAULT_TOMBSTONE_TTL,
@@ -331,26 +332,34 @@ const DENIED: [&str; 3] = ["WRONGPASS", "NOAUTH", "NOPERM"];
 const REJECTED: [&str; 4] = ["CROSSSLOT", "WRONGTYPE", "NOSCRIPT", "EXECABORT"];
 
 pub(crate) fn backend(err: RedisError) -> StoreError {
-    let code = err.code();
-    if err.kind() == redis::ErrorKind::AuthenticationFailed
-        || code.is_some_and(|code| DENIED.contains(&code))
-    {
+    if err.kind() == redis::ErrorKind::AuthenticationFailed {
         return StoreError::Denied(err.to_string());
     }
-    if code.is_some_and(|code| REJECTED.contains(&code)) {
-        return StoreError::Rejected(err.to_string());
+    match by_code(err.code(), err.to_string()) {
+        StoreError::Backend(message)
+            if err.is_io_error()
+                || err.is_connection_refusal()
+                || err.is_connection_dropped()
+                || err.is_timeout() =>
+        {
+            StoreError::Unreachable(message)
+        }
+        classified => classified,
     }
-    if err.is_io_error()
-        || err.is_connection_refusal()
-        || err.is_connection_dropped()
-        || err.is_timeout()
-        || err
-            .code()
-            .is_some_and(|code| NOT_OUR_MASTER.contains(&code))
-    {
-        StoreError::Unreachable(err.to_string())
-    } else {
-        StoreError::Backend(err.to_string())
+}
+
+/// A server's refusal, as its error line (`WRONGTYPE Operation…`).
+pub(crate) fn refused(line: &str) -> StoreError {
+    by_code(line.split(' ').next(), line.to_owned())
+}
+
+/// What a refusal with `code` means for the store.
+fn by_code(code: Option<&str>, message: String) -> StoreError {
+    match code {
+        Some(code) if DENIED.contains(&code) => StoreError::Denied(message),
+        Some(code) if REJECTED.contains(&code) => StoreError::Rejected(message),
+        Some(code) if NOT_OUR_MASTER.contains(&code) => StoreError::Unreachable(message),
+        _ => StoreError::Backend(message),
     }
 }
 
@@ -388,33 +397,40 @@ async fn plain_lookup<C: Connect>(
     lease_ttl: Duration,
 ) -> Result<Observed, StoreError> {
     let lease = crate::entry::lease_bytes();
-    let mut lookup = redis::Cmd::with_capacity(7, key.len() + lease.len() + 24);
-    lookup.arg("SET").arg(key).arg(&lease[..]).arg("NX");
-    lookup.arg("PX").arg(millis(lease_ttl)).arg("GET");
-    let reply = C::send(conn, lookup)
-        .await
-        .and_then(|value| value.extract_error())
-        .and_then(|value| Ok(redis::from_redis_value::<Option<Vec<u8>>>(value)?));
+    let ttl = Decimal::new(millis(lease_ttl));
+    let args: [&[u8]; 7] = [
+        b"SET",
+        key.as_bytes(),
+        &lease,
+        b"NX",
+        b"PX",
+        ttl.as_ref(),
+        b"GET",
+    ];
+    let reply = C::request(conn, &args).await?;
     Ok(match reply {
-        Ok(Some(value)) => Observed::Value(Bytes::from(value)),
-        Ok(None) => Observed::Value(Bytes::copy_from_slice(&lease)),
-        Err(err) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
+        Reply::Bulk(value) => Observed::Value(value),
+        Reply::Nil => Observed::Value(Bytes::copy_from_slice(&lease)),
+        Reply::Error(_) if reply.error_code() == Some(b"WRONGTYPE") => Observed::WrongType,
         // Full, without eviction: no lease, but hits still serve.
         // An empty key then reads absent, which no write matches.
-        Err(err) if err.code() == Some("OOM") => {
-            let mut get = redis::cmd("GET");
-            get.arg(key);
-            match get
-                .query_async::<Option<Vec<u8>>>(conn)
-                .await
-                .map_err(backend)?
-            {
-                Some(value) => Observed::Value(Bytes::from(value)),
-                None => Observed::Absent,
+        Reply::Error(_) if reply.error_code() == Some(b"OOM") => {
+            match C::request(conn, &[b"GET", key.as_bytes()]).await? {
+                Reply::Bulk(value) => Observed::Value(value),
+                Reply::Nil => Observed::Absent,
+                other => return Err(unexpected("GET", other)),
             }
         }
-        Err(err) => return Err(backend(err)),
+        other => return Err(unexpected("SET", other)),
     })
+}
+
+/// A reply no command here expects: a refusal, or something else.
+fn unexpected(command: &str, reply: Reply) -> StoreError {
+    match reply {
+        Reply::Error(line) => refused(&String::from_utf8_lossy(&line)),
+        other => StoreError::Backend(format!("{command} answered {other:?}")),
+    }
 }
 
 /// What a lookup saw, with what of it may be served under `epoch`.
@@ -471,28 +487,25 @@ async fn versioned_lookup<C: Connect>(
 ) -> Result<(Vec<Observed>, Observed), StoreError> {
     let versions = key.versions();
     let guess = seen_versions.get(versions);
-    let size: usize = versions.iter().map(|v| v.key().len() + 16).sum();
-    let mut mget = redis::Cmd::with_capacity(versions.len() + 2, 2 * size + 64);
-    mget.arg("MGET");
-    for version in versions {
-        mget.arg(version.key());
-    }
+    let mut entry_key = Vec::new();
+    let mut mget: Vec<&[u8]> = Vec::with_capacity(versions.len() + 2);
+    mget.push(b"MGET");
+    mget.extend(versions.iter().map(|version| version.key().as_bytes()));
     if let Some(guess) = &guess {
-        mget.arg(EntryKey(key, guess));
+        let _ = key.write_entry_key(guess.iter().map(AsRef::as_ref), &mut entry_key);
+        mget.push(&entry_key);
     }
     // MGET answers nil for a missing key and for one of another type alike.
-    let reply = C::send(conn, mget)
-        .await
-        .and_then(|value| value.extract_error())
-        .map_err(backend)?;
-    let Value::Array(replies) = reply else {
-        return Err(StoreError::Backend(format!("MGET answered {reply:?}")));
+    let replies = match C::request(conn, &mget).await? {
+        Reply::Array(replies) => replies,
+        other => return Err(unexpected("MGET", other)),
     };
     let mut replies = replies.into_iter();
     let mut current = Vec::with_capacity(versions.len());
     for reply in replies.by_ref().take(versions.len()) {
         match reply {
-            Value::BulkString(value) => current.push(Observed::Value(Bytes::from(value))),
+            // Remembered: a copy of its own, not a slice of the reply.
+            Reply::Bulk(value) => current.push(Observed::Value(Bytes::copy_from_slice(&value))),
             _ => break,
         }
     }
@@ -519,7 +532,7 @@ async fn versioned_lookup<C: Connect>(
     // An entry key of another type reads absent: the write replaces it.
     let entry = match guessed {
         true => match replies.next() {
-            Some(Value::BulkString(value)) => Some(value),
+            Some(Reply::Bulk(value)) => Some(value),
             _ => None,
         },
         false => {
@@ -531,16 +544,16 @@ async fn versioned_lookup<C: Connect>(
                 })
                 .collect();
             seen_versions.remember(versions, &current);
-            let mut get = redis::cmd("GET");
-            get.arg(EntryKey(key, &current));
-            get.query_async::<Option<Vec<u8>>>(conn)
-                .await
-                .map_err(backend)?
+            entry_key.clear();
+            let _ = key.write_entry_key(current.iter().map(AsRef::as_ref), &mut entry_key);
+            match C::request(conn, &[b"GET", &entry_key]).await? {
+                Reply::Bulk(value) => Some(value),
+                Reply::Nil => None,
+                other => return Err(unexpected("GET", other)),
+            }
         }
     };
-    let entry = entry.map_or(Observed::Absent, |value| {
-        Observed::Value(Bytes::from(value))
-    });
+    let entry = entry.map_or(Observed::Absent, Observed::Value);
     Ok((current, entry))
 }
 

@@ -1,0 +1,642 @@
+//! A connection of its own for lookups: the commands of concurrent
+//! requests written as one buffer, their replies read in place.
+//!
+//! A hit is one command (`SET … NX GET`, or an `MGET`) and one reply.
+//! Sent through redis-rs's multiplexed connection, each costs a command
+//! object, a message to the connection's driver task, a reply parsed into
+//! an owned value and copied, and a second hand-over from the driver
+//! back to the request: together more CPU than everything else the layer
+//! does for a hit. [`Wire`] speaks just enough RESP2 for these commands
+//! over a second connection to the same server: a request encodes its
+//! command straight into the connection's outgoing buffer and waits for
+//! its own reply; one writer task sends whatever is buffered in one
+//! write, one reader task cuts the replies out of what it reads (a
+//! reply's bulk strings are slices of the read buffer, not copies) and
+//! hands each to the request that waits for it, in order.
+//!
+//! Like a batch on the multiplexed connection, a command still costs its
+//! request exactly one round trip: the writer sends at once on an idle
+//! connection and, while earlier commands are out, yields once first so
+//! that every request the runtime is about to poll adds its command to the
+//! same write. Nothing here has a deadline: each request has its own, and
+//! the store replaces a connection that stalls or fails (dropping the last
+//! handle closes the connection and ends both tasks).
+//!
+//! Everything else (scripts, writes, Pub/Sub, TLS, a cluster) stays on
+//! redis-rs; a server this cannot reach the way redis-rs does (a `rediss://`
+//! URL) simply gets no wire.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, watch, Notify};
+
+use super::StoreError;
+
+/// One reply, as RESP2 has them. Bulk strings and lines are slices of the
+/// buffer they were read into: a holder that keeps one for long (the
+/// in-process tier, the versions a store remembers) copies it.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// A nil bulk string or nil array.
+    Nil,
+    /// A bulk string.
+    Bulk(Bytes),
+    /// An array.
+    Array(Vec<Reply>),
+    /// An integer.
+    Int(i64),
+    /// A status line (`+OK`).
+    Status(Bytes),
+    /// An error line (`-WRONGTYPE …`): the command was refused.
+    Error(Bytes),
+}
+
+impl Reply {
+    /// The error's code (its first word), for an error reply.
+    pub(crate) fn error_code(&self) -> Option<&[u8]> {
+        match self {
+            Reply::Error(line) => line.split(|b| *b == b' ').next(),
+            _ => None,
+        }
+    }
+}
+
+/// The most a reply nests (an array of arrays…): deeper is not a reply to
+/// any command sent here, and is refused as malformed.
+const MAX_DEPTH: usize = 8;
+
+/// Where the first complete reply in `buf` ends: `None` while it is
+/// incomplete, an error when `buf` does not start with a reply.
+fn frame_len(buf: &[u8]) -> Result<Option<usize>, &'static str> {
+    frame_end(buf, 0, 0)
+}
+
+fn frame_end(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, &'static str> {
+    let Some(line_end) = line_end(buf, at) else {
+        return Ok(None);
+    };
+    let after = line_end + 2;
+    match buf[at] {
+        b'+' | b'-' | b':' => Ok(Some(after)),
+        b'$' => match decimal(&buf[at + 1..line_end])? {
+            -1 => Ok(Some(after)),
+            len if len >= 0 => {
+                let end = after + len as usize;
+                if buf.len() < end + 2 {
+                    return Ok(None);
+                }
+                match &buf[end..end + 2] {
+                    b"\r\n" => Ok(Some(end + 2)),
+                    _ => Err("bulk string without its CRLF"),
+                }
+            }
+            _ => Err("negative bulk length"),
+        },
+        b'*' => {
+            if depth == MAX_DEPTH {
+                return Err("reply nested too deep");
+            }
+            let count = decimal(&buf[at + 1..line_end])?;
+            let mut next = after;
+            for _ in 0..count.max(0) {
+                match frame_end(buf, next, depth + 1)? {
+                    Some(end) => next = end,
+                    None => return Ok(None),
+                }
+            }
+            Ok(Some(next))
+        }
+        _ => Err("not a RESP2 reply"),
+    }
+}
+
+/// Where the CRLF ending the line that starts at `at` is.
+fn line_end(buf: &[u8], at: usize) -> Option<usize> {
+    let line = buf.get(at..)?;
+    let cr = line.iter().position(|b| *b == b'\r')?;
+    (line.get(cr + 1) == Some(&b'\n')).then_some(at + cr)
+}
+
+fn decimal(digits: &[u8]) -> Result<i64, &'static str> {
+    let (negative, digits) = match digits.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, digits),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return Err("bad integer");
+    }
+    let mut value: i64 = 0;
+    for digit in digits {
+        if !digit.is_ascii_digit() {
+            return Err("bad integer");
+        }
+        value = value * 10 + i64::from(digit - b'0');
+    }
+    Ok(if negative { -value } else { value })
+}
+
+/// The reply at `*at` of a complete frame (checked by [`frame_len`]),
+/// moving `*at` past it.
+fn parse(frame: &Bytes, at: &mut usize) -> Reply {
+    let start = *at;
+    let line_end = line_end(frame, start).unwrap_or(frame.len());
+    let line = frame.slice(start + 1..line_end);
+    *at = line_end + 2;
+    match frame[start] {
+        b'+' => Reply::Status(line),
+        b'-' => Reply::Error(line),
+        b':' => Reply::Int(decimal(&line).unwrap_or_default()),
+        b'$' => match decimal(&line).unwrap_or(-1) {
+            len if len >= 0 => {
+                let body = frame.slice(*at..*at + len as usize);
+                *at += len as usize + 2;
+                Reply::Bulk(body)
+            }
+            _ => Reply::Nil,
+        },
+        _ => match decimal(&line).unwrap_or(-1) {
+            count if count >= 0 => Reply::Array((0..count).map(|_| parse(frame, at)).collect()),
+            _ => Reply::Nil,
+        },
+    }
+}
+
+/// Appends `args` to `out` as one command.
+fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
+    let size: usize = args.iter().map(|arg| arg.len() + 16).sum();
+    out.reserve(size + 16);
+    out.push(b'*');
+    push_decimal(out, args.len() as u64);
+    out.extend_from_slice(b"\r\n");
+    for arg in args {
+        out.push(b'$');
+        push_decimal(out, arg.len() as u64);
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(arg);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// `n` in decimal, on the stack.
+pub(crate) struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    pub(crate) fn new(mut n: u64) -> Self {
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Self { digits, start }
+    }
+}
+
+impl AsRef<[u8]> for Decimal {
+    fn as_ref(&self) -> &[u8] {
+        &self.digits[self.start..]
+    }
+}
+
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(Decimal::new(n).as_ref());
+}
+
+/// Where a request's reply goes.
+type ReplyTo = oneshot::Sender<Reply>;
+
+/// A connection for lookups. Cheap to clone; the connection closes when
+/// the last clone is dropped.
+#[derive(Clone)]
+pub(crate) struct Wire {
+    owner: Arc<Owner>,
+}
+
+impl std::fmt::Debug for Wire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wire").finish_non_exhaustive()
+    }
+}
+
+/// What the handles share; dropping it tells both tasks to stop.
+struct Owner {
+    shared: Arc<Shared>,
+    _close: watch::Sender<()>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Commands were buffered for the writer.
+    buffered: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Encoded commands the writer has not taken yet.
+    out: Vec<u8>,
+    /// How many commands `out` holds.
+    unsent: usize,
+    /// Who waits for a reply, in the order the commands were buffered
+    /// (sent ones first): the order Redis answers in.
+    waiting: VecDeque<ReplyTo>,
+    /// Set once the connection failed: every later command fails at once.
+    failed: bool,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connection is gone: fails what waits and what comes.
+    fn fail(&self) {
+        let waiting = {
+            let mut state = self.state();
+            state.failed = true;
+            state.out = Vec::new();
+            state.unsent = 0;
+            std::mem::take(&mut state.waiting)
+        };
+        // Dropped senders: each waiting request reads a lost connection.
+        drop(waiting);
+    }
+}
+
+/// What reading buffers at a time.
+const READ_CHUNK: usize = 16 * 1024;
+
+impl Wire {
+    /// A wire over `stream`, its writer and reader spawned.
+    fn spawn<R, W>(read: R, write: W) -> Self
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            buffered: Notify::new(),
+        });
+        let (close, closed) = watch::channel(());
+        tokio::spawn(write_loop(shared.clone(), write, closed.clone()));
+        tokio::spawn(read_loop(shared.clone(), read, closed));
+        Self {
+            owner: Arc::new(Owner {
+                shared,
+                _close: close,
+            }),
+        }
+    }
+
+    /// Buffers one command; its reply. A lost connection reads as
+    /// [`StoreError::Unreachable`].
+    pub(crate) fn send(&self, args: &[&[u8]]) -> Replied {
+        let (reply, answer) = oneshot::channel();
+        let shared = &self.owner.shared;
+        let first = {
+            let mut state = shared.state();
+            if !state.failed {
+                encode(&mut state.out, args);
+                state.unsent += 1;
+                state.waiting.push_back(reply);
+            }
+            state.unsent == 1
+        };
+        if first {
+            shared.buffered.notify_one();
+        }
+        Replied { answer }
+    }
+
+    /// Connects to the server `info` names (plain TCP or a Unix socket),
+    /// authenticates, selects the database and names the connection
+    /// `name`; then reads the server's `INFO server` and `INFO replication`.
+    /// `None` for an address this does not speak (TLS).
+    pub(crate) async fn open(
+        info: &redis::ConnectionInfo,
+        name: &str,
+    ) -> Option<Result<(Wire, String, String), StoreError>> {
+        let wire = match info.addr() {
+            redis::ConnectionAddr::Tcp(host, port) => {
+                match tokio::net::TcpStream::connect((host.as_str(), *port)).await {
+                    Ok(stream) => {
+                        let _ = stream.set_nodelay(true);
+                        let (read, write) = stream.into_split();
+                        Wire::spawn(read, write)
+                    }
+                    Err(err) => return Some(Err(StoreError::Unreachable(err.to_string()))),
+                }
+            }
+            #[cfg(unix)]
+            redis::ConnectionAddr::Unix(path) => {
+                match tokio::net::UnixStream::connect(path).await {
+                    Ok(stream) => {
+                        let (read, write) = stream.into_split();
+                        Wire::spawn(read, write)
+                    }
+                    Err(err) => return Some(Err(StoreError::Unreachable(err.to_string()))),
+                }
+            }
+            _ => return None,
+        };
+        Some(
+            wire.handshake(info.redis_settings(), name)
+                .await
+                .map(|(server, replication)| (wire, server, replication)),
+        )
+    }
+
+    /// Sends the connection's setup and the two `INFO` reads as one write.
+    async fn handshake(
+        &self,
+        settings: &redis::RedisConnectionInfo,
+        name: &str,
+    ) -> Result<(String, String), StoreError> {
+        let mut setup = Vec::new();
+        if let Some(password) = settings.password() {
+            setup.push(match settings.username() {
+                Some(user) => self.send(&[b"AUTH", user.as_bytes(), password.as_bytes()]),
+                None => self.send(&[b"AUTH", password.as_bytes()]),
+            });
+        }
+        if settings.db() != 0 {
+            let db = Decimal::new(settings.db().unsigned_abs());
+            setup.push(self.send(&[b"SELECT", db.as_ref()]));
+        }
+        setup.push(self.send(&[b"CLIENT", b"SETNAME", name.as_bytes()]));
+        let server = self.send(&[b"INFO", b"server"]);
+        let replication = self.send(&[b"INFO", b"replication"]);
+        for step in setup {
+            if let Reply::Error(refusal) = step.await? {
+                return Err(super::redis::refused(&String::from_utf8_lossy(&refusal)));
+            }
+        }
+        let text = |reply: Reply| match reply {
+            Reply::Bulk(text) => Ok(String::from_utf8_lossy(&text).into_owned()),
+            other => Err(StoreError::Backend(format!("INFO answered {other:?}"))),
+        };
+        Ok((text(server.await?)?, text(replication.await?)?))
+    }
+}
+
+/// The reply to one command sent on a [`Wire`].
+pub(crate) struct Replied {
+    answer: oneshot::Receiver<Reply>,
+}
+
+impl std::fmt::Debug for Replied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replied").finish_non_exhaustive()
+    }
+}
+
+impl Future for Replied {
+    type Output = Result<Reply, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.answer).poll(cx).map(|answer| {
+            answer.map_err(|_| StoreError::Unreachable("redis connection lost".to_owned()))
+        })
+    }
+}
+
+/// `op`, unless the wire is closed first.
+async fn unless_closed<T>(
+    closed: &mut watch::Receiver<()>,
+    op: impl Future<Output = T>,
+) -> Option<T> {
+    let mut op = std::pin::pin!(op);
+    let closing = closed.changed();
+    let mut closing = std::pin::pin!(closing);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(done) = op.as_mut().poll(cx) {
+            return Poll::Ready(Some(done));
+        }
+        // The sender is only ever dropped: any change is the close.
+        closing.as_mut().poll(cx).map(|_| None)
+    })
+    .await
+}
+
+/// Writes what requests buffer, all of it in one write. While earlier
+/// commands are still out it first yields once, so that requests the
+/// runtime is about to poll add theirs: Redis is busy anyway.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut write: W,
+    mut closed: watch::Receiver<()>,
+) {
+    let mut sending = Vec::new();
+    loop {
+        if unless_closed(&mut closed, shared.buffered.notified())
+            .await
+            .is_none()
+        {
+            return;
+        }
+        let busy = {
+            let state = shared.state();
+            state.waiting.len() > state.unsent
+        };
+        if busy {
+            tokio::task::yield_now().await;
+        }
+        {
+            let mut state = shared.state();
+            if state.unsent == 0 {
+                continue;
+            }
+            // The buffers swap: each keeps its capacity.
+            std::mem::swap(&mut state.out, &mut sending);
+            state.unsent = 0;
+        }
+        match unless_closed(&mut closed, write.write_all(&sending)).await {
+            Some(Ok(())) => sending.clear(),
+            Some(Err(err)) => {
+                tracing::debug!(error = %err, "redis wire write failed");
+                shared.fail();
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+/// Reads replies and hands each to the request that waits for it.
+async fn read_loop<R: AsyncRead + Unpin>(
+    shared: Arc<Shared>,
+    mut read: R,
+    mut closed: watch::Receiver<()>,
+) {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut replies = Vec::new();
+    let mut waiters = Vec::new();
+    loop {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match unless_closed(&mut closed, read.read_buf(&mut buf)).await {
+            Some(Ok(0)) => {
+                tracing::debug!("redis wire closed by the server");
+                return shared.fail();
+            }
+            Some(Ok(_)) => {}
+            Some(Err(err)) => {
+                tracing::debug!(error = %err, "redis wire read failed");
+                return shared.fail();
+            }
+            None => return,
+        }
+        loop {
+            match frame_len(&buf) {
+                Ok(Some(len)) => {
+                    let frame = buf.split_to(len).freeze();
+                    replies.push(parse(&frame, &mut 0));
+                }
+                Ok(None) => break,
+                Err(malformed) => {
+                    tracing::warn!(malformed, "redis wire read a malformed reply");
+                    return shared.fail();
+                }
+            }
+        }
+        if replies.is_empty() {
+            continue;
+        }
+        {
+            let mut state = shared.state();
+            if state.waiting.len() < replies.len() {
+                drop(state);
+                tracing::warn!("redis wire read a reply nobody asked for");
+                return shared.fail();
+            }
+            waiters.extend(state.waiting.drain(..replies.len()));
+        }
+        for (reply, waiter) in replies.drain(..).zip(waiters.drain(..)) {
+            // A request that gave up has dropped its receiver.
+            let _ = waiter.send(reply);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(raw: &[u8]) -> Vec<Reply> {
+        let mut buf = BytesMut::from(raw);
+        let mut out = Vec::new();
+        while let Some(len) = frame_len(&buf).unwrap() {
+            out.push(parse(&buf.split_to(len).freeze(), &mut 0));
+        }
+        assert!(buf.is_empty(), "left over: {buf:?}");
+        out
+    }
+
+    #[test]
+    fn replies_are_cut_out_whole() {
+        let raw = b"+OK\r\n-WRONGTYPE Operation against a key\r\n:42\r\n$-1\r\n$5\r\nhe\r\no\r\n*-1\r\n*3\r\n$1\r\na\r\n$-1\r\n*1\r\n:-7\r\n$0\r\n\r\n";
+        assert_eq!(
+            parsed(raw),
+            vec![
+                Reply::Status(Bytes::from_static(b"OK")),
+                Reply::Error(Bytes::from_static(b"WRONGTYPE Operation against a key")),
+                Reply::Int(42),
+                Reply::Nil,
+                Reply::Bulk(Bytes::from_static(b"he\r\no")),
+                Reply::Nil,
+                Reply::Array(vec![
+                    Reply::Bulk(Bytes::from_static(b"a")),
+                    Reply::Nil,
+                    Reply::Array(vec![Reply::Int(-7)]),
+                ]),
+                Reply::Bulk(Bytes::new()),
+            ]
+        );
+        assert_eq!(
+            parsed(b"-OOM command not allowed\r\n")[0].error_code(),
+            Some(&b"OOM"[..])
+        );
+    }
+
+    #[test]
+    fn an_incomplete_reply_waits_for_the_rest() {
+        let whole = b"*2\r\n$3\r\nabc\r\n$4\r\ndefg\r\n";
+        for cut in 0..whole.len() {
+            assert_eq!(frame_len(&whole[..cut]), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(frame_len(whole), Ok(Some(whole.len())));
+    }
+
+    #[test]
+    fn what_is_not_a_reply_is_refused() {
+        assert!(frame_len(b"hello\r\n").is_err());
+        assert!(frame_len(b"$3\r\nabcd\r\n").is_err());
+        assert!(frame_len(b"$x\r\n").is_err());
+        assert!(frame_len(b"$-2\r\n").is_err());
+        let deep = "*1\r\n".repeat(MAX_DEPTH + 1) + ":1\r\n";
+        assert!(frame_len(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn commands_are_encoded_as_resp_arrays() {
+        let mut out = Vec::new();
+        encode(&mut out, &[b"SET", b"k", b"", Decimal::new(60000).as_ref()]);
+        encode(&mut out, &[b"GET", b"k"]);
+        assert_eq!(
+            out,
+            b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n$5\r\n60000\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+        );
+        assert_eq!(Decimal::new(0).as_ref(), b"0");
+        assert_eq!(Decimal::new(u64::MAX).as_ref(), b"18446744073709551615");
+    }
+
+    /// Replies reach their own requests in order, whatever the reads cut
+    /// them into; a closed connection fails what waits and what comes.
+    #[tokio::test]
+    async fn replies_reach_their_requests_and_a_lost_connection_fails_them() {
+        let (ours, theirs) = tokio::io::duplex(64);
+        let (read, write) = tokio::io::split(ours);
+        let wire = Wire::spawn(read, write);
+        let (mut server_read, mut server_write) = tokio::io::split(theirs);
+        let first = wire.send(&[b"GET", b"a"]);
+        let second = wire.send(&[b"GET", b"b"]);
+        let mut got = vec![0u8; 40];
+        server_read.read_exact(&mut got).await.unwrap();
+        assert_eq!(
+            got,
+            b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*2\r\n$3\r\nGET\r\n$1\r\nb\r\n"
+        );
+        // Replies arrive in pieces smaller than one.
+        for piece in [&b"$3\r\nx"[..], b"yz\r", b"\n$-1", b"\r\n"] {
+            server_write.write_all(piece).await.unwrap();
+            server_write.flush().await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            first.await.unwrap(),
+            Reply::Bulk(Bytes::from_static(b"xyz"))
+        );
+        assert_eq!(second.await.unwrap(), Reply::Nil);
+        let pending = wire.send(&[b"GET", b"c"]);
+        drop((server_read, server_write));
+        assert!(matches!(pending.await, Err(StoreError::Unreachable(_))));
+        assert!(matches!(
+            wire.send(&[b"GET", b"d"]).await,
+            Err(StoreError::Unreachable(_))
+        ));
+    }
+}
