@@ -2,12 +2,14 @@
 //! it talks to.
 //!
 //! [`Reconnecting`] (what `RedisStore::open` uses) keeps one multiplexed
-//! connection and replaces it when it breaks. Each connection it makes first
-//! reads the server's epoch (`run_id` and `master_replid`) and loads the
-//! store's scripts, in one round trip: requests never pay `NOSCRIPT` round
-//! trips, and every entry is stamped with the epoch it was written under. A
-//! restart that reloads a snapshot, a failover or a full resync changes the
-//! epoch, so no entry written before it is served after it.
+//! connection, plus one for lookups (see `wire.rs`), and replaces both when
+//! either breaks. Each connection it makes first reads the server's epoch
+//! (`run_id` and `master_replid`) and loads the store's scripts, in one
+//! round trip: requests never pay `NOSCRIPT` round trips, and every entry is
+//! stamped with the epoch it was written under. A restart that reloads a
+//! snapshot, a failover or a full resync changes the epoch, so no entry
+//! written before it is served after it. The lookup connection reads the
+//! epoch too, and is used only when it reads the same one.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -205,6 +207,15 @@ pub(crate) const WIRE_NAME: &str = "tower-redis-cache:lookups";
 /// under, so none written before a restart that reloads old data, a
 /// failover or a full resync is served after it. One connection attempt
 /// runs at a time. What [`RedisStore::open`](super::RedisStore::open) uses.
+///
+/// Lookups (the one command of a hit) take a second connection to the same
+/// server, named `tower-redis-cache:lookups` in `CLIENT LIST`: a minimal
+/// RESP2 client that writes the commands of concurrent requests as one
+/// buffer and reads replies without copying them. It authenticates and
+/// selects the database as the URL says, reads the server's epoch itself,
+/// and is used only when that epoch is the multiplexed connection's; both
+/// are replaced together. Over TLS (`rediss://`) lookups take the
+/// multiplexed connection, their single commands batched.
 #[derive(Clone)]
 pub struct Reconnecting {
     // One allocation shared by every clone: each operation clones this.
@@ -374,15 +385,23 @@ impl Reconnecting {
             Ok(Some(Ok(opened))) => opened,
             Ok(None) => return None,
             Ok(Some(Err(err))) => {
-                tracing::debug!(error = %err, "no wire for lookups");
+                tracing::warn!(error = %err, "lookups take the multiplexed connection: their own failed to open");
                 return None;
             }
             Err(_) => {
-                tracing::debug!("no wire for lookups: timed out");
+                tracing::warn!(
+                    "lookups take the multiplexed connection: their own timed out opening"
+                );
                 return None;
             }
         };
-        (epoch_from(&server, &replication) == *epoch).then_some(wire)
+        if epoch_from(&server, &replication) != *epoch {
+            tracing::debug!(
+                "the server changed while connecting: lookups take the multiplexed connection"
+            );
+            return None;
+        }
+        Some(wire)
     }
 
     /// Runs one attempt and tells every operation waiting on it.

@@ -376,7 +376,8 @@ impl Wire {
             let db = Decimal::new(settings.db().unsigned_abs());
             setup.push(self.send(&[b"SELECT", db.as_ref()]));
         }
-        setup.push(self.send(&[b"CLIENT", b"SETNAME", name.as_bytes()]));
+        // A name is for operators only: a proxy that refuses it is fine.
+        let named = self.send(&[b"CLIENT", b"SETNAME", name.as_bytes()]);
         let server = self.send(&[b"INFO", b"server"]);
         let replication = self.send(&[b"INFO", b"replication"]);
         for step in setup {
@@ -384,6 +385,7 @@ impl Wire {
                 return Err(super::redis::refused(&String::from_utf8_lossy(&refusal)));
             }
         }
+        named.await?;
         let text = |reply: Reply| match reply {
             Reply::Bulk(text) => Ok(String::from_utf8_lossy(&text).into_owned()),
             other => Err(StoreError::Backend(format!("INFO answered {other:?}"))),
