@@ -577,3 +577,55 @@ async fn a_killed_lookup_connection_is_replaced_and_serves_no_stale_entry() {
         .expect("a new lookup connection");
     assert!(!line.contains(&format!("id={id} ")), "{line}");
 }
+
+/// Requests dropped while their lookups are out (clients gone) leave
+/// nothing behind on the lookup connection: every other request, then and
+/// after, gets its own entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn dropped_lookups_never_hand_their_replies_to_other_requests() {
+    const N: usize = 64;
+    let server = RedisServer::start();
+    let db = Db::default();
+    for id in 1..=N {
+        db.set(&id.to_string(), id as u64 * 10);
+    }
+    let app = redis_app(&server, db.clone());
+    for id in 1..=N {
+        send(&app, get_req(&format!("/persons/{id}"))).await;
+    }
+    let calls = db.calls();
+    let body = |id: usize| format!(r#"{{"id":"{id}","rev":{}}}"#, id * 10);
+    for round in 0..4 {
+        let requests: Vec<_> = (1..=N)
+            .map(|id| {
+                let app = app.clone();
+                tokio::spawn(async move { send(&app, get_req(&format!("/persons/{id}"))).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        for (i, request) in requests.iter().enumerate() {
+            if i % 2 == 1 {
+                request.abort();
+            }
+        }
+        for (i, request) in requests.into_iter().enumerate() {
+            let id = i + 1;
+            match request.await {
+                Ok((status, x_cache, got)) => {
+                    assert_eq!((status, got), (StatusCode::OK, body(id)), "round {round}");
+                    assert_eq!(x_cache, "HIT", "round {round}, /persons/{id}");
+                }
+                Err(err) => assert!(err.is_cancelled() && i % 2 == 1, "{err}"),
+            }
+        }
+    }
+    for id in 1..=N {
+        let (status, x_cache, got) = send(&app, get_req(&format!("/persons/{id}"))).await;
+        assert_eq!(
+            (status, x_cache.as_str(), got),
+            (StatusCode::OK, "HIT", body(id))
+        );
+    }
+    assert_eq!(db.calls(), calls, "every request was a hit");
+}

@@ -213,7 +213,12 @@ impl AsRef<[u8]> for Decimal {
 }
 
 fn push_decimal(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(Decimal::new(n).as_ref());
+    // Lengths and counts are mostly one or two digits.
+    match n {
+        0..=9 => out.push(b'0' + n as u8),
+        10..=99 => out.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]),
+        _ => out.extend_from_slice(Decimal::new(n).as_ref()),
+    }
 }
 
 /// Where a request's reply goes.
@@ -602,8 +607,40 @@ mod tests {
             out,
             b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n$5\r\n60000\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
         );
+        for n in [9, 10, 42, 99, 100, 12345] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
         assert_eq!(Decimal::new(0).as_ref(), b"0");
         assert_eq!(Decimal::new(u64::MAX).as_ref(), b"18446744073709551615");
+    }
+
+    /// A request that gave up (its future dropped) keeps its place: the
+    /// reply meant for it is dropped, not handed to the next request.
+    #[tokio::test]
+    async fn a_dropped_request_keeps_its_place_in_line() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (read, write) = tokio::io::split(ours);
+        let wire = Wire::spawn(read, write);
+        let (mut server_read, mut server_write) = tokio::io::split(theirs);
+        let a = wire.send(&[b"GET", b"a"]);
+        let b = wire.send(&[b"GET", b"b"]);
+        let c = wire.send(&[b"GET", b"c"]);
+        drop(b);
+        let mut got = vec![0u8; 60];
+        server_read.read_exact(&mut got).await.unwrap();
+        server_write
+            .write_all(b"$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n")
+            .await
+            .unwrap();
+        assert_eq!(a.await.unwrap(), Reply::Bulk(Bytes::from_static(b"a")));
+        assert_eq!(c.await.unwrap(), Reply::Bulk(Bytes::from_static(b"c")));
+        let d = wire.send(&[b"GET", b"d"]);
+        let mut got = vec![0u8; 20];
+        server_read.read_exact(&mut got).await.unwrap();
+        server_write.write_all(b"$1\r\nd\r\n").await.unwrap();
+        assert_eq!(d.await.unwrap(), Reply::Bulk(Bytes::from_static(b"d")));
     }
 
     /// Replies reach their own requests in order, whatever the reads cut
