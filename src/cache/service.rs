@@ -394,7 +394,7 @@ impl Ctx {
             (Some(key), false) => Some(self.policy.flights().enter(key, &found)),
             _ => None,
         };
-        self.seen = Some(found);
+        self.seen = Some(found.detached());
         match role? {
             Role::Lead(leader) => {
                 self.leader = Some(leader);
@@ -433,7 +433,7 @@ impl Ctx {
                 policy: self.policy.clone(),
                 route: self.route,
                 key,
-                seen: seen.clone(),
+                seen: seen.clone().detached(),
                 _leader: leader,
             }),
             Role::Join(_) => None,

@@ -395,7 +395,9 @@ impl Reconnecting {
                 return None;
             }
         };
-        if epoch_from(&server, &replication) != *epoch {
+        // An unknown epoch proves nothing: behind a proxy or a round-robin
+        // name the two connections could reach two servers.
+        if epoch.is_empty() || epoch_from(&server, &replication) != *epoch {
             tracing::debug!(
                 "the server changed while connecting: lookups take the multiplexed connection"
             );

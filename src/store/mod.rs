@@ -231,6 +231,22 @@ impl Lookup {
         self
     }
 
+    /// The same lookup in buffers of its own, for a holder that keeps it
+    /// while a handler runs: a store may answer with slices of a larger
+    /// read buffer, which it would keep alive meanwhile.
+    pub(crate) fn detached(self) -> Self {
+        let own = |seen: Observed| match seen {
+            Observed::Value(value) => Observed::Value(Bytes::copy_from_slice(&value)),
+            other => other,
+        };
+        Self {
+            versions: self.versions.into_iter().map(own).collect(),
+            entry: own(self.entry),
+            payload: own(self.payload),
+            origin: self.origin,
+        }
+    }
+
     /// What may be served from this lookup, taken out of it (the lookup
     /// keeps what conditional writes compare against).
     pub(crate) fn take_payload(&mut self) -> Observed {
@@ -542,6 +558,24 @@ pub(crate) fn fresh_version() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A detached lookup shares no buffer with the reply it came from.
+    #[test]
+    fn a_detached_lookup_owns_its_bytes() {
+        let reply = Bytes::from_static(b"1.lease-or-entry");
+        let seen = Lookup::new(
+            vec![Observed::Value(reply.slice(0..1))],
+            Observed::Value(reply.slice(2..)),
+        );
+        let detached = seen.clone().detached();
+        assert_eq!(detached, seen);
+        let ptr = |seen: &Observed| match seen {
+            Observed::Value(value) => value.as_ptr(),
+            _ => std::ptr::null(),
+        };
+        assert_ne!(ptr(detached.entry()), ptr(seen.entry()));
+        assert_ne!(ptr(&detached.versions()[0]), ptr(&seen.versions()[0]));
+    }
 
     #[test]
     fn an_invalidation_splits_into_one_part_per_slot_with_its_tombstone() {

@@ -72,6 +72,11 @@ impl Reply {
 /// any command sent here, and is refused as malformed.
 const MAX_DEPTH: usize = 8;
 
+/// The longest bulk string (or array) taken for a reply: longer than any
+/// entry a policy stores (bodies are capped far below), and short enough
+/// that no length overflows on 32 bits.
+const MAX_LEN: i64 = 512 * 1024 * 1024;
+
 /// Where the first complete reply in `buf` ends: `None` while it is
 /// incomplete, an error when `buf` does not start with a reply.
 fn frame_len(buf: &[u8]) -> Result<Option<usize>, &'static str> {
@@ -79,7 +84,7 @@ fn frame_len(buf: &[u8]) -> Result<Option<usize>, &'static str> {
 }
 
 fn frame_end(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, &'static str> {
-    let Some(line_end) = line_end(buf, at) else {
+    let Some(line_end) = line_end(buf, at)? else {
         return Ok(None);
     };
     let after = line_end + 2;
@@ -87,6 +92,7 @@ fn frame_end(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, &'sta
         b'+' | b'-' | b':' => Ok(Some(after)),
         b'$' => match decimal(&buf[at + 1..line_end])? {
             -1 => Ok(Some(after)),
+            len if len > MAX_LEN => Err("bulk string longer than Redis allows"),
             len if len >= 0 => {
                 let end = after + len as usize;
                 if buf.len() < end + 2 {
@@ -104,6 +110,9 @@ fn frame_end(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, &'sta
                 return Err("reply nested too deep");
             }
             let count = decimal(&buf[at + 1..line_end])?;
+            if count > MAX_LEN {
+                return Err("array longer than Redis allows");
+            }
             let mut next = after;
             for _ in 0..count.max(0) {
                 match frame_end(buf, next, depth + 1)? {
@@ -117,11 +126,20 @@ fn frame_end(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, &'sta
     }
 }
 
-/// Where the CRLF ending the line that starts at `at` is.
-fn line_end(buf: &[u8], at: usize) -> Option<usize> {
-    let line = buf.get(at..)?;
-    let cr = line.iter().position(|b| *b == b'\r')?;
-    (line.get(cr + 1) == Some(&b'\n')).then_some(at + cr)
+/// Where the CRLF ending the line that starts at `at` is (`None` until it
+/// arrived); a CR without its LF is refused.
+fn line_end(buf: &[u8], at: usize) -> Result<Option<usize>, &'static str> {
+    let Some(line) = buf.get(at..) else {
+        return Ok(None);
+    };
+    let Some(cr) = line.iter().position(|b| *b == b'\r') else {
+        return Ok(None);
+    };
+    match line.get(cr + 1) {
+        Some(b'\n') => Ok(Some(at + cr)),
+        Some(_) => Err("a CR without its LF"),
+        None => Ok(None),
+    }
 }
 
 fn decimal(digits: &[u8]) -> Result<i64, &'static str> {
@@ -129,7 +147,7 @@ fn decimal(digits: &[u8]) -> Result<i64, &'static str> {
         Some((b'-', rest)) => (true, rest),
         _ => (false, digits),
     };
-    if digits.is_empty() || digits.len() > 18 {
+    if digits.is_empty() {
         return Err("bad integer");
     }
     let mut value: i64 = 0;
@@ -137,7 +155,10 @@ fn decimal(digits: &[u8]) -> Result<i64, &'static str> {
         if !digit.is_ascii_digit() {
             return Err("bad integer");
         }
-        value = value * 10 + i64::from(digit - b'0');
+        value = value
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(i64::from(digit - b'0')))
+            .ok_or("integer out of range")?;
     }
     Ok(if negative { -value } else { value })
 }
@@ -146,7 +167,7 @@ fn decimal(digits: &[u8]) -> Result<i64, &'static str> {
 /// moving `*at` past it.
 fn parse(frame: &Bytes, at: &mut usize) -> Reply {
     let start = *at;
-    let line_end = line_end(frame, start).unwrap_or(frame.len());
+    let line_end = line_end(frame, start).ok().flatten().unwrap_or(frame.len());
     let line = frame.slice(start + 1..line_end);
     *at = line_end + 2;
     match frame[start] {
@@ -365,21 +386,40 @@ impl Wire {
     }
 
     /// Sends the connection's setup and the two `INFO` reads as one write.
+    /// A username that a server older than Redis 6 refuses (`AUTH` takes
+    /// only a password there) is dropped, as redis-rs does.
     async fn handshake(
         &self,
         settings: &redis::RedisConnectionInfo,
         name: &str,
     ) -> Result<(String, String), StoreError> {
+        let user = settings.username();
+        match self.handshake_as(settings, user, name).await {
+            Err(StoreError::Backend(refusal))
+                if user.is_some() && refusal.contains("wrong number of arguments") =>
+            {
+                self.handshake_as(settings, None, name).await
+            }
+            done => done,
+        }
+    }
+
+    async fn handshake_as(
+        &self,
+        settings: &redis::RedisConnectionInfo,
+        user: Option<&str>,
+        name: &str,
+    ) -> Result<(String, String), StoreError> {
         let mut setup = Vec::new();
         if let Some(password) = settings.password() {
-            setup.push(match settings.username() {
+            setup.push(match user {
                 Some(user) => self.send(&[b"AUTH", user.as_bytes(), password.as_bytes()]),
                 None => self.send(&[b"AUTH", password.as_bytes()]),
             });
         }
         if settings.db() != 0 {
-            let db = Decimal::new(settings.db().unsigned_abs());
-            setup.push(self.send(&[b"SELECT", db.as_ref()]));
+            let db = settings.db().to_string();
+            setup.push(self.send(&[b"SELECT", db.as_bytes()]));
         }
         // A name is for operators only: a proxy that refuses it is fine.
         let named = self.send(&[b"CLIENT", b"SETNAME", name.as_bytes()]);
@@ -520,6 +560,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
         }
+        // After a large reply, a fresh buffer: one small slice still held
+        // (a slow client's body) would keep the large one alive.
+        if buf.is_empty() && buf.capacity() > 4 * READ_CHUNK {
+            buf = BytesMut::with_capacity(READ_CHUNK);
+        }
         if replies.is_empty() {
             continue;
         }
@@ -594,6 +639,11 @@ mod tests {
         assert!(frame_len(b"$3\r\nabcd\r\n").is_err());
         assert!(frame_len(b"$x\r\n").is_err());
         assert!(frame_len(b"$-2\r\n").is_err());
+        assert!(frame_len(b"+O\rK\r\n").is_err());
+        assert!(frame_len(b"$536870913\r\n").is_err());
+        assert!(frame_len(b"$99999999999999999999\r\n").is_err());
+        assert_eq!(decimal(b"9223372036854775807"), Ok(i64::MAX));
+        assert!(frame_len(b"*999999999\r\n").is_err());
         let deep = "*1\r\n".repeat(MAX_DEPTH + 1) + ":1\r\n";
         assert!(frame_len(deep.as_bytes()).is_err());
     }
