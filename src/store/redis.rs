@@ -452,9 +452,21 @@ struct SeenVersions(std::sync::Mutex<std::collections::HashMap<String, Bytes>>);
 const SEEN_VERSIONS_CAP: usize = 4096;
 
 impl SeenVersions {
-    fn get(&self, versions: &[super::VersionKey]) -> Option<Vec<Bytes>> {
+    /// The values last read for `versions`, in order, as what a lookup
+    /// expects to read again; false (and `into` left empty) when one is
+    /// not known.
+    fn get(&self, versions: &[super::VersionKey], into: &mut Vec<Observed>) -> bool {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        versions.iter().map(|v| map.get(v.key()).cloned()).collect()
+        for version in versions {
+            match map.get(version.key()) {
+                Some(value) => into.push(Observed::Value(value.clone())),
+                None => {
+                    into.clear();
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     fn remember(&self, versions: &[super::VersionKey], values: &[Bytes]) {
@@ -486,29 +498,61 @@ async fn versioned_lookup<C: Connect>(
     key: &CacheKey,
 ) -> Result<(Vec<Observed>, Observed), StoreError> {
     let versions = key.versions();
-    let guess = seen_versions.get(versions);
-    let mut entry_key = Vec::new();
-    let mut mget: Vec<&[u8]> = Vec::with_capacity(versions.len() + 2);
-    mget.push(b"MGET");
-    mget.extend(versions.iter().map(|version| version.key().as_bytes()));
-    if let Some(guess) = &guess {
-        let _ = key.write_entry_key(guess.iter().map(AsRef::as_ref), &mut entry_key);
-        mget.push(&entry_key);
+    // The versions this process read last, until the reply says otherwise.
+    let mut current = Vec::with_capacity(versions.len());
+    let guessed = seen_versions.get(versions, &mut current);
+    let mut entry_key = KeyBuf::new();
+    if guessed {
+        let _ = key.write_entry_key(values(&current), &mut entry_key);
     }
+    // A group has at most two version keys (its own and a scope's): the
+    // command's arguments then fit on the stack.
+    let mut few: [&[u8]; 4] = [b"MGET", b"", b"", b""];
+    let mut many = Vec::new();
+    let mget: &[&[u8]] = if versions.len() <= 2 {
+        for (slot, version) in few[1..].iter_mut().zip(versions) {
+            *slot = version.key().as_bytes();
+        }
+        let mut len = versions.len() + 1;
+        if guessed {
+            few[len] = entry_key.as_bytes();
+            len += 1;
+        }
+        &few[..len]
+    } else {
+        many.push(&b"MGET"[..]);
+        many.extend(versions.iter().map(|version| version.key().as_bytes()));
+        if guessed {
+            many.push(entry_key.as_bytes());
+        }
+        &many
+    };
     // MGET answers nil for a missing key and for one of another type alike.
-    let replies = match C::request(conn, &mget).await? {
+    let replies = match C::request(conn, mget).await? {
         Reply::Array(replies) => replies,
         other => return Err(unexpected("MGET", other)),
     };
     let mut replies = replies.into_iter();
-    let mut current = Vec::with_capacity(versions.len());
+    let mut matched = guessed;
+    let mut read = 0;
     for reply in replies.by_ref().take(versions.len()) {
-        match reply {
-            // Remembered: a copy of its own, not a slice of the reply.
-            Reply::Bulk(value) => current.push(Observed::Value(Bytes::copy_from_slice(&value))),
-            _ => break,
+        let Reply::Bulk(value) = reply else { break };
+        // Remembered values are copies of their own, not slices of the
+        // reply: one that reads as remembered is kept as it is.
+        match current.get_mut(read) {
+            Some(Observed::Value(seen)) if *seen == value => {}
+            Some(slot) => {
+                matched = false;
+                *slot = Observed::Value(Bytes::copy_from_slice(&value));
+            }
+            None => {
+                matched = false;
+                current.push(Observed::Value(Bytes::copy_from_slice(&value)));
+            }
         }
+        read += 1;
     }
+    current.truncate(read);
     if current.len() < versions.len() {
         let mut invocation = ENSURE_VERSIONS.prepare_invoke();
         for version in versions {
@@ -522,31 +566,24 @@ async fn versioned_lookup<C: Connect>(
             Observed::Absent,
         ));
     }
-    let guessed = guess.is_some_and(|guess| {
-        guess.len() == current.len()
-            && guess
-                .iter()
-                .zip(&current)
-                .all(|(guess, read)| matches!(read, Observed::Value(read) if read == guess))
-    });
     // An entry key of another type reads absent: the write replaces it.
-    let entry = match guessed {
+    let entry = match matched {
         true => match replies.next() {
             Some(Reply::Bulk(value)) => Some(value),
             _ => None,
         },
         false => {
-            let current: Vec<Bytes> = current
+            let read: Vec<Bytes> = current
                 .iter()
                 .filter_map(|read| match read {
                     Observed::Value(value) => Some(value.clone()),
                     _ => None,
                 })
                 .collect();
-            seen_versions.remember(versions, &current);
+            seen_versions.remember(versions, &read);
             entry_key.clear();
-            let _ = key.write_entry_key(current.iter().map(AsRef::as_ref), &mut entry_key);
-            match C::request(conn, &[b"GET", &entry_key]).await? {
+            let _ = key.write_entry_key(values(&current), &mut entry_key);
+            match C::request(conn, &[b"GET", entry_key.as_bytes()]).await? {
                 Reply::Bulk(value) => Some(value),
                 Reply::Nil => None,
                 other => return Err(unexpected("GET", other)),
@@ -555,6 +592,72 @@ async fn versioned_lookup<C: Connect>(
     };
     let entry = entry.map_or(Observed::Absent, Observed::Value);
     Ok((current, entry))
+}
+
+/// The values of the versions a lookup read (all values: a missing one
+/// ends the read).
+fn values(read: &[Observed]) -> impl Iterator<Item = &[u8]> {
+    read.iter().filter_map(|read| match read {
+        Observed::Value(value) => Some(&value[..]),
+        _ => None,
+    })
+}
+
+/// How long an entry key may be and still be written on the stack.
+const SHORT_KEY: usize = 256;
+
+/// An entry key written for one command: on the stack when it is short
+/// (a namespace, a template, versions and two hashes usually are).
+struct KeyBuf {
+    short: [u8; SHORT_KEY],
+    len: usize,
+    long: Option<Vec<u8>>,
+}
+
+impl KeyBuf {
+    fn new() -> Self {
+        Self {
+            short: [0; SHORT_KEY],
+            len: 0,
+            long: None,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match &self.long {
+            Some(long) => long,
+            None => &self.short[..self.len],
+        }
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+        self.long = None;
+    }
+}
+
+impl std::io::Write for KeyBuf {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let end = self.len + bytes.len();
+        match &mut self.long {
+            Some(long) => long.extend_from_slice(bytes),
+            None if end <= SHORT_KEY => {
+                self.short[self.len..end].copy_from_slice(bytes);
+                self.len = end;
+            }
+            None => {
+                let mut long = Vec::with_capacity(2 * end);
+                long.extend_from_slice(&self.short[..self.len]);
+                long.extend_from_slice(bytes);
+                self.long = Some(long);
+            }
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The entry key of a versioned key under these versions, written into a
@@ -985,6 +1088,25 @@ mod tests {
             "{app:persons:list}:persons:list:v".to_owned(),
             format!(":{query_hash}"),
         )
+    }
+
+    #[test]
+    fn entry_keys_read_the_same_on_the_stack_and_past_it() {
+        use std::io::Write;
+        for parts in [
+            vec![&b"{app:list}:list:v"[..], b"17", b":abc"],
+            vec![&[b'a'; SHORT_KEY - 1][..], b"1", b":x"],
+            vec![&[b'b'; 3 * SHORT_KEY][..], b"2"],
+        ] {
+            let mut buf = KeyBuf::new();
+            for part in &parts {
+                buf.write_all(part).unwrap();
+            }
+            assert_eq!(buf.as_bytes(), parts.concat());
+            buf.clear();
+            buf.write_all(b"again").unwrap();
+            assert_eq!(buf.as_bytes(), b"again");
+        }
     }
 
     #[tokio::test]
