@@ -91,6 +91,13 @@ pub(crate) fn unix_ms_at(at: Instant) -> u64 {
         {
             base_ms + at.saturating_duration_since(base).as_millis() as u64
         }
+        // An instant read before the pairing (a request that started before
+        // this thread last paired the clocks, and was decided after) reads
+        // from the same pairing: pairing again would move it past every
+        // request still in flight, and each of them would pair again.
+        Some((base, base_ms)) if base.saturating_duration_since(at) < WALL_CLOCK_RESYNC => {
+            base_ms.saturating_sub(base.saturating_duration_since(at).as_millis() as u64)
+        }
         _ => {
             let (now, now_ms) = (Instant::now(), unix_ms());
             pair.set(Some((now, now_ms)));
@@ -424,6 +431,30 @@ fn token_bytes(format: u8) -> [u8; TOKEN_LEN] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_that_started_before_the_pairing_read_from_it() {
+        let (before, started) = (unix_ms(), Instant::now());
+        std::thread::sleep(Duration::from_millis(5));
+        // The thread pairs the clocks after the request started.
+        let _ = unix_ms_at(Instant::now());
+        let pairing = WALL_CLOCK.with(|pair| pair.get());
+        let derived = unix_ms_at(started);
+        assert_eq!(
+            WALL_CLOCK.with(|pair| pair.get()),
+            pairing,
+            "an earlier instant paired the clocks again"
+        );
+        assert!(
+            derived + 1 >= before && derived <= unix_ms(),
+            "{before} {derived}"
+        );
+        assert_eq!(
+            unix_ms_at(started),
+            derived,
+            "the same pairing, the same reading"
+        );
+    }
 
     #[test]
     fn the_wall_clock_at_an_instant_follows_the_system_clock() {
