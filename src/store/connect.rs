@@ -53,11 +53,26 @@ pub trait Connect: Clone + Send + Sync + 'static {
     }
 
     /// Sends one single command, given as its arguments (a lookup's); its
-    /// reply.
+    /// reply. A connection that [keeps deadlines](Connect::keeps_deadlines)
+    /// fails it at `until`; others leave that to the operation's timer.
     #[doc(hidden)]
-    fn request<'a>(conn: &'a mut Self::Conn, args: &[&[u8]]) -> Requested<'a> {
+    fn request<'a>(
+        conn: &'a mut Self::Conn,
+        args: &[&[u8]],
+        until: tokio::time::Instant,
+    ) -> Requested<'a> {
+        let _ = until;
         let cmd = command(args);
         Requested::redis(Box::pin(async move { conn.req_packed_command(&cmd).await }))
+    }
+
+    /// True when `conn`'s [`request`](Connect::request)s fail by
+    /// themselves at their deadline: a lookup made of them needs no timer
+    /// of its own.
+    #[doc(hidden)]
+    fn keeps_deadlines(conn: &Self::Conn) -> bool {
+        let _ = conn;
+        false
     }
 
     /// The connection of `generation` failed: the next operation gets a
@@ -482,11 +497,19 @@ impl Connect for Reconnecting {
             .map(|live| (live.conn, live.epoch, live.generation))
     }
 
-    fn request<'a>(conn: &'a mut Linked, args: &[&[u8]]) -> Requested<'a> {
+    fn request<'a>(
+        conn: &'a mut Linked,
+        args: &[&[u8]],
+        until: tokio::time::Instant,
+    ) -> Requested<'a> {
         match &conn.wire {
-            Some(wire) => Requested(Sent::Wire(wire.send(args))),
+            Some(wire) => Requested(Sent::Wire(wire.send(args, Some(until)))),
             None => Requested::redis(conn.batched.send(command(args))),
         }
+    }
+
+    fn keeps_deadlines(conn: &Linked) -> bool {
+        conn.wire.is_some()
     }
 
     fn persistence(&self) -> Option<&'static str> {

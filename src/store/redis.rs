@@ -4,6 +4,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::aio::ConnectionLike;
 use redis::{RedisError, Script};
+use tokio::time::Instant;
 
 use super::connect::{Connect, Epoch, Reconnecting};
 use super::resilient::{BreakerConfig, Resilient, StoreHealth};
@@ -395,6 +396,7 @@ async fn plain_lookup<C: Connect>(
     conn: &mut C::Conn,
     key: &str,
     lease_ttl: Duration,
+    until: Instant,
 ) -> Result<Observed, StoreError> {
     let lease = crate::entry::lease_bytes();
     let ttl = Decimal::new(millis(lease_ttl));
@@ -407,7 +409,7 @@ async fn plain_lookup<C: Connect>(
         ttl.as_ref(),
         b"GET",
     ];
-    let reply = C::request(conn, &args).await?;
+    let reply = C::request(conn, &args, until).await?;
     Ok(match reply {
         Reply::Bulk(value) => Observed::Value(value),
         Reply::Nil => Observed::Value(Bytes::copy_from_slice(&lease)),
@@ -415,7 +417,7 @@ async fn plain_lookup<C: Connect>(
         // Full, without eviction: no lease, but hits still serve.
         // An empty key then reads absent, which no write matches.
         Reply::Error(_) if reply.error_code() == Some(b"OOM") => {
-            match C::request(conn, &[b"GET", key.as_bytes()]).await? {
+            match C::request(conn, &[b"GET", key.as_bytes()], until).await? {
                 Reply::Bulk(value) => Observed::Value(value),
                 Reply::Nil => Observed::Absent,
                 other => return Err(unexpected("GET", other)),
@@ -496,6 +498,7 @@ async fn versioned_lookup<C: Connect>(
     conn: &mut C::Conn,
     seen_versions: &SeenVersions,
     key: &CacheKey,
+    until: Instant,
 ) -> Result<(Vec<Observed>, Observed), StoreError> {
     let versions = key.versions();
     // The versions this process read last, until the reply says otherwise.
@@ -528,7 +531,7 @@ async fn versioned_lookup<C: Connect>(
         &many
     };
     // MGET answers nil for a missing key and for one of another type alike.
-    let replies = match C::request(conn, mget).await? {
+    let replies = match C::request(conn, mget, until).await? {
         Reply::Array(replies) => replies,
         other => return Err(unexpected("MGET", other)),
     };
@@ -558,7 +561,11 @@ async fn versioned_lookup<C: Connect>(
         for version in versions {
             invocation.key(version.key()).arg(millis(version.ttl()));
         }
-        let created: Vec<Vec<u8>> = invocation.invoke_async(conn).await.map_err(backend)?;
+        let created: Vec<Vec<u8>> =
+            match tokio::time::timeout_at(until, invocation.invoke_async(conn)).await {
+                Ok(created) => created.map_err(backend)?,
+                Err(_) => return Err(StoreError::Timeout),
+            };
         let created: Vec<Bytes> = created.into_iter().map(Bytes::from).collect();
         seen_versions.remember(versions, &created);
         return Ok((
@@ -583,7 +590,7 @@ async fn versioned_lookup<C: Connect>(
             seen_versions.remember(versions, &read);
             entry_key.clear();
             let _ = key.write_entry_key(values(&current), &mut entry_key);
-            match C::request(conn, &[b"GET", entry_key.as_bytes()]).await? {
+            match C::request(conn, &[b"GET", entry_key.as_bytes()], until).await? {
                 Reply::Bulk(value) => Some(value),
                 Reply::Nil => None,
                 other => return Err(unexpected("GET", other)),
@@ -780,7 +787,39 @@ where
         Ok(result) => result,
         Err(_) => Err(StoreError::Timeout),
     };
-    let used = generation.load(std::sync::atomic::Ordering::Relaxed);
+    settle(
+        source,
+        generation.load(std::sync::atomic::Ordering::Relaxed),
+        result,
+    )
+}
+
+/// A lookup, run like [`on_connection`]; but on a live connection that
+/// [keeps its requests' deadlines](Connect::keeps_deadlines), without a
+/// timer of its own: a hit then costs no timer at all. `op` bounds
+/// anything else it awaits by the instant it is given.
+async fn lookup_on<C, T, F, Fut>(source: &C, deadline: Duration, op: F) -> Result<T, StoreError>
+where
+    C: Connect,
+    F: FnOnce(C::Conn, Epoch, Instant) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let until = Instant::now() + deadline;
+    match source.live() {
+        Some((conn, epoch, used)) if C::keeps_deadlines(&conn) => {
+            settle(source, used, op(conn, epoch, until).await)
+        }
+        _ => on_connection(source, deadline, |conn, epoch| op(conn, epoch, until)).await,
+    }
+}
+
+/// `result` of an operation on the connection of generation `used`, which
+/// is replaced when it failed or stalled.
+fn settle<C: Connect, T>(
+    source: &C,
+    used: u64,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
     if matches!(
         result,
         Err(StoreError::Unreachable(_) | StoreError::Timeout)
@@ -815,8 +854,8 @@ impl<C: Connect> Store for Link<C> {
             CacheKey::Plain(key) => {
                 let (key, lease_ttl) = (key.clone(), self.lease_ttl);
                 Box::pin(async move {
-                    on_connection(&source, deadline, |mut conn, epoch| async move {
-                        let entry = plain_lookup::<C>(&mut conn, &key, lease_ttl).await?;
+                    lookup_on(&source, deadline, |mut conn, epoch, until| async move {
+                        let entry = plain_lookup::<C>(&mut conn, &key, lease_ttl, until).await?;
                         Ok(looked_up(Vec::new(), entry, epoch))
                     })
                     .await
@@ -826,9 +865,9 @@ impl<C: Connect> Store for Link<C> {
                 let seen_versions = self.seen_versions.clone();
                 let key = versioned.clone();
                 Box::pin(async move {
-                    on_connection(&source, deadline, |mut conn, epoch| async move {
+                    lookup_on(&source, deadline, |mut conn, epoch, until| async move {
                         let (versions, entry) =
-                            versioned_lookup::<C>(&mut conn, &seen_versions, &key).await?;
+                            versioned_lookup::<C>(&mut conn, &seen_versions, &key, until).await?;
                         Ok(looked_up(versions, entry, epoch))
                     })
                     .await

@@ -18,9 +18,15 @@
 //! request exactly one round trip: the writer sends at once on an idle
 //! connection and, while earlier commands are out, yields once first so
 //! that every request the runtime is about to poll adds its command to the
-//! same write. Nothing here has a deadline: each request has its own, and
-//! the store replaces a connection that stalls or fails (dropping the last
-//! handle closes the connection and ends both tasks).
+//! same write.
+//!
+//! A command may carry a deadline: if its reply has not come by then, it
+//! fails with [`StoreError::Timeout`] (its place in line is kept, and the
+//! late reply dropped). The reader keeps one timer for all of them, set for
+//! the earliest, instead of each request keeping one of its own: Redis
+//! answers in order, so that timer rarely needs to move. The store replaces
+//! a connection that stalls or fails (dropping the last handle closes the
+//! connection and ends both tasks).
 //!
 //! Everything else (scripts, writes, Pub/Sub, TLS, a cluster) stays on
 //! redis-rs; a server this cannot reach the way redis-rs does (a `rediss://`
@@ -35,6 +41,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::Instant;
 
 use super::StoreError;
 
@@ -242,8 +249,15 @@ fn push_decimal(out: &mut Vec<u8>, n: u64) {
     }
 }
 
-/// Where a request's reply goes.
-type ReplyTo = oneshot::Sender<Reply>;
+/// Where a request's reply goes: the reply, or the deadline it missed.
+type ReplyTo = oneshot::Sender<Result<Reply, StoreError>>;
+
+/// A request waiting for its reply.
+struct Waiter {
+    /// Taken when the deadline passed: the reply, when it comes, is dropped.
+    reply: Option<ReplyTo>,
+    until: Option<Instant>,
+}
 
 /// A connection for lookups. Cheap to clone; the connection closes when
 /// the last clone is dropped.
@@ -268,6 +282,8 @@ struct Shared {
     state: Mutex<State>,
     /// Commands were buffered for the writer.
     buffered: Notify,
+    /// A deadline came that the reader's timer is not set for.
+    rewatch: Notify,
 }
 
 #[derive(Default)]
@@ -278,7 +294,10 @@ struct State {
     unsent: usize,
     /// Who waits for a reply, in the order the commands were buffered
     /// (sent ones first): the order Redis answers in.
-    waiting: VecDeque<ReplyTo>,
+    waiting: VecDeque<Waiter>,
+    /// When the reader's timer goes off (or is about to be set for, once
+    /// told): no waiting deadline is earlier. `None`: no timer.
+    watch: Option<Instant>,
     /// Set once the connection failed: every later command fails at once.
     failed: bool,
 }
@@ -295,10 +314,36 @@ impl Shared {
             state.failed = true;
             state.out = Vec::new();
             state.unsent = 0;
+            state.watch = None;
             std::mem::take(&mut state.waiting)
         };
         // Dropped senders: each waiting request reads a lost connection.
         drop(waiting);
+    }
+
+    /// Fails every request whose deadline is `now` or past; the earliest
+    /// deadline left, which the reader's timer is then set for.
+    fn expire(&self, now: Instant) -> Option<Instant> {
+        let mut expired = Vec::new();
+        let next = {
+            let mut state = self.state();
+            let mut next: Option<Instant> = None;
+            for waiter in state.waiting.iter_mut() {
+                match waiter.until {
+                    Some(until) if until <= now => expired.extend(waiter.reply.take()),
+                    Some(until) if waiter.reply.is_some() => {
+                        next = Some(next.map_or(until, |next| next.min(until)));
+                    }
+                    _ => {}
+                }
+            }
+            state.watch = next;
+            next
+        };
+        for reply in expired {
+            let _ = reply.send(Err(StoreError::Timeout));
+        }
+        next
     }
 }
 
@@ -315,6 +360,7 @@ impl Wire {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             buffered: Notify::new(),
+            rewatch: Notify::new(),
         });
         let (close, closed) = watch::channel(());
         tokio::spawn(write_loop(shared.clone(), write, closed.clone()));
@@ -328,21 +374,36 @@ impl Wire {
     }
 
     /// Buffers one command; its reply. A lost connection reads as
-    /// [`StoreError::Unreachable`].
-    pub(crate) fn send(&self, args: &[&[u8]]) -> Replied {
+    /// [`StoreError::Unreachable`], no reply by `until` as
+    /// [`StoreError::Timeout`].
+    pub(crate) fn send(&self, args: &[&[u8]], until: Option<Instant>) -> Replied {
         let (reply, answer) = oneshot::channel();
         let shared = &self.owner.shared;
-        let first = {
+        let (first, rewatch) = {
             let mut state = shared.state();
+            let mut rewatch = false;
             if !state.failed {
                 encode(&mut state.out, args);
                 state.unsent += 1;
-                state.waiting.push_back(reply);
+                state.waiting.push_back(Waiter {
+                    reply: Some(reply),
+                    until,
+                });
+                // Mostly the timer is set already, for an earlier deadline.
+                if let Some(until) = until {
+                    if state.watch.is_none_or(|watch| until < watch) {
+                        state.watch = Some(until);
+                        rewatch = true;
+                    }
+                }
             }
-            state.unsent == 1
+            (state.unsent == 1, rewatch)
         };
         if first {
             shared.buffered.notify_one();
+        }
+        if rewatch {
+            shared.rewatch.notify_one();
         }
         Replied { answer }
     }
@@ -413,18 +474,18 @@ impl Wire {
         let mut setup = Vec::new();
         if let Some(password) = settings.password() {
             setup.push(match user {
-                Some(user) => self.send(&[b"AUTH", user.as_bytes(), password.as_bytes()]),
-                None => self.send(&[b"AUTH", password.as_bytes()]),
+                Some(user) => self.send(&[b"AUTH", user.as_bytes(), password.as_bytes()], None),
+                None => self.send(&[b"AUTH", password.as_bytes()], None),
             });
         }
         if settings.db() != 0 {
             let db = settings.db().to_string();
-            setup.push(self.send(&[b"SELECT", db.as_bytes()]));
+            setup.push(self.send(&[b"SELECT", db.as_bytes()], None));
         }
         // A name is for operators only: a proxy that refuses it is fine.
-        let named = self.send(&[b"CLIENT", b"SETNAME", name.as_bytes()]);
-        let server = self.send(&[b"INFO", b"server"]);
-        let replication = self.send(&[b"INFO", b"replication"]);
+        let named = self.send(&[b"CLIENT", b"SETNAME", name.as_bytes()], None);
+        let server = self.send(&[b"INFO", b"server"], None);
+        let replication = self.send(&[b"INFO", b"replication"], None);
         for step in setup {
             if let Reply::Error(refusal) = step.await? {
                 return Err(super::redis::refused(&String::from_utf8_lossy(&refusal)));
@@ -441,7 +502,7 @@ impl Wire {
 
 /// The reply to one command sent on a [`Wire`].
 pub(crate) struct Replied {
-    answer: oneshot::Receiver<Reply>,
+    answer: oneshot::Receiver<Result<Reply, StoreError>>,
 }
 
 impl std::fmt::Debug for Replied {
@@ -455,7 +516,9 @@ impl Future for Replied {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         Pin::new(&mut self.answer).poll(cx).map(|answer| {
-            answer.map_err(|_| StoreError::Unreachable("redis connection lost".to_owned()))
+            answer.unwrap_or_else(|_| {
+                Err(StoreError::Unreachable("redis connection lost".to_owned()))
+            })
         })
     }
 }
@@ -522,7 +585,16 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Reads replies and hands each to the request that waits for it.
+/// What the reader woke up for.
+enum Woken {
+    Read(std::io::Result<usize>),
+    /// A deadline may have passed, or came that the timer is not set for.
+    Watch,
+    Closed,
+}
+
+/// Reads replies and hands each to the request that waits for it; fails
+/// the requests whose deadline passes first.
 async fn read_loop<R: AsyncRead + Unpin>(
     shared: Arc<Shared>,
     mut read: R,
@@ -531,21 +603,54 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut replies = Vec::new();
     let mut waiters = Vec::new();
+    let timer = tokio::time::sleep_until(Instant::now());
+    let mut timer = std::pin::pin!(timer);
+    let mut timed = false;
     loop {
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
-        match unless_closed(&mut closed, read.read_buf(&mut buf)).await {
-            Some(Ok(0)) => {
+        let woken = {
+            let mut reading = std::pin::pin!(read.read_buf(&mut buf));
+            let mut rewatch = std::pin::pin!(shared.rewatch.notified());
+            let mut closing = std::pin::pin!(closed.changed());
+            std::future::poll_fn(|cx| {
+                // A reply that came wins over a deadline that passed.
+                if let Poll::Ready(read) = reading.as_mut().poll(cx) {
+                    return Poll::Ready(Woken::Read(read));
+                }
+                if rewatch.as_mut().poll(cx).is_ready()
+                    || (timed && timer.as_mut().poll(cx).is_ready())
+                {
+                    return Poll::Ready(Woken::Watch);
+                }
+                // The sender is only ever dropped: any change is the close.
+                closing.as_mut().poll(cx).map(|_| Woken::Closed)
+            })
+            .await
+        };
+        let read = match woken {
+            Woken::Read(read) => read,
+            Woken::Watch => {
+                let next = shared.expire(Instant::now());
+                timed = next.is_some();
+                if let Some(next) = next {
+                    timer.as_mut().reset(next);
+                }
+                continue;
+            }
+            Woken::Closed => return,
+        };
+        match read {
+            Ok(0) => {
                 tracing::debug!("redis wire closed by the server");
                 return shared.fail();
             }
-            Some(Ok(_)) => {}
-            Some(Err(err)) => {
+            Ok(_) => {}
+            Err(err) => {
                 tracing::debug!(error = %err, "redis wire read failed");
                 return shared.fail();
             }
-            None => return,
         }
         loop {
             match frame_len(&buf) {
@@ -578,8 +683,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
             waiters.extend(state.waiting.drain(..replies.len()));
         }
         for (reply, waiter) in replies.drain(..).zip(waiters.drain(..)) {
-            // A request that gave up has dropped its receiver.
-            let _ = waiter.send(reply);
+            // A request that gave up has dropped its receiver; one whose
+            // deadline passed has no sender left.
+            if let Some(to) = waiter.reply {
+                let _ = to.send(Ok(reply));
+            }
         }
     }
 }
@@ -674,9 +782,9 @@ mod tests {
         let (read, write) = tokio::io::split(ours);
         let wire = Wire::spawn(read, write);
         let (mut server_read, mut server_write) = tokio::io::split(theirs);
-        let a = wire.send(&[b"GET", b"a"]);
-        let b = wire.send(&[b"GET", b"b"]);
-        let c = wire.send(&[b"GET", b"c"]);
+        let a = wire.send(&[b"GET", b"a"], None);
+        let b = wire.send(&[b"GET", b"b"], None);
+        let c = wire.send(&[b"GET", b"c"], None);
         drop(b);
         let mut got = vec![0u8; 60];
         server_read.read_exact(&mut got).await.unwrap();
@@ -686,7 +794,7 @@ mod tests {
             .unwrap();
         assert_eq!(a.await.unwrap(), Reply::Bulk(Bytes::from_static(b"a")));
         assert_eq!(c.await.unwrap(), Reply::Bulk(Bytes::from_static(b"c")));
-        let d = wire.send(&[b"GET", b"d"]);
+        let d = wire.send(&[b"GET", b"d"], None);
         let mut got = vec![0u8; 20];
         server_read.read_exact(&mut got).await.unwrap();
         server_write.write_all(b"$1\r\nd\r\n").await.unwrap();
@@ -701,8 +809,8 @@ mod tests {
         let (read, write) = tokio::io::split(ours);
         let wire = Wire::spawn(read, write);
         let (mut server_read, mut server_write) = tokio::io::split(theirs);
-        let first = wire.send(&[b"GET", b"a"]);
-        let second = wire.send(&[b"GET", b"b"]);
+        let first = wire.send(&[b"GET", b"a"], None);
+        let second = wire.send(&[b"GET", b"b"], None);
         let mut got = vec![0u8; 40];
         server_read.read_exact(&mut got).await.unwrap();
         assert_eq!(
@@ -720,12 +828,100 @@ mod tests {
             Reply::Bulk(Bytes::from_static(b"xyz"))
         );
         assert_eq!(second.await.unwrap(), Reply::Nil);
-        let pending = wire.send(&[b"GET", b"c"]);
+        let pending = wire.send(&[b"GET", b"c"], None);
         drop((server_read, server_write));
         assert!(matches!(pending.await, Err(StoreError::Unreachable(_))));
         assert!(matches!(
-            wire.send(&[b"GET", b"d"]).await,
+            wire.send(&[b"GET", b"d"], None).await,
             Err(StoreError::Unreachable(_))
         ));
+    }
+
+    /// A request whose reply has not come by its deadline fails then, not
+    /// sooner nor later; the others keep theirs, and the late reply is
+    /// dropped, not handed to the next request.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_fails_at_its_deadline_and_keeps_its_place() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (read, write) = tokio::io::split(ours);
+        let wire = Wire::spawn(read, write);
+        let (mut server_read, mut server_write) = tokio::io::split(theirs);
+        let start = Instant::now();
+        let ms = std::time::Duration::from_millis;
+        let a = wire.send(&[b"GET", b"a"], Some(start + ms(100)));
+        let mut b = wire.send(&[b"GET", b"b"], Some(start + ms(300)));
+        let mut c = wire.send(&[b"GET", b"c"], None);
+        let mut got = vec![0u8; 60];
+        server_read.read_exact(&mut got).await.unwrap();
+        assert_eq!(within_a_second(a).await, Err(StoreError::Timeout));
+        assert_eq!(start.elapsed(), ms(100));
+        // A reply before its deadline still reaches b, and c has none.
+        tokio::time::sleep(ms(150)).await;
+        assert!(futures_now(&mut b).is_none() && futures_now(&mut c).is_none());
+        server_write
+            .write_all(b"$1\r\na\r\n$1\r\nb\r\n$1\r\nc\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            within_a_second(b).await,
+            Ok(Reply::Bulk(Bytes::from_static(b"b")))
+        );
+        assert_eq!(
+            within_a_second(c).await,
+            Ok(Reply::Bulk(Bytes::from_static(b"c")))
+        );
+    }
+
+    /// The reader's one timer follows every deadline: one earlier than
+    /// those already waiting, and one that comes after the connection sat
+    /// idle (its timer gone off and not set again).
+    #[tokio::test(start_paused = true)]
+    async fn every_deadline_is_kept_whatever_the_order_it_comes_in() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (read, write) = tokio::io::split(ours);
+        let wire = Wire::spawn(read, write);
+        let (mut server_read, mut server_write) = tokio::io::split(theirs);
+        let ms = std::time::Duration::from_millis;
+        let start = Instant::now();
+        let late = wire.send(&[b"GET", b"a"], Some(start + ms(300)));
+        // The reader sets its timer for the first deadline meanwhile.
+        tokio::time::sleep(ms(10)).await;
+        let early = wire.send(&[b"GET", b"b"], Some(start + ms(50)));
+        let mut got = vec![0u8; 40];
+        server_read.read_exact(&mut got).await.unwrap();
+        assert_eq!(within_a_second(early).await, Err(StoreError::Timeout));
+        assert_eq!(start.elapsed(), ms(50));
+        server_write
+            .write_all(b"$1\r\na\r\n$1\r\nb\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            within_a_second(late).await,
+            Ok(Reply::Bulk(Bytes::from_static(b"a")))
+        );
+        // Idle well past every deadline: the timer went off with nothing left.
+        tokio::time::sleep(ms(1000)).await;
+        let start = Instant::now();
+        let after = wire.send(&[b"GET", b"c"], Some(start + ms(80)));
+        let mut got = vec![0u8; 20];
+        server_read.read_exact(&mut got).await.unwrap();
+        assert_eq!(within_a_second(after).await, Err(StoreError::Timeout));
+        assert_eq!(start.elapsed(), ms(80));
+    }
+
+    /// `replied`'s outcome, which must come within a second.
+    async fn within_a_second(replied: Replied) -> Result<Reply, StoreError> {
+        tokio::time::timeout(std::time::Duration::from_secs(1), replied)
+            .await
+            .expect("no reply and no timeout within a second")
+    }
+
+    /// The reply `replied` has now, if any, without waiting.
+    fn futures_now(replied: &mut Replied) -> Option<Result<Reply, StoreError>> {
+        let waker = std::task::Waker::noop();
+        match Pin::new(replied).poll(&mut Context::from_waker(waker)) {
+            Poll::Ready(reply) => Some(reply),
+            Poll::Pending => None,
+        }
     }
 }
