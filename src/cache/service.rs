@@ -382,7 +382,10 @@ impl Ctx {
         *response.status_mut() = entry.status;
         let headers = response.headers_mut();
         *headers = entry.headers;
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+        headers.insert(
+            header::CONTENT_LENGTH,
+            decimal_value(entry.body.len() as u64),
+        );
         response
     }
 
@@ -565,7 +568,7 @@ impl Ctx {
                 stats.hit(self.route, took, local);
                 response
                     .headers_mut()
-                    .insert(header::AGE, HeaderValue::from(age));
+                    .insert(header::AGE, decimal_value(age));
                 tracing::debug!(route, key = %key, stale, "cache hit");
                 let detail = match (stale, local) {
                     (true, _) => "; detail=stale-while-revalidate",
@@ -644,6 +647,35 @@ fn hit_status(ttl: i64, detail: &'static str) -> Option<HeaderValue> {
         *last = Some((ttl, detail, value.clone()));
         Some(value)
     })
+}
+
+/// `n` as a header value (`content-length`, `age`): one below 1000 is a
+/// slice of a static table, without an allocation (`HeaderValue::from`
+/// makes two).
+fn decimal_value(n: u64) -> HeaderValue {
+    static DIGITS: [u8; 3000] = three_digits();
+    if n < 1000 {
+        let at = 3 * n as usize;
+        let skip = usize::from(n < 100) + usize::from(n < 10);
+        let digits = Bytes::from_static(&DIGITS[at + skip..at + 3]);
+        if let Ok(value) = HeaderValue::from_maybe_shared(digits) {
+            return value;
+        }
+    }
+    header_value(format_args!("{n}")).unwrap_or_else(|| HeaderValue::from(n))
+}
+
+/// `000`, `001`, … `999`, one after the other.
+const fn three_digits() -> [u8; 3000] {
+    let mut digits = [0u8; 3000];
+    let mut n = 0;
+    while n < 1000 {
+        digits[3 * n] = b'0' + (n / 100) as u8;
+        digits[3 * n + 1] = b'0' + (n / 10 % 10) as u8;
+        digits[3 * n + 2] = b'0' + (n % 10) as u8;
+        n += 1;
+    }
+    digits
 }
 
 /// A header value formatted on the stack and copied once (a `String`
@@ -890,6 +922,13 @@ fn is_json(value: &HeaderValue) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimal_values_read_as_their_numbers() {
+        for n in (0..=1100).chain([9_999, 123_456, u64::MAX]) {
+            assert_eq!(decimal_value(n).to_str().unwrap(), n.to_string(), "{n}");
+        }
+    }
 
     #[test]
     fn every_cache_status_fits_the_stack_buffer() {
