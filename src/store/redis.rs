@@ -774,9 +774,24 @@ where
     F: FnOnce(C::Conn, Epoch) -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
+    on_live(source, deadline, source.live(), op).await
+}
+
+/// [`on_connection`], given what `source.live()` returned.
+async fn on_live<C, T, F, Fut>(
+    source: &C,
+    deadline: Duration,
+    live: Option<(C::Conn, Epoch, u64)>,
+    op: F,
+) -> Result<T, StoreError>
+where
+    C: Connect,
+    F: FnOnce(C::Conn, Epoch) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
     let generation = std::sync::atomic::AtomicU64::new(u64::MAX);
     let attempt = async {
-        let (conn, epoch, used) = match source.live() {
+        let (conn, epoch, used) = match live {
             Some(live) => live,
             None => source.connect().await?,
         };
@@ -809,7 +824,7 @@ where
         Some((conn, epoch, used)) if C::keeps_deadlines(&conn) => {
             settle(source, used, op(conn, epoch, until).await)
         }
-        _ => on_connection(source, deadline, |conn, epoch| op(conn, epoch, until)).await,
+        live => on_live(source, deadline, live, |conn, epoch| op(conn, epoch, until)).await,
     }
 }
 
