@@ -778,10 +778,7 @@ mod tests {
     /// reply meant for it is dropped, not handed to the next request.
     #[tokio::test]
     async fn a_dropped_request_keeps_its_place_in_line() {
-        let (ours, theirs) = tokio::io::duplex(1024);
-        let (read, write) = tokio::io::split(ours);
-        let wire = Wire::spawn(read, write);
-        let (mut server_read, mut server_write) = tokio::io::split(theirs);
+        let (wire, mut server_read, mut server_write) = wire_to_a_server(1024);
         let a = wire.send(&[b"GET", b"a"], None);
         let b = wire.send(&[b"GET", b"b"], None);
         let c = wire.send(&[b"GET", b"c"], None);
@@ -805,10 +802,7 @@ mod tests {
     /// them into; a closed connection fails what waits and what comes.
     #[tokio::test]
     async fn replies_reach_their_requests_and_a_lost_connection_fails_them() {
-        let (ours, theirs) = tokio::io::duplex(64);
-        let (read, write) = tokio::io::split(ours);
-        let wire = Wire::spawn(read, write);
-        let (mut server_read, mut server_write) = tokio::io::split(theirs);
+        let (wire, mut server_read, mut server_write) = wire_to_a_server(64);
         let first = wire.send(&[b"GET", b"a"], None);
         let second = wire.send(&[b"GET", b"b"], None);
         let mut got = vec![0u8; 40];
@@ -842,10 +836,7 @@ mod tests {
     /// dropped, not handed to the next request.
     #[tokio::test(start_paused = true)]
     async fn a_request_fails_at_its_deadline_and_keeps_its_place() {
-        let (ours, theirs) = tokio::io::duplex(1024);
-        let (read, write) = tokio::io::split(ours);
-        let wire = Wire::spawn(read, write);
-        let (mut server_read, mut server_write) = tokio::io::split(theirs);
+        let (wire, mut server_read, mut server_write) = wire_to_a_server(1024);
         let start = Instant::now();
         let ms = std::time::Duration::from_millis;
         let a = wire.send(&[b"GET", b"a"], Some(start + ms(100)));
@@ -877,10 +868,7 @@ mod tests {
     /// idle (its timer gone off and not set again).
     #[tokio::test(start_paused = true)]
     async fn every_deadline_is_kept_whatever_the_order_it_comes_in() {
-        let (ours, theirs) = tokio::io::duplex(1024);
-        let (read, write) = tokio::io::split(ours);
-        let wire = Wire::spawn(read, write);
-        let (mut server_read, mut server_write) = tokio::io::split(theirs);
+        let (wire, mut server_read, mut server_write) = wire_to_a_server(1024);
         let ms = std::time::Duration::from_millis;
         let start = Instant::now();
         let late = wire.send(&[b"GET", b"a"], Some(start + ms(300)));
@@ -907,6 +895,21 @@ mod tests {
         server_read.read_exact(&mut got).await.unwrap();
         assert_eq!(within_a_second(after).await, Err(StoreError::Timeout));
         assert_eq!(start.elapsed(), ms(80));
+    }
+
+    /// A wire over an in-memory pipe of `capacity` bytes, and the server's
+    /// ends of it.
+    fn wire_to_a_server(
+        capacity: usize,
+    ) -> (
+        Wire,
+        tokio::io::ReadHalf<tokio::io::DuplexStream>,
+        tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(capacity);
+        let (read, write) = tokio::io::split(ours);
+        let (server_read, server_write) = tokio::io::split(theirs);
+        (Wire::spawn(read, write), server_read, server_write)
     }
 
     /// `replied`'s outcome, which must come within a second.
