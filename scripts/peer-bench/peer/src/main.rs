@@ -7,8 +7,10 @@
 //! how many times the handler ran and how many heap allocations the
 //! process made so far (`<calls> <allocations>`, decimal, then the
 //! connection closes): a cached mode whose count grows under load is not
-//! serving hits. Allocations are counted only after a connection sends
-//! `count` first (reading them costs an atomic add per allocation).
+//! serving hits. Allocations are counted only between a connection that
+//! sends `count` and one that sends `quiet` (counting costs an atomic add
+//! per allocation, shared by every thread: never on while throughput is
+//! measured).
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -111,12 +113,14 @@ async fn main() {
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             while let Ok((mut stream, _)) = calls.accept().await {
-                // `count` turns allocation counting on; anything else (or
-                // nothing, within 50 ms) just reads.
+                // `count` turns allocation counting on, `quiet` off;
+                // anything else (or nothing, within 50 ms) just reads.
                 let mut ask = [0u8; 5];
                 if let Ok(Ok(5)) = tokio::time::timeout(Duration::from_millis(50), stream.read_exact(&mut ask)).await {
-                    if &ask == b"count" {
-                        COUNTING.store(true, Ordering::Relaxed);
+                    match &ask {
+                        b"count" => COUNTING.store(true, Ordering::Relaxed),
+                        b"quiet" => COUNTING.store(false, Ordering::Relaxed),
+                        _ => {}
                     }
                 }
                 let count = format!(
