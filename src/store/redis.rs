@@ -399,17 +399,22 @@ async fn plain_lookup<C: Connect>(
     until: Instant,
 ) -> Result<Observed, StoreError> {
     let lease = crate::entry::lease_bytes();
-    let ttl = Decimal::new(millis(lease_ttl));
-    let args: [&[u8]; 7] = [
-        b"SET",
-        key.as_bytes(),
-        &lease,
-        b"NX",
-        b"PX",
-        ttl.as_ref(),
-        b"GET",
-    ];
-    let reply = C::request(conn, &args, until).await?;
+    // The arguments are copied out when sent: scoped, the future does not
+    // keep them.
+    let sent = {
+        let ttl = Decimal::new(millis(lease_ttl));
+        let args: [&[u8]; 7] = [
+            b"SET",
+            key.as_bytes(),
+            &lease,
+            b"NX",
+            b"PX",
+            ttl.as_ref(),
+            b"GET",
+        ];
+        C::request(conn, &args, until)
+    };
+    let reply = sent.await?;
     Ok(match reply {
         Reply::Bulk(value) => Observed::Value(value),
         Reply::Nil => Observed::Value(Bytes::copy_from_slice(&lease)),
@@ -504,34 +509,39 @@ async fn versioned_lookup<C: Connect>(
     // The versions this process read last, until the reply says otherwise.
     let mut current = Vec::with_capacity(versions.len());
     let guessed = seen_versions.get(versions, &mut current);
-    let mut entry_key = KeyBuf::new();
-    if guessed {
-        let _ = key.write_entry_key(values(&current), &mut entry_key);
-    }
-    // A group has at most two version keys (its own and a scope's): the
-    // command's arguments then fit on the stack.
-    let mut few: [&[u8]; 4] = [b"MGET", b"", b"", b""];
-    let mut many = Vec::new();
-    let mget: &[&[u8]] = if versions.len() <= 2 {
-        for (slot, version) in few[1..].iter_mut().zip(versions) {
-            *slot = version.key().as_bytes();
-        }
-        let mut len = versions.len() + 1;
+    // The arguments are copied out when sent: scoped, the future does not
+    // keep them (the entry key alone is 256 bytes on the stack).
+    let sent = {
+        let mut entry_key = KeyBuf::new();
         if guessed {
-            few[len] = entry_key.as_bytes();
-            len += 1;
+            let _ = key.write_entry_key(values(&current), &mut entry_key);
         }
-        &few[..len]
-    } else {
-        many.push(&b"MGET"[..]);
-        many.extend(versions.iter().map(|version| version.key().as_bytes()));
-        if guessed {
-            many.push(entry_key.as_bytes());
-        }
-        &many
+        // A group has at most two version keys (its own and a scope's): the
+        // command's arguments then fit on the stack.
+        let mut few: [&[u8]; 4] = [b"MGET", b"", b"", b""];
+        let mut many = Vec::new();
+        let mget: &[&[u8]] = if versions.len() <= 2 {
+            for (slot, version) in few[1..].iter_mut().zip(versions) {
+                *slot = version.key().as_bytes();
+            }
+            let mut len = versions.len() + 1;
+            if guessed {
+                few[len] = entry_key.as_bytes();
+                len += 1;
+            }
+            &few[..len]
+        } else {
+            many.push(&b"MGET"[..]);
+            many.extend(versions.iter().map(|version| version.key().as_bytes()));
+            if guessed {
+                many.push(entry_key.as_bytes());
+            }
+            &many
+        };
+        C::request(conn, mget, until)
     };
     // MGET answers nil for a missing key and for one of another type alike.
-    let replies = match C::request(conn, mget, until).await? {
+    let replies = match sent.await? {
         Reply::Array(replies) => replies,
         other => return Err(unexpected("MGET", other)),
     };
@@ -557,16 +567,9 @@ async fn versioned_lookup<C: Connect>(
     }
     current.truncate(read);
     if current.len() < versions.len() {
-        let mut invocation = ENSURE_VERSIONS.prepare_invoke();
-        for version in versions {
-            invocation.key(version.key()).arg(millis(version.ttl()));
-        }
-        let created: Vec<Vec<u8>> =
-            match tokio::time::timeout_at(until, invocation.invoke_async(conn)).await {
-                Ok(created) => created.map_err(backend)?,
-                Err(_) => return Err(StoreError::Timeout),
-            };
-        let created: Vec<Bytes> = created.into_iter().map(Bytes::from).collect();
+        // Rare (a version key new or lost): boxed, so that the hit's
+        // future does not carry the script call's.
+        let created = Box::pin(ensure_versions::<C>(conn, versions, until)).await?;
         seen_versions.remember(versions, &created);
         return Ok((
             created.into_iter().map(Observed::Value).collect(),
@@ -588,9 +591,12 @@ async fn versioned_lookup<C: Connect>(
                 })
                 .collect();
             seen_versions.remember(versions, &read);
-            entry_key.clear();
-            let _ = key.write_entry_key(values(&current), &mut entry_key);
-            match C::request(conn, &[b"GET", entry_key.as_bytes()], until).await? {
+            let sent = {
+                let mut entry_key = KeyBuf::new();
+                let _ = key.write_entry_key(values(&current), &mut entry_key);
+                C::request(conn, &[b"GET", entry_key.as_bytes()], until)
+            };
+            match sent.await? {
                 Reply::Bulk(value) => Some(value),
                 Reply::Nil => None,
                 other => return Err(unexpected("GET", other)),
@@ -599,6 +605,25 @@ async fn versioned_lookup<C: Connect>(
     };
     let entry = entry.map_or(Observed::Absent, Observed::Value);
     Ok((current, entry))
+}
+
+/// Creates the version keys of `versions` that are missing (at a number
+/// never used before: see `ENSURE_VERSIONS`) and reads them all, by `until`.
+async fn ensure_versions<C: Connect>(
+    conn: &mut C::Conn,
+    versions: &[super::VersionKey],
+    until: Instant,
+) -> Result<Vec<Bytes>, StoreError> {
+    let mut invocation = ENSURE_VERSIONS.prepare_invoke();
+    for version in versions {
+        invocation.key(version.key()).arg(millis(version.ttl()));
+    }
+    let created: Vec<Vec<u8>> =
+        match tokio::time::timeout_at(until, invocation.invoke_async(conn)).await {
+            Ok(created) => created.map_err(backend)?,
+            Err(_) => return Err(StoreError::Timeout),
+        };
+    Ok(created.into_iter().map(Bytes::from).collect())
 }
 
 /// The values of the versions a lookup read (all values: a missing one
@@ -635,11 +660,6 @@ impl KeyBuf {
             Some(long) => long,
             None => &self.short[..self.len],
         }
-    }
-
-    fn clear(&mut self) {
-        self.len = 0;
-        self.long = None;
     }
 }
 
@@ -813,18 +833,32 @@ where
 /// [keeps its requests' deadlines](Connect::keeps_deadlines), without a
 /// timer of its own: a hit then costs no timer at all. `op` bounds
 /// anything else it awaits by the instant it is given.
-async fn lookup_on<C, T, F, Fut>(source: &C, deadline: Duration, op: F) -> Result<T, StoreError>
+///
+/// The path is chosen before anything is boxed, and each path is boxed on
+/// its own: the hit's future then holds none of the other path's timer
+/// and connecting, small enough for the allocator's per-thread cache (one
+/// future holding both was over 1 KiB: a locked arena, shared by the
+/// threads, on every lookup).
+fn lookup_on<C, T, F, Fut>(source: &C, deadline: Duration, op: F) -> StoreFuture<T>
 where
     C: Connect,
-    F: FnOnce(C::Conn, Epoch, Instant) -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
+    T: Send + 'static,
+    F: FnOnce(C::Conn, Epoch, Instant) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, StoreError>> + Send,
 {
     let until = Instant::now() + deadline;
+    let source = source.clone();
     match source.live() {
-        Some((conn, epoch, used)) if C::keeps_deadlines(&conn) => {
-            settle(source, used, op(conn, epoch, until).await)
-        }
-        live => on_live(source, deadline, live, |conn, epoch| op(conn, epoch, until)).await,
+        Some((conn, epoch, used)) if C::keeps_deadlines(&conn) => Box::pin(async move {
+            let result = op(conn, epoch, until).await;
+            settle(&source, used, result)
+        }),
+        live => Box::pin(async move {
+            on_live(&source, deadline, live, |conn, epoch| {
+                op(conn, epoch, until)
+            })
+            .await
+        }),
     }
 }
 
@@ -864,28 +898,22 @@ impl<C: Connect> Store for Link<C> {
     }
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
-        let (source, deadline) = (self.source.clone(), self.deadline);
+        let (source, deadline) = (&self.source, self.deadline);
         match key {
             CacheKey::Plain(key) => {
                 let (key, lease_ttl) = (key.clone(), self.lease_ttl);
-                Box::pin(async move {
-                    lookup_on(&source, deadline, |mut conn, epoch, until| async move {
-                        let entry = plain_lookup::<C>(&mut conn, &key, lease_ttl, until).await?;
-                        Ok(looked_up(Vec::new(), entry, epoch))
-                    })
-                    .await
+                lookup_on(source, deadline, move |mut conn, epoch, until| async move {
+                    let entry = plain_lookup::<C>(&mut conn, &key, lease_ttl, until).await?;
+                    Ok(looked_up(Vec::new(), entry, epoch))
                 })
             }
             versioned @ CacheKey::Versioned { .. } => {
                 let seen_versions = self.seen_versions.clone();
                 let key = versioned.clone();
-                Box::pin(async move {
-                    lookup_on(&source, deadline, |mut conn, epoch, until| async move {
-                        let (versions, entry) =
-                            versioned_lookup::<C>(&mut conn, &seen_versions, &key, until).await?;
-                        Ok(looked_up(versions, entry, epoch))
-                    })
-                    .await
+                lookup_on(source, deadline, move |mut conn, epoch, until| async move {
+                    let (versions, entry) =
+                        versioned_lookup::<C>(&mut conn, &seen_versions, &key, until).await?;
+                    Ok(looked_up(versions, entry, epoch))
                 })
             }
         }
@@ -1144,6 +1172,57 @@ mod tests {
         )
     }
 
+    /// A connection that keeps its requests' deadlines, as the lookup
+    /// wire does: its lookups take the path without a timer.
+    #[derive(Clone, Default)]
+    struct Deadlined(Recorder);
+
+    impl Connect for Deadlined {
+        type Conn = Recorder;
+
+        fn connect(&self) -> super::super::connect::Connecting<Recorder> {
+            let conn = self.0.clone();
+            Box::pin(async move { Ok((conn, Epoch::new(), 0)) })
+        }
+
+        fn live(&self) -> Option<(Recorder, Epoch, u64)> {
+            Some((self.0.clone(), Epoch::new(), 0))
+        }
+
+        fn keeps_deadlines(_: &Recorder) -> bool {
+            true
+        }
+    }
+
+    /// A hit's lookup is one boxed future: it must stay within the sizes
+    /// the allocator serves from each thread's own cache (glibc's tcache:
+    /// up to 1032 bytes). Over it (it was 1056 bytes when the timed path
+    /// shared the future), every lookup took the arena lock that threads
+    /// share and consolidated its free chunks.
+    #[test]
+    fn a_lookup_future_fits_the_allocators_thread_cache() {
+        const THREAD_CACHE_MAX: usize = 1024;
+        let store = RedisStore::new(Deadlined::default());
+        let link = store.inner.get_ref();
+        let plain = CacheKey::Plain("app:person:42".to_owned());
+        let versioned = CacheKey::Versioned {
+            versions: vec![super::super::VersionKey::new(
+                "{app:persons:list}:ver".to_owned(),
+                Duration::from_secs(600),
+            )],
+            prefix: "{app:persons:list}:persons:list:v".to_owned(),
+            suffix: ":abc".to_owned(),
+        };
+        for key in [plain, versioned] {
+            let lookup = link.lookup(&key);
+            let size = std::mem::size_of_val(&*lookup);
+            assert!(
+                size <= THREAD_CACHE_MAX,
+                "a lookup of {key:?} is a {size}-byte future"
+            );
+        }
+    }
+
     #[test]
     fn entry_keys_read_the_same_on_the_stack_and_past_it() {
         use std::io::Write;
@@ -1157,9 +1236,6 @@ mod tests {
                 buf.write_all(part).unwrap();
             }
             assert_eq!(buf.as_bytes(), parts.concat());
-            buf.clear();
-            buf.write_all(b"again").unwrap();
-            assert_eq!(buf.as_bytes(), b"again");
         }
     }
 

@@ -36,18 +36,36 @@ impl RedisServer {
                 "redis-server is not on PATH ({err}); install it (apt-get install redis-server)"
             );
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut server = Self { port, child: None };
-        let _ = std::fs::remove_dir_all(server.dir());
-        server.spawn();
-        server
+        // A port found free can be taken before the server binds it (by
+        // another test's socket): the server then exits, and a fresh port
+        // is tried.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut server = Self { port, child: None };
+            let _ = std::fs::remove_dir_all(server.dir());
+            if server.try_spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
     }
 
+    /// Starts the server on its port (again, after a restart).
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server exited on port {}",
+            self.port
+        );
+    }
+
+    /// Starts the server; false when it exits before it answers (its
+    /// port was taken).
+    fn try_spawn(&mut self) -> bool {
         let dir = self.dir();
         std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
@@ -60,12 +78,20 @@ impl RedisServer {
             .expect("redis-server starts");
         self.child = Some(child);
         for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+            if answers_ping(self.port) {
+                return true;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                self.child = None;
+                return false;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server did not listen on {}", self.port);
+        panic!("redis-server did not answer on {}", self.port);
     }
 
     /// Where this server keeps its snapshot (`dump.rdb`), reloaded at start.
@@ -134,6 +160,21 @@ impl RedisServer {
             .await
             .unwrap()
     }
+}
+
+/// True when a Redis server answers `PING` on `port`: a connection alone
+/// may be no server's (a socket that connected to itself, or another
+/// test's listener).
+fn answers_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
 }
 
 impl Drop for RedisServer {
