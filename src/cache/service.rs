@@ -639,7 +639,9 @@ fn hit_status(ttl: i64, detail: &'static str) -> Option<HeaderValue> {
     LAST.with(|last| {
         let mut last = last.borrow_mut();
         if let Some((seen, seen_detail, value)) = last.as_ref() {
-            if *seen == ttl && *seen_detail == detail {
+            // The details are a few literals: the same one is the same
+            // pointer, compared without reading the bytes.
+            if *seen == ttl && std::ptr::eq(*seen_detail, detail) {
                 return Some(value.clone());
             }
         }
