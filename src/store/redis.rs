@@ -1180,7 +1180,7 @@ mod tests {
     impl Connect for Deadlined {
         type Conn = Recorder;
 
-        fn connect(&self) -> super::super::connect::Connecting<Recorder> {
+        fn connect(&self) -> crate::store::connect::Connecting<Recorder> {
             let conn = self.0.clone();
             Box::pin(async move { Ok((conn, Epoch::new(), 0)) })
         }
@@ -1206,7 +1206,7 @@ mod tests {
         let link = store.inner.get_ref();
         let plain = CacheKey::Plain("app:person:42".to_owned());
         let versioned = CacheKey::Versioned {
-            versions: vec![super::super::VersionKey::new(
+            versions: vec![crate::store::VersionKey::new(
                 "{app:persons:list}:ver".to_owned(),
                 Duration::from_secs(600),
             )],
