@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,11 +25,7 @@ impl Drop for TlsRedis {
 }
 
 fn start_tls() -> TlsRedis {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let dir = std::env::temp_dir().join(format!("tower-redis-cache-tls-{port}"));
     std::fs::create_dir_all(&dir).unwrap();
     let made = Command::new("openssl")

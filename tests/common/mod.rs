@@ -40,12 +40,10 @@ impl RedisServer {
         // another test's socket): the server then exits, and a fresh port
         // is tried.
         for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut server = Self { port, child: None };
+            let mut server = Self {
+                port: free_port(),
+                child: None,
+            };
             let _ = std::fs::remove_dir_all(server.dir());
             if server.try_spawn() {
                 return server;
@@ -192,11 +190,26 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
+    /// Forms a cluster on free ports. A port found free can still be
+    /// taken before a node binds it (the node exits) and a slow machine
+    /// can take a while to agree on the slots: either way the nodes are
+    /// killed and the cluster is formed again on other ports.
     pub fn start() -> Self {
         if let Err(err) = Command::new("redis-cli").arg("--version").output() {
             panic!("redis-cli is not on PATH ({err}); install it (apt-get install redis-tools)");
         }
-        let ports = cluster_ports(3);
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            match Self::try_start() {
+                Ok(cluster) => return cluster,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("no cluster formed in 5 tries: {failures:?}");
+    }
+
+    fn try_start() -> Result<Self, String> {
+        let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
         let mut cluster = Self {
             ports: ports.clone(),
             children: Vec::new(),
@@ -216,8 +229,13 @@ impl RedisCluster {
                 .expect("redis-server starts");
             cluster.children.push(Some(child));
         }
-        for port in &ports {
-            wait_for(|| std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok());
+        for (index, port) in ports.iter().enumerate() {
+            let answered = wait_for(Duration::from_secs(10), || {
+                answers_ping(*port) || cluster.exited(index)
+            });
+            if !answered || cluster.exited(index) {
+                return Err(format!("the node on {port} did not start"));
+            }
         }
         let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
@@ -227,13 +245,11 @@ impl RedisCluster {
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .output()
             .expect("redis-cli runs");
-        assert!(
-            created.status.success(),
-            "{}",
-            String::from_utf8_lossy(&created.stdout)
-        );
+        if !created.status.success() {
+            return Err(String::from_utf8_lossy(&created.stdout).into_owned());
+        }
         for port in &ports {
-            wait_for(|| {
+            let agreed = wait_for(Duration::from_secs(30), || {
                 Command::new("redis-cli")
                     .args(["-p", &port.to_string(), "cluster", "info"])
                     .output()
@@ -241,8 +257,20 @@ impl RedisCluster {
                         String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
                     })
             });
+            if !agreed {
+                return Err(format!(
+                    "the node on {port} never reported cluster_state:ok"
+                ));
+            }
         }
-        cluster
+        Ok(cluster)
+    }
+
+    /// True when the node at `index` has exited (or was killed).
+    fn exited(&mut self, index: usize) -> bool {
+        self.children[index]
+            .as_mut()
+            .is_none_or(|child| matches!(child.try_wait(), Ok(Some(_))))
     }
 
     pub fn urls(&self) -> Vec<String> {
@@ -303,29 +331,53 @@ impl Drop for RedisCluster {
     }
 }
 
-/// `n` free ports whose cluster bus ports (port + 10000) are free too.
-fn cluster_ports(n: usize) -> Vec<u16> {
-    let mut ports = Vec::new();
-    let mut held = Vec::new();
-    while ports.len() < n {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            ports.push(port);
-        }
-        held.push(listener);
-    }
-    ports
+/// A port free now, below the kernel's ephemeral range (32768 and up by
+/// default) so that no outgoing connection's source port takes it before a
+/// server binds it, and picked at random so that tests starting servers at
+/// once rarely pick the same.
+pub fn free_port() -> u16 {
+    free_port_in(20_000..32_000, |_| true)
 }
 
-fn wait_for(mut ready: impl FnMut() -> bool) {
-    for _ in 0..500 {
+/// A free port whose cluster bus port (port + 10 000) is free too, both
+/// below the ephemeral range.
+fn free_cluster_port() -> u16 {
+    free_port_in(10_000..22_000, |port| bindable(port + 10_000))
+}
+
+fn free_port_in(range: std::ops::Range<u16>, also: impl Fn(u16) -> bool) -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    for _ in 0..1000 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        let span = u64::from(range.end - range.start);
+        let port = range.start + (hasher.finish() % span) as u16;
+        if bindable(port) && also(port) {
+            return port;
+        }
+    }
+    panic!("no free port in {range:?}");
+}
+
+fn bindable(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Polls `ready` every 20 ms for up to `limit`; false when it never was.
+fn wait_for(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
         if ready() {
-            return;
+            return true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("gave up waiting for the cluster");
+    false
 }
 
 /// A store under test, and the server behind it if any.
