@@ -1,16 +1,21 @@
 //! The stored form of a response: a small envelope, format byte first.
 //!
 //! ```text
-//! 0x01 | status u16 | stored_at_ms u64 | ttl_s u32 | n u8 | (name_len u8, name, value_len u16, value)* | body_len u32 | body
-//! 0x05 | (the same head)                                        | body_len u32 | raw_len u32 | zstd frame of the body
+//! 0x06 | binding [8] | status u16 | stored_at_ms u64 | ttl_s u32 | n u16 | (name_len u16, name, value_len u32, value)* | body_len u32 | body
+//! 0x07 | (the same head)                                                   | body_len u32 | raw_len u32 | zstd frame of the body
 //! 0x02 | nonce                               (a tombstone left by an invalidation)
 //! 0x03 | nonce                               (a miss's lease)
 //! ```
 //!
-//! `0x05` (feature `compression`) holds a body longer than the policy's
-//! `compress_over`; `0x01` entries written before stay readable. A build
-//! without the feature reads a `0x05` entry as unreadable: a miss, then
-//! overwritten.
+//! The binding is a digest of the key and the request inputs the entry was
+//! stored for (see `key::inputs`); a hit serves an entry only when it
+//! matches. The headers are every end-to-end header of the response, in
+//! order, repeats kept.
+//!
+//! `0x07` (feature `compression`) holds a body longer than the policy's
+//! `compress_over`. A build without the feature reads a `0x07` entry as
+//! unreadable: a miss, then overwritten. The formats of earlier versions
+//! (`0x01`, `0x05`: five named headers, no binding) read as unreadable too.
 //!
 //! Anything else — another format, truncated bytes, garbage — decodes to
 //! [`Slot::Unreadable`] and is treated as a miss.
@@ -22,33 +27,94 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use sha2::Digest;
 
-const FORMAT_ENTRY: u8 = 0x01;
+use crate::key::{Binding, BINDING_LEN};
+
+const FORMAT_ENTRY: u8 = 0x06;
 const FORMAT_TOMBSTONE: u8 = 0x02;
 const FORMAT_LEASE: u8 = 0x03;
 // 0x04 is the Redis store's epoch stamp, around an entry.
-const FORMAT_COMPRESSED: u8 = 0x05;
+const FORMAT_COMPRESSED: u8 = 0x07;
+/// The entry formats of earlier versions, recognised as entries (a store
+/// that stamps entries tells them from guards) but never served.
+const FORMATS_BEFORE: [u8; 2] = [0x01, 0x05];
 
 /// The zstd level of compressed entries: fast to write, and decoding speed
 /// barely depends on it.
 #[cfg(feature = "compression")]
 const ZSTD_LEVEL: i32 = 3;
 
-/// Headers kept with a stored response; everything else is dropped.
-pub(crate) const STORED_HEADERS: [HeaderName; 5] = [
-    http::header::CONTENT_TYPE,
-    http::header::CONTENT_LANGUAGE,
-    http::header::CACHE_CONTROL,
-    http::header::LAST_MODIFIED,
-    http::header::ETAG,
-];
+/// Whether a response header is stored with the entry and replayed on
+/// hits: every end-to-end header but `Date` (each response has its own),
+/// `Age` (computed per hit), `Content-Length` (set from the body), this
+/// cache's own status headers, and the policy's per-response headers.
+/// Hop-by-hop headers (RFC 9110 7.6.1: `Connection` and what it names,
+/// `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
+/// `Proxy-*`) belong to one connection and are never stored.
+pub(crate) fn is_stored_header(
+    name: &HeaderName,
+    connection: &HeaderMap,
+    per_response: &[HeaderName],
+) -> bool {
+    use http::header;
+    const NOT_STORED: [HeaderName; 10] = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::DATE,
+        header::AGE,
+        header::CONTENT_LENGTH,
+        header::SET_COOKIE,
+    ];
+    if NOT_STORED.contains(name)
+        || name.as_str().starts_with("proxy-")
+        || name.as_str() == crate::cache::X_CACHE
+        || *name == crate::cache::CACHE_STATUS
+        || per_response.contains(name)
+    {
+        return false;
+    }
+    !connection
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|named| named.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
+/// The headers of `source` an entry keeps, in order.
+pub(crate) fn stored_headers(source: &HeaderMap, per_response: &[HeaderName]) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(source.len() + ADDED_HEADERS);
+    for (name, value) in source {
+        if is_stored_header(name, source, per_response) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+/// Bytes the stored headers take in an entry.
+pub(crate) fn headers_len(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| 6 + n.as_str().len() + v.len())
+        .sum()
+}
 
 /// Headers a hit adds to the stored ones: `content-length`, `age`,
 /// `x-cache`, `cache-status`.
 const ADDED_HEADERS: usize = 4;
 
+/// The most headers a stored response may have.
+pub(crate) const MAX_HEADERS: usize = u16::MAX as usize;
+
 /// A decoded cached response.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Entry {
+    /// What the entry may be served for (see the module docs).
+    pub(crate) binding: Binding,
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
@@ -107,14 +173,17 @@ pub(crate) fn unix_ms_at(at: Instant) -> u64 {
 }
 
 impl Entry {
-    pub(crate) fn new(status: StatusCode, source: &HeaderMap, body: Bytes, ttl: Duration) -> Self {
-        let mut headers = HeaderMap::new();
-        for name in &STORED_HEADERS {
-            for value in source.get_all(name) {
-                headers.append(name.clone(), value.clone());
-            }
-        }
+    /// An entry of a response whose stored headers are `headers` (see
+    /// [`stored_headers`]), for requests with `binding`.
+    pub(crate) fn new(
+        binding: Binding,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        ttl: Duration,
+    ) -> Self {
         Self {
+            binding,
             status,
             headers,
             body,
@@ -138,32 +207,24 @@ impl Entry {
             false => None,
         };
         let body: &[u8] = compressed.as_deref().unwrap_or(&self.body);
-        let header_len: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| 3 + n.as_str().len() + v.len())
-            .sum();
-        let mut out = BytesMut::with_capacity(20 + header_len + body.len());
+        let mut out =
+            BytesMut::with_capacity(32 + BINDING_LEN + headers_len(&self.headers) + body.len());
         out.put_u8(match compressed {
             Some(_) => FORMAT_COMPRESSED,
             None => FORMAT_ENTRY,
         });
+        out.put_slice(&self.binding);
         out.put_u16(self.status.as_u16());
         out.put_u64(self.stored_at_ms);
         out.put_u32(self.ttl_s);
-        // Stored headers come from a fixed short list and header values are
-        // far below u16::MAX in practice; longer ones are dropped, not cut.
-        let kept: Vec<_> = self
-            .headers
-            .iter()
-            .filter(|(_, v)| v.len() <= u16::MAX as usize)
-            .take(u8::MAX as usize)
-            .collect();
-        out.put_u8(kept.len() as u8);
-        for (name, value) in kept {
-            out.put_u8(name.as_str().len() as u8);
+        // A storable response has at most `MAX_HEADERS` headers, and header
+        // names are far below u16::MAX bytes (`http` refuses longer ones).
+        let count = self.headers.len().min(MAX_HEADERS);
+        out.put_u16(count as u16);
+        for (name, value) in self.headers.iter().take(count) {
+            out.put_u16(name.as_str().len() as u16);
             out.put_slice(name.as_str().as_bytes());
-            out.put_u16(value.len() as u16);
+            out.put_u32(value.len() as u32);
             out.put_slice(value.as_bytes());
         }
         out.put_u32(body.len() as u32);
@@ -183,6 +244,7 @@ impl Entry {
             headers.append(name.clone(), value.clone());
         }
         Self {
+            binding: self.binding,
             status: self.status,
             headers,
             body: self.body.clone(),
@@ -203,6 +265,7 @@ impl Entry {
             headers.append(name.clone(), copy);
         }
         Self {
+            binding: self.binding,
             status: self.status,
             headers,
             body: Bytes::copy_from_slice(&self.body),
@@ -242,6 +305,7 @@ impl Entry {
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn is_entry(raw: &[u8]) -> bool {
     matches!(raw.first(), Some(&(FORMAT_ENTRY | FORMAT_COMPRESSED)))
+        || raw.first().is_some_and(|f| FORMATS_BEFORE.contains(f))
 }
 
 pub(crate) fn decode(mut raw: Bytes) -> Slot {
@@ -255,23 +319,27 @@ pub(crate) fn decode(mut raw: Bytes) -> Slot {
 }
 
 fn decode_entry(raw: &mut Bytes) -> Option<Entry> {
-    if raw.remaining() < 1 + 2 + 8 + 4 + 1 {
+    if raw.remaining() < 1 + BINDING_LEN + 2 + 8 + 4 + 2 {
         return None;
     }
     let compressed = raw.get_u8() == FORMAT_COMPRESSED;
+    let mut binding = [0; BINDING_LEN];
+    raw.copy_to_slice(&mut binding);
     let status = StatusCode::from_u16(raw.get_u16()).ok()?;
     let stored_at_ms = raw.get_u64();
     let ttl_s = raw.get_u32();
-    let count = raw.get_u8();
-    let mut headers = HeaderMap::with_capacity(usize::from(count) + ADDED_HEADERS);
+    let count = usize::from(raw.get_u16());
+    let mut headers = HeaderMap::with_capacity(count.min(64) + ADDED_HEADERS);
     for _ in 0..count {
-        let name_len = usize::from(*raw.first()?);
-        raw.advance(1);
-        if raw.remaining() < name_len + 2 {
+        if raw.remaining() < 2 {
+            return None;
+        }
+        let name_len = usize::from(raw.get_u16());
+        if raw.remaining() < name_len + 4 {
             return None;
         }
         let name = HeaderName::from_bytes(&raw.split_to(name_len)).ok()?;
-        let value_len = usize::from(raw.get_u16());
+        let value_len = raw.get_u32() as usize;
         if raw.remaining() < value_len {
             return None;
         }
@@ -291,6 +359,7 @@ fn decode_entry(raw: &mut Bytes) -> Option<Entry> {
         _ => return None,
     };
     Some(Entry {
+        binding,
         status,
         headers,
         body,
@@ -493,15 +562,68 @@ mod tests {
         headers.insert("content-type", "application/json".parse().unwrap());
         headers.insert("set-cookie", "a=b".parse().unwrap());
         Entry::new(
+            [7; BINDING_LEN],
             StatusCode::OK,
-            &headers,
+            stored_headers(&headers, &[]),
             Bytes::from_static(b"{\"id\":1}"),
             Duration::from_secs(300),
         )
     }
 
     #[test]
-    fn round_trips_and_keeps_only_content_headers() {
+    fn every_end_to_end_header_is_kept_in_order_with_repeats() {
+        let mut source = HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("vary", "x-tenant-id"),
+            ("link", "</items?page=2>; rel=\"next\""),
+            ("x-total-count", "42"),
+            ("vary", "origin"),
+            ("connection", "x-hop, keep-alive"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authenticate", "Basic"),
+            ("date", "Sat, 05 Dec 2026 06:00:00 GMT"),
+            ("age", "3"),
+            ("content-length", "2"),
+            ("x-request-id", "abc"),
+            ("x-cache", "MISS"),
+        ] {
+            source.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let kept = stored_headers(&source, &[HeaderName::from_static("x-request-id")]);
+        let names: Vec<_> = kept
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "content-type: application/json",
+                "vary: x-tenant-id",
+                "vary: origin",
+                "link: </items?page=2>; rel=\"next\"",
+                "x-total-count: 42",
+            ]
+        );
+    }
+
+    #[test]
+    fn entries_of_earlier_formats_are_never_served() {
+        let mut old = sample().encode().to_vec();
+        for format in FORMATS_BEFORE {
+            old[0] = format;
+            assert!(is_entry(&old));
+            assert!(matches!(decode(Bytes::from(old.clone())), Slot::Unreadable));
+        }
+    }
+
+    #[test]
+    fn round_trips_and_keeps_only_end_to_end_headers() {
         let entry = sample();
         assert!(entry.headers.get("set-cookie").is_none());
         match decode(entry.encode()) {

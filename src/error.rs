@@ -54,6 +54,9 @@ pub enum ConfigError {
     ZeroBodyCap,
     /// A header name that is not valid HTTP.
     InvalidHeaderName(String),
+    /// A host given to [`PolicyBuilder::hosts`](crate::PolicyBuilder::hosts)
+    /// that is not a valid `host[:port]`.
+    InvalidHost(String),
     /// An in-process tier that cannot work: a zero bound, no room, or a
     /// store that does not report invalidations.
     InProcess {
@@ -126,6 +129,7 @@ impl fmt::Display for ConfigError {
             ),
             Self::ZeroBodyCap => write!(f, "the body cap must be at least one byte"),
             Self::InvalidHeaderName(name) => write!(f, "`{name}` is not a valid header name"),
+            Self::InvalidHost(host) => write!(f, "`{host}` is not a valid host[:port]"),
             Self::InProcess { reason } => write!(f, "in-process tier: {reason}"),
             Self::InvalidRule { rule, reason } => write!(f, "invalid rule `{rule}`: {reason}"),
             Self::UnknownRoute { rule, route } => write!(

@@ -81,7 +81,8 @@ pub mod bench_support {
 
     use bytes::Bytes;
 
-    /// Encodes a 200 JSON response with `body` as a stored entry.
+    /// Encodes a 200 JSON response with `body` as a stored entry (bound to
+    /// no request: a hit never serves it).
     pub fn encode_entry(body: Bytes) -> Bytes {
         encode_entry_over(body, usize::MAX)
     }
@@ -89,18 +90,37 @@ pub mod bench_support {
     /// Encodes like [`encode_entry`], compressing a body longer than
     /// `compress_over` (feature `compression`).
     pub fn encode_entry_over(body: Bytes, compress_over: usize) -> Bytes {
+        entry([0; crate::key::BINDING_LEN], body).encode_over(compress_over)
+    }
+
+    /// Encodes a 200 JSON response with `body` as the entry `policy` would
+    /// serve to `request`; `None` when the request is not cached.
+    pub fn encode_entry_for<B>(
+        policy: &crate::Policy,
+        request: &http::Request<B>,
+        body: Bytes,
+    ) -> Option<Bytes> {
+        match policy.decide(request) {
+            crate::policy::Decision::Cache { binding, .. } => {
+                Some(entry(binding, body).encode_over(usize::MAX))
+            }
+            _ => None,
+        }
+    }
+
+    fn entry(binding: crate::key::Binding, body: Bytes) -> crate::entry::Entry {
         let mut headers = http::HeaderMap::new();
         headers.insert(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("application/json"),
         );
         crate::entry::Entry::new(
+            binding,
             http::StatusCode::OK,
-            &headers,
+            headers,
             body,
             Duration::from_secs(60),
         )
-        .encode_over(compress_over)
     }
 
     /// Decodes a stored value; true when it is an entry.
@@ -111,7 +131,7 @@ pub mod bench_support {
 pub use error::ConfigError;
 pub use handle::{CacheHandle, HandleError, Health, InProcessHealth, WarmReport};
 pub use invalidate::InvalidateLayer;
-pub use key::Scope;
+pub use key::{Canonical, Scope};
 #[cfg(feature = "compression")]
 pub use policy::DEFAULT_COMPRESS_OVER;
 pub use policy::{Policy, PolicyBuilder, Route, Rule, DEFAULT_MAX_BODY_BYTES};

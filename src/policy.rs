@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, Method, Request};
+use http::{HeaderMap, HeaderName, Method, Request};
 
 use crate::cache::flight::FlightTable;
 use crate::error::{validate_namespace, ConfigError};
 use crate::key::{
-    pattern_params, KeyTemplate, Layout, Params, QueryRule, Rendered, Scope, Segment,
+    pattern_params, Binding, Canonical, InputRules, KeyTemplate, Layout, Params, QueryRule,
+    Rendered, Scope, Segment,
 };
 use crate::routes::{validate_pattern, RouteTable};
 use crate::stats::{CacheStats, Reason};
@@ -58,6 +59,9 @@ pub struct Route {
     query: QueryRule,
     version_group: Option<String>,
     per_scope: bool,
+    params: Vec<(String, Canonical)>,
+    vary: Vec<HeaderName>,
+    invalid_header: Option<String>,
     #[cfg(feature = "tier")]
     in_process: Option<Duration>,
 }
@@ -78,6 +82,9 @@ impl Route {
             query: QueryRule::default(),
             version_group: None,
             per_scope: false,
+            params: Vec::new(),
+            vary: Vec::new(),
+            invalid_header: None,
             #[cfg(feature = "tier")]
             in_process: None,
         }
@@ -128,13 +135,74 @@ impl Route {
         self
     }
 
-    /// Only these query parameters count towards `{query_hash}`.
+    /// Only these query parameters count towards `{query_hash}`. The
+    /// others are removed from the request the handler gets (what the key
+    /// does not cover, the handler does not read), unless
+    /// [`bypass_dropped_query`](Route::bypass_dropped_query) makes such a
+    /// request bypass the cache instead.
     pub fn query_allowlist<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
         self.query.allowlist = Some(names.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Keys empty query values too: `?name=` and no `name` become two
+    /// entries, for a handler that tells them apart (axum's
+    /// `Query<Option<String>>` reads `?name=` as `Some("")`). By default
+    /// empty values are dropped from the key and from the request the
+    /// handler gets.
+    pub fn keep_empty_query_values(mut self) -> Self {
+        self.query.keep_empty = true;
+        self
+    }
+
+    /// A request with query parameters the key drops (outside the
+    /// allowlist, or empty values) bypasses the cache (reason `query`),
+    /// instead of reaching the handler without them.
+    pub fn bypass_dropped_query(mut self) -> Self {
+        self.query.bypass_dropped = true;
+        self
+    }
+
+    /// The handler reads path param `name` in a canonical form (see
+    /// [`Canonical`]): the key, and the purges rules render from a write's
+    /// URL, use that form, so `/items/01` and `/items/1` share an entry
+    /// and a write through either spelling purges it. A value that does not
+    /// parse bypasses the cache (reason `bad-param`).
+    pub fn param(mut self, name: &str, canonical: Canonical) -> Self {
+        self.params.retain(|(n, _)| n != name);
+        self.params.push((name.to_owned(), canonical));
+        self
+    }
+
+    /// Request headers the response varies on beyond the scope, such as
+    /// `origin` (a CORS layer inside the cache) or `accept-language`. The
+    /// entry is bound to the request's value of each (normalised where the
+    /// header's grammar is known: `accept-encoding` as a set of codings,
+    /// `origin` and `accept-language` lower-cased), so it is served only
+    /// to requests that send the same values; a request with other values
+    /// is a miss whose response replaces the entry. A response whose `Vary`
+    /// names a header the route neither scopes nor varies on is not stored.
+    ///
+    /// One entry per key holds one variant at a time: vary on headers that
+    /// take few values on one URL in practice. To keep each value apart
+    /// (a tenant per value), scope by the header instead
+    /// ([`Scope::header`]).
+    pub fn vary_by<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        for name in names {
+            match HeaderName::try_from(name.as_ref()) {
+                Ok(name) if !self.vary.contains(&name) => self.vary.push(name),
+                Ok(_) => {}
+                Err(_) => self.invalid_header = Some(name.as_ref().to_owned()),
+            }
+        }
         self
     }
 
@@ -238,9 +306,23 @@ pub(crate) struct CompiledRoute {
     pub(crate) scope: Scope,
     public: bool,
     query: QueryRule,
+    /// Request headers the entry is bound to, beyond the scope.
+    vary: Vec<HeaderName>,
     /// The hard bound of the route's entries in the in-process tier.
     #[cfg(feature = "tier")]
     pub(crate) in_process: Option<Duration>,
+}
+
+impl CompiledRoute {
+    /// Whether a response may vary on request header `name`: the key is
+    /// scoped by it, or entries are bound to it.
+    pub(crate) fn varies_on(&self, name: &str) -> bool {
+        self.scope.covers_header(name)
+            || self
+                .vary
+                .iter()
+                .any(|h| h.as_str().eq_ignore_ascii_case(name))
+    }
 }
 
 /// A version group as one route or rule renders it.
@@ -259,6 +341,8 @@ pub(crate) struct Group {
     scope: Scope,
     /// The longest entry life of the routes reading it.
     ttl: Duration,
+    /// The canonical forms of its typed params, from the routes reading it.
+    types: Vec<(String, Canonical)>,
 }
 
 #[derive(Debug)]
@@ -297,6 +381,8 @@ pub struct Policy {
 
 struct PolicyInner {
     layout: Layout,
+    inputs: InputRules,
+    per_response: Vec<HeaderName>,
     max_body_bytes: usize,
     compress_over: usize,
     routes: Vec<CompiledRoute>,
@@ -326,6 +412,9 @@ impl std::fmt::Debug for PolicyInner {
 #[must_use]
 pub struct PolicyBuilder {
     namespace: String,
+    hosts: Vec<String>,
+    trusted: Vec<String>,
+    per_response: Vec<String>,
     max_body_bytes: usize,
     compress_over: usize,
     default_ttl: Duration,
@@ -352,8 +441,14 @@ pub(crate) enum Decision {
     Pass,
     /// A cached route, but this request must not use the cache.
     Bypass { route: usize, reason: Reason },
-    /// Look up `key`.
-    Cache { route: usize, key: CacheKey },
+    /// Look up `key`; an entry must carry `binding` to be served. `query`
+    /// is the query the handler gets, when the key dropped parts of it.
+    Cache {
+        route: usize,
+        key: CacheKey,
+        binding: Binding,
+        query: Option<String>,
+    },
 }
 
 impl Policy {
@@ -362,6 +457,9 @@ impl Policy {
     pub fn builder() -> PolicyBuilder {
         PolicyBuilder {
             namespace: "app".to_owned(),
+            hosts: Vec::new(),
+            trusted: Vec::new(),
+            per_response: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             compress_over: DEFAULT_COMPRESS_OVER,
             default_ttl: Duration::from_secs(60),
@@ -465,17 +563,23 @@ impl Policy {
             route: index,
             reason,
         };
+        if let Some(reason) = self.inner.inputs.refused(request) {
+            return bypass(reason);
+        }
         if route.scope.is_empty() && !route.public && carries_credentials(request.headers()) {
             return bypass(Reason::Authorization);
         }
-        let Some(scope) = route
-            .scope
-            .key_suffix(request.headers(), request.extensions())
-        else {
-            return bypass(Reason::ScopeMissing);
+        let scope = match route.scope.key_suffix(request) {
+            Ok(scope) => scope,
+            Err(reason) => return bypass(reason),
         };
-        let query = route.query.normalise(request.uri().query());
+        let raw_query = request.uri().query();
+        let query = route.query.normalise(raw_query);
         if !query.is_empty() && !route.key.has(&Segment::QueryHash) {
+            return bypass(Reason::Query);
+        }
+        let stripped = route.query.stripped(raw_query);
+        if stripped.is_some() && route.query.bypass_dropped {
             return bypass(Reason::Query);
         }
         let query_hash = if route.key.has(&Segment::QueryHash) {
@@ -485,59 +589,78 @@ impl Policy {
         };
         let layout = &self.inner.layout;
         let key = match (route.key.render(&params, &query_hash), &route.group) {
-            (Rendered::Whole(key), _) => CacheKey::Plain(layout.entry(&key, &scope)),
-            (Rendered::Split(before, after), Some(group)) => {
-                let versions = self.group_versions(group, &params, Some(&scope));
+            (None, _) => return bypass(Reason::BadParam),
+            (Some(Rendered::Whole(key)), _) => CacheKey::Plain(layout.entry(&key, &scope)),
+            (Some(Rendered::Split(before, after)), Some(group)) => {
+                let Some(versions) = self.group_versions(group, &params, Some(&scope)) else {
+                    return bypass(Reason::BadParam);
+                };
                 layout.versioned(&before, &after, &scope, versions)
             }
             // Rejected when the policy is built.
-            (Rendered::Split(..), None) => return Decision::Pass,
+            (Some(Rendered::Split(..)), None) => return Decision::Pass,
         };
-        Decision::Cache { route: index, key }
+        let binding = self.inner.inputs.binding(&key, request, &route.vary);
+        Decision::Cache {
+            route: index,
+            key,
+            binding,
+            query: stripped,
+        }
+    }
+
+    /// Response headers never stored: they belong to one response (a
+    /// request id), not to the entry.
+    pub(crate) fn per_response(&self) -> &[HeaderName] {
+        &self.inner.per_response
     }
 
     /// The version keys a read of `group` embeds, or a write bumps.
     /// `scope` is the request's scope suffix (`None` when it read nothing);
     /// a write to a per-scope group bumps the scope's key, or the group's
-    /// own key (every scope) when the write has no scope.
+    /// own key (every scope) when the write has no scope. `None` when a
+    /// typed param of the group does not parse.
     fn group_versions(
         &self,
         group: &GroupRef,
         params: &Params<'_>,
         scope: Option<&str>,
-    ) -> Vec<VersionKey> {
+    ) -> Option<Vec<VersionKey>> {
         let compiled = &self.inner.groups[group.index];
-        let name = render_whole(&group.template, params);
+        let name = render_whole(&group.template, params)?;
         let layout = &self.inner.layout;
         let all = layout.version(&name, "", compiled.ttl);
-        match (compiled.per_scope, scope) {
+        Some(match (compiled.per_scope, scope) {
             (true, Some(scope)) => vec![all, layout.version(&name, scope, compiled.ttl)],
             _ => vec![all],
-        }
+        })
     }
 
     /// What a successful `request` must invalidate, if it matches a rule,
     /// and whether that is complete: false when a scoped purge was left out
-    /// because the route's scope read nothing on the request.
+    /// because the route's scope read nothing on the request. A purge or
+    /// bump whose typed param or scope value does not parse names no entry
+    /// that can exist: it is left out and counted.
     pub(crate) fn invalidation<B>(&self, request: &Request<B>) -> Option<(Invalidation, bool)> {
         let (index, params) = self
             .inner
             .rule_table
             .at(request.method(), request.uri().path())?;
         let rule = &self.inner.rules[index];
-        let (headers, extensions) = (request.headers(), request.extensions());
+        let stats = &self.inner.stats;
         let mut deletes = Vec::with_capacity(rule.purges.len());
         let mut complete = true;
         for &route in &rule.purges {
             let route = &self.inner.routes[route];
-            match route.scope.key_suffix(headers, extensions) {
-                Some(scope) => {
-                    let key = render_whole(&route.key, &params);
-                    deletes.push(self.inner.layout.entry(&key, &scope));
-                }
-                None => {
+            match route.scope.key_suffix(request) {
+                Ok(scope) => match render_whole(&route.key, &params) {
+                    Some(key) => deletes.push(self.inner.layout.entry(&key, &scope)),
+                    None => unparsed(stats, &route.label),
+                },
+                Err(Reason::BadParam) => unparsed(stats, &route.label),
+                Err(_) => {
                     complete = false;
-                    self.inner.stats.invalidation_unscoped();
+                    stats.invalidation_unscoped();
                     tracing::warn!(
                         route = route.label,
                         "write without the route's scope; its scoped entry cannot be purged"
@@ -548,10 +671,12 @@ impl Policy {
         let mut bumps = Vec::with_capacity(rule.bumps.len());
         for group in &rule.bumps {
             let compiled = &self.inner.groups[group.index];
-            let scope = compiled.scope.key_suffix(headers, extensions);
-            let mut versions = self.group_versions(group, &params, scope.as_deref());
-            // A per-scope write bumps its scope's key only.
-            bumps.push(versions.pop()?);
+            let scope = compiled.scope.key_suffix(request).ok();
+            match self.group_versions(group, &params, scope.as_deref()) {
+                // A per-scope write bumps its scope's key only.
+                Some(mut versions) => bumps.extend(versions.pop()),
+                None => unparsed(stats, &compiled.name),
+            }
         }
         Some((Invalidation::new(deletes, bumps), complete))
     }
@@ -592,11 +717,11 @@ impl Policy {
             .find(|(_, g)| g.name == group)?;
         let template = KeyTemplate::parse(group, &[], false).ok()?;
         let group_ref = GroupRef { index, template };
-        let scope = request.and_then(|r| compiled.scope.key_suffix(r.headers(), r.extensions()));
+        let scope = request.and_then(|r| compiled.scope.key_suffix(r).ok());
         if request.is_some() && compiled.per_scope && scope.is_none() {
             return None;
         }
-        self.group_versions(&group_ref, &Params::default(), scope.as_deref())
+        self.group_versions(&group_ref, &Params::default(), scope.as_deref())?
             .pop()
     }
 
@@ -609,10 +734,36 @@ impl Policy {
     }
 }
 
-fn render_whole(template: &KeyTemplate, params: &Params<'_>) -> String {
-    match template.render(params, "") {
-        Rendered::Whole(key) | Rendered::Split(key, _) => key,
+fn render_whole(template: &KeyTemplate, params: &Params<'_>) -> Option<String> {
+    match template.render(params, "")? {
+        Rendered::Whole(key) | Rendered::Split(key, _) => Some(key),
     }
+}
+
+/// Counts and logs a write whose URL names its entry with a typed value
+/// that does not parse.
+fn unparsed(stats: &CacheStats, target: &str) {
+    stats.invalidation_unparsed();
+    tracing::debug!(
+        target,
+        "write with a typed value that does not parse; it names no entry"
+    );
+}
+
+fn header_name(name: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::try_from(name).map_err(|_| ConfigError::InvalidHeaderName(name.to_owned()))
+}
+
+/// A host as requests are compared with it: lower-cased, port 80 dropped.
+fn canonical_host(host: &str) -> Result<String, ConfigError> {
+    let parsed: http::uri::Authority = host
+        .parse()
+        .map_err(|_| ConfigError::InvalidHost(host.to_owned()))?;
+    let mut host = parsed.as_str().to_ascii_lowercase();
+    if host.ends_with(":80") {
+        host.truncate(host.len() - 3);
+    }
+    Ok(host)
 }
 
 fn carries_credentials(headers: &HeaderMap) -> bool {
@@ -623,6 +774,39 @@ impl PolicyBuilder {
     /// The prefix of every key (default `app`); keys read `app:person:42`.
     pub fn namespace(mut self, namespace: &str) -> Self {
         self.namespace = namespace.to_owned();
+        self
+    }
+
+    /// The hosts this application serves (`api.example.com`,
+    /// `api.example.com:8443`): a request for any other host bypasses the
+    /// cache (reason `host`). Without this, any host is served, and each
+    /// entry is bound to the host it was stored for (see the README's
+    /// table of what the key covers).
+    pub fn hosts<I, S>(mut self, hosts: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.hosts
+            .extend(hosts.into_iter().map(|h| h.as_ref().to_owned()));
+        self
+    }
+
+    /// A forwarded header (`x-forwarded-proto`, `forwarded`…) that the
+    /// deployment's own proxy always sets, overwriting what clients send:
+    /// constant, so it is left out of the entry's binding. Every other
+    /// forwarded header is bound into the entries when present.
+    pub fn trusted_header(mut self, name: &str) -> Self {
+        self.trusted.push(name.to_owned());
+        self
+    }
+
+    /// A response header that belongs to one response, not to the entry
+    /// (a request id, a timing header): never stored, so a hit does not
+    /// replay the miss's value. `Date`, `Age` and hop-by-hop headers are
+    /// never stored anyway.
+    pub fn per_response_header(mut self, name: &str) -> Self {
+        self.per_response.push(name.to_owned());
         self
     }
 
@@ -685,6 +869,23 @@ impl PolicyBuilder {
         if self.max_body_bytes == 0 {
             return Err(ConfigError::ZeroBodyCap);
         }
+        let inputs = InputRules {
+            hosts: self
+                .hosts
+                .iter()
+                .map(|h| canonical_host(h))
+                .collect::<Result<_, _>>()?,
+            trusted: self
+                .trusted
+                .iter()
+                .map(|name| header_name(name))
+                .collect::<Result<_, _>>()?,
+        };
+        let per_response = self
+            .per_response
+            .iter()
+            .map(|name| header_name(name))
+            .collect::<Result<_, _>>()?;
         let mut table = RouteTable::default();
         let mut routes = Vec::with_capacity(self.routes.len());
         let mut groups: Vec<Group> = Vec::new();
@@ -692,14 +893,23 @@ impl PolicyBuilder {
             let label = route.label();
             validate_pattern(&route.pattern)?;
             route.scope.validate()?;
+            if let Some(name) = &route.invalid_header {
+                return Err(ConfigError::InvalidHeaderName(name.clone()));
+            }
             let params = pattern_params(&route.pattern);
+            if let Some((name, _)) = route.params.iter().find(|(n, _)| !params.contains(n)) {
+                return Err(ConfigError::UnknownParam {
+                    template: route.pattern.clone(),
+                    param: name.clone(),
+                });
+            }
             let template = route
                 .key
                 .as_deref()
                 .ok_or_else(|| ConfigError::MissingKey {
                     route: label.clone(),
                 })?;
-            let key = KeyTemplate::parse(template, &params, true)?;
+            let key = KeyTemplate::parse(template, &params, true)?.typed(&route.params);
             if key.has(&Segment::Version) != route.version_group.is_some() {
                 return Err(ConfigError::VersionMismatch { route: label });
             }
@@ -721,7 +931,7 @@ impl PolicyBuilder {
             }
             let group = match &route.version_group {
                 Some(name) => {
-                    let template = KeyTemplate::parse(name, &params, false)?;
+                    let template = KeyTemplate::parse(name, &params, false)?.typed(&route.params);
                     let index = join_group(&mut groups, name, &route, ttl, &label)?;
                     Some(GroupRef { index, template })
                 }
@@ -738,6 +948,7 @@ impl PolicyBuilder {
                 scope: route.scope,
                 public: route.public,
                 query: route.query,
+                vary: route.vary,
                 #[cfg(feature = "tier")]
                 in_process: route.in_process,
             });
@@ -766,6 +977,8 @@ impl PolicyBuilder {
         Ok(Policy {
             inner: Arc::new(PolicyInner {
                 layout: Layout::new(self.namespace),
+                inputs,
+                per_response,
                 max_body_bytes: self.max_body_bytes,
                 compress_over: self.compress_over,
                 routes,
@@ -844,6 +1057,17 @@ fn join_group(
                 )));
             }
             group.ttl = group.ttl.max(life);
+            for (param, canonical) in &route.params {
+                match group.types.iter().find(|(p, _)| p == param) {
+                    Some((_, known)) if !known.same_as(canonical) => {
+                        return Err(bad(format!(
+                            "route `{label}` reads param `{param}` in another canonical form"
+                        )))
+                    }
+                    Some(_) => {}
+                    None => group.types.push((param.clone(), canonical.clone())),
+                }
+            }
             Ok(index)
         }
         None => {
@@ -852,6 +1076,7 @@ fn join_group(
                 per_scope: route.per_scope,
                 scope: route.scope.clone(),
                 ttl: life,
+                types: route.params.clone(),
             });
             Ok(groups.len() - 1)
         }
@@ -919,7 +1144,8 @@ fn compile_rule<'r>(
             // Its entries embed a version: purging them is bumping it.
             Some(group) => {
                 bound(target, &group.template)?;
-                let template = KeyTemplate::parse(group.template.source(), &params, false)?;
+                let template = KeyTemplate::parse(group.template.source(), &params, false)?
+                    .typed(&groups[group.index].types);
                 compiled.bumps.push(GroupRef {
                     index: group.index,
                     template,
@@ -943,14 +1169,16 @@ fn compile_rule<'r>(
                 group: name.clone(),
             }
         })?;
-        let template = KeyTemplate::parse(name, &params, false).map_err(|err| match err {
-            ConfigError::UnknownParam { param, .. } => ConfigError::UnboundParam {
-                rule: rule.route.clone(),
-                target: name.clone(),
-                param,
-            },
-            other => other,
-        })?;
+        let template = KeyTemplate::parse(name, &params, false)
+            .map_err(|err| match err {
+                ConfigError::UnknownParam { param, .. } => ConfigError::UnboundParam {
+                    rule: rule.route.clone(),
+                    target: name.clone(),
+                    param,
+                },
+                other => other,
+            })?
+            .typed(&groups[index].types);
         compiled.bumps.push(GroupRef { index, template });
     }
     Ok((methods, (compiled, pattern)))

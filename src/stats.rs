@@ -51,10 +51,20 @@ pub enum Reason {
     Raced,
     /// The handler took longer than half the tombstone TTL.
     SlowMiss,
+    /// The request's host is not one the policy names.
+    Host,
+    /// The request carries a header that rewrites its path or method in
+    /// some frameworks (`X-Original-URL`, `X-HTTP-Method-Override`…).
+    Rewrite,
+    /// A GET or HEAD that carries a body, which the key cannot cover.
+    RequestBody,
+    /// A typed path param or scope header does not parse (see
+    /// [`Canonical`](crate::Canonical)).
+    BadParam,
 }
 
 impl Reason {
-    pub(crate) const ALL: [Reason; 18] = [
+    pub(crate) const ALL: [Reason; 22] = [
         Reason::Authorization,
         Reason::Query,
         Reason::ScopeMissing,
@@ -73,6 +83,10 @@ impl Reason {
         Reason::BodyError,
         Reason::Raced,
         Reason::SlowMiss,
+        Reason::Host,
+        Reason::Rewrite,
+        Reason::RequestBody,
+        Reason::BadParam,
     ];
 
     /// The reason as a short token, as used in `cache-status` `detail=`.
@@ -96,6 +110,10 @@ impl Reason {
             Reason::BodyError => "body-error",
             Reason::Raced => "raced",
             Reason::SlowMiss => "slow-miss",
+            Reason::Host => "host",
+            Reason::Rewrite => "rewrite",
+            Reason::RequestBody => "request-body",
+            Reason::BadParam => "bad-param",
         }
     }
 
@@ -148,6 +166,7 @@ struct InvalidationCounters {
     failed: AtomicU64,
     skipped: AtomicU64,
     unscoped: AtomicU64,
+    unparsed: AtomicU64,
 }
 
 /// Counts of the invalidations writes caused.
@@ -165,6 +184,10 @@ pub struct InvalidationStats {
     /// Successful writes whose purge of a scoped entry was left out because
     /// the route's scope read nothing on the write request.
     pub unscoped: u64,
+    /// Successful writes whose purge or bump was left out because a typed
+    /// param or scope value of the write's URL did not parse (the entry it
+    /// would name cannot exist).
+    pub unparsed: u64,
 }
 
 /// A snapshot of one route's counters.
@@ -231,6 +254,11 @@ impl CacheStats {
         telemetry::invalidation(Invalidated::Unscoped);
     }
 
+    pub(crate) fn invalidation_unparsed(&self) {
+        self.invalidations.unparsed.fetch_add(1, Ordering::Relaxed);
+        telemetry::invalidation(Invalidated::Unparsed);
+    }
+
     /// The invalidations writes caused so far.
     pub fn invalidations(&self) -> InvalidationStats {
         let c = &self.invalidations;
@@ -239,6 +267,7 @@ impl CacheStats {
             failed: c.failed.load(Ordering::Relaxed),
             skipped: c.skipped.load(Ordering::Relaxed),
             unscoped: c.unscoped.load(Ordering::Relaxed),
+            unparsed: c.unparsed.load(Ordering::Relaxed),
         }
     }
 

@@ -70,15 +70,17 @@ pub(crate) enum Invalidated {
     Failed,
     Skipped,
     Unscoped,
+    Unparsed,
 }
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
 impl Invalidated {
-    const ALL: [Invalidated; 4] = [
+    const ALL: [Invalidated; 5] = [
         Invalidated::Applied,
         Invalidated::Failed,
         Invalidated::Skipped,
         Invalidated::Unscoped,
+        Invalidated::Unparsed,
     ];
 
     fn as_str(self) -> &'static str {
@@ -87,6 +89,7 @@ impl Invalidated {
             Invalidated::Failed => "failed",
             Invalidated::Skipped => "skipped",
             Invalidated::Unscoped => "unscoped",
+            Invalidated::Unparsed => "unparsed",
         }
     }
 }

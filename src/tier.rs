@@ -518,11 +518,11 @@ mod tests {
     }
 
     fn entry(body: &'static str) -> Entry {
-        let headers = http::HeaderMap::new();
         let body = Bytes::from_static(body.as_bytes());
         Entry::new(
+            [0; crate::key::BINDING_LEN],
             http::StatusCode::OK,
-            &headers,
+            http::HeaderMap::new(),
             body,
             Duration::from_secs(60),
         )

@@ -266,7 +266,7 @@ where
         }
         StateProj::Collect { collect } => {
             let gave_up = match collect.as_mut() {
-                Some(reading) => ready!(read_capped(reading, ctx.max_body_bytes(), cx)),
+                Some(reading) => ready!(read_capped(reading, ctx.body_cap(), cx)),
                 None => return Poll::Ready(Ok((State::Done, None))),
             };
             match collect.take() {
@@ -341,7 +341,8 @@ where
     }
     let body = concat(frames, size);
     entry::ensure_etag(&mut parts.headers, &body);
-    let entry = Entry::new(parts.status, &parts.headers, body.clone(), ctx.ttl());
+    let stored = entry::stored_headers(&parts.headers, ctx.per_response());
+    let entry = Entry::new(ctx.binding(), parts.status, stored, body.clone(), ctx.ttl());
     let response = Response::from_parts(parts, ResponseBody::full(body));
     let encoded = entry.encode_over(ctx.compress_over());
     ctx.share(&encoded);

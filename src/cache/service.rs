@@ -12,6 +12,7 @@ use super::flight::{Landed, Leader, Role};
 use super::future::{Call, ResponseFuture};
 use crate::entry::{Entry, Slot};
 use crate::invalidate::Invalidate;
+use crate::key::{Binding, BINDING_LEN};
 use crate::policy::{Decision, Policy};
 use crate::stats::Reason;
 use crate::store::{CacheKey, Lookup, Observed, StoreError, StoreFuture};
@@ -80,7 +81,16 @@ where
                 ctx.bypass = Some(reason);
                 ResponseFuture::bypass(self.inner.call(request), ctx)
             }
-            Decision::Cache { route, key } => {
+            Decision::Cache {
+                route,
+                key,
+                binding,
+                query,
+            } => {
+                let mut request = request;
+                if let Some(query) = query {
+                    strip_query(&mut request, &query);
+                }
                 // The store answers before the inner service may be called,
                 // and a hit never calls it. The readiness `poll_ready`
                 // reserved (a concurrency permit, a buffer slot) is given
@@ -94,6 +104,7 @@ where
                     std::mem::replace(&mut self.inner, unreserved).into_parts();
                 drop(reserved);
                 let mut ctx = Ctx::owning(policy, route, head, None);
+                ctx.binding = binding;
                 ctx.if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
                 #[cfg(feature = "tier")]
                 let key = match ctx.local_hit(key) {
@@ -151,6 +162,10 @@ pub(crate) struct Ctx {
     write_started: Option<Instant>,
     leader: Option<Leader>,
     if_none_match: Option<HeaderValue>,
+    /// What an entry must be bound to, to be served to this request.
+    binding: Binding,
+    /// The largest body stored for this response: the cap less its headers.
+    body_cap: usize,
     /// The span of the store operation under way (disabled unless a
     /// subscriber wants DEBUG spans).
     pub(crate) span: tracing::Span,
@@ -177,6 +192,7 @@ impl Ctx {
     }
 
     fn owning(policy: Policy, route: usize, head: bool, key: Option<CacheKey>) -> Self {
+        let body_cap = policy.max_body_bytes();
         Self {
             policy,
             route,
@@ -188,6 +204,8 @@ impl Ctx {
             write_started: None,
             leader: None,
             if_none_match: None,
+            binding: [0; BINDING_LEN],
+            body_cap,
             span: tracing::Span::none(),
             #[cfg(feature = "tier")]
             local: Local::default(),
@@ -206,12 +224,12 @@ impl Ctx {
         };
         self.local.generation = Some(tier.generation());
         match tier.get(&key, self.started) {
-            Some(entry) => {
+            Some(entry) if entry.binding == self.binding => {
                 self.key = Some(key);
                 self.local.served = true;
                 Ok(self.hit(entry, crate::entry::unix_ms_at(self.started)))
             }
-            None => Err(key),
+            _ => Err(key),
         }
     }
 
@@ -254,8 +272,32 @@ impl Ctx {
         self.policy.route(self.route).ttl
     }
 
-    pub(crate) fn max_body_bytes(&self) -> usize {
-        self.policy.max_body_bytes()
+    /// The largest body stored for the response being read.
+    pub(crate) fn body_cap(&self) -> usize {
+        self.body_cap
+    }
+
+    /// The binding entries this request stores carry.
+    pub(crate) fn binding(&self) -> Binding {
+        self.binding
+    }
+
+    /// Response headers the policy never stores.
+    pub(crate) fn per_response(&self) -> &[HeaderName] {
+        self.policy.per_response()
+    }
+
+    /// The entry in `raw`, when it is one bound to this request: an entry
+    /// stored for another key or other request inputs is a miss.
+    fn servable(&self, raw: Bytes) -> Option<Entry> {
+        match crate::entry::decode(raw) {
+            Slot::Entry(entry) if entry.binding == self.binding => Some(entry),
+            Slot::Entry(_) => {
+                tracing::debug!(route = self.label(), key = %self.key_text(), "entry bound to other request inputs; a miss");
+                None
+            }
+            _ => None,
+        }
     }
 
     pub(crate) fn compress_over(&self) -> usize {
@@ -328,7 +370,7 @@ impl Ctx {
         if let Observed::Value(raw) = found.take_payload() {
             #[cfg(feature = "tier")]
             let size = raw.len();
-            if let Slot::Entry(entry) = crate::entry::decode(raw) {
+            if let Some(entry) = self.servable(raw) {
                 let now_ms = crate::entry::unix_ms_at(self.started);
                 let refresh = match self.is_stale(&entry, now_ms) {
                     true => self.refresh(&found),
@@ -354,9 +396,9 @@ impl Ctx {
     /// take over or to wait on again.
     pub(crate) fn landed<B: Body>(&mut self, landed: Option<Landed>) -> Next<B> {
         match landed {
-            Some(Landed::Entry(raw)) => match crate::entry::decode(raw) {
-                Slot::Entry(entry) => Next::Serve(self.collapsed(entry), None),
-                _ => Next::Call,
+            Some(Landed::Entry(raw)) => match self.servable(raw) {
+                Some(entry) => Next::Serve(self.collapsed(entry), None),
+                None => Next::Call,
             },
             Some(Landed::Unshareable) => Next::Call,
             None => match self.rejoin() {
@@ -436,6 +478,7 @@ impl Ctx {
                 policy: self.policy.clone(),
                 route: self.route,
                 key,
+                binding: self.binding,
                 seen: seen.clone().detached(),
                 _leader: leader,
             }),
@@ -468,20 +511,48 @@ impl Ctx {
     }
 
     /// Whether the response may be stored, decided from its head alone.
-    pub(crate) fn storable<B: Body>(&self, response: &Response<B>) -> Result<(), Outcome> {
+    /// Sets the body cap for the response: the policy's, less what its
+    /// stored headers take.
+    pub(crate) fn storable<B: Body>(&mut self, response: &Response<B>) -> Result<(), Outcome> {
         if let Some(reason) = self.bypass {
             return Err(Outcome::Bypass(reason));
         }
-        let scope = &self.policy.route(self.route).scope;
+        let route = self.policy.route(self.route);
         let reason = match unstorable_reason(response.status(), response.headers(), |name| {
-            scope.covers_header(name)
+            route.varies_on(name)
         }) {
             Some(reason) => reason,
             None if self.head => Reason::Head,
-            None if declared_length(response) > self.max_body_bytes() as u64 => Reason::TooLarge,
-            None => return Ok(()),
+            None => match self.body_cap_for(response.headers()) {
+                Some(cap) if declared_length(response) <= cap as u64 => {
+                    self.body_cap = cap;
+                    return Ok(());
+                }
+                _ => Reason::TooLarge,
+            },
         };
         Err(Outcome::NotStored(reason))
+    }
+
+    /// The policy's cap less the bytes the stored headers of `headers`
+    /// take; `None` when they alone exceed it.
+    fn body_cap_for(&self, headers: &HeaderMap) -> Option<usize> {
+        let per_response = self.policy.per_response();
+        let (mut count, mut bytes) = (0, 0);
+        for (name, value) in headers {
+            if crate::entry::is_stored_header(name, headers, per_response) {
+                count += 1;
+                bytes += 6 + name.as_str().len() + value.len();
+            }
+        }
+        if count > crate::entry::MAX_HEADERS {
+            return None;
+        }
+        self.max_body_bytes().checked_sub(bytes)
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        self.policy.max_body_bytes()
     }
 
     /// Writes `value`, the stored form of `entry` (which the in-process
@@ -725,6 +796,7 @@ pub(crate) struct Refresh {
     policy: Policy,
     route: usize,
     key: CacheKey,
+    binding: Binding,
     seen: Lookup,
     _leader: Leader,
 }
@@ -769,12 +841,16 @@ impl Refresh {
         let Ok(response) = service.call(request).await else {
             return;
         };
-        let scope = &route.scope;
-        let cap = self.policy.max_body_bytes();
+        let per_response = self.policy.per_response();
+        let stored = crate::entry::stored_headers(response.headers(), per_response);
+        let cap = self
+            .policy
+            .max_body_bytes()
+            .saturating_sub(crate::entry::headers_len(&stored));
         let refused = unstorable_reason(response.status(), response.headers(), |h| {
-            scope.covers_header(h)
+            route.varies_on(h)
         });
-        let (mut parts, body) = response.into_parts();
+        let (parts, body) = response.into_parts();
         let collected = match refused {
             Some(reason) => Err(reason),
             None => collect_capped(body, cap).await,
@@ -786,8 +862,9 @@ impl Refresh {
                 return;
             }
         };
-        crate::entry::ensure_etag(&mut parts.headers, &body);
-        let entry = Entry::new(parts.status, &parts.headers, body, route.ttl)
+        let mut headers = stored;
+        crate::entry::ensure_etag(&mut headers, &body);
+        let entry = Entry::new(self.binding, parts.status, headers, body, route.ttl)
             .encode_over(self.policy.compress_over());
         let span = store_span(Op::Store, &route.label);
         let started = Instant::now();
@@ -881,6 +958,21 @@ pub(crate) fn unstorable_reason(
         return Some(Reason::ContentEncoding);
     }
     None
+}
+
+/// The request with `query` (what the key keeps of its query) instead of
+/// the query it came with: the handler reads no input the key ignores.
+fn strip_query<B>(request: &mut Request<B>, query: &str) {
+    let path = request.uri().path();
+    let path_and_query = match query.is_empty() {
+        true => path.to_owned(),
+        false => format!("{path}?{query}"),
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = http::uri::PathAndQuery::try_from(path_and_query).ok();
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
 }
 
 /// The body length known from the head, before reading the body.

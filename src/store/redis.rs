@@ -1099,7 +1099,6 @@ mod tests {
     use tower::{Layer, Service, ServiceExt};
 
     use super::*;
-    use crate::entry::Entry;
     use crate::{CacheLayer, InvalidateLayer, Policy, Route, Rule};
 
     fn policy(store: impl Store) -> Policy {
@@ -1123,16 +1122,19 @@ mod tests {
             .unwrap()
     }
 
-    fn entry() -> Bytes {
-        let mut headers = http::HeaderMap::new();
-        headers.insert("content-type", "application/json".parse().unwrap());
-        Entry::new(
-            StatusCode::OK,
-            &headers,
+    /// The entry `policy()` serves to a GET of `uri`.
+    fn entry_for(uri: &str) -> Bytes {
+        let request = Request::get(uri).body(()).unwrap();
+        crate::bench_support::encode_entry_for(
+            &policy(crate::store::MemoryStore::new()),
+            &request,
             Bytes::from_static(b"{}"),
-            Duration::from_secs(300),
         )
-        .encode()
+        .unwrap()
+    }
+
+    fn entry() -> Bytes {
+        entry_for("/persons")
     }
 
     async fn get<C: ConnectionLike + Clone + Send + Sync + 'static>(
@@ -1241,7 +1243,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_item_hit_is_one_command() {
-        let recorder = Recorder::answering([Value::BulkString(entry().to_vec())]);
+        let recorder = Recorder::answering([Value::BulkString(entry_for("/persons/42").to_vec())]);
         let response = get(recorder.clone(), "/persons/42").await;
         assert_eq!(response.headers()["x-cache"], "HIT");
         let commands = recorder.commands();
@@ -1253,7 +1255,9 @@ mod tests {
     #[tokio::test]
     async fn concurrent_hits_on_a_batched_connection_share_round_trips() {
         const N: usize = 64;
-        let recorder = Recorder::answering((0..N).map(|_| Value::BulkString(entry().to_vec())));
+        let recorder = Recorder::answering(
+            (0..N).map(|id| Value::BulkString(entry_for(&format!("/persons/{id}")).to_vec())),
+        );
         let conn = crate::store::Batched::new(recorder.clone());
         // All runnable at once, as after one poll of many sockets.
         let local = tokio::task::LocalSet::new();

@@ -12,7 +12,14 @@ use http::{Extensions, HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
 use crate::error::ConfigError;
+use crate::stats::Reason;
 use crate::store::{CacheKey, VersionKey};
+
+mod canonical;
+mod inputs;
+
+pub use canonical::Canonical;
+pub(crate) use inputs::{Binding, InputRules, BINDING_LEN};
 
 /// Encoded path parameters longer than this are replaced by their hash, so
 /// that key length stays bounded whatever the request carries.
@@ -35,10 +42,12 @@ pub(crate) enum Segment {
 
 /// A parsed key template such as `person:{id}` or
 /// `persons:list:v{version}:{query_hash}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct KeyTemplate {
     source: String,
     segments: Vec<Segment>,
+    /// The canonical form of each typed param the template names.
+    types: Vec<(String, Canonical)>,
 }
 
 impl KeyTemplate {
@@ -95,7 +104,19 @@ impl KeyTemplate {
         Ok(Self {
             source: template.to_owned(),
             segments,
+            types: Vec::new(),
         })
+    }
+
+    /// The same template, rendering the params named in `types` in their
+    /// canonical form.
+    pub(crate) fn typed(mut self, types: &[(String, Canonical)]) -> Self {
+        self.types = types
+            .iter()
+            .filter(|(name, _)| self.params().any(|p| p == name))
+            .cloned()
+            .collect();
+        self
     }
 
     pub(crate) fn has(&self, segment: &Segment) -> bool {
@@ -115,10 +136,11 @@ impl KeyTemplate {
         &self.source
     }
 
-    /// Renders the template. `version` is what `{version}` becomes; a
-    /// template with `{version}` rendered with `None` splits there, returning
-    /// the text before and after it.
-    pub(crate) fn render(&self, params: &Params<'_>, query_hash: &str) -> Rendered {
+    /// Renders the template: params percent-decoded (and canonical, when
+    /// typed), `{query_hash}` as given; a template with `{version}` splits
+    /// there, returning the text before and after it. `None` when a typed
+    /// param does not parse.
+    pub(crate) fn render(&self, params: &Params<'_>, query_hash: &str) -> Option<Rendered> {
         let mut before = String::with_capacity(self.source.len() + 32);
         let mut after: Option<String> = None;
         for segment in &self.segments {
@@ -126,16 +148,20 @@ impl KeyTemplate {
             match segment {
                 Segment::Literal(text) => out.push_str(text),
                 Segment::Param(name) => {
-                    encode_param(&percent_decode(params.get(name).unwrap_or("")), out)
+                    let decoded = percent_decode(params.get(name).unwrap_or(""));
+                    match self.types.iter().find(|(typed, _)| typed == name) {
+                        Some((_, canonical)) => encode_param(&canonical.apply(&decoded)?, out),
+                        None => encode_param(&decoded, out),
+                    }
                 }
                 Segment::QueryHash => out.push_str(query_hash),
                 Segment::Version => after = Some(String::new()),
             }
         }
-        match after {
+        Some(match after {
             Some(after) => Rendered::Split(before, after),
             None => Rendered::Whole(before),
-        }
+        })
     }
 }
 
@@ -242,17 +268,33 @@ fn hash_field(hasher: &mut Sha256, bytes: &[u8]) {
     hasher.update(bytes);
 }
 
-/// How a route turns its query string into `{query_hash}`.
+/// How a route turns its query string into `{query_hash}`, and what of it
+/// reaches the handler.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct QueryRule {
     /// Only these parameters count; `None` means all of them.
     pub(crate) allowlist: Option<Vec<String>>,
+    /// Empty values count too (`?name=` is not the same as no `name`).
+    pub(crate) keep_empty: bool,
+    /// A parameter the key drops makes the request bypass the cache,
+    /// instead of being removed from the request the handler gets.
+    pub(crate) bypass_dropped: bool,
 }
 
 impl QueryRule {
-    /// The normalised query: decoded pairs, empty values dropped, filtered by
-    /// the allowlist, sorted by name (values of a repeated name keep their
-    /// order, since an application may read them in order).
+    /// Whether the key keeps the (decoded) pair.
+    fn keeps(&self, name: &[u8], value: &[u8]) -> bool {
+        (self.keep_empty || !value.is_empty())
+            && match &self.allowlist {
+                Some(allowed) => allowed.iter().any(|a| a.as_bytes() == name),
+                None => true,
+            }
+    }
+
+    /// The normalised query: decoded pairs, empty values dropped (unless
+    /// kept), filtered by the allowlist, sorted by name (values of a
+    /// repeated name keep their order, since an application may read them
+    /// in order).
     pub(crate) fn normalise(&self, query: Option<&str>) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = query
             .unwrap_or("")
@@ -261,17 +303,32 @@ impl QueryRule {
             .filter_map(|pair| {
                 let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
                 let (name, value) = (form_decode(name), form_decode(value));
-                if value.is_empty() {
-                    return None;
-                }
-                match &self.allowlist {
-                    Some(allowed) if !allowed.iter().any(|a| a.as_bytes() == name) => None,
-                    _ => Some((name, value)),
-                }
+                self.keeps(&name, &value).then_some((name, value))
             })
             .collect();
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
         pairs
+    }
+
+    /// The query the handler gets when the key dropped some of its pairs:
+    /// the pairs the key keeps, as written and in their order (`None`:
+    /// nothing dropped, the request goes as it is).
+    pub(crate) fn stripped(&self, query: Option<&str>) -> Option<String> {
+        let query = query?;
+        let mut kept = String::with_capacity(query.len());
+        let mut dropped = false;
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if self.keeps(&form_decode(name), &form_decode(value)) {
+                if !kept.is_empty() {
+                    kept.push('&');
+                }
+                kept.push_str(pair);
+            } else {
+                dropped = true;
+            }
+        }
+        dropped.then_some(kept)
     }
 
     /// SHA-256 of the normalised query, 32 hex characters.
@@ -317,7 +374,10 @@ type ExtensionFn = Arc<dyn Fn(&Extensions) -> Option<String> + Send + Sync>;
 
 #[derive(Clone)]
 enum ScopePart {
-    Header(HeaderName),
+    /// A header, canonicalised when typed.
+    Header(HeaderName, Option<Canonical>),
+    /// The request's host, as [`inputs::host`] reads it.
+    Host,
     /// The reader; clones of one scope share it and compare equal.
     Extension(ExtensionFn),
 }
@@ -359,7 +419,11 @@ impl std::fmt::Debug for Scope {
             .parts
             .iter()
             .map(|p| match p {
-                ScopePart::Header(name) => format!("header {name}"),
+                ScopePart::Header(name, None) => format!("header {name}"),
+                ScopePart::Header(name, Some(canonical)) => {
+                    format!("header {name} as {canonical:?}")
+                }
+                ScopePart::Host => "host".to_owned(),
                 ScopePart::Extension(_) => "extension".to_owned(),
             })
             .collect();
@@ -377,11 +441,34 @@ impl Scope {
     ///
     /// An invalid header name is reported as a [`ConfigError`] when the
     /// policy is built.
-    pub fn header(mut self, name: &str) -> Self {
+    pub fn header(self, name: &str) -> Self {
+        self.push_header(name, None)
+    }
+
+    /// Adds a request header that the application reads in a canonical
+    /// form (see [`Canonical`]): `X-Tenant-Id: ACME` and `acme` are one
+    /// scope under [`Canonical::case_insensitive`]. A value that does not
+    /// parse bypasses the cache, as an absent one does.
+    pub fn header_as(self, name: &str, canonical: Canonical) -> Self {
+        self.push_header(name, Some(canonical))
+    }
+
+    fn push_header(mut self, name: &str, canonical: Option<Canonical>) -> Self {
         match HeaderName::try_from(name) {
-            Ok(name) => self.parts.push(ScopePart::Header(name)),
+            Ok(name) => self.parts.push(ScopePart::Header(name, canonical)),
             Err(_) => self.invalid_header = Some(name.to_owned()),
         }
+        self
+    }
+
+    /// Adds the request's host (the URI's authority, else `Host`;
+    /// lower-cased, the default port dropped): for applications with a
+    /// tenant per host name (`acme.example.com`). Entries are always bound
+    /// to their host (one host never gets another's); scoping by it also
+    /// keys each host apart, so several hosts reading one path keep an
+    /// entry each, and a write purges its own host's entry.
+    pub fn host(mut self) -> Self {
+        self.parts.push(ScopePart::Host);
         self
     }
 
@@ -412,7 +499,7 @@ impl Scope {
     pub(crate) fn covers_header(&self, name: &str) -> bool {
         self.parts
             .iter()
-            .any(|p| matches!(p, ScopePart::Header(h) if h.as_str().eq_ignore_ascii_case(name)))
+            .any(|p| matches!(p, ScopePart::Header(h, _) if h.as_str().eq_ignore_ascii_case(name)))
     }
 
     /// True when both read the same request parts: the same headers, and
@@ -424,50 +511,63 @@ impl Scope {
                 .iter()
                 .zip(&other.parts)
                 .all(|(a, b)| match (a, b) {
-                    (ScopePart::Header(a), ScopePart::Header(b)) => a == b,
+                    (ScopePart::Header(a, None), ScopePart::Header(b, None)) => a == b,
+                    (ScopePart::Header(a, Some(x)), ScopePart::Header(b, Some(y))) => {
+                        a == b && x.same_as(y)
+                    }
+                    (ScopePart::Host, ScopePart::Host) => true,
                     (ScopePart::Extension(a), ScopePart::Extension(b)) => Arc::ptr_eq(a, b),
                     _ => false,
                 })
     }
 
-    /// `:scope=<hash>` for a scoped key, nothing for an empty scope, `None`
-    /// when a part reads nothing (fail closed).
-    pub(crate) fn key_suffix(
-        &self,
-        headers: &HeaderMap,
-        extensions: &Extensions,
-    ) -> Option<String> {
+    /// `:scope=<hash>` for a scoped key, nothing for an empty scope; the
+    /// reason to bypass when a part reads nothing (fail closed) or a typed
+    /// header's value does not parse.
+    pub(crate) fn key_suffix<B>(&self, request: &http::Request<B>) -> Result<String, Reason> {
         if self.parts.is_empty() {
-            return Some(String::new());
+            return Ok(String::new());
         }
+        let (headers, extensions) = (request.headers(), request.extensions());
         let mut hasher = Sha256::new();
         for part in &self.parts {
             let value: Option<Vec<u8>> = match part {
-                ScopePart::Header(name) => {
-                    let mut values = headers
-                        .get_all(name)
-                        .iter()
-                        .filter(|v| !v.is_empty())
-                        .peekable();
-                    values.peek().is_some().then(|| {
-                        let mut joined = Vec::new();
-                        for v in values {
-                            hash_field_into(&mut joined, v.as_bytes());
-                        }
-                        joined
-                    })
+                ScopePart::Header(name, canonical) => {
+                    header_scope(headers, name, canonical.as_ref())?
                 }
-                ScopePart::Extension(read) => read(extensions)
-                    .filter(|v| !v.is_empty())
-                    .map(String::into_bytes),
+                ScopePart::Host => inputs::host(request).map(String::into_bytes),
+                ScopePart::Extension(read) => read(extensions).map(String::into_bytes),
             };
-            hash_field(&mut hasher, &value?);
+            match value {
+                Some(value) if !value.is_empty() => hash_field(&mut hasher, &value),
+                _ => return Err(Reason::ScopeMissing),
+            }
         }
-        Some(format!(
+        Ok(format!(
             "{SCOPE_MARK}{}",
             hex_digest(hasher.finalize().as_slice())
         ))
     }
+}
+
+/// The non-empty values of header `name`, each canonical when typed,
+/// length-prefixed; `Ok(None)` when there are none.
+fn header_scope(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    canonical: Option<&Canonical>,
+) -> Result<Option<Vec<u8>>, Reason> {
+    let mut joined = Vec::new();
+    for value in headers.get_all(name).iter().filter(|v| !v.is_empty()) {
+        match canonical {
+            Some(canonical) => {
+                let value = canonical.apply(value.as_bytes()).ok_or(Reason::BadParam)?;
+                hash_field_into(&mut joined, &value);
+            }
+            None => hash_field_into(&mut joined, value.as_bytes()),
+        }
+    }
+    Ok((!joined.is_empty()).then_some(joined))
 }
 
 fn hash_field_into(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -666,6 +766,7 @@ mod tests {
     fn query_allowlist_ignores_other_params() {
         let rule = QueryRule {
             allowlist: Some(vec!["limit".into()]),
+            ..QueryRule::default()
         };
         assert_eq!(
             rule.normalise(Some("limit=5&utm=x")),
@@ -705,22 +806,89 @@ mod tests {
         assert_eq!(pattern_params("/a/{id}/b/{*rest}"), vec!["id", "rest"]);
     }
 
+    fn request(headers: &[(&str, &str)], ext: Option<String>) -> http::Request<()> {
+        let mut builder = http::Request::get("/");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let mut request = builder.body(()).unwrap();
+        if let Some(ext) = ext {
+            request.extensions_mut().insert(ext);
+        }
+        request
+    }
+
     #[test]
     fn a_scope_that_reads_nothing_fails_closed() {
         let scope = Scope::new().header("x-tenant-id");
-        let mut ext = Extensions::new();
-        let mut with_empty = HeaderMap::new();
-        with_empty.insert("x-tenant-id", "".parse().unwrap());
-        assert_eq!(scope.key_suffix(&HeaderMap::new(), &ext), None);
-        assert_eq!(scope.key_suffix(&with_empty, &ext), None);
-        let mut with_value = HeaderMap::new();
-        with_value.insert("x-tenant-id", "acme".parse().unwrap());
-        let suffix = scope.key_suffix(&with_value, &ext).unwrap();
+        let missing = Err(Reason::ScopeMissing);
+        assert_eq!(scope.key_suffix(&request(&[], None)), missing);
+        assert_eq!(
+            scope.key_suffix(&request(&[("x-tenant-id", "")], None)),
+            missing
+        );
+        let suffix = scope
+            .key_suffix(&request(&[("x-tenant-id", "acme")], None))
+            .unwrap();
         assert!(suffix.starts_with(SCOPE_MARK) && !suffix.contains("acme"));
         let by_extension = Scope::new().extension(|ext| ext.get::<String>().cloned());
-        assert_eq!(by_extension.key_suffix(&with_value, &ext), None);
-        ext.insert(String::new());
-        assert_eq!(by_extension.key_suffix(&with_value, &ext), None);
+        assert_eq!(
+            by_extension.key_suffix(&request(&[("x-tenant-id", "acme")], None)),
+            missing
+        );
+        assert_eq!(
+            by_extension.key_suffix(&request(&[], Some(String::new()))),
+            missing
+        );
+        assert_eq!(Scope::new().host().key_suffix(&request(&[], None)), missing);
+    }
+
+    #[test]
+    fn typed_scope_headers_key_their_canonical_form() {
+        let scope = Scope::new().header_as("x-tenant-id", Canonical::case_insensitive());
+        let of = |v: &str| scope.key_suffix(&request(&[("x-tenant-id", v)], None));
+        assert_eq!(of("ACME"), of("acme"));
+        assert_ne!(of("acme"), of("globex"));
+        let ids = Scope::new().header_as("x-org", Canonical::integer());
+        assert_eq!(
+            ids.key_suffix(&request(&[("x-org", "x1")], None)),
+            Err(Reason::BadParam)
+        );
+        let host = Scope::new().host();
+        assert_eq!(
+            host.key_suffix(&request(&[("host", "Acme.example")], None)),
+            host.key_suffix(&request(&[("host", "acme.example:80")], None))
+        );
+        assert_ne!(
+            host.key_suffix(&request(&[("host", "acme.example")], None)),
+            host.key_suffix(&request(&[("host", "globex.example")], None))
+        );
+    }
+
+    #[test]
+    fn the_handler_gets_only_the_query_the_key_keeps() {
+        let allow = QueryRule {
+            allowlist: Some(vec!["limit".into()]),
+            ..QueryRule::default()
+        };
+        assert_eq!(allow.stripped(Some("limit=5")), None);
+        assert_eq!(
+            allow.stripped(Some("limit=5&callback=evil")).as_deref(),
+            Some("limit=5")
+        );
+        assert_eq!(allow.stripped(Some("callback=evil")).as_deref(), Some(""));
+        let all = QueryRule::default();
+        assert_eq!(all.stripped(Some("b=2&a=1")), None, "order is kept");
+        assert_eq!(all.stripped(Some("a=1&name=")).as_deref(), Some("a=1"));
+        let keep = QueryRule {
+            keep_empty: true,
+            ..QueryRule::default()
+        };
+        assert_eq!(keep.stripped(Some("a=1&name=")), None);
+        assert_ne!(
+            QueryRule::hash(&keep.normalise(Some("a=1&name="))),
+            QueryRule::hash(&keep.normalise(Some("a=1")))
+        );
     }
 
     #[test]

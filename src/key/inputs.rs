@@ -1,0 +1,387 @@
+//! The inputs of a request that a handler may read beyond its path, query
+//! and scope: the host, forwarded headers, the headers a route varies on.
+//! They are bound into each entry (see [`Binding`]), so an entry is served
+//! only to requests that agree on all of them; the inputs the cache cannot
+//! cover (a body on a GET, headers that rewrite the request) bypass it.
+
+use http::{HeaderMap, HeaderName, Request};
+use sha2::{Digest, Sha256};
+
+use super::hash_field;
+use crate::stats::Reason;
+use crate::store::CacheKey;
+
+/// Headers through which proxies tell the application its public host,
+/// scheme, port or prefix, and which servers and frameworks honour: bound
+/// into every entry when present, unless the policy trusts them.
+pub(crate) const FORWARDED: [HeaderName; 13] = [
+    http::header::FORWARDED,
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-uri"),
+    HeaderName::from_static("x-host"),
+    HeaderName::from_static("x-original-host"),
+    HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static("front-end-https"),
+];
+
+/// Headers that make some frameworks handle another path or method than
+/// the request line says: a request carrying one bypasses the cache.
+pub(crate) const REWRITING: [HeaderName; 5] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// Bytes of the digest an entry carries.
+pub(crate) const BINDING_LEN: usize = 8;
+
+/// A short digest of what an entry may be served for: its key (the
+/// version-free part of a versioned key) and the request inputs above.
+/// Written into the entry and compared on every hit, so an entry handed to
+/// another key, host or variant is a miss.
+pub(crate) type Binding = [u8; BINDING_LEN];
+
+/// What the policy says of hosts and forwarded headers.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct InputRules {
+    /// The only hosts served from the cache (empty: any host, bound into
+    /// the entry).
+    pub(crate) hosts: Vec<String>,
+    /// Forwarded headers set by the deployment's own proxy (constant):
+    /// left out of the binding.
+    pub(crate) trusted: Vec<HeaderName>,
+}
+
+impl InputRules {
+    /// Why `request` must not use the cache, if it must not: a header that
+    /// rewrites it, a body, a host outside the policy's.
+    pub(crate) fn refused<B>(&self, request: &Request<B>) -> Option<Reason> {
+        let headers = request.headers();
+        if REWRITING.iter().any(|name| headers.contains_key(name)) {
+            return Some(Reason::Rewrite);
+        }
+        if has_body(headers) {
+            return Some(Reason::RequestBody);
+        }
+        if !self.hosts.is_empty() {
+            let host = host(request);
+            if !self
+                .hosts
+                .iter()
+                .any(|h| host.as_deref() == Some(h.as_str()))
+            {
+                return Some(Reason::Host);
+            }
+        }
+        None
+    }
+
+    /// The binding of an entry under `key` for `request`; `vary` are the
+    /// request headers the route varies on.
+    pub(crate) fn binding<B>(
+        &self,
+        key: &CacheKey,
+        request: &Request<B>,
+        vary: &[HeaderName],
+    ) -> Binding {
+        let mut hasher = Sha256::new();
+        match key {
+            CacheKey::Plain(key) => hash_field(&mut hasher, key.as_bytes()),
+            CacheKey::Versioned {
+                versions,
+                prefix,
+                suffix,
+            } => {
+                hash_field(&mut hasher, prefix.as_bytes());
+                hash_field(&mut hasher, suffix.as_bytes());
+                for version in versions {
+                    hash_field(&mut hasher, version.key().as_bytes());
+                }
+            }
+        }
+        hash_field(&mut hasher, host(request).unwrap_or_default().as_bytes());
+        let headers = request.headers();
+        for name in &FORWARDED {
+            if self.trusted.contains(name) || !headers.contains_key(name) {
+                continue;
+            }
+            hash_field(&mut hasher, name.as_str().as_bytes());
+            for value in headers.get_all(name) {
+                if *name == http::header::FORWARDED {
+                    forwarded_parts(value.as_bytes(), &mut hasher);
+                } else {
+                    hash_field(&mut hasher, value.as_bytes());
+                }
+            }
+        }
+        for name in vary {
+            hash_field(&mut hasher, name.as_str().as_bytes());
+            hash_field(&mut hasher, vary_value(name, headers).as_bytes());
+        }
+        let digest = hasher.finalize();
+        let mut binding = [0; BINDING_LEN];
+        binding.copy_from_slice(&digest[..BINDING_LEN]);
+        binding
+    }
+}
+
+/// True when a request announces a body: `Transfer-Encoding`, or a
+/// `Content-Length` other than 0.
+fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes().iter().any(|&b| b != b'0'))
+}
+
+/// The request's host as the handler may read it: the URI's authority,
+/// else `Host`; lower-cased, the scheme's default port dropped. `None`
+/// when the request names none.
+pub(crate) fn host<B>(request: &Request<B>) -> Option<String> {
+    let raw = match request.uri().authority() {
+        Some(authority) => authority.as_str().rsplit('@').next()?.to_owned(),
+        None => request
+            .headers()
+            .get(http::header::HOST)?
+            .to_str()
+            .ok()?
+            .trim()
+            .to_owned(),
+    };
+    let mut host = raw.to_ascii_lowercase();
+    let default_port = match request.uri().scheme_str() {
+        Some(scheme) if scheme.eq_ignore_ascii_case("https") => ":443",
+        _ => ":80",
+    };
+    if host.ends_with(default_port) {
+        host.truncate(host.len() - default_port.len());
+    }
+    Some(host)
+}
+
+/// Feeds the `host` and `proto` parameters of a `Forwarded` value (RFC
+/// 7239), in order: `for` and `by` differ per client and are left out.
+fn forwarded_parts(value: &[u8], hasher: &mut Sha256) {
+    let Ok(value) = std::str::from_utf8(value) else {
+        hash_field(hasher, value);
+        return;
+    };
+    for element in value.split(',') {
+        for pair in element.split(';') {
+            let Some((name, value)) = pair.split_once('=') else {
+                continue;
+            };
+            let name = name.trim();
+            if name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case("proto") {
+                hash_field(hasher, name.to_ascii_lowercase().as_bytes());
+                hash_field(hasher, value.trim().trim_matches('"').as_bytes());
+            }
+        }
+        hash_field(hasher, b",");
+    }
+}
+
+/// The value of a header a route varies on, normalised where its grammar
+/// is known: `Accept-Encoding` as the set of codings accepted (as Varnish
+/// normalises it), `Origin` and `Accept-Language` lower-cased; list
+/// headers with their items trimmed. Absent reads as `\0`, apart from any
+/// value.
+pub(crate) fn vary_value(name: &HeaderName, headers: &HeaderMap) -> String {
+    let mut values = headers.get_all(name).iter().peekable();
+    if values.peek().is_none() {
+        return "\0".to_owned();
+    }
+    let items = values
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .into_owned()
+                .split(',')
+                .map(|i| i.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .filter(|i| !i.is_empty());
+    if *name == http::header::ACCEPT_ENCODING {
+        let mut codings: Vec<String> = items
+            .filter_map(|item| {
+                let mut parts = item.split(';');
+                let coding = parts.next()?.trim().to_ascii_lowercase();
+                let refused = parts.any(|p| {
+                    p.trim()
+                        .strip_prefix("q=")
+                        .and_then(|q| q.trim().parse::<f32>().ok())
+                        .is_some_and(|q| q <= 0.0)
+                });
+                (!refused).then_some(coding)
+            })
+            .collect();
+        codings.sort();
+        codings.dedup();
+        return codings.join(",");
+    }
+    let joined = items.collect::<Vec<_>>().join(",");
+    if *name == http::header::ORIGIN || *name == http::header::ACCEPT_LANGUAGE {
+        return joined.to_ascii_lowercase();
+    }
+    joined
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut builder = Request::get(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap()
+    }
+
+    fn binding(rules: &InputRules, request: &Request<()>) -> Binding {
+        rules.binding(&CacheKey::Plain("app:k".into()), request, &[])
+    }
+
+    #[test]
+    fn hosts_read_as_the_handler_reads_them() {
+        let host_of = |uri: &str, h: &[(&str, &str)]| host(&request(uri, h));
+        assert_eq!(
+            host_of("/", &[("host", "Acme.Example")]).as_deref(),
+            Some("acme.example")
+        );
+        assert_eq!(
+            host_of("/", &[("host", "acme.example:80")]).as_deref(),
+            Some("acme.example")
+        );
+        assert_eq!(
+            host_of("/", &[("host", "acme.example:8080")]).as_deref(),
+            Some("acme.example:8080")
+        );
+        assert_eq!(
+            host_of("https://acme.example:443/", &[("host", "x")]).as_deref(),
+            Some("acme.example")
+        );
+        assert_eq!(host_of("/", &[]), None);
+    }
+
+    #[test]
+    fn every_input_but_trusted_ones_changes_the_binding() {
+        let rules = InputRules::default();
+        let clean = binding(&rules, &request("/", &[("host", "a.example")]));
+        assert_eq!(
+            clean,
+            binding(&rules, &request("/", &[("host", "A.example:80")]))
+        );
+        assert_ne!(
+            clean,
+            binding(&rules, &request("/", &[("host", "b.example")]))
+        );
+        for name in FORWARDED.iter().skip(1) {
+            let odd = request(
+                "/",
+                &[("host", "a.example"), (name.as_str(), "evil.example")],
+            );
+            assert_ne!(clean, binding(&rules, &odd), "{name}");
+        }
+        let forwarded = |v: &str| {
+            binding(
+                &rules,
+                &request("/", &[("host", "a.example"), ("forwarded", v)]),
+            )
+        };
+        assert_ne!(forwarded("host=evil.example"), clean);
+        assert_ne!(forwarded("proto=https"), forwarded("proto=http"));
+        assert_eq!(
+            forwarded("for=1.2.3.4;proto=https"),
+            forwarded("for=5.6.7.8;proto=https")
+        );
+        let trusting = InputRules {
+            trusted: vec![HeaderName::from_static("x-forwarded-proto")],
+            ..InputRules::default()
+        };
+        assert_eq!(
+            binding(
+                &trusting,
+                &request(
+                    "/",
+                    &[("host", "a.example"), ("x-forwarded-proto", "https")]
+                )
+            ),
+            binding(&trusting, &request("/", &[("host", "a.example")]))
+        );
+        assert_ne!(
+            rules.binding(
+                &CacheKey::Plain("app:other".into()),
+                &request("/", &[("host", "a.example")]),
+                &[]
+            ),
+            clean
+        );
+    }
+
+    #[test]
+    fn rewrites_bodies_and_foreign_hosts_are_refused() {
+        let rules = InputRules {
+            hosts: vec!["api.example".into()],
+            ..InputRules::default()
+        };
+        let refused = |h: &[(&str, &str)]| rules.refused(&request("/", h));
+        assert_eq!(refused(&[("host", "api.example")]), None);
+        assert_eq!(refused(&[("host", "API.example:80")]), None);
+        assert_eq!(refused(&[("host", "evil.example")]), Some(Reason::Host));
+        assert_eq!(refused(&[]), Some(Reason::Host));
+        for name in REWRITING.iter() {
+            assert_eq!(
+                refused(&[("host", "api.example"), (name.as_str(), "/admin")]),
+                Some(Reason::Rewrite)
+            );
+        }
+        assert_eq!(
+            refused(&[("host", "api.example"), ("content-length", "3")]),
+            Some(Reason::RequestBody)
+        );
+        assert_eq!(
+            refused(&[("host", "api.example"), ("content-length", "0")]),
+            None
+        );
+        assert_eq!(
+            refused(&[("host", "api.example"), ("transfer-encoding", "chunked")]),
+            Some(Reason::RequestBody)
+        );
+    }
+
+    #[test]
+    fn vary_values_are_normalised() {
+        let value = |name: &str, v: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(v) = v {
+                headers.insert(
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            vary_value(&HeaderName::from_bytes(name.as_bytes()).unwrap(), &headers)
+        };
+        assert_eq!(
+            value("accept-encoding", Some("gzip, br;q=0, zstd")),
+            "gzip,zstd"
+        );
+        assert_eq!(
+            value("accept-encoding", Some("zstd,gzip")),
+            value("accept-encoding", Some("GZIP , zstd"))
+        );
+        assert_eq!(
+            value("origin", Some("HTTPS://A.example")),
+            "https://a.example"
+        );
+        assert_ne!(value("origin", None), value("origin", Some("")));
+    }
+}
