@@ -582,7 +582,14 @@ async fn an_evicted_guard_never_lets_an_old_read_store(backend: Backend) {
     db.set("9", 1);
     let (app, policy) = app(backend.store.clone(), db.clone());
     let handle = policy.handle();
-    let old = tower_redis_cache::bench_support::encode_entry(Bytes::from_static(b"{\"old\":1}"));
+    let old = |uri: &str| {
+        tower_redis_cache::bench_support::encode_entry_for(
+            &policy,
+            &get_req(uri),
+            Bytes::from_static(b"{\"old\":1}"),
+        )
+        .unwrap()
+    };
 
     // An item: the lookup, then a write's purge, then its tombstone evicted.
     let item = policy.key_for(&get_req("/persons/9")).unwrap();
@@ -591,7 +598,7 @@ async fn an_evicted_guard_never_lets_an_old_read_store(backend: Backend) {
     backend.evict("app:person:9").await;
     let written = backend
         .store
-        .store(&item, &seen, old.clone(), Duration::from_secs(60))
+        .store(&item, &seen, old("/persons/9"), Duration::from_secs(60))
         .await;
     assert_eq!(written, Ok(false), "stored over an evicted tombstone");
 
@@ -604,7 +611,7 @@ async fn an_evicted_guard_never_lets_an_old_read_store(backend: Backend) {
     backend.evict("{app:persons:list}:ver").await;
     let written = backend
         .store
-        .store(&list, &seen, old, Duration::from_secs(60))
+        .store(&list, &seen, old("/persons"), Duration::from_secs(60))
         .await;
     assert_eq!(written, Ok(false), "stored over an evicted version key");
 
@@ -711,10 +718,11 @@ async fn a_not_modified_answer_claims_no_content_length(backend: Backend) {
 /// With the `compression` feature (the test package turns it on), bodies
 /// over `compress_over` (1 KiB by default) are stored compressed and served
 /// whole; an entry stored uncompressed (before the feature was on) is
-/// still a hit.
+/// still a hit; an entry in an earlier version's format is a miss, then
+/// overwritten.
 async fn large_bodies_are_stored_compressed_and_old_entries_still_read(backend: Backend) {
     let db = Db::default();
-    let (app, _) = app(backend.store.clone(), db.clone());
+    let (app, policy) = app(backend.store.clone(), db.clone());
     let large = common::large_json();
     assert!(large.len() > 3000 && large.len() < CAP);
     for expected in ["MISS", "HIT"] {
@@ -732,7 +740,7 @@ async fn large_bodies_are_stored_compressed_and_old_entries_still_read(backend: 
         0x04 => stored.slice(2 + usize::from(stored[1])..),
         _ => stored.clone(),
     };
-    assert_eq!(raw[0], 0x05, "the compressed entry format");
+    assert_eq!(raw[0], 0x07, "the compressed entry format");
     assert!(
         raw.len() * 3 < large.len(),
         "{} stored bytes for a {} byte body",
@@ -741,22 +749,51 @@ async fn large_bodies_are_stored_compressed_and_old_entries_still_read(backend: 
     );
 
     let key = CacheKey::Plain("app:shape:ok".into());
-    let seen = backend.store.lookup(&key).await.unwrap();
-    let old =
-        tower_redis_cache::bench_support::encode_entry(Bytes::from_static(b"{\"ok\":\"old\"}"));
-    let written = backend
-        .store
-        .store(&key, &seen, old, Duration::from_secs(60))
-        .await;
-    assert_eq!(written, Ok(true));
+    let uncompressed = tower_redis_cache::bench_support::encode_entry_for(
+        &policy,
+        &get_req("/shape/ok"),
+        Bytes::from_static(b"{\"ok\":\"uncompressed\"}"),
+    )
+    .unwrap();
+    plant(&backend, &key, uncompressed).await;
     let served = send(&app, get_req("/shape/ok")).await;
     assert_eq!(
         served,
-        (StatusCode::OK, "HIT".into(), r#"{"ok":"old"}"#.into())
+        (
+            StatusCode::OK,
+            "HIT".into(),
+            r#"{"ok":"uncompressed"}"#.into()
+        )
     );
+
+    // The same entry in the format of an earlier version (first byte 0x01).
+    let mut old = tower_redis_cache::bench_support::encode_entry_for(
+        &policy,
+        &get_req("/shape/ok"),
+        Bytes::from_static(b"{\"ok\":\"old\"}"),
+    )
+    .unwrap()
+    .to_vec();
+    old[0] = 0x01;
+    plant(&backend, &key, Bytes::from(old)).await;
+    for expected in ["MISS", "HIT"] {
+        let (status, x_cache, body) = send(&app, get_req("/shape/ok")).await;
+        assert_eq!((status, x_cache.as_str()), (StatusCode::OK, expected));
+        assert!(!body.contains("old"), "{body}");
+    }
     assert_eq!(
         db.calls(),
-        1,
-        "only the first large-json request reached the handler"
+        2,
+        "the large-json miss and the old entry's miss"
     );
+}
+
+/// Writes `value` at the plain `key`, as a miss would.
+async fn plant(backend: &Backend, key: &CacheKey, value: Bytes) {
+    let seen = backend.store.lookup(key).await.unwrap();
+    let written = backend
+        .store
+        .store(key, &seen, value, Duration::from_secs(60))
+        .await;
+    assert_eq!(written, Ok(true));
 }
