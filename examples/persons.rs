@@ -626,9 +626,12 @@ async fn admin_purge(
 }
 
 /// `POST /cache/warm`: fills the entries of `paths`, through the cached
-/// routes, as `tenant`.
+/// routes, as `tenant`. Entries are bound to the host (and forwarded
+/// headers) of the request that stored them: the warm requests carry those
+/// of this admin request, which reaches the server the way clients do.
 async fn admin_warm(
     State(app): State<App>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<WarmBody>, JsonRejection>,
 ) -> ApiResult<Json<Value>> {
     let Json(body) = body?;
@@ -644,7 +647,19 @@ async fn admin_warm(
     let requests = body
         .paths
         .iter()
-        .map(|path| tenant_request(path, Some(tenant)))
+        .map(|path| {
+            let mut request = tenant_request(path, Some(tenant))?;
+            for (name, value) in &headers {
+                let name_text = name.as_str();
+                if name_text == "host"
+                    || name_text == "forwarded"
+                    || name_text.starts_with("x-forwarded-")
+                {
+                    request.headers_mut().append(name.clone(), value.clone());
+                }
+            }
+            Ok(request)
+        })
         .collect::<ApiResult<Vec<_>>>()?;
     let Some(target) = app.warm_target.get().cloned() else {
         return Err(ApiError(

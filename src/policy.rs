@@ -97,7 +97,15 @@ impl Route {
     ///
     /// Path params are keyed as the handler sees them: percent-decoded, as
     /// axum's `Path` decodes them, so `/persons/61` and `/persons/%36%31`
-    /// share one entry.
+    /// share one entry; and in their canonical form when the route types
+    /// them ([`Route::param`]).
+    ///
+    /// `{query_hash}` is the SHA-256 of the normalised query: pairs
+    /// form-decoded, **empty values dropped** (`?a=1&b=` is `?a=1`, unless
+    /// [`keep_empty_query_values`](Route::keep_empty_query_values)), only the
+    /// [allowlist](Route::query_allowlist) when set, sorted by name. What the
+    /// key drops is removed from the request the handler gets, so the
+    /// handler reads no query input the key ignores.
     ///
     /// A template without `{query_hash}` serves only requests without (allowed)
     /// query parameters; others bypass the cache.

@@ -37,11 +37,33 @@
 //! Only responses to GET on a route of the policy, with status 200, a JSON
 //! content type (`application/json` or `…+json`), no `Set-Cookie`, no
 //! `Cache-Control: no-store | no-cache | private`, no `Vary` other than on
-//! headers the key is scoped by, no `Content-Encoding` (compress outside this
-//! layer), and a body no larger than the policy's cap. A larger body streams
-//! through as it comes; at most the cap is held in memory. Only the content
-//! headers are kept (`content-type`, `content-language`, `cache-control`,
-//! `last-modified`, `etag`).
+//! headers the key is scoped by or the route varies on
+//! ([`Route::vary_by`](crate::Route::vary_by)), no `Content-Encoding`
+//! (compress outside this layer), and a body (plus headers) no larger than
+//! the policy's cap. A larger body streams through as it comes; at most the
+//! cap is held in memory.
+//!
+//! # A hit is the response the handler gave
+//!
+//! The entry keeps the status, the body and every end-to-end header, in
+//! order, repeats kept: all but hop-by-hop headers (`Connection` and those
+//! it names, `Keep-Alive`, `TE`, `Trailer`, `Transfer-Encoding`, `Upgrade`,
+//! `Proxy-*`), `Date`, `Age`, `Content-Length` and the policy's
+//! [per-response headers](crate::PolicyBuilder::per_response_header). A
+//! hit replays them, so a CDN in front sees the same `Vary` on a hit as on
+//! the miss.
+//!
+//! # Bound to the request it may be served to
+//!
+//! Each entry carries a digest of its key and of the request inputs the key
+//! does not name: the host, the forwarded headers present, and the headers
+//! the route varies on. A hit serves it only to a request with the same
+//! digest; any other request misses and its response replaces the entry.
+//! Requests the cache cannot cover bypass it: a body on a GET, headers that
+//! rewrite the method or path (`X-HTTP-Method-Override`, `X-Original-URL`…),
+//! a host outside [`PolicyBuilder::hosts`](crate::PolicyBuilder::hosts).
+//! Query parameters the key drops are removed from the request the handler
+//! gets. See the README's table of what the key covers.
 //!
 //! # Hits, misses, bypasses
 //!
