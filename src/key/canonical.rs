@@ -31,12 +31,15 @@ pub struct Canonical {
     kind: Kind,
 }
 
+/// A user's canonicalising function.
+type CanonicalFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 #[derive(Clone)]
 enum Kind {
     Integer,
     Uuid,
     CaseInsensitive,
-    Custom(Arc<dyn Fn(&str) -> Option<String> + Send + Sync>),
+    Custom(CanonicalFn),
 }
 
 impl std::fmt::Debug for Canonical {

@@ -203,7 +203,6 @@ pub(crate) fn vary_value(name: &HeaderName, headers: &HeaderMap) -> String {
     let items = values
         .flat_map(|v| {
             String::from_utf8_lossy(v.as_bytes())
-                .into_owned()
                 .split(',')
                 .map(|i| i.trim().to_owned())
                 .collect::<Vec<_>>()
