@@ -571,9 +571,10 @@ impl Policy {
             route: index,
             reason,
         };
-        if let Some(reason) = self.inner.inputs.refused(request) {
-            return bypass(reason);
-        }
+        let inputs = match self.inner.inputs.scan(request) {
+            Ok(inputs) => inputs,
+            Err(reason) => return bypass(reason),
+        };
         if route.scope.is_empty() && !route.public && carries_credentials(request.headers()) {
             return bypass(Reason::Authorization);
         }
@@ -581,12 +582,10 @@ impl Policy {
             Ok(scope) => scope,
             Err(reason) => return bypass(reason),
         };
-        let raw_query = request.uri().query();
-        let query = route.query.normalise(raw_query);
+        let (query, stripped) = route.query.read(request.uri().query());
         if !query.is_empty() && !route.key.has(&Segment::QueryHash) {
             return bypass(Reason::Query);
         }
-        let stripped = route.query.stripped(raw_query);
         if stripped.is_some() && route.query.bypass_dropped {
             return bypass(Reason::Query);
         }
@@ -608,7 +607,10 @@ impl Policy {
             // Rejected when the policy is built.
             (Some(Rendered::Split(..)), None) => return Decision::Pass,
         };
-        let binding = self.inner.inputs.binding(&key, request, &route.vary);
+        let binding = self
+            .inner
+            .inputs
+            .binding(&key, request, inputs, &route.vary);
         Decision::Cache {
             route: index,
             key,

@@ -60,36 +60,80 @@ pub(crate) struct InputRules {
     pub(crate) trusted: Vec<HeaderName>,
 }
 
+/// What one pass over a request's headers found: the forwarded headers
+/// present (bit `i` for `FORWARDED[i]`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Scan {
+    forwarded: u16,
+}
+
+/// Where `name` stands among the headers this module reads: the index of a
+/// forwarded header, a rewriting one, or one that announces a body.
+enum Class {
+    Forwarded(usize),
+    Rewriting,
+    Body,
+}
+
+fn classify(name: &str) -> Option<Class> {
+    // One comparison chain per header (a `HeaderMap` lookup per name would
+    // hash each of these twenty names on every request).
+    if let Some(at) = FORWARDED.iter().position(|f| f.as_str() == name) {
+        return Some(Class::Forwarded(at));
+    }
+    if REWRITING.iter().any(|r| r.as_str() == name) {
+        return Some(Class::Rewriting);
+    }
+    matches!(name, "content-length" | "transfer-encoding").then_some(Class::Body)
+}
+
 impl InputRules {
     /// Why `request` must not use the cache, if it must not: a header that
-    /// rewrites it, a body, a host outside the policy's.
-    pub(crate) fn refused<B>(&self, request: &Request<B>) -> Option<Reason> {
-        let headers = request.headers();
-        if REWRITING.iter().any(|name| headers.contains_key(name)) {
-            return Some(Reason::Rewrite);
-        }
-        if has_body(headers) {
-            return Some(Reason::RequestBody);
+    /// rewrites it, a body, a host outside the policy's. Else what the
+    /// binding needs of its headers.
+    pub(crate) fn scan<B>(&self, request: &Request<B>) -> Result<Scan, Reason> {
+        let mut scan = Scan::default();
+        for (name, value) in request.headers() {
+            let Some(class) = name
+                .as_str()
+                .starts_with(['x', 'f', 'c', 't'])
+                .then(|| classify(name.as_str()))
+                .flatten()
+            else {
+                continue;
+            };
+            match class {
+                Class::Forwarded(at) => scan.forwarded |= 1 << at,
+                Class::Rewriting => return Err(Reason::Rewrite),
+                Class::Body if *name == http::header::TRANSFER_ENCODING => {
+                    return Err(Reason::RequestBody)
+                }
+                Class::Body if value.as_bytes().iter().any(|&b| b != b'0') => {
+                    return Err(Reason::RequestBody)
+                }
+                Class::Body => {}
+            }
         }
         if !self.hosts.is_empty() {
             let host = host(request);
             if !self
                 .hosts
                 .iter()
-                .any(|h| host.as_deref() == Some(h.as_str()))
+                .any(|h| host.is_some_and(|host| host.eq(h)))
             {
-                return Some(Reason::Host);
+                return Err(Reason::Host);
             }
         }
-        None
+        Ok(scan)
     }
 
-    /// The binding of an entry under `key` for `request`; `vary` are the
-    /// request headers the route varies on.
+    /// The binding of an entry under `key` for `request` (whose headers
+    /// `scan` read); `vary` are the request headers the route varies on.
     pub(crate) fn binding<B>(
         &self,
         key: &CacheKey,
         request: &Request<B>,
+        scan: Scan,
         vary: &[HeaderName],
     ) -> Binding {
         let mut hasher = Sha256::new();
@@ -107,10 +151,13 @@ impl InputRules {
                 }
             }
         }
-        hash_field(&mut hasher, host(request).unwrap_or_default().as_bytes());
+        match host(request) {
+            Some(host) => host.hash_into(&mut hasher),
+            None => hash_field(&mut hasher, b""),
+        }
         let headers = request.headers();
-        for name in &FORWARDED {
-            if self.trusted.contains(name) || !headers.contains_key(name) {
+        for (at, name) in FORWARDED.iter().enumerate() {
+            if scan.forwarded & (1 << at) == 0 || self.trusted.contains(name) {
                 continue;
             }
             hash_field(&mut hasher, name.as_str().as_bytes());
@@ -133,39 +180,52 @@ impl InputRules {
     }
 }
 
-/// True when a request announces a body: `Transfer-Encoding`, or a
-/// `Content-Length` other than 0.
-fn has_body(headers: &HeaderMap) -> bool {
-    headers.contains_key(http::header::TRANSFER_ENCODING)
-        || headers
-            .get_all(http::header::CONTENT_LENGTH)
-            .iter()
-            .any(|v| v.as_bytes().iter().any(|&b| b != b'0'))
+/// A request's host as written (the URI's authority, else `Host`), read
+/// as the handler may read it: compared without ASCII case, the scheme's
+/// default port dropped. Borrowed from the request: no allocation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Host<'a>(&'a str);
+
+impl Host<'_> {
+    /// Equal to `canonical` (lower-case, default port dropped).
+    pub(crate) fn eq(self, canonical: &str) -> bool {
+        self.0.eq_ignore_ascii_case(canonical)
+    }
+
+    /// The canonical form, lower-cased.
+    pub(crate) fn to_canonical(self) -> String {
+        self.0.to_ascii_lowercase()
+    }
+
+    fn hash_into(self, hasher: &mut Sha256) {
+        hasher.update((self.0.len() as u64).to_be_bytes());
+        let mut buf = [0u8; 64];
+        for chunk in self.0.as_bytes().chunks(buf.len()) {
+            let lower = &mut buf[..chunk.len()];
+            lower.copy_from_slice(chunk);
+            lower.make_ascii_lowercase();
+            hasher.update(&*lower);
+        }
+    }
 }
 
-/// The request's host as the handler may read it: the URI's authority,
-/// else `Host`; lower-cased, the scheme's default port dropped. `None`
-/// when the request names none.
-pub(crate) fn host<B>(request: &Request<B>) -> Option<String> {
+/// The request's host: the URI's authority, else `Host`, the scheme's
+/// default port dropped. `None` when the request names none.
+pub(crate) fn host<B>(request: &Request<B>) -> Option<Host<'_>> {
     let raw = match request.uri().authority() {
-        Some(authority) => authority.as_str().rsplit('@').next()?.to_owned(),
+        Some(authority) => authority.as_str().rsplit('@').next()?,
         None => request
             .headers()
             .get(http::header::HOST)?
             .to_str()
             .ok()?
-            .trim()
-            .to_owned(),
+            .trim(),
     };
-    let mut host = raw.to_ascii_lowercase();
     let default_port = match request.uri().scheme_str() {
         Some(scheme) if scheme.eq_ignore_ascii_case("https") => ":443",
         _ => ":80",
     };
-    if host.ends_with(default_port) {
-        host.truncate(host.len() - default_port.len());
-    }
-    Some(host)
+    Some(Host(raw.strip_suffix(default_port).unwrap_or(raw)))
 }
 
 /// Feeds the `host` and `proto` parameters of a `Forwarded` value (RFC
@@ -246,12 +306,18 @@ mod tests {
     }
 
     fn binding(rules: &InputRules, request: &Request<()>) -> Binding {
-        rules.binding(&CacheKey::Plain("app:k".into()), request, &[])
+        bind(rules, "app:k", request)
+    }
+
+    fn bind(rules: &InputRules, key: &str, request: &Request<()>) -> Binding {
+        let scan = rules.scan(request).unwrap();
+        rules.binding(&CacheKey::Plain(key.into()), request, scan, &[])
     }
 
     #[test]
     fn hosts_read_as_the_handler_reads_them() {
-        let host_of = |uri: &str, h: &[(&str, &str)]| host(&request(uri, h));
+        let host_of =
+            |uri: &str, h: &[(&str, &str)]| host(&request(uri, h)).map(Host::to_canonical);
         assert_eq!(
             host_of("/", &[("host", "Acme.Example")]).as_deref(),
             Some("acme.example")
@@ -317,11 +383,7 @@ mod tests {
             binding(&trusting, &request("/", &[("host", "a.example")]))
         );
         assert_ne!(
-            rules.binding(
-                &CacheKey::Plain("app:other".into()),
-                &request("/", &[("host", "a.example")]),
-                &[]
-            ),
+            bind(&rules, "app:other", &request("/", &[("host", "a.example")])),
             clean
         );
     }
@@ -332,7 +394,7 @@ mod tests {
             hosts: vec!["api.example".into()],
             ..InputRules::default()
         };
-        let refused = |h: &[(&str, &str)]| rules.refused(&request("/", h));
+        let refused = |h: &[(&str, &str)]| rules.scan(&request("/", h)).err();
         assert_eq!(refused(&[("host", "api.example")]), None);
         assert_eq!(refused(&[("host", "API.example:80")]), None);
         assert_eq!(refused(&[("host", "evil.example")]), Some(Reason::Host));

@@ -291,6 +291,9 @@ fn hash_field(hasher: &mut Sha256, bytes: &[u8]) {
     hasher.update(bytes);
 }
 
+/// A decoded query pair: name, value.
+pub(crate) type QueryPair = (Vec<u8>, Vec<u8>);
+
 /// How a route turns its query string into `{query_hash}`, and what of it
 /// reaches the handler.
 #[derive(Debug, Clone, Default)]
@@ -318,40 +321,39 @@ impl QueryRule {
     /// kept), filtered by the allowlist, sorted by name (values of a
     /// repeated name keep their order, since an application may read them
     /// in order).
-    pub(crate) fn normalise(&self, query: Option<&str>) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = query
-            .unwrap_or("")
-            .split('&')
-            .filter(|pair| !pair.is_empty())
-            .filter_map(|pair| {
-                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-                let (name, value) = (form_decode(name), form_decode(value));
-                self.keeps(&name, &value).then_some((name, value))
-            })
-            .collect();
-        pairs.sort_by(|a, b| a.0.cmp(&b.0));
-        pairs
+    #[cfg(test)]
+    pub(crate) fn normalise(&self, query: Option<&str>) -> Vec<QueryPair> {
+        self.read(query).0
     }
 
-    /// The query the handler gets when the key dropped some of its pairs:
-    /// the pairs the key keeps, as written and in their order (`None`:
-    /// nothing dropped, the request goes as it is).
-    pub(crate) fn stripped(&self, query: Option<&str>) -> Option<String> {
-        let query = query?;
-        let mut kept = String::with_capacity(query.len());
+    /// The normalised query (see [`normalise`](Self::normalise)) and, when
+    /// the key dropped some of its pairs, the query the handler gets: the
+    /// pairs the key keeps, as written and in their order. One pass.
+    pub(crate) fn read(&self, query: Option<&str>) -> (Vec<QueryPair>, Option<String>) {
+        let Some(query) = query else {
+            return (Vec::new(), None);
+        };
+        let mut pairs = Vec::new();
+        let mut kept_raw: Vec<&str> = Vec::new();
         let mut dropped = false;
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if self.keeps(&form_decode(name), &form_decode(value)) {
-                if !kept.is_empty() {
-                    kept.push('&');
-                }
-                kept.push_str(pair);
+            let (name, value) = (form_decode(name), form_decode(value));
+            if self.keeps(&name, &value) {
+                pairs.push((name, value));
+                kept_raw.push(pair);
             } else {
                 dropped = true;
             }
         }
-        dropped.then_some(kept)
+        pairs.sort_by(|a, b| a.0.cmp(&b.0));
+        (pairs, dropped.then(|| kept_raw.join("&")))
+    }
+
+    /// The query the handler gets when the key dropped parts of it.
+    #[cfg(test)]
+    pub(crate) fn stripped(&self, query: Option<&str>) -> Option<String> {
+        self.read(query).1
     }
 
     /// SHA-256 of the normalised query, 32 hex characters.
@@ -558,7 +560,9 @@ impl Scope {
                 ScopePart::Header(name, canonical) => {
                     header_scope(headers, name, canonical.as_ref())?
                 }
-                ScopePart::Host => inputs::host(request).map(String::into_bytes),
+                ScopePart::Host => {
+                    inputs::host(request).map(|host| host.to_canonical().into_bytes())
+                }
                 ScopePart::Extension(read) => read(extensions).map(String::into_bytes),
             };
             match value {
