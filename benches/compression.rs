@@ -1,8 +1,9 @@
 //! What compressed entries save and cost, on the persons example's list
 //! responses (`GET /persons?limit=20` and `?limit=100`, same shape): the
 //! stored bytes with and without compression (printed), and a hit through
-//! `CacheLayer` on the memory store either way, so the difference is the
-//! decompression a hit pays.
+//! `CacheLayer` on the memory store: an uncompressed entry; a compressed
+//! one decoded for a client that does not accept its coding; and one sent
+//! as stored to a client that does (zstd, gzip), with the bytes each sends.
 //!
 //! Run with `cargo bench --features compression --bench compression`.
 
@@ -13,7 +14,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, ServiceExt};
-use tower_redis_cache::{bench_support, CacheLayer, Policy, Route};
+use tower_redis_cache::{bench_support, CacheLayer, Coding, Policy, Route};
 
 /// A persons list page as the example serves it.
 fn persons_page(limit: usize) -> Bytes {
@@ -44,11 +45,12 @@ fn persons_page(limit: usize) -> Bytes {
     ))
 }
 
-fn layer(compress_over: usize) -> CacheLayer {
+fn layer(compress_over: usize, coding: Coding) -> CacheLayer {
     CacheLayer::new(
         Policy::builder()
             .route(Route::get("/persons").key("persons:list:{query_hash}"))
             .compress_over(compress_over)
+            .compress_with(coding)
             .build()
             .unwrap(),
     )
@@ -69,7 +71,29 @@ fn bench(c: &mut Criterion) {
             plain as f64 / packed as f64,
             100.0 * (1.0 - packed as f64 / plain as f64),
         );
-        for (label, compress_over) in [("plain", usize::MAX), ("compressed", 1024)] {
+        let modes = [
+            ("plain entry", usize::MAX, Coding::Zstd, "gzip, zstd"),
+            (
+                "zstd entry, client without zstd",
+                1024,
+                Coding::Zstd,
+                "gzip",
+            ),
+            (
+                "zstd entry, client accepts zstd",
+                1024,
+                Coding::Zstd,
+                "gzip, zstd",
+            ),
+            ("gzip entry, client without gzip", 1024, Coding::Gzip, ""),
+            (
+                "gzip entry, client accepts gzip",
+                1024,
+                Coding::Gzip,
+                "gzip",
+            ),
+        ];
+        for (label, compress_over, coding, accept) in modes {
             let page = body.clone();
             let handler = tower::service_fn(move |_req: Request<()>| {
                 let mut response = Response::new(Full::new(page.clone()));
@@ -78,18 +102,35 @@ fn bench(c: &mut Criterion) {
                     .insert("content-type", "application/json".parse().unwrap());
                 async { Ok::<_, Infallible>(response) }
             });
-            let cached = layer(compress_over).layer(handler);
+            let cached = layer(compress_over, coding).layer(handler);
+            let request = move || {
+                let mut request = Request::get(format!("/persons?limit={limit}"));
+                if !accept.is_empty() {
+                    request = request.header("accept-encoding", accept);
+                }
+                request.body(()).unwrap()
+            };
+            let sent = runtime.block_on(async {
+                for _ in 0..2 {
+                    let response = cached.clone().oneshot(request()).await.unwrap();
+                    let sent = response.into_body().collect().await.unwrap().to_bytes();
+                    if sent.is_empty() {
+                        unreachable!("an empty body");
+                    }
+                }
+                let response = cached.clone().oneshot(request()).await.unwrap();
+                response
+                    .into_body()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes()
+                    .len()
+            });
+            println!("persons list, limit={limit}, {label}: {sent} B sent per hit");
             c.bench_function(&format!("hit, persons list limit={limit}, {label}"), |b| {
                 b.to_async(&runtime).iter(|| async {
-                    let response = cached
-                        .clone()
-                        .oneshot(
-                            Request::get(format!("/persons?limit={limit}"))
-                                .body(())
-                                .unwrap(),
-                        )
-                        .await
-                        .unwrap();
+                    let response = cached.clone().oneshot(request()).await.unwrap();
                     response.into_body().collect().await.unwrap()
                 })
             });

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! 0x06 | binding [8] | status u16 | stored_at_ms u64 | ttl_s u32 | n u16 | (name_len u16, name, value_len u32, value)* | body_len u32 | body
-//! 0x07 | (the same head)                                                   | body_len u32 | raw_len u32 | zstd frame of the body
+//! 0x07 | (the same head)                                                   | coding u8 | body_len u32 | raw_len u32 | the body in that coding
 //! 0x02 | nonce                               (a tombstone left by an invalidation)
 //! 0x03 | nonce                               (a miss's lease)
 //! ```
@@ -12,8 +12,11 @@
 //! matches. The headers are every end-to-end header of the response, in
 //! order, repeats kept.
 //!
-//! `0x07` (feature `compression`) holds a body longer than the policy's
-//! `compress_over`. A build without the feature reads a `0x07` entry as
+//! `0x07` (feature `compression`) holds a body in a content coding (1: zstd,
+//! 2: gzip): compressed by this crate when longer than the policy's
+//! `compress_over`, or as a layer inside the cache encoded it. It is
+//! decoded only for a client that does not accept the coding; the others
+//! get it as stored. A build without the feature reads a `0x07` entry as
 //! unreadable: a miss, then overwritten. The formats of earlier versions
 //! (`0x01`, `0x05`: five named headers, no binding) read as unreadable too.
 //!
@@ -27,6 +30,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use sha2::Digest;
 
+use crate::coding::{self, Coding};
 use crate::key::{Binding, BINDING_LEN};
 
 const FORMAT_ENTRY: u8 = 0x06;
@@ -37,11 +41,6 @@ const FORMAT_COMPRESSED: u8 = 0x07;
 /// The entry formats of earlier versions, recognised as entries (a store
 /// that stamps entries tells them from guards) but never served.
 const FORMATS_BEFORE: [u8; 2] = [0x01, 0x05];
-
-/// The zstd level of compressed entries: fast to write, and decoding speed
-/// barely depends on it.
-#[cfg(feature = "compression")]
-const ZSTD_LEVEL: i32 = 3;
 
 /// Whether a response header is stored with the entry and replayed on
 /// hits: every end-to-end header but `Date` (each response has its own),
@@ -117,7 +116,10 @@ pub(crate) struct Entry {
     pub(crate) binding: Binding,
     pub(crate) status: StatusCode,
     pub(crate) headers: HeaderMap,
+    /// The body as stored: in `coding` when set, else as the handler gave it.
     pub(crate) body: Bytes,
+    /// The content coding of `body`, and its length once decoded.
+    pub(crate) coding: Option<(Coding, u32)>,
     pub(crate) stored_at_ms: u64,
     pub(crate) ttl_s: u32,
 }
@@ -184,6 +186,7 @@ impl Entry {
     ) -> Self {
         Self {
             binding,
+            coding: None,
             status,
             headers,
             body,
@@ -192,24 +195,37 @@ impl Entry {
         }
     }
 
-    /// The stored form, body as is.
-    #[cfg(test)]
-    pub(crate) fn encode(&self) -> Bytes {
-        self.encode_over(usize::MAX)
+    /// The stored form, a body longer than `compress_over` compressed with
+    /// zstd (tests and benchmarks).
+    pub(crate) fn encode_over(&self, compress_over: usize) -> Bytes {
+        let mut entry = self.clone();
+        entry.compress(compress_over, Coding::Zstd);
+        entry.encode()
     }
 
-    /// The stored form, the body compressed when it is longer than
-    /// `compress_over` bytes and compression makes it shorter (feature
-    /// `compression`; without it, never).
-    pub(crate) fn encode_over(&self, compress_over: usize) -> Bytes {
-        let compressed = match self.body.len() > compress_over {
-            true => compress(&self.body),
-            false => None,
-        };
-        let body: &[u8] = compressed.as_deref().unwrap_or(&self.body);
+    /// Compresses the body in `coding` when it is longer than
+    /// `compress_over` bytes, is in no coding yet, and compression makes it
+    /// shorter (feature `compression`; without it, never). True when it did.
+    pub(crate) fn compress(&mut self, compress_over: usize, coding: Coding) -> bool {
+        if self.coding.is_some() || self.body.len() <= compress_over {
+            return false;
+        }
+        match coding::compress(&self.body, coding) {
+            Some(packed) => {
+                self.coding = Some((coding, self.body.len() as u32));
+                self.body = Bytes::from(packed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The stored form, the body as it is (in its coding, if any).
+    pub(crate) fn encode(&self) -> Bytes {
+        let body = &self.body;
         let mut out =
             BytesMut::with_capacity(32 + BINDING_LEN + headers_len(&self.headers) + body.len());
-        out.put_u8(match compressed {
+        out.put_u8(match self.coding {
             Some(_) => FORMAT_COMPRESSED,
             None => FORMAT_ENTRY,
         });
@@ -227,12 +243,24 @@ impl Entry {
             out.put_u32(value.len() as u32);
             out.put_slice(value.as_bytes());
         }
+        if let Some((coding, _)) = self.coding {
+            out.put_u8(coding.id());
+        }
         out.put_u32(body.len() as u32);
-        if compressed.is_some() {
-            out.put_u32(self.body.len() as u32);
+        if let Some((_, raw_len)) = self.coding {
+            out.put_u32(raw_len);
         }
         out.put_slice(body);
         out.freeze()
+    }
+
+    /// The entry with its body decoded (as it is when not in a coding);
+    /// `None` when the stored stream does not decode to its stated length.
+    pub(crate) fn identity(mut self) -> Option<Self> {
+        if let Some((coding, raw_len)) = self.coding.take() {
+            self.body = coding::decompress(&self.body, coding, raw_len as usize)?;
+        }
+        Some(self)
     }
 
     /// A copy to answer with: its header map has room for the headers a
@@ -245,6 +273,7 @@ impl Entry {
         }
         Self {
             binding: self.binding,
+            coding: self.coding,
             status: self.status,
             headers,
             body: self.body.clone(),
@@ -266,6 +295,7 @@ impl Entry {
         }
         Self {
             binding: self.binding,
+            coding: self.coding,
             status: self.status,
             headers,
             body: Bytes::copy_from_slice(&self.body),
@@ -346,71 +376,34 @@ fn decode_entry(raw: &mut Bytes) -> Option<Entry> {
         let value = HeaderValue::from_maybe_shared(raw.split_to(value_len)).ok()?;
         headers.append(name, value);
     }
+    let coding = match compressed {
+        true => Some(Coding::from_id(*raw.first()?).filter(|_| cfg!(feature = "compression"))?),
+        false => None,
+    };
+    if compressed {
+        raw.advance(1);
+    }
     if raw.remaining() < 4 {
         return None;
     }
     let body_len = raw.get_u32() as usize;
-    let body = match compressed {
-        false if raw.remaining() == body_len => raw.split_off(0),
-        true if raw.remaining() >= 4 && raw.remaining() - 4 == body_len => {
-            let raw_len = raw.get_u32() as usize;
-            decompress(raw, raw_len)?
+    let (body, coding) = match coding {
+        None if raw.remaining() == body_len => (raw.split_off(0), None),
+        Some(coding) if raw.remaining() >= 4 && raw.remaining() - 4 == body_len => {
+            let raw_len = raw.get_u32();
+            (raw.split_off(0), Some((coding, raw_len)))
         }
         _ => return None,
     };
     Some(Entry {
         binding,
+        coding,
         status,
         headers,
         body,
         stored_at_ms,
         ttl_s,
     })
-}
-
-// A zstd context costs far more to set up than a few KiB cost to
-// (de)compress: each thread keeps one of each.
-#[cfg(feature = "compression")]
-thread_local! {
-    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-#[cfg(feature = "compression")]
-fn compress(body: &[u8]) -> Option<Vec<u8>> {
-    let compressed = COMPRESSOR.with(|cell| {
-        let mut cell = cell.try_borrow_mut().ok()?;
-        if cell.is_none() {
-            *cell = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
-        }
-        cell.as_mut()?.compress(body).ok()
-    })?;
-    (compressed.len() < body.len()).then_some(compressed)
-}
-
-#[cfg(not(feature = "compression"))]
-fn compress(_: &[u8]) -> Option<Vec<u8>> {
-    None
-}
-
-/// The body of a compressed entry, which must be exactly `raw_len` bytes.
-#[cfg(feature = "compression")]
-fn decompress(frame: &[u8], raw_len: usize) -> Option<Bytes> {
-    let body = DECOMPRESSOR.with(|cell| {
-        let mut cell = cell.try_borrow_mut().ok()?;
-        if cell.is_none() {
-            *cell = zstd::bulk::Decompressor::new().ok();
-        }
-        cell.as_mut()?.decompress(frame, raw_len).ok()
-    })?;
-    (body.len() == raw_len).then(|| Bytes::from(body))
-}
-
-#[cfg(not(feature = "compression"))]
-fn decompress(_: &[u8], _: usize) -> Option<Bytes> {
-    None
 }
 
 /// Gives a stored response a strong ETag from its body's SHA-256, unless
@@ -696,37 +689,47 @@ mod tests {
         let mut entry = sample();
         entry.body = json_list(100);
         let plain = entry.encode();
-        let packed = entry.encode_over(1024);
-        assert_eq!(packed[0], FORMAT_COMPRESSED);
-        assert!(
-            packed.len() * 3 < plain.len(),
-            "{} vs {}",
-            packed.len(),
-            plain.len()
-        );
-        for raw in [plain, packed.clone()] {
-            match decode(raw) {
-                Slot::Entry(decoded) => assert_eq!(decoded, entry),
-                other => panic!("expected an entry, got {other:?}"),
+        for coding in [Coding::Zstd, Coding::Gzip] {
+            let mut packed = entry.clone();
+            assert!(packed.compress(1024, coding));
+            let packed = packed.encode();
+            assert_eq!(packed[0], FORMAT_COMPRESSED);
+            assert!(
+                packed.len() * 3 < plain.len(),
+                "{} vs {}",
+                packed.len(),
+                plain.len()
+            );
+            for raw in [plain.clone(), packed.clone()] {
+                match decode(raw) {
+                    Slot::Entry(decoded) => assert_eq!(decoded.identity().unwrap(), entry),
+                    other => panic!("expected an entry, got {other:?}"),
+                }
             }
-        }
-        for cut in 0..packed.len() {
-            assert!(
-                matches!(decode(packed.slice(..cut)), Slot::Unreadable),
-                "cut at {cut}"
-            );
-        }
-        // A frame that decodes to another length than the entry says is
-        // refused, not trusted.
-        let frame = zstd::bulk::compress(&entry.body, ZSTD_LEVEL).unwrap();
-        let raw_len_at = packed.len() - frame.len() - 4;
-        for claimed in [entry.body.len() - 1, entry.body.len() + 1] {
-            let mut lying = packed.to_vec();
-            lying[raw_len_at..raw_len_at + 4].copy_from_slice(&(claimed as u32).to_be_bytes());
-            assert!(
-                matches!(decode(Bytes::from(lying)), Slot::Unreadable),
-                "{claimed}"
-            );
+            let Slot::Entry(stored) = decode(packed.clone()) else {
+                panic!("expected an entry");
+            };
+            assert_eq!(stored.coding, Some((coding, entry.body.len() as u32)));
+            for cut in 0..packed.len() {
+                assert!(
+                    matches!(decode(packed.slice(..cut)), Slot::Unreadable),
+                    "cut at {cut}"
+                );
+            }
+            // A stream that decodes to another length than the entry says is
+            // refused, not trusted.
+            let Slot::Entry(stored) = decode(packed.clone()) else {
+                panic!("expected an entry");
+            };
+            let raw_len_at = packed.len() - stored.body.len() - 4;
+            for claimed in [entry.body.len() - 1, entry.body.len() + 1] {
+                let mut lying = packed.to_vec();
+                lying[raw_len_at..raw_len_at + 4].copy_from_slice(&(claimed as u32).to_be_bytes());
+                match decode(Bytes::from(lying)) {
+                    Slot::Entry(lying) => assert!(lying.identity().is_none(), "{claimed}"),
+                    other => panic!("expected an entry, got {other:?}"),
+                }
+            }
         }
     }
 

@@ -59,6 +59,7 @@
 #![warn(missing_debug_implementations)]
 
 pub mod cache;
+mod coding;
 mod entry;
 mod error;
 mod handle;
@@ -128,6 +129,8 @@ pub mod bench_support {
         matches!(crate::entry::decode(raw), crate::entry::Slot::Entry(_))
     }
 }
+#[cfg(feature = "compression")]
+pub use coding::Coding;
 pub use error::ConfigError;
 pub use handle::{CacheHandle, HandleError, Health, InProcessHealth, WarmReport};
 pub use invalidate::InvalidateLayer;

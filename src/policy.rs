@@ -325,7 +325,10 @@ impl CompiledRoute {
     /// Whether a response may vary on request header `name`: the key is
     /// scoped by it, or entries are bound to it.
     pub(crate) fn varies_on(&self, name: &str) -> bool {
-        self.scope.covers_header(name)
+        // Every representation this cache serves is one the request
+        // accepts (a stored coding is decoded for those that do not).
+        name.eq_ignore_ascii_case("accept-encoding")
+            || self.scope.covers_header(name)
             || self
                 .vary
                 .iter()
@@ -388,6 +391,7 @@ pub struct Policy {
 }
 
 struct PolicyInner {
+    coding: crate::coding::Coding,
     layout: Layout,
     inputs: InputRules,
     per_response: Vec<HeaderName>,
@@ -419,6 +423,7 @@ impl std::fmt::Debug for PolicyInner {
 /// Builds a [`Policy`].
 #[must_use]
 pub struct PolicyBuilder {
+    coding: crate::coding::Coding,
     namespace: String,
     hosts: Vec<String>,
     trusted: Vec<String>,
@@ -464,6 +469,7 @@ impl Policy {
     /// and the in-process [`MemoryStore`] unless a store is given.
     pub fn builder() -> PolicyBuilder {
         PolicyBuilder {
+            coding: crate::coding::Coding::Zstd,
             namespace: "app".to_owned(),
             hosts: Vec::new(),
             trusted: Vec::new(),
@@ -492,6 +498,11 @@ impl Policy {
     /// Bodies longer than this are stored compressed (`usize::MAX`: never).
     pub(crate) fn compress_over(&self) -> usize {
         self.inner.compress_over
+    }
+
+    /// The coding compressed entries are stored in.
+    pub(crate) fn coding(&self) -> crate::coding::Coding {
+        self.inner.coding
     }
 
     /// Route labels (`GET /persons/{id}`), in declaration order.
@@ -847,6 +858,19 @@ impl PolicyBuilder {
         self
     }
 
+    /// The content coding compressed entries are stored in (default
+    /// [`Coding::Zstd`](crate::Coding::Zstd)). A hit is sent as stored to a
+    /// request whose `Accept-Encoding` accepts the coding (with its
+    /// `Content-Encoding`, an ETag of its own and `Vary: accept-encoding`),
+    /// and decoded for the others. [`Coding::Gzip`](crate::Coding::Gzip) is
+    /// accepted by every HTTP client; zstd costs less to decode for those
+    /// that do not accept it.
+    #[cfg(feature = "compression")]
+    pub fn compress_with(mut self, coding: crate::Coding) -> Self {
+        self.coding = coding;
+        self
+    }
+
     /// The TTL of routes that set none (default 60 s).
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
         self.default_ttl = ttl;
@@ -986,6 +1010,7 @@ impl PolicyBuilder {
         };
         Ok(Policy {
             inner: Arc::new(PolicyInner {
+                coding: self.coding,
                 layout: Layout::new(self.namespace),
                 inputs,
                 per_response,

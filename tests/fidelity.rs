@@ -29,6 +29,8 @@ backend_tests!(
     typed_params_share_one_entry_whatever_the_spelling,
     empty_query_values_are_dropped_or_kept_as_the_route_says,
     an_entry_handed_to_another_key_is_a_miss,
+    compressed_entries_go_as_stored_to_clients_that_accept_them,
+    a_body_encoded_inside_the_cache_is_stored_in_its_coding,
 );
 
 /// Revisions by canonical id; the handlers count their calls.
@@ -545,4 +547,149 @@ async fn an_entry_handed_to_another_key_is_a_miss(backend: Backend) {
     let (_, x_cache, body) = common::send(&app, as_tenant("globex")).await;
     assert_eq!(x_cache, "MISS");
     assert!(body.contains("globex") && !body.contains("acme"), "{body}");
+}
+
+fn gunzip(data: &[u8]) -> String {
+    use std::io::Read;
+    let mut out = String::new();
+    flate2::read::GzDecoder::new(data)
+        .read_to_string(&mut out)
+        .unwrap();
+    out
+}
+
+fn unzstd(data: &[u8]) -> String {
+    String::from_utf8(zstd::stream::decode_all(data).unwrap()).unwrap()
+}
+
+/// The body as the client reads it once it undid `content-encoding`.
+fn decoded(headers: &HeaderMap, body: &[u8]) -> String {
+    match headers.get("content-encoding").map(|v| v.to_str().unwrap()) {
+        Some("gzip") => gunzip(body),
+        Some("zstd") => unzstd(body),
+        None => String::from_utf8(body.to_vec()).unwrap(),
+        Some(other) => panic!("unexpected coding {other}"),
+    }
+}
+
+async fn send_raw(app: &Router, request: Request<Body>) -> (StatusCode, HeaderMap, Vec<u8>) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    (parts.status, parts.headers, body.to_vec())
+}
+
+/// An entry stored compressed goes as stored to a request that accepts its
+/// coding (with its own ETag, `Vary: accept-encoding`, and a 304 on that
+/// ETag), and decoded to the others; an outer `CompressionLayer` leaves an
+/// encoded hit alone.
+async fn compressed_entries_go_as_stored_to_clients_that_accept_them(backend: Backend) {
+    use tower_http::compression::CompressionLayer;
+    use tower_redis_cache::Coding;
+    let large = common::large_json();
+    for coding in [Coding::Gzip, Coding::Zstd] {
+        let page = large.clone();
+        let policy = Policy::builder()
+            .store(backend.store.clone())
+            .namespace(&format!("{coding:?}").to_ascii_lowercase())
+            .compress_with(coding)
+            .route(Route::get("/big").key("big"))
+            .build()
+            .unwrap();
+        let name = match coding {
+            Coding::Gzip => "gzip",
+            _ => "zstd",
+        };
+        let handler = move || {
+            let page = page.clone();
+            async move { ([("content-type", "application/json")], page) }
+        };
+        let app = Router::new()
+            .route("/big", get(handler))
+            .layer(CacheLayer::new(policy));
+        let (_, miss, body) = send_raw(&app, get_req("/big", &[])).await;
+        assert_eq!(miss["x-cache"], "MISS");
+        assert_eq!(decoded(&miss, &body), large);
+        assert!(miss.get_all("vary").iter().any(|v| v == "accept-encoding"));
+        let identity_etag = miss["etag"].to_str().unwrap().to_owned();
+
+        let accepting = [("accept-encoding", "gzip, deflate, br, zstd")];
+        let (_, hit, packed) = send_raw(&app, get_req("/big", &accepting)).await;
+        assert_eq!(hit["x-cache"], "HIT");
+        assert_eq!(hit["content-encoding"], name);
+        assert_eq!(hit["content-length"], packed.len().to_string().as_str());
+        assert!(
+            packed.len() * 4 < large.len(),
+            "{} bytes sent",
+            packed.len()
+        );
+        assert_eq!(decoded(&hit, &packed), large);
+        let coded_etag = hit["etag"].to_str().unwrap().to_owned();
+        assert_ne!(coded_etag, identity_etag);
+        assert!(hit.get_all("vary").iter().any(|v| v == "accept-encoding"));
+
+        let (status, _, _) = send_raw(
+            &app,
+            get_req("/big", &[accepting[0], ("if-none-match", &coded_etag)]),
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+        let (_, plain, body) = send_raw(&app, get_req("/big", &[("accept-encoding", "br")])).await;
+        assert_eq!(plain["x-cache"], "HIT");
+        assert!(plain.get("content-encoding").is_none());
+        assert_eq!(plain["etag"], identity_etag.as_str());
+        assert_eq!(String::from_utf8(body).unwrap(), large);
+
+        // An outer CompressionLayer leaves the encoded hit alone, and
+        // compresses the decoded one itself.
+        let outer = app.clone().layer(CompressionLayer::new());
+        let (_, hit, packed) = send_raw(&outer, get_req("/big", &accepting)).await;
+        assert_eq!(hit["content-encoding"], name);
+        assert_eq!(decoded(&hit, &packed), large, "encoded twice");
+    }
+}
+
+/// A `CompressionLayer` inside the cache: its gzip body is stored as is,
+/// sent as stored to the clients that accept gzip and decoded for the
+/// others.
+async fn a_body_encoded_inside_the_cache_is_stored_in_its_coding(backend: Backend) {
+    use tower_http::compression::CompressionLayer;
+    let large = common::large_json();
+    let page = large.clone();
+    let rows = Rows::default();
+    let calls = rows.calls.clone();
+    let handler = move || {
+        let page = page.clone();
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move { ([("content-type", "application/json")], page) }
+    };
+    let policy = Policy::builder()
+        .store(backend.store.clone())
+        .route(Route::get("/big").key("inner-big"))
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/big", get(handler))
+        .layer(CompressionLayer::new())
+        .layer(CacheLayer::new(policy));
+    let gzip = [("accept-encoding", "gzip")];
+    let (_, miss, body) = send_raw(&app, get_req("/big", &gzip)).await;
+    assert_eq!(miss["x-cache"], "MISS");
+    assert_eq!(miss["content-encoding"], "gzip");
+    assert!(miss["cache-status"].to_str().unwrap().ends_with("; stored"));
+    assert_eq!(decoded(&miss, &body), large);
+    let (_, hit, body) = send_raw(&app, get_req("/big", &gzip)).await;
+    assert_eq!(
+        (
+            hit["x-cache"].to_str().unwrap(),
+            hit["content-encoding"].to_str().unwrap()
+        ),
+        ("HIT", "gzip")
+    );
+    assert_eq!(decoded(&hit, &body), large);
+    let (_, plain, body) = send_raw(&app, get_req("/big", &[])).await;
+    assert_eq!(plain["x-cache"], "HIT");
+    assert!(plain.get("content-encoding").is_none());
+    assert_eq!(String::from_utf8(body).unwrap(), large);
+    assert_eq!(rows.calls.load(Ordering::SeqCst), 1);
 }

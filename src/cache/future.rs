@@ -12,7 +12,7 @@ use tower_service::Service;
 use super::body::{to_bytes, ResponseBody};
 use super::flight::Wait;
 use super::service::{Ctx, Next, Outcome};
-use crate::entry::{self, Entry};
+
 use crate::stats::Reason;
 use crate::store::{Lookup, StoreFuture};
 
@@ -340,11 +340,24 @@ where
         );
     }
     let body = concat(frames, size);
-    entry::ensure_etag(&mut parts.headers, &body);
-    let stored = entry::stored_headers(&parts.headers, ctx.per_response());
-    let entry = Entry::new(ctx.binding(), parts.status, stored, body.clone(), ctx.ttl());
+    let made = super::service::entry_of(
+        ctx.policy(),
+        ctx.binding(),
+        ctx.ttl(),
+        parts.status,
+        &mut parts.headers,
+        &body,
+    );
     let response = Response::from_parts(parts, ResponseBody::full(body));
-    let encoded = entry.encode_over(ctx.compress_over());
+    let (entry, encoded) = match made {
+        Ok(made) => made,
+        Err(reason) => {
+            return (
+                State::Done,
+                Some(ctx.finish(response, Outcome::NotStored(reason))),
+            )
+        }
+    };
     ctx.share(&encoded);
     match ctx.write(&entry, encoded) {
         Ok(write) => (

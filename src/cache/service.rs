@@ -10,6 +10,7 @@ use tower_service::Service;
 use super::body::ResponseBody;
 use super::flight::{Landed, Leader, Role};
 use super::future::{Call, ResponseFuture};
+use crate::coding::{etag_for, Accepts};
 use crate::entry::{Entry, Slot};
 use crate::invalidate::Invalidate;
 use crate::key::{Binding, BINDING_LEN};
@@ -105,6 +106,7 @@ where
                 drop(reserved);
                 let mut ctx = Ctx::owning(policy, route, head, None);
                 ctx.binding = binding;
+                ctx.accepts = Accepts::of(request.headers());
                 ctx.if_none_match = request.headers().get(header::IF_NONE_MATCH).cloned();
                 #[cfg(feature = "tier")]
                 let key = match ctx.local_hit(key) {
@@ -164,6 +166,8 @@ pub(crate) struct Ctx {
     if_none_match: Option<HeaderValue>,
     /// What an entry must be bound to, to be served to this request.
     binding: Binding,
+    /// The content codings the request accepts.
+    accepts: Accepts,
     /// The largest body stored for this response: the cap less its headers.
     body_cap: usize,
     /// The span of the store operation under way (disabled unless a
@@ -205,6 +209,7 @@ impl Ctx {
             leader: None,
             if_none_match: None,
             binding: [0; BINDING_LEN],
+            accepts: Accepts::default(),
             body_cap,
             span: tracing::Span::none(),
             #[cfg(feature = "tier")]
@@ -223,13 +228,17 @@ impl Ctx {
             _ => return Err(key),
         };
         self.local.generation = Some(tier.generation());
-        match tier.get(&key, self.started) {
-            Some(entry) if entry.binding == self.binding => {
+        let found = tier
+            .get(&key, self.started)
+            .filter(|entry| entry.binding == self.binding)
+            .and_then(|entry| self.representation(entry));
+        match found {
+            Some(entry) => {
                 self.key = Some(key);
                 self.local.served = true;
                 Ok(self.hit(entry, crate::entry::unix_ms_at(self.started)))
             }
-            _ => Err(key),
+            None => Err(key),
         }
     }
 
@@ -282,9 +291,14 @@ impl Ctx {
         self.binding
     }
 
-    /// Response headers the policy never stores.
-    pub(crate) fn per_response(&self) -> &[HeaderName] {
-        self.policy.per_response()
+    /// The entry as this request gets it: as stored when its body is in a
+    /// coding the request accepts (or in none), else decoded. `None` when
+    /// the stored stream does not decode: a miss.
+    fn representation(&self, entry: Entry) -> Option<Entry> {
+        match entry.coding {
+            Some((coding, _)) if !self.accepts.accepts(coding) => entry.identity(),
+            _ => Some(entry),
+        }
     }
 
     /// The entry in `raw`, when it is one bound to this request: an entry
@@ -300,8 +314,8 @@ impl Ctx {
         }
     }
 
-    pub(crate) fn compress_over(&self) -> usize {
-        self.policy.compress_over()
+    pub(crate) fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     fn label(&self) -> &str {
@@ -322,11 +336,11 @@ impl Ctx {
             entry.age_s(now_ms),
             self.is_stale(&entry, now_ms),
         );
-        let not_modified = match (&self.if_none_match, entry.headers.get(header::ETAG)) {
+        let mut response = self.entry_response(entry);
+        let not_modified = match (&self.if_none_match, response.headers().get(header::ETAG)) {
             (Some(condition), Some(etag)) => crate::entry::none_match(condition, etag),
             _ => false,
         };
-        let mut response = self.entry_response(entry);
         if not_modified {
             // RFC 9110 15.4.5: the validator and caching headers, no content.
             *response.status_mut() = StatusCode::NOT_MODIFIED;
@@ -336,6 +350,7 @@ impl Ctx {
                 header::CONTENT_LENGTH,
                 header::CONTENT_TYPE,
                 header::CONTENT_LANGUAGE,
+                header::CONTENT_ENCODING,
             ] {
                 headers.remove(name);
             }
@@ -370,18 +385,24 @@ impl Ctx {
         if let Observed::Value(raw) = found.take_payload() {
             #[cfg(feature = "tier")]
             let size = raw.len();
-            if let Some(entry) = self.servable(raw) {
+            if let Some(stored) = self.servable(raw) {
                 let now_ms = crate::entry::unix_ms_at(self.started);
-                let refresh = match self.is_stale(&entry, now_ms) {
-                    true => self.refresh(&found),
-                    false => None,
-                };
-                self.end_lookup_span(if refresh.is_some() { "stale" } else { "hit" });
+                let stale = self.is_stale(&stored, now_ms);
                 #[cfg(feature = "tier")]
-                if refresh.is_none() && self.local.generation.is_some() {
-                    self.fill_local(entry.clone(), size, entry.fresh_for(now_ms));
+                let keep = (!stale && self.local.generation.is_some())
+                    .then(|| (stored.clone(), stored.fresh_for(now_ms)));
+                if let Some(entry) = self.representation(stored) {
+                    let refresh = match stale {
+                        true => self.refresh(&found),
+                        false => None,
+                    };
+                    self.end_lookup_span(if refresh.is_some() { "stale" } else { "hit" });
+                    #[cfg(feature = "tier")]
+                    if let Some((entry, fresh_for)) = keep {
+                        self.fill_local(entry, size, fresh_for);
+                    }
+                    return Next::Serve(self.hit(entry, now_ms), refresh);
                 }
-                return Next::Serve(self.hit(entry, now_ms), refresh);
             }
         }
         self.end_lookup_span("miss");
@@ -396,10 +417,12 @@ impl Ctx {
     /// take over or to wait on again.
     pub(crate) fn landed<B: Body>(&mut self, landed: Option<Landed>) -> Next<B> {
         match landed {
-            Some(Landed::Entry(raw)) => match self.servable(raw) {
-                Some(entry) => Next::Serve(self.collapsed(entry), None),
-                None => Next::Call,
-            },
+            Some(Landed::Entry(raw)) => {
+                match self.servable(raw).and_then(|e| self.representation(e)) {
+                    Some(entry) => Next::Serve(self.collapsed(entry), None),
+                    None => Next::Call,
+                }
+            }
             Some(Landed::Unshareable) => Next::Call,
             None => match self.rejoin() {
                 Some(wait) => Next::Join(wait),
@@ -414,20 +437,28 @@ impl Ctx {
         self.finish(response, Outcome::Collapsed)
     }
 
+    /// The response of `entry` in the representation
+    /// [`representation`](Self::representation) chose: a body in a coding
+    /// goes with its `Content-Encoding`, its own ETag and `Vary:
+    /// accept-encoding`.
     fn entry_response<B: Body>(&self, entry: Entry) -> Response<ResponseBody<B>> {
+        let length = entry.body.len() as u64;
         let body = if self.head {
             ResponseBody::empty()
         } else {
-            ResponseBody::full(entry.body.clone())
+            ResponseBody::full(entry.body)
         };
         let mut response = Response::new(body);
         *response.status_mut() = entry.status;
         let headers = response.headers_mut();
         *headers = entry.headers;
-        headers.insert(
-            header::CONTENT_LENGTH,
-            decimal_value(entry.body.len() as u64),
-        );
+        headers.insert(header::CONTENT_LENGTH, decimal_value(length));
+        if let Some((coding, _)) = entry.coding {
+            headers.insert(header::CONTENT_ENCODING, coding.header_value());
+            if let Some(etag) = headers.get(header::ETAG).and_then(|e| etag_for(e, coding)) {
+                headers.insert(header::ETAG, etag);
+            }
+        }
         response
     }
 
@@ -841,31 +872,38 @@ impl Refresh {
         let Ok(response) = service.call(request).await else {
             return;
         };
-        let per_response = self.policy.per_response();
-        let stored = crate::entry::stored_headers(response.headers(), per_response);
-        let cap = self
-            .policy
-            .max_body_bytes()
-            .saturating_sub(crate::entry::headers_len(&stored));
         let refused = unstorable_reason(response.status(), response.headers(), |h| {
             route.varies_on(h)
         });
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
+        let cap = self
+            .policy
+            .max_body_bytes()
+            .saturating_sub(crate::entry::headers_len(&crate::entry::stored_headers(
+                &parts.headers,
+                self.policy.per_response(),
+            )));
         let collected = match refused {
             Some(reason) => Err(reason),
             None => collect_capped(body, cap).await,
         };
-        let body = match collected {
-            Ok(body) => body,
+        let made = collected.and_then(|body| {
+            entry_of(
+                &self.policy,
+                self.binding,
+                route.ttl,
+                parts.status,
+                &mut parts.headers,
+                &body,
+            )
+        });
+        let entry = match made {
+            Ok((_, encoded)) => encoded,
             Err(reason) => {
                 self.policy.stats_ref().not_stored(self.route, reason);
                 return;
             }
         };
-        let mut headers = stored;
-        crate::entry::ensure_etag(&mut headers, &body);
-        let entry = Entry::new(self.binding, parts.status, headers, body, route.ttl)
-            .encode_over(self.policy.compress_over());
         let span = store_span(Op::Store, &route.label);
         let started = Instant::now();
         let stored = self
@@ -951,13 +989,79 @@ pub(crate) fn unstorable_reason(
     {
         return Some(Reason::Vary);
     }
-    if headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
-    {
+    // A body a layer inside encoded is stored in its coding when this
+    // build can decode it for the clients that do not accept it.
+    if headers.get(header::CONTENT_ENCODING).is_some_and(|v| {
+        !v.as_bytes().eq_ignore_ascii_case(b"identity")
+            && (!cfg!(feature = "compression")
+                || crate::coding::Coding::from_content_encoding(v).is_none())
+    }) {
         return Some(Reason::ContentEncoding);
     }
     None
+}
+
+/// The entry of a storable response (status, `headers`, the whole `body`),
+/// for requests with `binding`, and its stored form. A body a layer inside
+/// the cache encoded (gzip, zstd) is stored in its coding, once it decoded
+/// within the cap; another is compressed as the policy says. Sets the ETag
+/// (and `Vary: accept-encoding` for an entry in a coding) on the
+/// response's `headers` as on the entry's.
+pub(crate) fn entry_of(
+    policy: &Policy,
+    binding: Binding,
+    ttl: Duration,
+    status: StatusCode,
+    headers: &mut HeaderMap,
+    body: &Bytes,
+) -> Result<(Entry, Bytes), Reason> {
+    let per_response = policy.per_response();
+    let encoded_by_inner = headers
+        .get(header::CONTENT_ENCODING)
+        .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        .map(crate::coding::Coding::from_content_encoding);
+    let entry = match encoded_by_inner {
+        Some(None) => return Err(Reason::ContentEncoding),
+        Some(Some(coding)) => {
+            let identity = crate::coding::decompress_capped(body, coding, policy.max_body_bytes())
+                .ok_or(Reason::ContentEncoding)?;
+            let mut stored = crate::entry::stored_headers(headers, per_response);
+            stored.remove(header::CONTENT_ENCODING);
+            crate::entry::ensure_etag(&mut stored, &identity);
+            if !headers.contains_key(header::ETAG) {
+                if let Some(tag) = stored.get(header::ETAG).and_then(|e| etag_for(e, coding)) {
+                    headers.insert(header::ETAG, tag);
+                }
+            }
+            let mut entry = Entry::new(binding, status, stored, body.clone(), ttl);
+            entry.coding = Some((coding, identity.len() as u32));
+            entry
+        }
+        None => {
+            crate::entry::ensure_etag(headers, body);
+            let stored = crate::entry::stored_headers(headers, per_response);
+            let mut entry = Entry::new(binding, status, stored, body.clone(), ttl);
+            entry.compress(policy.compress_over(), policy.coding());
+            entry
+        }
+    };
+    let mut entry = entry;
+    if entry.coding.is_some() {
+        vary_on_accept_encoding(&mut entry.headers);
+        vary_on_accept_encoding(headers);
+    }
+    let encoded = entry.encode();
+    Ok((entry, encoded))
+}
+
+/// Adds `accept-encoding` to `Vary`, unless it is there.
+fn vary_on_accept_encoding(headers: &mut HeaderMap) {
+    let named = comma_separated(headers, header::VARY)
+        .iter()
+        .any(|v| v == "*" || v.eq_ignore_ascii_case("accept-encoding"));
+    if !named {
+        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
 }
 
 /// The request with `query` (what the key keeps of its query) instead of
@@ -1100,9 +1204,16 @@ mod tests {
             reason(200, &[JSON, ("vary", "accept-language")]),
             Some(Reason::Vary)
         );
+        // A coding this build cannot decode is never stored; gzip and
+        // zstd are, with the `compression` feature.
         assert_eq!(
-            reason(200, &[JSON, ("content-encoding", "gzip")]),
+            reason(200, &[JSON, ("content-encoding", "br")]),
             Some(Reason::ContentEncoding)
         );
+        let gzip = reason(200, &[JSON, ("content-encoding", "gzip")]);
+        match cfg!(feature = "compression") {
+            true => assert_eq!(gzip, None),
+            false => assert_eq!(gzip, Some(Reason::ContentEncoding)),
+        }
     }
 }
