@@ -845,13 +845,14 @@ impl PolicyBuilder {
         self
     }
 
-    /// Stores bodies longer than `bytes` zstd-compressed (default
+    /// Stores bodies longer than `bytes` compressed, in the coding of
+    /// [`compress_with`](Self::compress_with) (default
     /// [`DEFAULT_COMPRESS_OVER`], 1 KiB; `usize::MAX` turns it off). Smaller
     /// bodies, and bodies compression would not shrink, are stored as they
-    /// are. Every hit on a compressed entry decompresses it: worth it when
-    /// Redis memory or network is the limit, for JSON of a few KiB and more.
-    /// Entries stored uncompressed stay readable after this is turned on;
-    /// a process built without the feature reads compressed ones as misses.
+    /// are. A hit goes as stored to the clients that accept the coding and
+    /// is decoded for the others. Entries stored uncompressed stay readable
+    /// after this is turned on; a process built without the feature reads
+    /// compressed ones as misses.
     #[cfg(feature = "compression")]
     pub fn compress_over(mut self, bytes: usize) -> Self {
         self.compress_over = bytes;
