@@ -241,7 +241,7 @@ impl State {
 
 impl Tier {
     pub(crate) fn new(bounds: InProcess) -> Self {
-        let floor = (bounds.max_bytes / bounds.max_entries.max(1)).max(1) as u64;
+        let floor = bounds.max_bytes.div_ceil(bounds.max_entries.max(1)).max(1) as u64;
         let entries = quick_cache::sync::Cache::with_weighter(
             bounds.max_entries,
             bounds.max_bytes as u64,

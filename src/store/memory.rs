@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -11,11 +11,18 @@ use super::{
     DEFAULT_TOMBSTONE_TTL,
 };
 
-/// An in-process store, bounded in entries and bytes, expiring by TTL.
+/// An in-process store on a concurrent cache ([quick_cache], sharded, with
+/// an eviction policy that keeps hot keys over a scan), bounded in entries
+/// and bytes, expiring by TTL.
 ///
-/// Version keys live in the same map, inside the same caps, with a TTL
+/// Version keys live in the same cache, inside the same bounds, with a TTL
 /// renewed by each write under them; a lost one restarts above any value it
 /// had, so its eviction only turns the entries it guarded into misses.
+///
+/// A hit reads without a lock. The writes that must be atomic over several
+/// keys (a conditional store: the version keys and the entry; a lookup that
+/// leaves a lease) hold the lock of their keys' slot: one of 64, chosen as
+/// Redis Cluster chooses a slot, so a version key and its entries share one.
 ///
 /// ```
 /// use tower_redis_cache::store::{MemoryStore, Store};
@@ -23,9 +30,15 @@ use super::{
 /// let store = MemoryStore::new().max_entries(10_000).max_bytes(64 << 20);
 /// assert_eq!(store.name(), "memory");
 /// ```
+///
+/// [quick_cache]: https://docs.rs/quick_cache
 #[derive(Clone)]
 pub struct MemoryStore {
-    state: Arc<Mutex<State>>,
+    items: Arc<Items>,
+    /// Serialises the multi-key operations of one slot.
+    stripes: Arc<[Mutex<()>; STRIPES]>,
+    /// The last version a missing version key was created with.
+    last_fresh_version: Arc<AtomicU64>,
     max_entries: usize,
     max_bytes: usize,
     tombstone_ttl: Duration,
@@ -35,32 +48,52 @@ pub struct MemoryStore {
     watchers: Arc<Mutex<Vec<crate::tier::Watcher>>>,
 }
 
+const STRIPES: usize = 64;
+
+type Items = quick_cache::sync::Cache<String, Item, Weigh, quick_cache::DefaultHashBuilder>;
+
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = self.lock();
         f.debug_struct("MemoryStore")
-            .field("entries", &state.entries.len())
-            .field("bytes", &state.bytes)
+            .field("entries", &self.items.len())
+            .field("weight", &self.items.weight())
             .field("max_entries", &self.max_entries)
             .field("max_bytes", &self.max_bytes)
             .finish()
     }
 }
 
-#[derive(Default)]
-struct State {
-    entries: HashMap<String, Item>,
-    /// Insertion order, oldest first, for eviction.
-    order: BTreeMap<u64, String>,
-    next_seq: u64,
-    bytes: usize,
-    last_fresh_version: u64,
-}
-
+#[derive(Clone)]
 struct Item {
     value: Bytes,
     expires_at: Instant,
-    seq: u64,
+}
+
+/// Weighs an item by the bytes of its key and value, but at least `floor`
+/// (the byte bound over the entry bound), so that one weight keeps both
+/// bounds.
+#[derive(Clone)]
+struct Weigh {
+    floor: u64,
+}
+
+impl quick_cache::Weighter<String, Item> for Weigh {
+    fn weight(&self, key: &String, item: &Item) -> u64 {
+        ((key.len() + item.value.len()) as u64).max(self.floor)
+    }
+}
+
+fn items(max_entries: usize, max_bytes: usize) -> Arc<Items> {
+    // Rounded up: `max_bytes / floor` items at most, never more than
+    // `max_entries`.
+    let floor = max_bytes.div_ceil(max_entries).max(1) as u64;
+    Arc::new(quick_cache::sync::Cache::with(
+        max_entries,
+        max_bytes as u64,
+        Weigh { floor },
+        quick_cache::DefaultHashBuilder::default(),
+        Default::default(),
+    ))
 }
 
 impl Default for MemoryStore {
@@ -72,10 +105,13 @@ impl Default for MemoryStore {
 impl MemoryStore {
     /// A store holding at most 10 000 entries and 64 MiB.
     pub fn new() -> Self {
+        let (max_entries, max_bytes) = (10_000, 64 << 20);
         Self {
-            state: Arc::default(),
-            max_entries: 10_000,
-            max_bytes: 64 << 20,
+            items: items(max_entries, max_bytes),
+            stripes: Arc::new(std::array::from_fn(|_| Mutex::new(()))),
+            last_fresh_version: Arc::default(),
+            max_entries,
+            max_bytes,
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
             lease_ttl: super::DEFAULT_LEASE_TTL,
             #[cfg(feature = "tier")]
@@ -83,15 +119,19 @@ impl MemoryStore {
         }
     }
 
-    /// Caps the number of entries; the oldest are evicted first.
+    /// Caps the number of entries (tombstones, leases and version keys
+    /// count). Set it before the store is used: it starts empty again.
     pub fn max_entries(mut self, max: usize) -> Self {
         self.max_entries = max.max(1);
+        self.items = items(self.max_entries, self.max_bytes);
         self
     }
 
-    /// Caps the bytes of keys and values held; the oldest are evicted first.
+    /// Caps the bytes of keys and values held. Set it before the store is
+    /// used: it starts empty again.
     pub fn max_bytes(mut self, max: usize) -> Self {
         self.max_bytes = max.max(1);
+        self.items = items(self.max_entries, self.max_bytes);
         self
     }
 
@@ -110,18 +150,17 @@ impl MemoryStore {
 
     /// Number of live keys (entries, tombstones, leases, version keys).
     pub fn len(&self) -> usize {
-        let mut state = self.lock();
         let now = Instant::now();
-        let expired: Vec<String> = state
-            .entries
+        let expired: Vec<String> = self
+            .items
             .iter()
             .filter(|(_, item)| item.expires_at <= now)
-            .map(|(k, _)| k.clone())
+            .map(|(key, _)| key)
             .collect();
-        for key in expired {
-            state.remove(&key);
+        for key in &expired {
+            self.items.remove(key);
         }
-        state.entries.len()
+        self.items.len()
     }
 
     /// True when no entry is held.
@@ -133,59 +172,118 @@ impl MemoryStore {
     /// or a restart of a store without persistence would; for tests of what
     /// a lost guard can do.
     pub fn evict(&self, key: &str) {
-        self.lock().remove(key);
+        self.items.remove(key);
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the maps half-updated
-        // in a way that matters to a cache; keep serving.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The lock of `key`'s slot.
+    fn lock(&self, key: &str) -> MutexGuard<'_, ()> {
+        let stripe = usize::from(crate::key::slot(key.as_bytes())) % STRIPES;
+        // The lock guards no data: a panic while holding it leaves nothing
+        // half-updated.
+        self.stripes[stripe]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live value at `key`.
+    fn get(&self, key: &str) -> Observed {
+        match self.items.get(key) {
+            Some(item) if item.expires_at > Instant::now() => Observed::Value(item.value),
+            _ => Observed::Absent,
+        }
+    }
+
+    /// Writes `key`. Over a key already there (a lease, a tombstone, a
+    /// version renewed) the write leaves the key's standing in the eviction
+    /// policy as it was: only reads make a key hot, so a miss's lease then
+    /// its entry do not count as two uses.
+    fn insert(&self, key: String, value: Bytes, ttl: Duration) {
+        let item = Item {
+            value,
+            expires_at: Instant::now() + ttl,
+        };
+        if let Err((key, item)) = self.items.replace(key, item, true) {
+            self.items.insert(key, item);
+        }
+    }
+
+    /// Time left before `key` expires (zero when absent).
+    fn remaining(&self, key: &str) -> Duration {
+        self.items.peek(key).map_or(Duration::ZERO, |item| {
+            item.expires_at.saturating_duration_since(Instant::now())
+        })
+    }
+
+    /// A version for a missing version key: the time in microseconds,
+    /// above every version this store created or bumped.
+    fn fresh_version(&self) -> Bytes {
+        let fresh = fresh_version();
+        let last = self.last_fresh_version.fetch_max(fresh, Ordering::AcqRel);
+        let fresh = match last >= fresh {
+            true => self.last_fresh_version.fetch_add(1, Ordering::AcqRel) + 1,
+            false => fresh,
+        };
+        Bytes::from(fresh.to_string())
     }
 
     /// Reads the entry; like Redis, never leaves the write to compare
     /// against "absent": an empty plain key gets this miss's lease, a
-    /// missing version key is created.
+    /// missing version key is created. A hit takes no lock.
     fn lookup_now(&self, key: &CacheKey) -> Lookup {
-        let mut state = self.lock();
-        let caps = (self.max_entries, self.max_bytes);
+        if let Some(found) = self.lookup_present(key) {
+            return found;
+        }
+        let guard_key = key
+            .versions()
+            .first()
+            .map_or_else(|| key.entry_key(&[]), |v| v.key().to_owned());
+        let _slot = self.lock(&guard_key);
         let mut versions = Vec::with_capacity(key.versions().len());
         for version in key.versions() {
-            let value = match state.get(version.key()) {
+            let value = match self.get(version.key()) {
                 Observed::Value(value) => value,
                 _ => {
-                    let fresh = state.fresh_version();
-                    state.insert(version.key().to_owned(), fresh.clone(), version.ttl(), caps);
+                    let fresh = self.fresh_version();
+                    self.insert(version.key().to_owned(), fresh.clone(), version.ttl());
                     fresh
                 }
             };
             versions.push(Observed::Value(value));
         }
         let entry = match key {
-            CacheKey::Plain(key) => match state.get(key) {
+            CacheKey::Plain(key) => match self.get(key) {
                 Observed::Absent => {
                     let lease = crate::entry::lease();
-                    state.insert(key.clone(), lease.clone(), self.lease_ttl, caps);
+                    self.insert(key.clone(), lease.clone(), self.lease_ttl);
                     Observed::Value(lease)
                 }
                 found => found,
             },
-            versioned => {
-                let values: Vec<&[u8]> = versions
-                    .iter()
-                    .map(|v| match v {
-                        Observed::Value(v) => v.as_ref(),
-                        _ => &[][..],
-                    })
-                    .collect();
-                state.get(&versioned.entry_key(&values))
-            }
+            versioned => self.get(&versioned.entry_key(&version_values(&versions))),
         };
         Lookup::new(versions, entry)
     }
 
+    /// The lookup, when every key it reads is there (nothing to create).
+    fn lookup_present(&self, key: &CacheKey) -> Option<Lookup> {
+        let mut versions = Vec::with_capacity(key.versions().len());
+        for version in key.versions() {
+            match self.get(version.key()) {
+                Observed::Value(value) => versions.push(Observed::Value(value)),
+                _ => return None,
+            }
+        }
+        let entry = match key {
+            CacheKey::Plain(key) => match self.get(key) {
+                Observed::Absent => return None,
+                found => found,
+            },
+            versioned => self.get(&versioned.entry_key(&version_values(&versions))),
+        };
+        Some(Lookup::new(versions, entry))
+    }
+
     fn store_now(&self, key: &CacheKey, seen: &Lookup, value: Bytes, ttl: Duration) -> bool {
-        let mut state = self.lock();
-        let caps = (self.max_entries, self.max_bytes);
         let version_keys = key.versions();
         let Some(values) = seen.version_values() else {
             return false;
@@ -193,37 +291,41 @@ impl MemoryStore {
         if values.len() != version_keys.len() {
             return false;
         }
+        let entry_key = key.entry_key(&values);
+        let _slot = self.lock(version_keys.first().map_or(&entry_key, |v| v.key()));
         for (version_key, value) in version_keys.iter().zip(&values) {
-            if !matches!(state.get(version_key.key()), Observed::Value(v) if v == value) {
+            if !matches!(self.get(version_key.key()), Observed::Value(v) if v == value) {
                 return false;
             }
         }
-        let entry_key = key.entry_key(&values);
         if version_keys.is_empty() {
-            let current = state.get(&entry_key);
+            let current = self.get(&entry_key);
             if current == Observed::Absent || current != *seen.entry() {
                 return false;
             }
         }
         // Version keys outlive the entries they guard: renewed on each write.
         for (version_key, value) in version_keys.iter().zip(values) {
-            let keep = state.remaining(version_key.key()).max(version_key.ttl());
-            let value = Bytes::copy_from_slice(value);
-            state.insert(version_key.key().to_owned(), value, keep, caps);
+            let keep = self.remaining(version_key.key()).max(version_key.ttl());
+            self.insert(
+                version_key.key().to_owned(),
+                Bytes::copy_from_slice(value),
+                keep,
+            );
         }
-        state.insert(entry_key, value, ttl, caps);
+        self.insert(entry_key, value, ttl);
         true
     }
 
     fn invalidate_now(&self, invalidation: &Invalidation) {
-        let mut state = self.lock();
-        let caps = (self.max_entries, self.max_bytes);
         for key in invalidation.deletes() {
+            let _slot = self.lock(key);
             let tombstone = invalidation.tombstone().clone();
-            state.insert(key.clone(), tombstone, self.tombstone_ttl, caps);
+            self.insert(key.clone(), tombstone, self.tombstone_ttl);
         }
         for bump in invalidation.bumps() {
-            let current = match state.get(bump.key()) {
+            let _slot = self.lock(bump.key());
+            let current = match self.get(bump.key()) {
                 Observed::Value(v) => std::str::from_utf8(&v)
                     .ok()
                     .and_then(|v| v.parse::<u64>().ok()),
@@ -232,77 +334,25 @@ impl MemoryStore {
             let (next, ttl) = match current {
                 Some(n) => {
                     // A recreated version must start above every value used.
-                    state.last_fresh_version = state.last_fresh_version.max(n + 1);
-                    (
-                        Bytes::from((n + 1).to_string()),
-                        state.remaining(bump.key()),
-                    )
+                    self.last_fresh_version.fetch_max(n + 1, Ordering::AcqRel);
+                    (Bytes::from((n + 1).to_string()), self.remaining(bump.key()))
                 }
-                None => (state.fresh_version(), bump.ttl()),
+                None => (self.fresh_version(), bump.ttl()),
             };
-            state.insert(bump.key().to_owned(), next, ttl, caps);
+            self.insert(bump.key().to_owned(), next, ttl);
         }
     }
 }
 
-impl State {
-    fn get(&mut self, key: &str) -> Observed {
-        match self.entries.get(key) {
-            Some(item) if item.expires_at > Instant::now() => Observed::Value(item.value.clone()),
-            Some(_) => {
-                self.remove(key);
-                Observed::Absent
-            }
-            None => Observed::Absent,
-        }
-    }
-
-    fn remove(&mut self, key: &str) {
-        if let Some(item) = self.entries.remove(key) {
-            self.order.remove(&item.seq);
-            self.bytes -= key.len() + item.value.len();
-        }
-    }
-
-    /// Time left before `key` expires (zero when absent).
-    fn remaining(&self, key: &str) -> Duration {
-        self.entries.get(key).map_or(Duration::ZERO, |item| {
-            item.expires_at.saturating_duration_since(Instant::now())
+/// The values of version keys a lookup read, in order.
+fn version_values(versions: &[Observed]) -> Vec<&[u8]> {
+    versions
+        .iter()
+        .map(|v| match v {
+            Observed::Value(v) => v.as_ref(),
+            _ => &[][..],
         })
-    }
-
-    fn insert(&mut self, key: String, value: Bytes, ttl: Duration, caps: (usize, usize)) {
-        let (max_entries, max_bytes) = caps;
-        self.remove(&key);
-        let size = key.len() + value.len();
-        if size > max_bytes {
-            return;
-        }
-        while self.entries.len() + 1 > max_entries || self.bytes + size > max_bytes {
-            let Some((_, oldest)) = self.order.pop_first() else {
-                break;
-            };
-            self.remove(&oldest);
-        }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.bytes += size;
-        self.order.insert(seq, key.clone());
-        self.entries.insert(
-            key,
-            Item {
-                value,
-                expires_at: Instant::now() + ttl,
-                seq,
-            },
-        );
-    }
-
-    fn fresh_version(&mut self) -> Bytes {
-        let fresh = fresh_version().max(self.last_fresh_version + 1);
-        self.last_fresh_version = fresh;
-        Bytes::from(fresh.to_string())
-    }
+        .collect()
 }
 
 impl Store for MemoryStore {
@@ -368,28 +418,28 @@ mod tests {
     }
 
     #[test]
-    fn evicts_oldest_past_the_entry_cap() {
-        let store = MemoryStore::new().max_entries(2);
+    fn the_entry_cap_holds() {
+        let store = MemoryStore::new().max_entries(100);
         let ttl = Duration::from_secs(60);
-        for key in ["a", "b", "c"] {
-            let seen = store.lookup_now(&plain(key));
-            assert!(store.store_now(&plain(key), &seen, Bytes::from_static(b"v"), ttl));
+        for i in 0..1000 {
+            let key = plain(&format!("k{i}"));
+            let seen = store.lookup_now(&key);
+            store.store_now(&key, &seen, Bytes::from_static(b"v"), ttl);
         }
-        assert_eq!(store.len(), 2);
-        let evicted = store.lookup_now(&plain("a")).entry;
-        assert!(matches!(evicted, Observed::Value(v) if v.as_ref() != b"v"));
+        assert!(store.len() <= 100, "{}", store.len());
+        assert!(store.len() >= 50, "{}", store.len());
     }
 
     #[test]
     fn byte_cap_holds() {
-        let store = MemoryStore::new().max_bytes(100);
+        let store = MemoryStore::new().max_bytes(1000);
         let ttl = Duration::from_secs(60);
-        for i in 0..10 {
+        for i in 0..100 {
             let key = plain(&format!("k{i}"));
             let seen = store.lookup_now(&key);
             store.store_now(&key, &seen, Bytes::from(vec![0; 30]), ttl);
         }
-        assert!(store.lock().bytes <= 100);
+        assert!(store.items.weight() <= 1000, "{}", store.items.weight());
     }
 
     #[test]
@@ -407,7 +457,7 @@ mod tests {
     }
 
     fn version(store: &MemoryStore, key: &str) -> u64 {
-        let Observed::Value(v) = store.lock().get(key) else {
+        let Observed::Value(v) = store.get(key) else {
             panic!("no version at {key}");
         };
         std::str::from_utf8(&v).unwrap().parse().unwrap()
