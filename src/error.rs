@@ -54,6 +54,12 @@ pub enum ConfigError {
     ZeroBodyCap,
     /// A header name that is not valid HTTP.
     InvalidHeaderName(String),
+    /// A [`BreakerConfig`](crate::store::BreakerConfig) value that cannot
+    /// work.
+    Breaker {
+        /// Why it cannot work.
+        reason: String,
+    },
     /// A host given to [`PolicyBuilder::hosts`](crate::PolicyBuilder::hosts)
     /// that is not a valid `host[:port]`.
     InvalidHost(String),
@@ -130,6 +136,7 @@ impl fmt::Display for ConfigError {
             Self::ZeroBodyCap => write!(f, "the body cap must be at least one byte"),
             Self::InvalidHeaderName(name) => write!(f, "`{name}` is not a valid header name"),
             Self::InvalidHost(host) => write!(f, "`{host}` is not a valid host[:port]"),
+            Self::Breaker { reason } => write!(f, "circuit breaker: {reason}"),
             Self::InProcess { reason } => write!(f, "in-process tier: {reason}"),
             Self::InvalidRule { rule, reason } => write!(f, "invalid rule `{rule}`: {reason}"),
             Self::UnknownRoute { rule, route } => write!(

@@ -147,6 +147,7 @@ fn guarded_store(server: &RedisServer) -> RedisStore {
         .breaker(
             BreakerConfig::default()
                 .failure_threshold(3)
+                .unwrap()
                 .open_for(Duration::from_millis(300)),
         )
 }
@@ -325,7 +326,7 @@ async fn a_wrong_password_opens_the_circuit_and_health_says_why() {
     let store = RedisStore::open(&url)
         .unwrap()
         .deadline(common::TEST_DEADLINE)
-        .breaker(BreakerConfig::default().failure_threshold(3));
+        .breaker(BreakerConfig::default().failure_threshold(3).unwrap());
     let db = Db::default();
     db.set("1", 1);
     let (app, policy) = app(Arc::new(store), db);

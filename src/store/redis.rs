@@ -1493,6 +1493,7 @@ mod tests {
             .breaker(
                 BreakerConfig::default()
                     .failure_threshold(1)
+                    .unwrap()
                     .open_for(Duration::from_millis(20)),
             );
         let key = CacheKey::Plain("k".into());

@@ -22,35 +22,50 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{CacheKey, Invalidation, Lookup, Store, StoreError, StoreFuture, VersionKey};
+use crate::error::ConfigError;
 use crate::telemetry::{self, warn_limited, CircuitGauge, Op};
 
-/// Thresholds of the circuit breaker and the invalidation queue.
+/// Thresholds of the circuit breaker and the invalidation queue: by-value
+/// setters from [`BreakerConfig::default`]; a value that cannot work (a
+/// zero window, threshold or batch) is a [`ConfigError`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_redis_cache::store::BreakerConfig;
+///
+/// let config = BreakerConfig::default()
+///     .failure_threshold(3)?
+///     .slow_calls(Duration::from_millis(50), 50, 20)?
+///     .open_for(Duration::from_secs(2));
+/// assert!(BreakerConfig::default().replay_batch(0).is_err());
+/// # let _ = config;
+/// # Ok::<(), tower_redis_cache::ConfigError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct BreakerConfig {
     /// Consecutive failed operations that open the circuit (default 5).
-    pub failure_threshold: u32,
+    failure_threshold: u32,
     /// How long the circuit stays open before one probe is let through
     /// (default 1 s).
-    pub open_for: Duration,
+    open_for: Duration,
     /// A call slower than this counts as slow, even when it succeeds
     /// (default 25 ms).
-    pub slow_call: Duration,
-    /// The share of slow calls, in percent, among the last
-    /// [`window`](Self::window) calls that opens the circuit (default 50).
-    pub slow_call_percent: u8,
+    slow_call: Duration,
+    /// The share of slow calls, in percent, among the last `window` calls
+    /// that opens the circuit (default 50).
+    slow_call_percent: u8,
     /// How many recent calls the slow-call rate is taken over (default 20).
-    pub window: usize,
+    window: usize,
     /// Most distinct keys kept for replay (default 10 000).
-    pub max_pending_keys: usize,
+    max_pending_keys: usize,
     /// Most keys one replay sends, so one lookup's work stays bounded
     /// (default 64).
-    pub replay_batch: usize,
+    replay_batch: usize,
     /// When the queue overflows, invalidations were lost: the cache is not
     /// served from for this long at most (default 1 h). A policy lowers it
     /// to its longest entry life (TTL plus stale window), past which no
     /// entry the lost invalidations should have removed can remain.
-    pub overflow_hold: Duration,
+    overflow_hold: Duration,
 }
 
 impl Default for BreakerConfig {
@@ -69,10 +84,15 @@ impl Default for BreakerConfig {
 }
 
 impl BreakerConfig {
-    /// Sets the failures that open the circuit.
-    pub fn failure_threshold(mut self, failures: u32) -> Self {
-        self.failure_threshold = failures.max(1);
-        self
+    /// Sets the consecutive failures that open the circuit (at least 1).
+    pub fn failure_threshold(mut self, failures: u32) -> Result<Self, ConfigError> {
+        if failures == 0 {
+            return Err(breaker(
+                "a failure threshold of 0 opens the circuit on every call",
+            ));
+        }
+        self.failure_threshold = failures;
+        Ok(self)
     }
 
     /// Sets how long the circuit stays open before a probe.
@@ -82,30 +102,60 @@ impl BreakerConfig {
     }
 
     /// Sets what counts as a slow call and the share of them, in percent
-    /// of the last `window` calls, that opens the circuit.
-    pub fn slow_calls(mut self, slow_call: Duration, percent: u8, window: usize) -> Self {
+    /// (1 to 100) of the last `window` calls (at least 1), that opens the
+    /// circuit.
+    pub fn slow_calls(
+        mut self,
+        slow_call: Duration,
+        percent: u8,
+        window: usize,
+    ) -> Result<Self, ConfigError> {
+        if !(1..=100).contains(&percent) {
+            return Err(breaker("the slow-call share is a percentage from 1 to 100"));
+        }
+        if window == 0 {
+            return Err(breaker(
+                "a slow-call window of 0 calls opens the circuit on every call",
+            ));
+        }
         self.slow_call = slow_call;
-        self.slow_call_percent = percent.clamp(1, 100);
-        self.window = window.max(1);
-        self
+        self.slow_call_percent = percent;
+        self.window = window;
+        Ok(self)
     }
 
-    /// Sets the most distinct keys kept for replay.
-    pub fn max_pending_keys(mut self, keys: usize) -> Self {
-        self.max_pending_keys = keys.max(1);
-        self
+    /// Sets the most distinct keys kept for replay (at least 1).
+    pub fn max_pending_keys(mut self, keys: usize) -> Result<Self, ConfigError> {
+        if keys == 0 {
+            return Err(breaker(
+                "a replay queue of 0 keys loses every failed invalidation",
+            ));
+        }
+        self.max_pending_keys = keys;
+        Ok(self)
     }
 
-    /// Sets the most keys one replay sends.
-    pub fn replay_batch(mut self, keys: usize) -> Self {
-        self.replay_batch = keys.max(1);
-        self
+    /// Sets the most keys one replay sends (at least 1).
+    pub fn replay_batch(mut self, keys: usize) -> Result<Self, ConfigError> {
+        if keys == 0 {
+            return Err(breaker(
+                "a replay batch of 0 keys never empties the queue, so the cache stays off",
+            ));
+        }
+        self.replay_batch = keys;
+        Ok(self)
     }
 
     /// Sets the longest the cache stays off after the queue overflowed.
     pub fn overflow_hold(mut self, hold: Duration) -> Self {
         self.overflow_hold = hold;
         self
+    }
+}
+
+fn breaker(reason: &str) -> ConfigError {
+    ConfigError::Breaker {
+        reason: reason.to_owned(),
     }
 }
 
@@ -778,6 +828,33 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
+
+    #[test]
+    fn values_that_cannot_work_are_config_errors() {
+        let default = BreakerConfig::default();
+        let zero_window = default.slow_calls(Duration::from_millis(10), 50, 0);
+        assert!(matches!(zero_window, Err(ConfigError::Breaker { .. })));
+        assert!(default.replay_batch(0).is_err());
+        assert!(default.failure_threshold(0).is_err());
+        assert!(default.max_pending_keys(0).is_err());
+        assert!(default
+            .slow_calls(Duration::from_millis(10), 0, 20)
+            .is_err());
+        assert!(default
+            .slow_calls(Duration::from_millis(10), 101, 20)
+            .is_err());
+        let set = default
+            .replay_batch(1)
+            .unwrap()
+            .slow_calls(Duration::ZERO, 100, 1)
+            .unwrap();
+        assert_eq!(
+            (set.replay_batch, set.window, set.slow_call_percent),
+            (1, 1, 100)
+        );
+        let err = default.replay_batch(0).unwrap_err().to_string();
+        assert!(err.contains("replay batch"), "{err}");
+    }
     use crate::store::{MemoryStore, Observed};
 
     #[derive(Debug, Clone, Copy)]
@@ -946,7 +1023,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_credentials_open_the_circuit() {
-        let config = BreakerConfig::default().failure_threshold(3);
+        let config = BreakerConfig::default().failure_threshold(3).unwrap();
         let (store, faulty) = resilient(config);
         faulty.set(Mode::Refuse(StoreError::Denied));
         for _ in 0..3 {
@@ -980,6 +1057,7 @@ mod tests {
     async fn opens_after_consecutive_failures_and_refuses_reads_without_trying() {
         let config = BreakerConfig::default()
             .failure_threshold(3)
+            .unwrap()
             .open_for(Duration::from_millis(50));
         let (store, faulty) = resilient(config);
         faulty.set(Mode::Down);
@@ -1005,6 +1083,7 @@ mod tests {
     async fn opens_on_slow_calls_that_succeed() {
         let config = BreakerConfig::default()
             .slow_calls(Duration::from_millis(10), 50, 4)
+            .unwrap()
             .open_for(Duration::from_secs(60));
         let (store, faulty) = resilient(config);
         faulty.set(Mode::Slow(Duration::from_millis(20)));
@@ -1017,7 +1096,9 @@ mod tests {
 
     #[tokio::test]
     async fn fast_calls_keep_it_closed() {
-        let config = BreakerConfig::default().slow_calls(Duration::from_millis(10), 50, 4);
+        let config = BreakerConfig::default()
+            .slow_calls(Duration::from_millis(10), 50, 4)
+            .unwrap();
         let (store, _) = resilient(config);
         for _ in 0..20 {
             assert!(store.lookup(&key("a")).await.is_ok());
@@ -1031,6 +1112,7 @@ mod tests {
         // the rate must come out as if each had been counted.
         let config = BreakerConfig::default()
             .slow_calls(Duration::from_millis(10), 50, 8)
+            .unwrap()
             .open_for(Duration::from_secs(60));
         let (store, faulty) = resilient(config);
         for _ in 0..30 {
@@ -1044,7 +1126,7 @@ mod tests {
         assert!(store.lookup(&key("a")).await.is_ok());
         assert_eq!(store.health().circuit, Circuit::Open, "4 slow of 8");
         // A failure after fast calls counts too.
-        let config = BreakerConfig::default().failure_threshold(2);
+        let config = BreakerConfig::default().failure_threshold(2).unwrap();
         let (store, faulty) = resilient(config);
         for _ in 0..30 {
             assert!(store.lookup(&key("a")).await.is_ok());
@@ -1061,6 +1143,7 @@ mod tests {
     async fn opened(open_for: Duration) -> (Resilient<Faulty>, Faulty) {
         let config = BreakerConfig::default()
             .failure_threshold(1)
+            .unwrap()
             .open_for(open_for);
         let (store, faulty) = resilient(config);
         faulty.set(Mode::Down);
@@ -1105,7 +1188,9 @@ mod tests {
     async fn failed_invalidations_replay_in_bounded_batches_before_any_read() {
         let config = BreakerConfig::default()
             .failure_threshold(100)
+            .unwrap()
             .replay_batch(2)
+            .unwrap()
             .open_for(Duration::from_millis(20));
         let (store, faulty) = resilient(config);
         let entry = crate::bench_support::encode_entry(Bytes::from_static(b"{}"));
@@ -1160,7 +1245,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_overflow_holds_the_cache_off_for_the_longest_entry_life_only() {
-        let config = BreakerConfig::default().max_pending_keys(2);
+        let config = BreakerConfig::default().max_pending_keys(2).unwrap();
         let (store, faulty) = resilient(config);
         store.longest_entry_life(Duration::from_millis(50));
         faulty.set(Mode::Down);

@@ -532,7 +532,9 @@ pub const TEST_DEADLINE: Duration = Duration::from_secs(2);
 /// lookups on one runtime thread) does not open the circuit mid-test. The
 /// suites that test the breaker set their own.
 pub fn test_breaker() -> BreakerConfig {
-    BreakerConfig::default().slow_calls(TEST_DEADLINE / 4, 50, 20)
+    BreakerConfig::default()
+        .slow_calls(TEST_DEADLINE / 4, 50, 20)
+        .unwrap()
 }
 
 pub fn policy(store: Arc<dyn Store>) -> Policy {
