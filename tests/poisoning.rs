@@ -17,6 +17,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use common::Backend;
 use tower::ServiceExt;
+use tower_redis_cache::store::Store;
 use tower_redis_cache::{CacheLayer, Policy, Route};
 
 backend_tests!(
@@ -96,9 +97,9 @@ async fn per_client(
     response
 }
 
-fn app(backend: &Backend, policy: tower_redis_cache::PolicyBuilder) -> Router {
+fn app(store: Arc<dyn Store>, policy: tower_redis_cache::PolicyBuilder) -> Router {
     let policy = policy
-        .store(backend.store.clone())
+        .store(store)
         .route(Route::get("/page/{id}").key("page:{id}"))
         .route(
             Route::get("/list/{id}")
@@ -214,7 +215,7 @@ fn cases() -> Vec<Case> {
 }
 
 async fn no_odd_input_reaches_a_clean_client(backend: Backend) {
-    let app = app(&backend, Policy::builder());
+    let app = app(backend.store.clone(), Policy::builder());
     let mut poisoned = Vec::new();
     for (id, case) in cases().into_iter().enumerate() {
         let query = match case.query {
@@ -264,7 +265,7 @@ fn leak(text: &str) -> &'static str {
 /// is stored as a variant (a route that varies on it) or not at all, and
 /// never served to another value.
 async fn per_client_headers_are_served_only_to_their_value(backend: Backend) {
-    let app = app(&backend, Policy::builder());
+    let app = app(backend.store.clone(), Policy::builder());
     let mut poisoned = Vec::new();
     for (id, name) in ["origin", "referer", "user-agent"].into_iter().enumerate() {
         for prefix in ["per-client", "vary"] {
@@ -302,7 +303,10 @@ async fn per_client_headers_are_served_only_to_their_value(backend: Backend) {
 }
 
 async fn a_policy_that_names_its_hosts_bypasses_the_others(backend: Backend) {
-    let app = app(&backend, Policy::builder().hosts(["api.example"]));
+    let app = app(
+        backend.store.clone(),
+        Policy::builder().hosts(["api.example"]),
+    );
     let (status, _) = send(&app, request("/page/1", &[("host", "evil.example")], "")).await;
     assert_eq!(status, "tower-redis-cache; fwd=bypass; detail=host");
     let (first, _) = send(&app, request("/page/1", &[("host", "API.example:80")], "")).await;
@@ -310,4 +314,51 @@ async fn a_policy_that_names_its_hosts_bypasses_the_others(backend: Backend) {
     assert!(first.ends_with("; stored"), "{first}");
     assert!(second.contains("; hit"), "{second}");
     assert!(!body.contains(MARK));
+}
+
+/// Two processes over one Redis (two independent stores and layers): an
+/// odd request on one, then clean ones on the other, and the other way
+/// round. The binding travels with the entry, so no process serves
+/// another's odd response.
+#[tokio::test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn no_odd_input_crosses_processes() {
+    let server = common::RedisServer::start();
+    let process = || {
+        let store = tower_redis_cache::store::RedisStore::open(&server.url())
+            .unwrap()
+            .deadline(common::TEST_DEADLINE)
+            .breaker(common::test_breaker());
+        app(Arc::new(store), Policy::builder())
+    };
+    let (a, b) = (process(), process());
+    let mut poisoned = Vec::new();
+    for (id, case) in cases().into_iter().enumerate() {
+        let query = match case.query {
+            "" => String::new(),
+            q => format!("?{q}"),
+        };
+        let clean_query = if case.query.is_empty() {
+            ""
+        } else {
+            "?limit=5"
+        };
+        let odd: Vec<(&str, &str)> = case.odd.iter().map(|(n, v)| (leak(n), leak(v))).collect();
+        for (writer, reader) in [(&a, &b), (&b, &a)] {
+            let odd_uri = format!("{}/{id}{query}", case.path);
+            let clean_uri = format!("{}/{id}{clean_query}", case.path);
+            let _ = send(writer, request(&odd_uri, &odd, case.body)).await;
+            for _ in 0..2 {
+                let (_, body) = send(reader, request(&clean_uri, &[], "")).await;
+                if body.contains(MARK) {
+                    poisoned.push(case.name.clone());
+                }
+            }
+        }
+    }
+    eprintln!(
+        "two processes: {} cases, poisoned: {poisoned:?}",
+        cases().len()
+    );
+    assert!(poisoned.is_empty(), "{poisoned:?}");
 }
