@@ -159,6 +159,8 @@ struct Case {
     clean: Vec<(String, String)>,
     body: &'static str,
     query: &'static str,
+    /// The odd request's URI is absolute (`http://api.example/…`).
+    absolute: bool,
 }
 
 fn cases() -> Vec<Case> {
@@ -169,6 +171,7 @@ fn cases() -> Vec<Case> {
         clean: vec![],
         body: "",
         query: "",
+        absolute: false,
     };
     let mut cases = vec![Case {
         name: "host: evil.example (clean: api.example)".into(),
@@ -177,7 +180,17 @@ fn cases() -> Vec<Case> {
         clean: vec![],
         body: "",
         query: "",
+        absolute: false,
     }];
+    cases.push(Case {
+        name: "absolute URI http://api.example with host: evil.example".into(),
+        path: "/page".into(),
+        odd: vec![("host".into(), "evil.example".into())],
+        clean: vec![],
+        body: "",
+        query: "",
+        absolute: true,
+    });
     for name in &REFLECTED[2..14] {
         cases.push(header(name, "evil.example"));
     }
@@ -202,6 +215,7 @@ fn cases() -> Vec<Case> {
         clean: vec![],
         body: "",
         query: "limit=5&callback=evil",
+        absolute: false,
     });
     cases.push(Case {
         name: "GET with a body".into(),
@@ -210,6 +224,7 @@ fn cases() -> Vec<Case> {
         clean: vec![],
         body: "evil body",
         query: "",
+        absolute: false,
     });
     cases
 }
@@ -222,7 +237,12 @@ async fn no_odd_input_reaches_a_clean_client(backend: Backend) {
             "" => String::new(),
             q => format!("?{q}"),
         };
-        let odd_uri = format!("{}/{id}{query}", case.path);
+        let origin = if case.absolute {
+            "http://api.example"
+        } else {
+            ""
+        };
+        let odd_uri = format!("{origin}{}/{id}{query}", case.path);
         let clean_query = if case.query.is_empty() {
             ""
         } else {
@@ -345,7 +365,12 @@ async fn no_odd_input_crosses_processes() {
         };
         let odd: Vec<(&str, &str)> = case.odd.iter().map(|(n, v)| (leak(n), leak(v))).collect();
         for (writer, reader) in [(&a, &b), (&b, &a)] {
-            let odd_uri = format!("{}/{id}{query}", case.path);
+            let origin = if case.absolute {
+                "http://api.example"
+            } else {
+                ""
+            };
+            let odd_uri = format!("{origin}{}/{id}{query}", case.path);
             let clean_uri = format!("{}/{id}{clean_query}", case.path);
             let _ = send(writer, request(&odd_uri, &odd, case.body)).await;
             for _ in 0..2 {

@@ -115,12 +115,12 @@ impl InputRules {
             }
         }
         if !self.hosts.is_empty() {
-            let host = host(request);
-            if !self
-                .hosts
-                .iter()
-                .any(|h| host.is_some_and(|host| host.eq(h)))
-            {
+            // Both names of the host, when a request gives two (an
+            // absolute URI and a `Host` header), must be the policy's.
+            let named = |host: Host<'_>| self.hosts.iter().any(|h| host.eq(h));
+            let (authority, header) = hosts(request);
+            let given = [authority, header];
+            if given.iter().all(Option::is_none) || !given.into_iter().flatten().all(named) {
                 return Err(Reason::Host);
             }
         }
@@ -151,9 +151,16 @@ impl InputRules {
                 }
             }
         }
-        match host(request) {
-            Some(host) => host.hash_into(&mut hasher),
-            None => hash_field(&mut hasher, b""),
+        // A request may name its host twice (an absolute URI and a `Host`
+        // header) and handlers read either: both are bound, as one when
+        // they agree.
+        match hosts(request) {
+            (Some(authority), Some(header)) if !authority.eq_host(header) => {
+                authority.hash_into(&mut hasher);
+                header.hash_into(&mut hasher);
+            }
+            (Some(host), _) | (None, Some(host)) => host.hash_into(&mut hasher),
+            (None, None) => hash_field(&mut hasher, b""),
         }
         let headers = request.headers();
         for (at, name) in FORWARDED.iter().enumerate() {
@@ -186,10 +193,21 @@ impl InputRules {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Host<'a>(&'a str);
 
-impl Host<'_> {
+impl<'a> Host<'a> {
+    /// The host `raw` names, `default_port` dropped.
+    fn named(raw: &'a str, default_port: &str) -> Self {
+        let raw = raw.trim();
+        Host(raw.strip_suffix(default_port).unwrap_or(raw))
+    }
+
     /// Equal to `canonical` (lower-case, default port dropped).
     pub(crate) fn eq(self, canonical: &str) -> bool {
         self.0.eq_ignore_ascii_case(canonical)
+    }
+
+    /// Equal to `other`, both read as the handler may read them.
+    fn eq_host(self, other: Host<'_>) -> bool {
+        self.0.eq_ignore_ascii_case(other.0)
     }
 
     /// The canonical form, lower-cased.
@@ -212,20 +230,29 @@ impl Host<'_> {
 /// The request's host: the URI's authority, else `Host`, the scheme's
 /// default port dropped. `None` when the request names none.
 pub(crate) fn host<B>(request: &Request<B>) -> Option<Host<'_>> {
-    let raw = match request.uri().authority() {
-        Some(authority) => authority.as_str().rsplit('@').next()?,
-        None => request
-            .headers()
-            .get(http::header::HOST)?
-            .to_str()
-            .ok()?
-            .trim(),
-    };
+    let (authority, header) = hosts(request);
+    authority.or(header)
+}
+
+/// The two names a request may give its host: the URI's authority (an
+/// absolute URI, HTTP/2's `:authority`) and the `Host` header, each with
+/// the scheme's default port dropped.
+fn hosts<B>(request: &Request<B>) -> (Option<Host<'_>>, Option<Host<'_>>) {
     let default_port = match request.uri().scheme_str() {
         Some(scheme) if scheme.eq_ignore_ascii_case("https") => ":443",
         _ => ":80",
     };
-    Some(Host(raw.strip_suffix(default_port).unwrap_or(raw)))
+    let authority = request
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().rsplit('@').next())
+        .map(|raw| Host::named(raw, default_port));
+    let header = request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(|raw| Host::named(raw, default_port));
+    (authority, header)
 }
 
 /// Feeds the `host` and `proto` parameters of a `Forwarded` value (RFC
@@ -385,6 +412,38 @@ mod tests {
         assert_ne!(
             bind(&rules, "app:other", &request("/", &[("host", "a.example")])),
             clean
+        );
+    }
+
+    #[test]
+    fn a_host_header_beside_an_absolute_uri_is_bound_too() {
+        let rules = InputRules::default();
+        let clean = binding(&rules, &request("/", &[("host", "a.example")]));
+        assert_eq!(
+            clean,
+            binding(
+                &rules,
+                &request("http://A.example/", &[("host", "a.example")])
+            ),
+            "one host, named twice"
+        );
+        assert_eq!(clean, binding(&rules, &request("http://a.example/", &[])));
+        assert_ne!(
+            clean,
+            binding(
+                &rules,
+                &request("http://a.example/", &[("host", "evil.example")])
+            )
+        );
+        let named = InputRules {
+            hosts: vec!["a.example".into()],
+            ..InputRules::default()
+        };
+        let refused = |uri: &str, h: &[(&str, &str)]| named.scan(&request(uri, h)).err();
+        assert_eq!(refused("http://a.example/", &[("host", "a.example")]), None);
+        assert_eq!(
+            refused("http://a.example/", &[("host", "evil.example")]),
+            Some(Reason::Host)
         );
     }
 

@@ -16,7 +16,7 @@
 //! | method | GET and HEAD only (HEAD served from the GET entry); other methods pass through |
 //! | path | matched against the route; path params keyed percent-decoded, and canonical when typed (`.param`) |
 //! | query | keyed normalised (decoded, sorted, empty values dropped unless `.keep_empty_query_values()`, only the allowlist when set); what the key drops is removed from the handler's request (or bypasses, `.bypass_dropped_query()`) |
-//! | host (the URI's authority, else `Host`) | bound into every entry (lower-cased, default port dropped); `.hosts([...])` bypasses other hosts; `Scope::host()` keys each host apart |
+//! | host (the URI's authority and the `Host` header) | bound into every entry (lower-cased, default port dropped; both when a request names two hosts, an absolute URI beside another `Host`); `.hosts([...])` bypasses other hosts; `Scope::host()` keys each host apart |
 //! | `Forwarded` (`host`, `proto`), `X-Forwarded-Host`, `-Proto`, `-Prefix`, `-Port`, `-Server`, `-Scheme`, `-Ssl`, `-Uri`, `X-Host`, `X-Original-Host`, `X-Url-Scheme`, `Front-End-Https` | bound into the entry when present (constant in an honest deployment, so free; an attacker's value only reaches the attacker); `.trusted_header(name)` leaves out one your proxy always overwrites |
 //! | `X-Original-URL`, `X-Rewrite-URL`, `X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override` | the request bypasses the cache (`rewrite`) |
 //! | `X-Forwarded-For`, `X-Real-IP` | ignored: they differ per client. A handler whose body depends on them must not be cached |
