@@ -69,9 +69,6 @@ mod policy;
 mod routes;
 mod stats;
 pub mod store;
-mod telemetry;
-#[cfg(feature = "tier")]
-mod tier;
 
 pub use cache::{CacheLayer, X_CACHE};
 
@@ -140,7 +137,7 @@ pub use policy::DEFAULT_COMPRESS_OVER;
 pub use policy::{Policy, PolicyBuilder, Route, Rule, DEFAULT_MAX_BODY_BYTES};
 pub use stats::{CacheStats, InvalidationStats, Reason, RouteStats};
 #[cfg(feature = "tier")]
-pub use tier::{InProcess, DEFAULT_TIER_BYTES, DEFAULT_TIER_ENTRIES};
+pub use store::tier::{InProcess, DEFAULT_TIER_BYTES, DEFAULT_TIER_ENTRIES};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

@@ -406,7 +406,7 @@ struct PolicyInner {
     stats: CacheStats,
     flights: FlightTable,
     #[cfg(feature = "tier")]
-    tier: Option<crate::tier::Tier>,
+    tier: Option<crate::store::tier::Tier>,
 }
 
 impl std::fmt::Debug for PolicyInner {
@@ -435,7 +435,7 @@ pub struct PolicyBuilder {
     rules: Vec<Rule>,
     store: Option<Arc<dyn Store>>,
     #[cfg(feature = "tier")]
-    in_process: crate::tier::InProcess,
+    in_process: crate::store::tier::InProcess,
 }
 
 impl std::fmt::Debug for PolicyBuilder {
@@ -481,7 +481,7 @@ impl Policy {
             rules: Vec::new(),
             store: None,
             #[cfg(feature = "tier")]
-            in_process: crate::tier::InProcess::new(),
+            in_process: crate::store::tier::InProcess::new(),
         }
     }
 
@@ -549,7 +549,7 @@ impl Policy {
 
     /// The in-process tier, when a route uses it.
     #[cfg(feature = "tier")]
-    pub(crate) fn tier(&self) -> Option<&crate::tier::Tier> {
+    pub(crate) fn tier(&self) -> Option<&crate::store::tier::Tier> {
         self.inner.tier.as_ref()
     }
 
@@ -887,7 +887,7 @@ impl PolicyBuilder {
     /// The bounds of the in-process tier that routes marked
     /// [`Route::in_process`] share (default [`InProcess::new`](crate::InProcess::new)).
     #[cfg(feature = "tier")]
-    pub fn in_process(mut self, bounds: crate::tier::InProcess) -> Self {
+    pub fn in_process(mut self, bounds: crate::store::tier::InProcess) -> Self {
         self.in_process = bounds;
         self
     }
@@ -1037,14 +1037,14 @@ impl PolicyBuilder {
 #[cfg(feature = "tier")]
 fn tiered(
     store: Arc<dyn Store>,
-    bounds: crate::tier::InProcess,
-) -> Result<(Arc<dyn Store>, crate::tier::Tier), ConfigError> {
+    bounds: crate::store::tier::InProcess,
+) -> Result<(Arc<dyn Store>, crate::store::tier::Tier), ConfigError> {
     if bounds.is_empty() {
         return Err(ConfigError::InProcess {
             reason: "the in-process tier holds no entry or no byte".to_owned(),
         });
     }
-    let tier = crate::tier::Tier::new(bounds);
+    let tier = crate::store::tier::Tier::new(bounds);
     if !tier.watch(&*store) {
         return Err(ConfigError::InProcess {
             reason: format!(
@@ -1053,7 +1053,7 @@ fn tiered(
             ),
         });
     }
-    let store: Arc<dyn Store> = Arc::new(crate::tier::Tiered {
+    let store: Arc<dyn Store> = Arc::new(crate::store::tier::Tiered {
         inner: store,
         tier: tier.clone(),
     });

@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use super::body::{to_bytes, ResponseBody};
 use super::flight::Wait;
-use super::service::{Ctx, Next, Outcome};
+use super::request::{Call, Ctx, Next, Outcome};
 
 use crate::stats::Reason;
 use crate::store::{Lookup, StoreFuture};
@@ -78,13 +78,6 @@ pin_project! {
         },
         Done,
     }
-}
-
-/// A call of the inner service, waiting for the store to say whether it is
-/// needed.
-pub(crate) struct Call<S, ReqBody> {
-    pub(crate) service: S,
-    pub(crate) request: Request<ReqBody>,
 }
 
 /// A storable response whose body is being read.
@@ -340,7 +333,7 @@ where
         );
     }
     let body = concat(frames, size);
-    let made = super::service::entry_of(
+    let made = super::storable::entry_of(
         ctx.policy(),
         ctx.binding(),
         ctx.ttl(),

@@ -122,10 +122,13 @@ mod body;
 pub(crate) mod flight;
 mod future;
 mod layer;
+mod request;
 mod service;
+mod storable;
 
 pub use body::ResponseBody;
 pub use future::ResponseFuture;
 pub use layer::CacheLayer;
-pub(crate) use service::CACHE_STATUS;
-pub use service::{Cache, X_CACHE};
+pub(crate) use request::CACHE_STATUS;
+pub use request::X_CACHE;
+pub use service::Cache;

@@ -9,8 +9,8 @@ use pin_project_lite::pin_project;
 
 use crate::cache::CACHE_STATUS;
 use crate::policy::Policy;
+use crate::stats::telemetry::{self, warn_limited, Op};
 use crate::store::{Invalidation, StoreError, StoreFuture};
-use crate::telemetry::{self, warn_limited, Op};
 
 /// On a write whose invalidation the store confirmed.
 const INVALIDATED: &str = "tower-redis-cache; fwd=method; detail=invalidated";

@@ -45,7 +45,7 @@ pub struct MemoryStore {
     lease_ttl: Duration,
     /// The tiers told of each invalidation (feature `tier`).
     #[cfg(feature = "tier")]
-    watchers: Arc<Mutex<Vec<crate::tier::Watcher>>>,
+    watchers: Arc<Mutex<Vec<crate::store::tier::Watcher>>>,
 }
 
 const STRIPES: usize = 64;
@@ -392,10 +392,10 @@ impl Store for MemoryStore {
 
     /// Every tier over this store hears each invalidation as it is applied.
     #[cfg(feature = "tier")]
-    fn watch(&self, watcher: crate::tier::Watcher) -> Option<crate::tier::WatchTask> {
+    fn watch(&self, watcher: crate::store::tier::Watcher) -> Option<crate::store::tier::WatchTask> {
         watcher.live();
         let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        watchers.retain(crate::tier::Watcher::wanted);
+        watchers.retain(crate::store::tier::Watcher::wanted);
         watchers.push(watcher);
         Some(Box::pin(async {}))
     }

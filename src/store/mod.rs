@@ -42,6 +42,8 @@ mod redis;
 mod resilient;
 #[cfg(feature = "redis")]
 mod subscribe;
+#[cfg(feature = "tier")]
+pub(crate) mod tier;
 #[cfg(feature = "redis")]
 mod wire;
 
@@ -49,7 +51,7 @@ pub use resilient::{BreakerConfig, Circuit, Resilient, StoreHealth};
 
 #[cfg(feature = "tier")]
 #[doc(hidden)]
-pub use crate::tier::{WatchTask, Watcher};
+pub use crate::store::tier::{WatchTask, Watcher};
 #[cfg(feature = "redis")]
 #[doc(hidden)]
 pub use batch::Batched;
@@ -469,7 +471,7 @@ pub trait Store: Send + Sync + 'static {
     /// route may use the tier over it.
     #[cfg(feature = "tier")]
     #[doc(hidden)]
-    fn watch(&self, watcher: crate::tier::Watcher) -> Option<crate::tier::WatchTask> {
+    fn watch(&self, watcher: crate::store::tier::Watcher) -> Option<crate::store::tier::WatchTask> {
         let _ = watcher;
         None
     }
@@ -519,7 +521,7 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
 
     #[cfg(feature = "tier")]
-    fn watch(&self, watcher: crate::tier::Watcher) -> Option<crate::tier::WatchTask> {
+    fn watch(&self, watcher: crate::store::tier::Watcher) -> Option<crate::store::tier::WatchTask> {
         (**self).watch(watcher)
     }
 }

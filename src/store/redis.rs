@@ -1065,7 +1065,7 @@ impl<C: Connect> Store for RedisStore<C> {
     /// Subscribes to the store's channel, when it publishes and knows a
     /// server to subscribe through.
     #[cfg(feature = "tier")]
-    fn watch(&self, watcher: crate::tier::Watcher) -> Option<crate::tier::WatchTask> {
+    fn watch(&self, watcher: crate::store::tier::Watcher) -> Option<crate::store::tier::WatchTask> {
         let link = self.inner.get_ref();
         if link.channel.is_empty() || link.subscribe_via.is_empty() {
             return None;

@@ -23,7 +23,7 @@ use bytes::Bytes;
 
 use super::{CacheKey, Invalidation, Lookup, Store, StoreError, StoreFuture, VersionKey};
 use crate::error::ConfigError;
-use crate::telemetry::{self, warn_limited, CircuitGauge, Op};
+use crate::stats::telemetry::{self, warn_limited, CircuitGauge, Op};
 
 /// Thresholds of the circuit breaker and the invalidation queue: by-value
 /// setters from [`BreakerConfig::default`]; a value that cannot work (a
@@ -788,7 +788,7 @@ impl<S: Store + Clone> Store for Resilient<S> {
     }
 
     #[cfg(feature = "tier")]
-    fn watch(&self, watcher: crate::tier::Watcher) -> Option<crate::tier::WatchTask> {
+    fn watch(&self, watcher: crate::store::tier::Watcher) -> Option<crate::store::tier::WatchTask> {
         self.inner.watch(watcher)
     }
 

@@ -19,9 +19,9 @@ use std::time::Duration;
 use futures_core::Stream;
 use redis::aio::{PubSubSink, PubSubStream};
 
-use crate::telemetry::warn_limited;
+use crate::stats::telemetry::warn_limited;
 #[cfg(feature = "tier")]
-use crate::tier::{WatchTask, Watcher};
+use crate::store::tier::{WatchTask, Watcher};
 
 /// The channel invalidations are published on unless set otherwise.
 pub const DEFAULT_CHANNEL: &str = "tower-redis-cache:invalidations";

@@ -1,12 +1,16 @@
-//! Per-route counters, readable in-process (for a `/cache/stats` endpoint)
-//! and exportable to any metrics system.
+//! Per-route counters, readable in-process (for a `/cache/stats` endpoint),
+//! and their export through the `metrics` facade and `tracing`
+//! ([`telemetry`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::store::StoreError;
-use crate::telemetry::{self, Invalidated, Op};
+
+pub(crate) mod telemetry;
+
+use telemetry::{Invalidated, Op};
 
 /// Why a response on a cached route was not served from, or stored into,
 /// the cache.
@@ -37,7 +41,9 @@ pub enum Reason {
     CacheControl,
     /// `Vary: *`, or a `Vary` on a header the key is not scoped by.
     Vary,
-    /// A `Content-Encoding` (compress outside the cache layer).
+    /// A `Content-Encoding` this build cannot decode (gzip and zstd are
+    /// stored with the `compression` feature; compress outside the cache
+    /// layer otherwise).
     ContentEncoding,
     /// The body is larger than the cap; it was streamed through.
     TooLarge,

@@ -405,7 +405,7 @@ impl WarnGate {
 /// `suppressed` field counting the warnings held back before it.
 macro_rules! warn_limited {
     ($($field:tt)*) => {{
-        static GATE: $crate::telemetry::WarnGate = $crate::telemetry::WarnGate::new();
+        static GATE: $crate::stats::telemetry::WarnGate = $crate::stats::telemetry::WarnGate::new();
         if let Some(suppressed) = GATE.pass() {
             tracing::warn!(suppressed, $($field)*);
         }
