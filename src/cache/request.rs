@@ -487,7 +487,9 @@ impl Ctx {
             }
             _ => {}
         }
-        self.policy.stats_ref().error(self.route, Op::Lookup, err);
+        self.policy
+            .stats_ref()
+            .error(self.route, Op::Lookup, err.kind());
         warn_limited!(route = self.label(), key = %self.key_text(), error = %err, "cache lookup failed; serving from the handler");
         self.bypass = Some(Reason::StoreError);
     }
@@ -592,7 +594,9 @@ impl Ctx {
             }
             Err(err) => {
                 self.end_span("error", took);
-                self.policy.stats_ref().error(self.route, Op::Store, &err);
+                self.policy
+                    .stats_ref()
+                    .error(self.route, Op::Store, err.kind());
                 warn_limited!(route = self.label(), key = %self.key_text(), error = %err, "cache store failed");
                 Outcome::NotStored(Reason::StoreError)
             }
@@ -883,7 +887,9 @@ impl Refresh {
             }
             Err(err) => {
                 span.record("outcome", "error");
-                self.policy.stats_ref().error(self.route, Op::Store, &err);
+                self.policy
+                    .stats_ref()
+                    .error(self.route, Op::Store, err.kind());
                 warn_limited!(route = route.label, error = %err, "stale entry refresh not stored");
             }
         }

@@ -86,7 +86,7 @@ fn record(policy: &Policy, invalidation: &Invalidation, applied: Result<(), Stor
         }
         Err(err) => {
             policy.stats_ref().invalidation_failed();
-            telemetry::store_error(Op::Invalidate, &err);
+            telemetry::store_error(Op::Invalidate, err.kind());
             warn_limited!(actions = %actions, error = %err, "cache invalidation failed; queued for replay");
         }
     }

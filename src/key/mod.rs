@@ -686,54 +686,10 @@ impl Layout {
     }
 }
 
-/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the
-/// text between the first `{` and the next `}`, when not empty), else of
-/// the whole key, modulo 16384.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
-pub(crate) fn slot(key: &[u8]) -> u16 {
-    let hashed = match key.iter().position(|&b| b == b'{') {
-        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
-            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
-            _ => key,
-        },
-        None => key,
-    };
-    crc16(hashed) % 16384
-}
-
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in bytes {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slots_follow_redis_cluster_hash_tags() {
-        // Reference values from `CLUSTER KEYSLOT` on Redis 7.
-        assert_eq!(slot(b"foo"), 12182);
-        assert_eq!(slot(b"123456789"), 12739);
-        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
-        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
-        assert_ne!(
-            slot(b"foo{}{bar}"),
-            slot(b"bar"),
-            "an empty tag hashes the whole key"
-        );
-        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
-    }
+    use crate::store::slot;
 
     #[test]
     fn a_version_key_and_its_entries_share_a_slot() {

@@ -6,8 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::StoreError;
-
 pub(crate) mod telemetry;
 
 use telemetry::{Invalidated, Op};
@@ -303,9 +301,10 @@ impl CacheStats {
         self.metrics.stored(route, took);
     }
 
-    pub(crate) fn error(&self, route: usize, op: Op, err: &StoreError) {
+    /// A store operation failed; `kind` is [`StoreError::kind`](crate::store::StoreError::kind).
+    pub(crate) fn error(&self, route: usize, op: Op, kind: &'static str) {
         self.counters(route).errors.fetch_add(1, Ordering::Relaxed);
-        telemetry::store_error(op, err);
+        telemetry::store_error(op, kind);
     }
 
     /// A request that did not use the cache.

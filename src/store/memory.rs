@@ -45,7 +45,7 @@ pub struct MemoryStore {
     lease_ttl: Duration,
     /// The tiers told of each invalidation (feature `tier`).
     #[cfg(feature = "tier")]
-    watchers: Arc<Mutex<Vec<crate::store::tier::Watcher>>>,
+    watchers: Arc<Mutex<Vec<crate::store::Watcher>>>,
 }
 
 const STRIPES: usize = 64;
@@ -177,7 +177,7 @@ impl MemoryStore {
 
     /// The lock of `key`'s slot.
     fn lock(&self, key: &str) -> MutexGuard<'_, ()> {
-        let stripe = usize::from(crate::key::slot(key.as_bytes())) % STRIPES;
+        let stripe = usize::from(crate::store::slot(key.as_bytes())) % STRIPES;
         // The lock guards no data: a panic while holding it leaves nothing
         // half-updated.
         self.stripes[stripe]
@@ -392,10 +392,10 @@ impl Store for MemoryStore {
 
     /// Every tier over this store hears each invalidation as it is applied.
     #[cfg(feature = "tier")]
-    fn watch(&self, watcher: crate::store::tier::Watcher) -> Option<crate::store::tier::WatchTask> {
+    fn watch(&self, watcher: crate::store::Watcher) -> Option<crate::store::WatchTask> {
         watcher.live();
         let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
-        watchers.retain(crate::store::tier::Watcher::wanted);
+        watchers.retain(crate::store::Watcher::wanted);
         watchers.push(watcher);
         Some(Box::pin(async {}))
     }

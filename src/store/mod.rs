@@ -30,44 +30,25 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-#[cfg(feature = "redis")]
-mod batch;
-#[cfg(feature = "cluster")]
-mod cluster;
-#[cfg(feature = "redis")]
-mod connect;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
 mod resilient;
-#[cfg(feature = "redis")]
-mod subscribe;
 #[cfg(feature = "tier")]
 pub(crate) mod tier;
-#[cfg(feature = "redis")]
-mod wire;
-
-pub use resilient::{BreakerConfig, Circuit, Resilient, StoreHealth};
-
 #[cfg(feature = "tier")]
-#[doc(hidden)]
-pub use crate::store::tier::{WatchTask, Watcher};
-#[cfg(feature = "redis")]
-#[doc(hidden)]
-pub use batch::Batched;
-#[cfg(feature = "cluster")]
-pub use cluster::ClusterSource;
-#[cfg(feature = "redis")]
-pub use connect::{Connect, Reconnecting};
-#[cfg(feature = "redis")]
-#[doc(hidden)]
-pub use connect::{Linked, Requested};
+mod watch;
+
 pub use memory::MemoryStore;
+#[cfg(feature = "cluster")]
+pub use redis::ClusterSource;
 #[cfg(feature = "redis")]
-pub use redis::{RedisStore, DEFAULT_CHANNEL, DEFAULT_DEADLINE, DEFAULT_WRITE_DEADLINE};
-#[cfg(feature = "redis")]
-#[doc(hidden)]
-pub use wire::Reply;
+pub use redis::{
+    Connect, Reconnecting, RedisStore, DEFAULT_CHANNEL, DEFAULT_DEADLINE, DEFAULT_WRITE_DEADLINE,
+};
+pub use resilient::{BreakerConfig, Circuit, Resilient, StoreHealth};
+#[cfg(feature = "tier")]
+pub use watch::{WatchTask, Watcher};
 
 /// The future every store operation returns.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
@@ -331,7 +312,7 @@ impl Invalidation {
     pub(crate) fn split_by_slot(&self) -> Vec<Self> {
         let mut parts: Vec<(u16, Self)> = Vec::new();
         let mut part = |key: &str| -> usize {
-            let slot = crate::key::slot(key.as_bytes());
+            let slot = slot(key.as_bytes());
             parts
                 .iter()
                 .position(|(s, _)| *s == slot)
@@ -402,6 +383,21 @@ impl fmt::Display for StoreError {
 impl std::error::Error for StoreError {}
 
 impl StoreError {
+    /// A short label for the kind of error, as metrics and logs name it:
+    /// `timeout`, `unreachable`, `backend`, `denied`, `rejected`,
+    /// `circuit-open` or `pending-invalidations`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Unreachable(_) => "unreachable",
+            Self::Backend(_) => "backend",
+            Self::Denied(_) => "denied",
+            Self::Rejected(_) => "rejected",
+            Self::CircuitOpen => "circuit-open",
+            Self::PendingInvalidations => "pending-invalidations",
+        }
+    }
+
     /// Whether the same operation may succeed later: what an invalidation
     /// queue should keep.
     pub fn is_transient(&self) -> bool {
@@ -458,8 +454,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// The parts `invalidation` goes out as, when more than one (a cluster
     /// store: one per slot), so that a decorator can queue and replay each
-    /// on its own. `None`: one part.
-    #[doc(hidden)]
+    /// on its own (see [`Resilient`]). `None`: one part.
     fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
         let _ = invalidation;
         None
@@ -468,10 +463,10 @@ pub trait Store: Send + Sync + 'static {
     /// Reports every invalidation applied to this store, whichever process
     /// sent it, to `watcher` (for the in-process tier), from the task
     /// returned, which the tier spawns. `None`: this store cannot, so no
-    /// route may use the tier over it.
+    /// route may use the tier over it. A store that wraps another
+    /// forwards this call to it.
     #[cfg(feature = "tier")]
-    #[doc(hidden)]
-    fn watch(&self, watcher: crate::store::tier::Watcher) -> Option<crate::store::tier::WatchTask> {
+    fn watch(&self, watcher: Watcher) -> Option<WatchTask> {
         let _ = watcher;
         None
     }
@@ -521,7 +516,7 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
 
     #[cfg(feature = "tier")]
-    fn watch(&self, watcher: crate::store::tier::Watcher) -> Option<crate::store::tier::WatchTask> {
+    fn watch(&self, watcher: Watcher) -> Option<WatchTask> {
         (**self).watch(watcher)
     }
 }
@@ -557,9 +552,53 @@ pub(crate) fn fresh_version() -> u64 {
         .map_or(1, |d| d.as_micros() as u64)
 }
 
+/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the
+/// text between the first `{` and the next `}`, when not empty), else of
+/// the whole key, modulo 16384.
+pub(crate) fn slot(key: &[u8]) -> u16 {
+    let hashed = match key.iter().position(|&b| b == b'{') {
+        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    crc16(hashed) % 16384
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_follow_redis_cluster_hash_tags() {
+        // Reference values from `CLUSTER KEYSLOT` on Redis 7.
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"123456789"), 12739);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(
+            slot(b"foo{}{bar}"),
+            slot(b"bar"),
+            "an empty tag hashes the whole key"
+        );
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
 
     /// A detached lookup shares no buffer with the reply it came from.
     #[test]
@@ -602,5 +641,24 @@ mod tests {
         assert!(parts
             .iter()
             .all(|p| p.tombstone() == invalidation.tombstone()));
+    }
+
+    #[test]
+    fn every_error_kind_has_a_label() {
+        let errors = [
+            StoreError::Timeout,
+            StoreError::Unreachable(String::new()),
+            StoreError::Backend(String::new()),
+            StoreError::Denied(String::new()),
+            StoreError::Rejected(String::new()),
+            StoreError::CircuitOpen,
+            StoreError::PendingInvalidations,
+        ];
+        for err in &errors {
+            assert!(
+                crate::stats::telemetry::ERROR_KINDS.contains(&err.kind()),
+                "{err}"
+            );
+        }
     }
 }

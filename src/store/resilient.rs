@@ -413,13 +413,13 @@ impl<S: Store + Clone> Resilient<S> {
                         tracing::info!(keys = sent.len(), "queued invalidations replayed");
                     }
                     Err(err) if err.is_transient() => {
-                        telemetry::store_error(Op::Replay, &err);
+                        telemetry::store_error(Op::Replay, err.kind());
                         tokio::time::sleep(shared.config.open_for).await
                     }
                     // Sending it again cannot succeed: dropped, not retried
                     // for ever with the cache held off.
                     Err(err) => {
-                        telemetry::store_error(Op::Replay, &err);
+                        telemetry::store_error(Op::Replay, err.kind());
                         shared.applied(&sent);
                         tracing::error!(keys = sent.len(), error = %err, "queued invalidations refused by the store; dropped");
                     }
@@ -788,7 +788,7 @@ impl<S: Store + Clone> Store for Resilient<S> {
     }
 
     #[cfg(feature = "tier")]
-    fn watch(&self, watcher: crate::store::tier::Watcher) -> Option<crate::store::tier::WatchTask> {
+    fn watch(&self, watcher: crate::store::Watcher) -> Option<crate::store::WatchTask> {
         self.inner.watch(watcher)
     }
 

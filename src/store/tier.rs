@@ -26,16 +26,15 @@
 //! README), and never later than the hard bound, even when a message is
 //! lost on a connection that looks healthy.
 
-use std::future::Future;
 use std::hash::BuildHasher;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::entry::Entry;
+use crate::store::watch::{WatchTask, Watched, Watcher};
 use crate::store::{CacheKey, Invalidation, Lookup, Store, StoreFuture, StoreHealth};
 
 /// Default bound on the number of entries the tier holds.
@@ -264,7 +263,7 @@ impl Tier {
     /// Asks `store` to report its invalidations to this tier. False when it
     /// cannot.
     pub(crate) fn watch(&self, store: &dyn Store) -> bool {
-        let watcher = Watcher(Arc::downgrade(&self.state));
+        let watcher = watcher_of(&self.state);
         match store.watch(watcher) {
             Some(task) => {
                 *lock(&self.task) = Some(task);
@@ -369,46 +368,19 @@ impl Tier {
     }
 }
 
-/// The task that receives a store's invalidations and reports them to a
-/// tier; it ends once the tier is gone.
-#[doc(hidden)]
-pub type WatchTask = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
-
-/// Where a store reports the invalidations it receives, for a tier.
-/// Each method returns false once the tier is gone: the reporting may stop.
-#[doc(hidden)]
-#[derive(Clone)]
-pub struct Watcher(Weak<State>);
-
-impl std::fmt::Debug for Watcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Watcher").finish_non_exhaustive()
-    }
+/// The watcher a store reports to for the tier of `state`.
+fn watcher_of(state: &Arc<State>) -> Watcher {
+    let tier: Arc<dyn Watched> = state.clone();
+    Watcher::new(Arc::downgrade(&tier))
 }
 
-impl Watcher {
-    /// Invalidations are being received from now on: the tier starts empty.
-    pub fn live(&self) -> bool {
-        self.0.upgrade().map(|state| state.clear(true)).is_some()
+impl Watched for State {
+    fn clear(&self, live: bool) {
+        State::clear(self, live);
     }
 
-    /// Invalidations may have been missed: the tier is dropped and unused
-    /// until [`Watcher::live`].
-    pub fn lost(&self) -> bool {
-        self.0.upgrade().map(|state| state.clear(false)).is_some()
-    }
-
-    /// These keys were deleted or bumped.
-    pub fn invalidated<'a>(&self, keys: impl IntoIterator<Item = &'a str>) -> bool {
-        self.0
-            .upgrade()
-            .map(|state| state.invalidated(keys))
-            .is_some()
-    }
-
-    /// Whether the tier still exists.
-    pub fn wanted(&self) -> bool {
-        self.0.strong_count() > 0
+    fn invalidated(&self, keys: &mut dyn Iterator<Item = &str>) {
+        State::invalidated(self, keys);
     }
 }
 
@@ -502,7 +474,7 @@ mod tests {
 
     fn tier() -> Tier {
         let tier = Tier::new(InProcess::new());
-        Watcher(Arc::downgrade(&tier.state)).live();
+        watcher_of(&tier.state).live();
         tier
     }
 
@@ -590,7 +562,7 @@ mod tests {
     #[test]
     fn a_lost_subscription_drops_everything_and_refuses_fills_under_way() {
         let tier = tier();
-        let watcher = Watcher(Arc::downgrade(&tier.state));
+        let watcher = watcher_of(&tier.state);
         let key = CacheKey::Plain("app:person:1".to_owned());
         tier.fill(&key, entry("v1"), 2, tier.generation(), later());
         // Served once: this thread now holds its own copy too.
@@ -628,7 +600,7 @@ mod tests {
     #[test]
     fn both_bounds_hold() {
         let tier = Tier::new(InProcess::new().max_entries(100).max_bytes(10_000));
-        Watcher(Arc::downgrade(&tier.state)).live();
+        watcher_of(&tier.state).live();
         let fill = |name: &str, size: usize| {
             for i in 0..1000 {
                 let key = CacheKey::Plain(format!("app:{name}:{i}"));
@@ -651,7 +623,7 @@ mod tests {
     #[test]
     fn a_watcher_outliving_its_tier_says_so() {
         let tier = tier();
-        let watcher = Watcher(Arc::downgrade(&tier.state));
+        let watcher = watcher_of(&tier.state);
         assert!(watcher.invalidated(["app:person:1"]));
         drop(tier);
         assert!(!watcher.wanted());

@@ -21,7 +21,7 @@ use redis::aio::{PubSubSink, PubSubStream};
 
 use crate::stats::telemetry::warn_limited;
 #[cfg(feature = "tier")]
-use crate::store::tier::{WatchTask, Watcher};
+use crate::store::{WatchTask, Watcher};
 
 /// The channel invalidations are published on unless set otherwise.
 pub const DEFAULT_CHANNEL: &str = "tower-redis-cache:invalidations";

@@ -13,9 +13,11 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::OnceCell;
 
-use super::connect::{Connect, Connecting, Epoch};
-use super::redis::{backend, DEFAULT_WRITE_DEADLINE};
-use super::{RedisStore, StoreError};
+use super::connection::sealed::Source;
+use super::connection::{Connecting, Epoch};
+use super::errors::backend;
+use super::{RedisStore, DEFAULT_WRITE_DEADLINE};
+use crate::store::StoreError;
 
 /// The connection of a store over a Redis Cluster: one cluster connection
 /// (redis-rs `cluster-async`, which follows `MOVED`/`ASK` and reconnects to
@@ -47,13 +49,13 @@ impl ClusterSource {
             inner: Arc::new(Shared {
                 client,
                 conn: OnceCell::new(),
-                scripts: super::redis::scripts(),
+                scripts: super::scripts::scripts(),
             }),
         }
     }
 }
 
-impl Connect for ClusterSource {
+impl Source for ClusterSource {
     type Conn = ClusterConnection;
 
     fn connect(&self) -> Connecting<ClusterConnection> {

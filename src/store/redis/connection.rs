@@ -1,15 +1,20 @@
 //! How a `RedisStore` reaches Redis, and how it knows which server lifetime
 //! it talks to.
 //!
-//! [`Reconnecting`] (what `RedisStore::open` uses) keeps one multiplexed
-//! connection, plus one for lookups (see `wire.rs`), and replaces both when
-//! either breaks. Each connection it makes first reads the server's epoch
-//! (`run_id` and `master_replid`) and loads the store's scripts, in one
-//! round trip: requests never pay `NOSCRIPT` round trips, and every entry is
-//! stamped with the epoch it was written under. A restart that reloads a
-//! snapshot, a failover or a full resync changes the epoch, so no entry
-//! written before it is served after it. The lookup connection reads the
-//! epoch too, and is used only when it reads the same one.
+//! Every command goes over a redis-rs connection: a
+//! [`MultiplexedConnection`] made by [`Reconnecting`] (what
+//! `RedisStore::open` uses), a cluster connection (`ClusterSource`), or one
+//! the user brings. A multiplexed connection writes the commands of
+//! concurrent requests together (its driver queues them and flushes once
+//! the queue is empty), so many lookups cost Redis one read.
+//!
+//! [`Reconnecting`] replaces its connection when it breaks. Each connection
+//! it makes first reads the server's epoch (`run_id` and `master_replid`)
+//! and loads the store's scripts, in one round trip: requests never pay
+//! `NOSCRIPT` round trips, and every entry is stamped with the epoch it was
+//! written under. A restart that reloads a snapshot, a failover or a full
+//! resync changes the epoch, so no entry written before it is served after
+//! it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,85 +23,67 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Cmd, RedisFuture, Value};
+use redis::AsyncConnectionConfig;
 use tokio::sync::watch;
 
-use super::batch::Batched;
-use super::wire::{Replied, Reply, Wire};
-use super::StoreError;
+use super::errors::backend;
+use crate::store::StoreError;
 
 /// What a connection reports about the server it talks to: its `run_id`,
 /// empty when unknown.
 pub(crate) type Epoch = Bytes;
 
+/// A connection being made: the connection, the server's epoch and the
+/// connection's generation.
 pub(crate) type Connecting<C> =
     Pin<Box<dyn Future<Output = Result<(C, Epoch, u64), StoreError>> + Send>>;
 
-/// A source of connections for a `RedisStore`: any cloneable redis-rs async
-/// connection (a `MultiplexedConnection`, a `ConnectionManager`, a mock), or
-/// [`Reconnecting`]. Only `Reconnecting` knows the server's `run_id`, so
-/// only it protects against restarts that reload old data.
-pub trait Connect: Clone + Send + Sync + 'static {
-    /// The connection one operation uses.
-    #[doc(hidden)]
-    type Conn: ConnectionLike + Send + 'static;
+/// A source of connections for a `RedisStore`: a [`Reconnecting`], a
+/// [`ClusterSource`](super::ClusterSource), or any cloneable redis-rs async
+/// connection (a `MultiplexedConnection`, a `ConnectionManager`). Only
+/// `Reconnecting` knows the server's `run_id`, so only it protects against
+/// restarts that reload old data. Sealed: implemented for those types only.
+pub trait Connect: sealed::Source {}
 
-    /// A connection, the server's epoch and the connection's generation.
-    #[doc(hidden)]
-    fn connect(&self) -> Connecting<Self::Conn>;
+impl<T: sealed::Source> Connect for T {}
 
-    /// What [`connect`](Connect::connect) gives when a connection is
-    /// already up, without a future to box: the path of every operation.
-    #[doc(hidden)]
-    fn live(&self) -> Option<(Self::Conn, Epoch, u64)> {
-        None
-    }
+pub(crate) mod sealed {
+    use super::{Connecting, ConnectionLike, Epoch};
 
-    /// Sends one single command, given as its arguments (a lookup's); its
-    /// reply. A connection that [keeps deadlines](Connect::keeps_deadlines)
-    /// fails it at `until`; others leave that to the operation's timer.
-    #[doc(hidden)]
-    fn request<'a>(
-        conn: &'a mut Self::Conn,
-        args: &[&[u8]],
-        until: tokio::time::Instant,
-    ) -> Requested<'a> {
-        let _ = until;
-        let cmd = command(args);
-        Requested::redis(Box::pin(async move { conn.req_packed_command(&cmd).await }))
-    }
+    /// What a store needs of its connections; see [`Connect`](super::Connect).
+    pub trait Source: Clone + Send + Sync + 'static {
+        /// The connection one operation uses.
+        type Conn: ConnectionLike + Send + 'static;
 
-    /// True when `conn`'s [`request`](Connect::request)s fail by
-    /// themselves at their deadline: a lookup made of them needs no timer
-    /// of its own.
-    #[doc(hidden)]
-    fn keeps_deadlines(conn: &Self::Conn) -> bool {
-        let _ = conn;
-        false
-    }
+        /// A connection, the server's epoch and the connection's generation.
+        fn connect(&self) -> Connecting<Self::Conn>;
 
-    /// The connection of `generation` failed: the next operation gets a
-    /// fresh one.
-    #[doc(hidden)]
-    fn broken(&self, generation: u64) {
-        let _ = generation;
-    }
+        /// What [`connect`](Source::connect) gives when a connection is
+        /// already up, without a future to box: the path of every operation.
+        fn live(&self) -> Option<(Self::Conn, Epoch, u64)> {
+            None
+        }
 
-    /// The server's persistence, when it could be read: `none`, `rdb`,
-    /// `aof` or `rdb+aof`.
-    #[doc(hidden)]
-    fn persistence(&self) -> Option<&'static str> {
-        None
-    }
+        /// The connection of `generation` failed: the next operation gets a
+        /// fresh one.
+        fn broken(&self, generation: u64) {
+            let _ = generation;
+        }
 
-    /// True for a Redis Cluster: multi-key commands must stay in one slot.
-    #[doc(hidden)]
-    fn is_cluster(&self) -> bool {
-        false
+        /// The server's persistence, when it could be read: `none`, `rdb`,
+        /// `aof` or `rdb+aof`.
+        fn persistence(&self) -> Option<&'static str> {
+            None
+        }
+
+        /// True for a Redis Cluster: multi-key commands must stay in one slot.
+        fn is_cluster(&self) -> bool {
+            false
+        }
     }
 }
 
-impl<C> Connect for C
+impl<C> sealed::Source for C
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
@@ -112,108 +99,14 @@ where
     }
 }
 
-/// `args` as a redis-rs command.
-fn command(args: &[&[u8]]) -> Cmd {
-    let size = args.iter().map(|arg| arg.len()).sum();
-    let mut cmd = Cmd::with_capacity(args.len(), size);
-    for arg in args {
-        cmd.arg(*arg);
-    }
-    cmd
-}
+/// Commands a multiplexed connection queues before callers wait (redis-rs
+/// defaults to 50): every request of a burst on a busy server gets its
+/// command queued at once, and they go out together.
+const PIPELINE_BUFFER: usize = 1024;
 
-/// The reply to one command sent with [`Connect::request`].
-#[doc(hidden)]
-pub struct Requested<'a>(Sent<'a>);
-
-enum Sent<'a> {
-    Wire(Replied),
-    Redis(RedisFuture<'a, Value>),
-}
-
-impl<'a> Requested<'a> {
-    fn redis(sent: RedisFuture<'a, Value>) -> Self {
-        Self(Sent::Redis(sent))
-    }
-}
-
-impl std::fmt::Debug for Requested<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Requested").finish_non_exhaustive()
-    }
-}
-
-impl Future for Requested<'_> {
-    type Output = Result<Reply, StoreError>;
-
-    fn poll(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        match &mut self.0 {
-            Sent::Wire(replied) => Pin::new(replied).poll(cx),
-            Sent::Redis(sent) => sent.as_mut().poll(cx).map(|sent| {
-                sent.map_err(super::redis::backend)
-                    .and_then(|value| reply_of(value, 0))
-            }),
-        }
-    }
-}
-
-/// A redis-rs reply as a [`Reply`] (bulk strings without a copy).
-fn reply_of(value: Value, depth: usize) -> Result<Reply, StoreError> {
-    Ok(match value {
-        Value::Nil => Reply::Nil,
-        Value::BulkString(bytes) => Reply::Bulk(Bytes::from(bytes)),
-        Value::Int(n) => Reply::Int(n),
-        Value::Okay => Reply::Status(Bytes::from_static(b"OK")),
-        Value::SimpleString(line) => Reply::Status(Bytes::from(line)),
-        Value::Array(items) | Value::Set(items) if depth < 8 => Reply::Array(
-            items
-                .into_iter()
-                .map(|item| reply_of(item, depth + 1))
-                .collect::<Result<_, _>>()?,
-        ),
-        Value::ServerError(err) => Reply::Error(Bytes::from(match err.details() {
-            Some(details) => format!("{} {details}", err.code()),
-            None => err.code().to_owned(),
-        })),
-        other => return Err(StoreError::Backend(format!("unexpected reply {other:?}"))),
-    })
-}
-
-/// The connection a [`Reconnecting`] store's operations get: the
-/// multiplexed connection, its single commands batched, and the wire that
-/// lookups take (unless the server is one the wire cannot reach, over
-/// TLS).
-#[doc(hidden)]
-#[derive(Clone, Debug)]
-pub struct Linked {
-    batched: Batched,
-    wire: Option<Wire>,
-}
-
-impl ConnectionLike for Linked {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        self.batched.req_packed_command(cmd)
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        cmd: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        self.batched.req_packed_commands(cmd, offset, count)
-    }
-
-    fn get_db(&self) -> i64 {
-        self.batched.get_db()
-    }
-}
-
-/// The name the wire connection gives itself (`CLIENT LIST` shows it).
-pub(crate) const WIRE_NAME: &str = "tower-redis-cache:lookups";
+/// Bytes a multiplexed connection encodes before it writes to the socket:
+/// a burst of lookups (a hundred bytes each) goes out as one write.
+const WRITE_BOUNDARY: usize = 64 * 1024;
 
 /// One multiplexed connection, replaced when it breaks, that reads the
 /// server's epoch (`run_id` and `master_replid`) and loads the scripts on
@@ -222,15 +115,6 @@ pub(crate) const WIRE_NAME: &str = "tower-redis-cache:lookups";
 /// under, so none written before a restart that reloads old data, a
 /// failover or a full resync is served after it. One connection attempt
 /// runs at a time. What [`RedisStore::open`](super::RedisStore::open) uses.
-///
-/// Lookups (the one command of a hit) take a second connection to the same
-/// server, named `tower-redis-cache:lookups` in `CLIENT LIST`: a minimal
-/// RESP2 client that writes the commands of concurrent requests as one
-/// buffer and reads replies without copying them. It authenticates and
-/// selects the database as the URL says, reads the server's epoch itself,
-/// and is used only when that epoch is the multiplexed connection's; both
-/// are replaced together. Over TLS (`rediss://`) lookups take the
-/// multiplexed connection, their single commands batched.
 #[derive(Clone)]
 pub struct Reconnecting {
     // One allocation shared by every clone: each operation clones this.
@@ -267,7 +151,7 @@ struct Attempt {
 
 #[derive(Clone)]
 struct Live {
-    conn: Linked,
+    conn: MultiplexedConnection,
     epoch: Epoch,
     generation: u64,
     persistence: Option<&'static str>,
@@ -330,7 +214,9 @@ impl Reconnecting {
     ) -> Self {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(None);
+            .set_response_timeout(None)
+            .set_pipeline_buffer_size(PIPELINE_BUFFER)
+            .set_write_backpressure_boundary(WRITE_BOUNDARY);
         Self {
             inner: Arc::new(Shared {
                 client,
@@ -350,12 +236,12 @@ impl Reconnecting {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-}
 
-impl Reconnecting {
     /// One connection attempt: connect, read the server's epoch, load the
     /// scripts, read its persistence.
-    async fn establish(&self) -> Result<(Linked, Epoch, Option<&'static str>), StoreError> {
+    async fn establish(
+        &self,
+    ) -> Result<(MultiplexedConnection, Epoch, Option<&'static str>), StoreError> {
         let setup = async {
             let mut conn = self
                 .inner
@@ -373,7 +259,7 @@ impl Reconnecting {
         };
         let (mut conn, server, replication) =
             match tokio::time::timeout(self.inner.setup_timeout, setup).await {
-                Ok(done) => done.map_err(super::redis::backend)?,
+                Ok(done) => done.map_err(backend)?,
                 Err(_) => return Err(StoreError::Timeout),
             };
         let epoch = epoch_from(&server, &replication);
@@ -381,44 +267,7 @@ impl Reconnecting {
             .await
             .ok()
             .flatten();
-        let wire = self.wire(&epoch).await;
-        let conn = Linked {
-            batched: Batched::new(conn),
-            wire,
-        };
         Ok((conn, epoch, persistence))
-    }
-
-    /// The wire for lookups, when the server can be reached with one and
-    /// is the one the multiplexed connection reads `epoch` from (a restart
-    /// in between would mix two lifetimes). Without it, lookups take the
-    /// multiplexed connection: slower, as correct.
-    async fn wire(&self, epoch: &Epoch) -> Option<Wire> {
-        let info = self.inner.client.get_connection_info();
-        let opened = tokio::time::timeout(self.inner.setup_timeout, Wire::open(info, WIRE_NAME));
-        let (wire, server, replication) = match opened.await {
-            Ok(Some(Ok(opened))) => opened,
-            Ok(None) => return None,
-            Ok(Some(Err(err))) => {
-                tracing::warn!(error = %err, "lookups take the multiplexed connection: their own failed to open");
-                return None;
-            }
-            Err(_) => {
-                tracing::warn!(
-                    "lookups take the multiplexed connection: their own timed out opening"
-                );
-                return None;
-            }
-        };
-        // An unknown epoch proves nothing: behind a proxy or a round-robin
-        // name the two connections could reach two servers.
-        if epoch.is_empty() || epoch_from(&server, &replication) != *epoch {
-            tracing::debug!(
-                "the server changed while connecting: lookups take the multiplexed connection"
-            );
-            return None;
-        }
-        Some(wire)
     }
 
     /// Runs one attempt and tells every operation waiting on it.
@@ -448,14 +297,14 @@ impl Reconnecting {
     }
 }
 
-impl Connect for Reconnecting {
-    type Conn = Linked;
+impl sealed::Source for Reconnecting {
+    type Conn = MultiplexedConnection;
 
     /// The live connection; else the attempt under way; else a new attempt,
     /// unless one failed less than [`RETRY_AFTER`] ago. One attempt at a
     /// time, as its own task: an operation that gives up at its deadline
     /// does not cancel it, so a slow link still ends up connected.
-    fn connect(&self) -> Connecting<Linked> {
+    fn connect(&self) -> Connecting<MultiplexedConnection> {
         if let Some(live) = self.live() {
             return Box::pin(async move { Ok(live) });
         }
@@ -492,24 +341,9 @@ impl Connect for Reconnecting {
         })
     }
 
-    fn live(&self) -> Option<(Linked, Epoch, u64)> {
+    fn live(&self) -> Option<(MultiplexedConnection, Epoch, u64)> {
         self.current()
             .map(|live| (live.conn, live.epoch, live.generation))
-    }
-
-    fn request<'a>(
-        conn: &'a mut Linked,
-        args: &[&[u8]],
-        until: tokio::time::Instant,
-    ) -> Requested<'a> {
-        match &conn.wire {
-            Some(wire) => Requested(Sent::Wire(wire.send(args, Some(until)))),
-            None => Requested::redis(conn.batched.send(command(args))),
-        }
-    }
-
-    fn keeps_deadlines(conn: &Linked) -> bool {
-        conn.wire.is_some()
     }
 
     fn persistence(&self) -> Option<&'static str> {

@@ -1,0 +1,546 @@
+//! The Redis backend: [`RedisStore`] over one node, a cluster or a
+//! connection you bring, all through redis-rs.
+//!
+//! - `connection`: where connections come from, and the server epoch each
+//!   one reads (restarts and failovers never serve older entries).
+//! - `lookups`: a hit's one round trip, and the epoch stamp on entries.
+//! - `scripts`: the conditional write and the invalidation, as Lua.
+//! - `errors`: what each Redis error means for the store.
+//! - `cluster`: the store over a Redis Cluster (feature `cluster`).
+//! - `subscription`: invalidations published to in-process tiers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+#[cfg(feature = "cluster")]
+mod cluster;
+mod connection;
+mod errors;
+mod lookups;
+mod scripts;
+mod subscription;
+#[cfg(test)]
+mod tests;
+
+#[cfg(feature = "cluster")]
+pub use cluster::ClusterSource;
+pub use connection::{Connect, Reconnecting};
+pub use subscription::DEFAULT_CHANNEL;
+
+use self::connection::Epoch;
+use self::errors::backend;
+use self::lookups::{
+    looked_up, plain_lookup, seen_args, stamp, versioned_lookup, EntryKey, SeenVersions,
+};
+use self::scripts::{apply, millis, STORE};
+use super::resilient::{BreakerConfig, Resilient, StoreHealth};
+use super::{
+    CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture, DEFAULT_LEASE_TTL,
+    DEFAULT_TOMBSTONE_TTL,
+};
+
+/// How long [`RedisStore::connect`] tries before it gives up.
+const CONNECT_BUDGET: Duration = Duration::from_secs(5);
+
+/// Default deadline for one Redis read or entry write.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
+
+/// Default budget of a write's invalidation: longer than a read's, since a
+/// write waits for it and a missed one leaves stale data.
+pub const DEFAULT_WRITE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// A store in Redis, over one cloneable connection.
+///
+/// With [`RedisStore::open`] the connection is a [`Reconnecting`]: one
+/// multiplexed connection shared by every request, replaced when it breaks,
+/// opened lazily (building the store needs no running Redis), and aware of
+/// the server's lifetime. Every operation has a deadline ([`DEFAULT_DEADLINE`] unless set);
+/// a late or failed operation is an error the layers turn into a miss.
+///
+/// Entries are written with `SET … PX ttl`; lookups are one `SET key lease
+/// NX PX ttl GET` (plain keys: the entry, or a lease of this miss when the
+/// key is empty; Redis 7.0 or later) or one `EVALSHA` (versioned keys);
+/// writes and invalidations are one `EVALSHA` each. No command scans the
+/// keyspace. Over a multiplexed connection the commands of concurrent
+/// requests go out together (one write, and one read in Redis, for many
+/// lookups); each request still waits for its own reply only.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_redis_cache::store::RedisStore;
+///
+/// let store = RedisStore::open("redis://127.0.0.1:6379/0")?
+///     .deadline(Duration::from_millis(50));
+/// # Ok::<(), tower_redis_cache::store::StoreError>(())
+/// ```
+#[derive(Clone)]
+pub struct RedisStore<C = Reconnecting> {
+    inner: Resilient<Link<C>>,
+}
+
+/// The Redis operations themselves, without breaker or queue.
+#[derive(Clone)]
+struct Link<C> {
+    source: C,
+    deadline: Duration,
+    write_deadline: Duration,
+    tombstone_ttl: Duration,
+    lease_ttl: Duration,
+    seen_versions: std::sync::Arc<SeenVersions>,
+    /// Whether invalidations go out one per cluster slot: known for a
+    /// cluster source, learned from a `CROSSSLOT` for any other.
+    split: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Where invalidations are published (empty: nowhere).
+    channel: std::sync::Arc<str>,
+    /// The servers an in-process tier subscribes through, tried in turn.
+    subscribe_via: std::sync::Arc<[redis::Client]>,
+}
+
+impl<C> std::fmt::Debug for RedisStore<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let link = self.inner.get_ref();
+        f.debug_struct("RedisStore")
+            .field("deadline", &link.deadline)
+            .field("write_deadline", &link.write_deadline)
+            .field("tombstone_ttl", &link.tombstone_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore<Reconnecting> {
+    /// A store for the Redis at `url`, connecting on first use and again
+    /// whenever the connection breaks. Each connection reads the server's
+    /// `run_id` and loads the scripts first: entries written before a
+    /// restart that reloaded old data, or before a failover, are never
+    /// served after it.
+    ///
+    /// Fails only when the URL does not parse. Must be called within a Tokio
+    /// runtime.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(backend)?;
+        let subscribe_via = client.clone();
+        Ok(Self::new(Reconnecting::new(
+            client,
+            Duration::from_secs(1),
+            scripts::scripts(),
+        ))
+        .subscribe_via([subscribe_via]))
+    }
+}
+
+impl RedisStore<Reconnecting> {
+    /// Like [`RedisStore::open`], then connects and pings once, so that a
+    /// wrong address, password or permission fails at start-up with a clear
+    /// error instead of turning every request into a miss. Later outages
+    /// are handled as always (misses, never errors).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_redis_cache::store::StoreError> {
+    /// use tower_redis_cache::store::RedisStore;
+    ///
+    /// let store = RedisStore::connect("redis://cache:s3cret@10.0.0.5:6379/0").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let store = Self::open(url)?;
+        store.connected().await?;
+        Ok(store)
+    }
+}
+
+impl<C: Connect> RedisStore<C> {
+    /// Pings until the store answers, or fails with the reason. The read
+    /// deadline is for requests: at start-up the first connection
+    /// (handshake, scripts, cluster topology) may take longer than one.
+    pub(crate) async fn connected(&self) -> Result<(), StoreError> {
+        let until = tokio::time::Instant::now() + CONNECT_BUDGET;
+        loop {
+            match self.inner.get_ref().ping().await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Timeout) if tokio::time::Instant::now() < until => continue,
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// A store over `conn`: a `MultiplexedConnection`, a `ConnectionManager`
+    /// or any other cloneable async connection (for an ACL user, a database
+    /// number, TLS settings), or a [`Reconnecting`]. Only
+    /// [`RedisStore::open`]'s connection knows the server's `run_id`: over
+    /// another, a restart that reloads old data is not detected.
+    pub fn new(conn: C) -> Self {
+        let link = Link {
+            split: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(conn.is_cluster())),
+            source: conn,
+            deadline: DEFAULT_DEADLINE,
+            write_deadline: DEFAULT_WRITE_DEADLINE,
+            tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            seen_versions: std::sync::Arc::default(),
+            channel: std::sync::Arc::from(DEFAULT_CHANNEL),
+            subscribe_via: std::sync::Arc::from([]),
+        };
+        Self {
+            inner: Resilient::new(link, BreakerConfig::default()),
+        }
+    }
+
+    /// The circuit breaker and invalidation queue thresholds.
+    pub fn breaker(self, config: BreakerConfig) -> Self {
+        Self {
+            inner: Resilient::new(self.inner.into_inner(), config),
+        }
+    }
+
+    /// The deadline for one read or entry write (default 100 ms).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.inner.get_mut().deadline = deadline;
+        self
+    }
+
+    /// The budget of a write's invalidation (default 1 s): it is tried
+    /// twice within it (the second time on a fresh connection when the
+    /// first one dropped), and it is sent even while the circuit is open.
+    pub fn write_deadline(mut self, deadline: Duration) -> Self {
+        self.inner.get_mut().write_deadline = deadline;
+        self
+    }
+
+    /// How long a delete's tombstone lives (default 5 minutes).
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.inner.get_mut().tombstone_ttl = ttl;
+        self
+    }
+
+    /// How long a miss's lease lives (default 60 s): a miss whose handler
+    /// takes longer is not stored.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.inner.get_mut().lease_ttl = ttl;
+        self
+    }
+
+    /// The Pub/Sub channel every invalidation is published on, for the
+    /// in-process tiers of every process (default [`DEFAULT_CHANNEL`]).
+    /// Every process over one Redis must use the same; an empty name
+    /// publishes nothing (then no process may use an in-process tier).
+    pub fn channel(mut self, channel: &str) -> Self {
+        self.inner.get_mut().channel = std::sync::Arc::from(channel);
+        self
+    }
+
+    /// The servers an in-process tier subscribes to invalidations through,
+    /// tried in turn (for a cluster, any of its nodes: messages reach them
+    /// all). Set by [`RedisStore::open`] and [`RedisStore::cluster`]; give
+    /// them for a store made with [`RedisStore::new`] or
+    /// [`RedisStore::from_cluster_client`] whose routes use the tier.
+    pub fn subscribe_via(mut self, clients: impl IntoIterator<Item = redis::Client>) -> Self {
+        self.inner.get_mut().subscribe_via = clients.into_iter().collect();
+        self
+    }
+}
+
+impl<C: Connect> Link<C> {
+    /// `invalidation` as one script call, tried twice within the write
+    /// deadline: a dropped or stalled connection fails the first, and the
+    /// second goes over a fresh one.
+    fn send(&self, invalidation: Invalidation) -> StoreFuture<()> {
+        let (source, budget, tombstone_ttl) =
+            (self.source.clone(), self.write_deadline, self.tombstone_ttl);
+        let channel = self.channel.clone();
+        Box::pin(async move {
+            let until = tokio::time::Instant::now() + budget;
+            let send = |deadline, invalidation: Invalidation| {
+                let (source, channel) = (source.clone(), channel.clone());
+                async move {
+                    let apply = |mut conn: C::Conn, _| async move {
+                        apply(&mut conn, &invalidation, tombstone_ttl, &channel).await
+                    };
+                    on_connection(&source, deadline, apply).await
+                }
+            };
+            let first = send(budget / 2, invalidation.clone()).await;
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match first {
+                // The first send may still land late: the second carries a
+                // tombstone of its own.
+                Err(StoreError::Unreachable(_) | StoreError::Timeout) if !left.is_zero() => {
+                    send(left, invalidation.reissued()).await
+                }
+                other => other,
+            }
+        })
+    }
+
+    /// One script call per slot, all under way at once; the first error,
+    /// if any part failed.
+    async fn send_by_slot(&self, invalidation: &Invalidation) -> Result<(), StoreError> {
+        let sends = invalidation
+            .split_by_slot()
+            .into_iter()
+            .map(|part| self.send(part))
+            .collect();
+        super::all(sends).await.into_iter().collect()
+    }
+}
+
+/// Runs `op` on a connection from `source`, all within `deadline`. A
+/// connection that failed or stalled is replaced for the next operation
+/// (a silently dead peer, a demoted master), and the new one reads the
+/// server's epoch again.
+async fn on_connection<C, T, F, Fut>(source: &C, deadline: Duration, op: F) -> Result<T, StoreError>
+where
+    C: Connect,
+    F: FnOnce(C::Conn, Epoch) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    on_live(source, deadline, source.live(), op).await
+}
+
+/// [`on_connection`], given what `source.live()` returned.
+async fn on_live<C, T, F, Fut>(
+    source: &C,
+    deadline: Duration,
+    live: Option<(C::Conn, Epoch, u64)>,
+    op: F,
+) -> Result<T, StoreError>
+where
+    C: Connect,
+    F: FnOnce(C::Conn, Epoch) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let generation = std::sync::atomic::AtomicU64::new(u64::MAX);
+    let attempt = async {
+        let (conn, epoch, used) = match live {
+            Some(live) => live,
+            None => source.connect().await?,
+        };
+        generation.store(used, std::sync::atomic::Ordering::Relaxed);
+        op(conn, epoch).await
+    };
+    let result = match tokio::time::timeout(deadline, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Timeout),
+    };
+    settle(
+        source,
+        generation.load(std::sync::atomic::Ordering::Relaxed),
+        result,
+    )
+}
+
+/// `result` of an operation on the connection of generation `used`, which
+/// is replaced when it failed or stalled.
+fn settle<C: Connect, T>(
+    source: &C,
+    used: u64,
+    result: Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if matches!(
+        result,
+        Err(StoreError::Unreachable(_) | StoreError::Timeout)
+    ) {
+        source.broken(used);
+    }
+    result
+}
+
+impl<C: Connect> Store for Link<C> {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+        let (source, deadline) = (&self.source, self.deadline);
+        match key {
+            CacheKey::Plain(key) => {
+                let (key, lease_ttl) = (key.clone(), self.lease_ttl);
+                let (source, live) = (source.clone(), source.live());
+                Box::pin(async move {
+                    on_live(&source, deadline, live, |mut conn, epoch| async move {
+                        let entry = plain_lookup(&mut conn, &key, lease_ttl).await?;
+                        Ok(looked_up(Vec::new(), entry, epoch))
+                    })
+                    .await
+                })
+            }
+            versioned @ CacheKey::Versioned { .. } => {
+                let seen_versions = self.seen_versions.clone();
+                let key = versioned.clone();
+                let (source, live) = (source.clone(), source.live());
+                Box::pin(async move {
+                    on_live(&source, deadline, live, |mut conn, epoch| async move {
+                        let (versions, entry) =
+                            versioned_lookup(&mut conn, &seen_versions, &key).await?;
+                        Ok(looked_up(versions, entry, epoch))
+                    })
+                    .await
+                })
+            }
+        }
+    }
+
+    fn store(
+        &self,
+        key: &CacheKey,
+        seen: &Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> StoreFuture<bool> {
+        let mut invocation = STORE.prepare_invoke();
+        match key {
+            CacheKey::Plain(key) => {
+                // Absent is what an evicted guard looks like: never matched.
+                if *seen.entry() == Observed::Absent {
+                    return Box::pin(async { Ok(false) });
+                }
+                let (state, current) = seen_args(seen.entry());
+                invocation.key(key).arg("p");
+                invocation.arg(state).arg(current);
+            }
+            CacheKey::Versioned { versions, .. } => {
+                // A version the lookup did not read as a value cannot match.
+                let Some(seen) = seen.version_values() else {
+                    return Box::pin(async { Ok(false) });
+                };
+                if seen.len() != versions.len() {
+                    return Box::pin(async { Ok(false) });
+                }
+                invocation.arg("v");
+                for (version, seen) in versions.iter().zip(&seen) {
+                    invocation.key(version.key());
+                    invocation.arg(*seen).arg(millis(version.ttl()));
+                }
+                invocation.key(EntryKey(key, &seen));
+            }
+        }
+        let (source, deadline) = (self.source.clone(), self.deadline);
+        let origin = seen.origin().clone();
+        Box::pin(async move {
+            on_connection(&source, deadline, |mut conn, epoch| async move {
+                // What the lookup saw belongs to another server lifetime.
+                if origin != epoch {
+                    return Ok(false);
+                }
+                // The value and TTL go last: the value is stamped with the
+                // epoch it was read and written under.
+                invocation
+                    .arg(stamp(&value, &epoch).as_ref())
+                    .arg(millis(ttl));
+                let written: i64 = invocation.invoke_async(&mut conn).await.map_err(backend)?;
+                Ok(written == 1)
+            })
+            .await
+        })
+    }
+
+    /// One script call, or on a cluster one per slot, sent concurrently
+    /// (a `CROSSSLOT` refusal teaches a store over a connection it did not
+    /// know to be a cluster's to split from then on).
+    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+        if invalidation.is_empty() {
+            return Box::pin(async { Ok(()) });
+        }
+        let link = self.clone();
+        let invalidation = invalidation.clone();
+        Box::pin(async move {
+            if link.split.load(std::sync::atomic::Ordering::Relaxed) {
+                return link.send_by_slot(&invalidation).await;
+            }
+            match link.send(invalidation.clone()).await {
+                Err(StoreError::Rejected(msg)) if msg.contains("CROSSSLOT") => {
+                    link.split.store(true, std::sync::atomic::Ordering::Relaxed);
+                    link.send_by_slot(&invalidation.reissued()).await
+                }
+                other => other,
+            }
+        })
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        let (source, deadline) = (self.source.clone(), self.deadline);
+        Box::pin(async move {
+            on_connection(&source, deadline, |mut conn, _| async move {
+                let _: String = redis::cmd("PING")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(backend)?;
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        self.tombstone_ttl
+    }
+
+    fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
+        if !self.split.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let parts = invalidation.split_by_slot();
+        (parts.len() > 1).then_some(parts)
+    }
+}
+
+impl<C: Connect> Store for RedisStore<C> {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+        self.inner.lookup(key)
+    }
+
+    fn store(
+        &self,
+        key: &CacheKey,
+        seen: &Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> StoreFuture<bool> {
+        self.inner.store(key, seen, value, ttl)
+    }
+
+    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+        self.inner.invalidate(invalidation)
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        self.inner.ping()
+    }
+
+    fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
+        self.inner.parts(invalidation)
+    }
+
+    fn tombstone_ttl(&self) -> Duration {
+        self.inner.tombstone_ttl()
+    }
+
+    fn longest_entry_life(&self, life: Duration) {
+        self.inner.longest_entry_life(life);
+    }
+
+    /// Subscribes to the store's channel, when it publishes and knows a
+    /// server to subscribe through.
+    #[cfg(feature = "tier")]
+    fn watch(&self, watcher: crate::store::Watcher) -> Option<crate::store::WatchTask> {
+        let link = self.inner.get_ref();
+        if link.channel.is_empty() || link.subscribe_via.is_empty() {
+            return None;
+        }
+        Some(subscription::task(
+            link.subscribe_via.clone(),
+            link.channel.clone(),
+            watcher,
+        ))
+    }
+
+    fn health(&self) -> StoreHealth {
+        let mut health = self.inner.health();
+        health.persistence = self.inner.get_ref().source.persistence();
+        health
+    }
+}
