@@ -14,7 +14,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, ServiceExt};
-use tower_redis_cache::{bench_support, CacheLayer, Coding, Policy, Route};
+use tower_redis_cache::store::{MemoryStore, Observed, Store};
+use tower_redis_cache::{CacheLayer, Coding, Policy, Route};
 
 /// A persons list page as the example serves it.
 fn persons_page(limit: usize) -> Bytes {
@@ -46,14 +47,63 @@ fn persons_page(limit: usize) -> Bytes {
 }
 
 fn layer(compress_over: usize, coding: Coding) -> CacheLayer {
-    CacheLayer::new(
-        Policy::builder()
-            .route(Route::get("/persons").key("persons:list:{query_hash}"))
-            .compress_over(compress_over)
-            .compress_with(coding)
-            .build()
-            .unwrap(),
-    )
+    CacheLayer::new(policy(MemoryStore::new(), compress_over, coding))
+}
+
+fn policy(store: MemoryStore, compress_over: usize, coding: Coding) -> Policy {
+    Policy::builder()
+        .store(store)
+        .route(Route::get("/persons").key("persons:list:{query_hash}"))
+        .compress_over(compress_over)
+        .compress_with(coding)
+        .build()
+        .unwrap()
+}
+
+/// What the handler answers.
+type Answer = Result<Response<Full<Bytes>>, Infallible>;
+
+/// A handler that answers `page` as JSON.
+fn answering(
+    page: Bytes,
+) -> impl tower::Service<
+    Request<()>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = std::future::Ready<Answer>,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    tower::service_fn(move |_req: Request<()>| {
+        let mut response = Response::new(Full::new(page.clone()));
+        response
+            .headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        std::future::ready(Ok::<_, Infallible>(response))
+    })
+}
+
+/// The bytes the memory store keeps for `page`, stored compressed (zstd)
+/// over `compress_over`: one miss through the layer, then the entry read
+/// back through the `Store` API.
+async fn stored_bytes(page: Bytes, compress_over: usize) -> usize {
+    let store = MemoryStore::new();
+    let policy = policy(store.clone(), compress_over, Coding::Zstd);
+    let request = || Request::get("/persons").body(()).unwrap();
+    let cached = CacheLayer::new(policy.clone()).layer(answering(page));
+    let response = cached.oneshot(request()).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    let key = policy.key_for(&request()).unwrap();
+    for _ in 0..100 {
+        if let Observed::Value(entry) = store.lookup(&key).await.unwrap().entry() {
+            if entry.len() > 64 {
+                return entry.len();
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+    unreachable!("the miss stored no entry")
 }
 
 fn bench(c: &mut Criterion) {
@@ -63,8 +113,8 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     for limit in [20, 100] {
         let body = persons_page(limit);
-        let plain = bench_support::encode_entry_over(body.clone(), usize::MAX).len();
-        let packed = bench_support::encode_entry_over(body.clone(), 1024).len();
+        let plain = runtime.block_on(stored_bytes(body.clone(), usize::MAX));
+        let packed = runtime.block_on(stored_bytes(body.clone(), 1024));
         println!(
             "persons list, limit={limit}: body {} B; entry {plain} B plain, {packed} B compressed ({:.1}x smaller, {:.0}% saved)",
             body.len(),
@@ -94,15 +144,7 @@ fn bench(c: &mut Criterion) {
             ),
         ];
         for (label, compress_over, coding, accept) in modes {
-            let page = body.clone();
-            let handler = tower::service_fn(move |_req: Request<()>| {
-                let mut response = Response::new(Full::new(page.clone()));
-                response
-                    .headers_mut()
-                    .insert("content-type", "application/json".parse().unwrap());
-                async { Ok::<_, Infallible>(response) }
-            });
-            let cached = layer(compress_over, coding).layer(handler);
+            let cached = layer(compress_over, coding).layer(answering(body.clone()));
             let request = move || {
                 let mut request = Request::get(format!("/persons?limit={limit}"));
                 if !accept.is_empty() {

@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use tower::{Layer, ServiceExt};
 mod support;
 use support::handler;
-use tower_redis_cache::{bench_support, CacheLayer, Policy, Route};
+use tower_redis_cache::{CacheLayer, Policy, Route};
 
 fn policy(ttl: Duration) -> Policy {
     Policy::builder()
@@ -43,17 +43,6 @@ fn pieces(c: &mut Criterion) {
     });
     c.bench_function("policy match + list key (query hash)", |b| {
         b.iter(|| policy.key_for(black_box(&list)))
-    });
-    let body = Bytes::from(format!(
-        "{{\"items\":[{}]}}",
-        "{\"id\":1,\"name\":\"Ana\"},".repeat(50)
-    ));
-    let encoded = bench_support::encode_entry(body.clone());
-    c.bench_function("entry encode (1.3 KB body)", |b| {
-        b.iter(|| bench_support::encode_entry(black_box(body.clone())))
-    });
-    c.bench_function("entry decode (1.3 KB body)", |b| {
-        b.iter(|| bench_support::decode_entry(black_box(encoded.clone())))
     });
 }
 

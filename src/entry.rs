@@ -196,7 +196,8 @@ impl Entry {
     }
 
     /// The stored form, a body longer than `compress_over` compressed with
-    /// zstd (tests and benchmarks).
+    /// zstd.
+    #[cfg(test)]
     pub(crate) fn encode_over(&self, compress_over: usize) -> Bytes {
         let mut entry = self.clone();
         entry.compress(compress_over, Coding::Zstd);
@@ -746,5 +747,52 @@ mod tests {
     fn tombstones_are_unique() {
         assert!(matches!(decode(tombstone()), Slot::Tombstone));
         assert_ne!(tombstone(), tombstone());
+    }
+}
+
+/// Entries for the crate's own tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    /// A 200 JSON response with `body` as a stored entry, bound to no
+    /// request (a hit never serves it).
+    pub(crate) fn encode(body: Bytes) -> Bytes {
+        entry([0; crate::key::BINDING_LEN], body).encode()
+    }
+
+    /// A 200 JSON response with `body` as the entry `policy` would serve
+    /// to `request`; `None` when the request is not cached.
+    pub(crate) fn encode_for<B>(
+        policy: &crate::Policy,
+        request: &http::Request<B>,
+        body: Bytes,
+    ) -> Option<Bytes> {
+        match policy.decide(request) {
+            crate::policy::Decision::Cache { binding, .. } => Some(entry(binding, body).encode()),
+            _ => None,
+        }
+    }
+
+    fn entry(binding: crate::key::Binding, body: Bytes) -> super::Entry {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        super::Entry::new(
+            binding,
+            http::StatusCode::OK,
+            headers,
+            body,
+            Duration::from_secs(60),
+        )
+    }
+
+    /// True when `raw` decodes as an entry.
+    pub(crate) fn is_entry(raw: Bytes) -> bool {
+        matches!(super::decode(raw), super::Slot::Entry(_))
     }
 }

@@ -72,60 +72,6 @@ pub mod store;
 
 pub use cache::{CacheLayer, X_CACHE};
 
-/// Entry points for the benchmarks in `benches/`; not part of the API.
-#[doc(hidden)]
-pub mod bench_support {
-    use std::time::Duration;
-
-    use bytes::Bytes;
-
-    /// Encodes a 200 JSON response with `body` as a stored entry (bound to
-    /// no request: a hit never serves it).
-    pub fn encode_entry(body: Bytes) -> Bytes {
-        encode_entry_over(body, usize::MAX)
-    }
-
-    /// Encodes like [`encode_entry`], compressing a body longer than
-    /// `compress_over` (feature `compression`).
-    pub fn encode_entry_over(body: Bytes, compress_over: usize) -> Bytes {
-        entry([0; crate::key::BINDING_LEN], body).encode_over(compress_over)
-    }
-
-    /// Encodes a 200 JSON response with `body` as the entry `policy` would
-    /// serve to `request`; `None` when the request is not cached.
-    pub fn encode_entry_for<B>(
-        policy: &crate::Policy,
-        request: &http::Request<B>,
-        body: Bytes,
-    ) -> Option<Bytes> {
-        match policy.decide(request) {
-            crate::policy::Decision::Cache { binding, .. } => {
-                Some(entry(binding, body).encode_over(usize::MAX))
-            }
-            _ => None,
-        }
-    }
-
-    fn entry(binding: crate::key::Binding, body: Bytes) -> crate::entry::Entry {
-        let mut headers = http::HeaderMap::new();
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-        crate::entry::Entry::new(
-            binding,
-            http::StatusCode::OK,
-            headers,
-            body,
-            Duration::from_secs(60),
-        )
-    }
-
-    /// Decodes a stored value; true when it is an entry.
-    pub fn decode_entry(raw: Bytes) -> bool {
-        matches!(crate::entry::decode(raw), crate::entry::Slot::Entry(_))
-    }
-}
 #[cfg(feature = "compression")]
 pub use coding::Coding;
 pub use error::ConfigError;

@@ -582,43 +582,44 @@ async fn an_evicted_guard_never_lets_an_old_read_store(backend: Backend) {
     db.set("9", 1);
     let (app, policy) = app(backend.store.clone(), db.clone());
     let handle = policy.handle();
-    let old = |uri: &str| {
-        tower_redis_cache::bench_support::encode_entry_for(
-            &policy,
-            &get_req(uri),
-            Bytes::from_static(b"{\"old\":1}"),
-        )
-        .unwrap()
-    };
+    // The entries a miss stored at revision 1 (what an old read would
+    // write), taken out of the store; then the row changes and both go.
+    let item = policy.key_for(&get_req("/persons/9")).unwrap();
+    let list = policy.key_for(&get_req("/persons")).unwrap();
+    send(&app, get_req("/persons/9")).await;
+    send(&app, get_req("/persons")).await;
+    let old_item = common::stored_entry(&*backend.store, &item).await;
+    let old_list = common::stored_entry(&*backend.store, &list).await;
+    db.set("9", 2);
+    handle.purge(&get_req("/persons/9")).await.unwrap();
+    handle.bump("persons:list").await.unwrap();
 
     // An item: the lookup, then a write's purge, then its tombstone evicted.
-    let item = policy.key_for(&get_req("/persons/9")).unwrap();
     let seen = backend.store.lookup(&item).await.unwrap();
     handle.purge(&get_req("/persons/9")).await.unwrap();
     backend.evict("app:person:9").await;
     let written = backend
         .store
-        .store(&item, &seen, old("/persons/9"), Duration::from_secs(60))
+        .store(&item, &seen, old_item, Duration::from_secs(60))
         .await;
     assert_eq!(written, Ok(false), "stored over an evicted tombstone");
 
     // A list whose version key was missing at lookup; a bump recreates it,
     // and it is evicted again before the store.
-    let list = policy.key_for(&get_req("/persons")).unwrap();
     backend.evict("{app:persons:list}:ver").await;
     let seen = backend.store.lookup(&list).await.unwrap();
     handle.bump("persons:list").await.unwrap();
     backend.evict("{app:persons:list}:ver").await;
     let written = backend
         .store
-        .store(&list, &seen, old("/persons"), Duration::from_secs(60))
+        .store(&list, &seen, old_list, Duration::from_secs(60))
         .await;
     assert_eq!(written, Ok(false), "stored over an evicted version key");
 
-    for uri in ["/persons/9", "/persons"] {
-        let (_, _, body) = send(&app, get_req(uri)).await;
-        assert!(!body.contains("old"), "{uri}: {body}");
-    }
+    let (_, _, body) = send(&app, get_req("/persons/9")).await;
+    assert_eq!(body, r#"{"id":"9","rev":2}"#);
+    let (_, _, body) = send(&app, get_req("/persons")).await;
+    assert!(body.contains(r#"["9",2]"#), "{body}");
 }
 
 /// A HEAD that finds a stale entry refreshes it with a GET: the refreshed
@@ -731,15 +732,7 @@ async fn large_bodies_are_stored_compressed_and_old_entries_still_read(backend: 
         assert!(body == large, "the body served on a {expected} differs");
     }
     let key = CacheKey::Plain("app:shape:large-json".into());
-    let stored = backend.store.lookup(&key).await.unwrap();
-    let Observed::Value(stored) = stored.entry() else {
-        panic!("no entry at {key:?}");
-    };
-    // Redis keeps entries under its epoch stamp: 0x04, length, epoch.
-    let raw = match stored[0] {
-        0x04 => stored.slice(2 + usize::from(stored[1])..),
-        _ => stored.clone(),
-    };
+    let raw = common::stored_entry(&*backend.store, &key).await;
     assert_eq!(raw[0], 0x07, "the compressed entry format");
     assert!(
         raw.len() * 3 < large.len(),
@@ -748,43 +741,25 @@ async fn large_bodies_are_stored_compressed_and_old_entries_still_read(backend: 
         large.len()
     );
 
+    // A small body is stored uncompressed (format 0x06), and read so.
     let key = CacheKey::Plain("app:shape:ok".into());
-    let uncompressed = tower_redis_cache::bench_support::encode_entry_for(
-        &policy,
-        &get_req("/shape/ok"),
-        Bytes::from_static(b"{\"ok\":\"uncompressed\"}"),
-    )
-    .unwrap();
-    plant(&backend, &key, uncompressed).await;
-    let served = send(&app, get_req("/shape/ok")).await;
-    assert_eq!(
-        served,
-        (
-            StatusCode::OK,
-            "HIT".into(),
-            r#"{"ok":"uncompressed"}"#.into()
-        )
-    );
+    assert_eq!(send(&app, get_req("/shape/ok")).await.1, "MISS");
+    let uncompressed = common::stored_entry(&*backend.store, &key).await;
+    assert_eq!(uncompressed[0], 0x06, "the uncompressed entry format");
+    assert_eq!(send(&app, get_req("/shape/ok")).await.1, "HIT");
 
     // The same entry in the format of an earlier version (first byte 0x01).
-    let mut old = tower_redis_cache::bench_support::encode_entry_for(
-        &policy,
-        &get_req("/shape/ok"),
-        Bytes::from_static(b"{\"ok\":\"old\"}"),
-    )
-    .unwrap()
-    .to_vec();
+    let mut old = uncompressed.to_vec();
     old[0] = 0x01;
     plant(&backend, &key, Bytes::from(old)).await;
     for expected in ["MISS", "HIT"] {
-        let (status, x_cache, body) = send(&app, get_req("/shape/ok")).await;
+        let (status, x_cache, _) = send(&app, get_req("/shape/ok")).await;
         assert_eq!((status, x_cache.as_str()), (StatusCode::OK, expected));
-        assert!(!body.contains("old"), "{body}");
     }
     assert_eq!(
         db.calls(),
-        2,
-        "the large-json miss and the old entry's miss"
+        3,
+        "the large-json miss, the small one's and the old entry's"
     );
 }
 

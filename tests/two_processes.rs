@@ -294,8 +294,11 @@ async fn a_miss_in_flight_across_a_restart_does_not_store() {
     let mut server = RedisServer::start();
     let store = RedisStore::open(&server.url()).unwrap();
     let db = Db::default();
-    let (_, policy) = app(Arc::new(store.clone()), db);
-    let entry = tower_redis_cache::bench_support::encode_entry(bytes::Bytes::from_static(b"{}"));
+    db.set("1", 1);
+    let (app, policy) = app(Arc::new(store.clone()), db);
+    send(&app, get_req("/persons/1")).await;
+    let stored = policy.key_for(&get_req("/persons/1")).unwrap();
+    let entry = common::stored_entry(&store, &stored).await;
     for uri in ["/persons/1", "/persons?limit=10"] {
         let key = policy.key_for(&get_req(uri)).unwrap();
         let seen = store.lookup(&key).await.unwrap();

@@ -1193,7 +1193,7 @@ mod tests {
             .unwrap()
             .open_for(Duration::from_millis(20));
         let (store, faulty) = resilient(config);
-        let entry = crate::bench_support::encode_entry(Bytes::from_static(b"{}"));
+        let entry = crate::entry::testing::encode(Bytes::from_static(b"{}"));
         let seen = store.lookup(&key("k0")).await.unwrap();
         assert!(store
             .store(&key("k0"), &seen, entry, Duration::from_secs(60))
@@ -1219,7 +1219,7 @@ mod tests {
         assert_eq!(store.health().pending_invalidations, 0);
         let found = store.lookup(&key("k0")).await.unwrap();
         assert!(
-            !matches!(found.entry(), Observed::Value(v) if crate::bench_support::decode_entry(v.clone()))
+            !matches!(found.entry(), Observed::Value(v) if crate::entry::testing::is_entry(v.clone()))
         );
         // Failed tries while down, then three batches of at most two keys,
         // then the lookup: the batches are bounded.

@@ -746,3 +746,27 @@ pub fn revision(uri: &str, body: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// What `store` holds at `key` as a hit would serve it: the entry's own
+/// bytes, without the epoch stamp a Redis store puts in front (0x04, a
+/// length, the epoch). Read through the public `Store` API, waiting out a
+/// miss's write still under way (a lease, first byte 0x03, until then).
+pub async fn stored_entry(
+    store: &dyn Store,
+    key: &tower_redis_cache::store::CacheKey,
+) -> bytes::Bytes {
+    for _ in 0..200 {
+        let seen = store.lookup(key).await.unwrap();
+        if let tower_redis_cache::store::Observed::Value(stored) = seen.entry() {
+            let raw = match stored[0] {
+                0x04 => stored.slice(2 + usize::from(stored[1])..),
+                _ => stored.clone(),
+            };
+            if matches!(raw.first(), Some(0x06 | 0x07)) {
+                return raw;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no entry at {key:?}");
+}

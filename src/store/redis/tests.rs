@@ -39,7 +39,7 @@ fn policy(store: impl Store) -> Policy {
 /// The entry `policy()` serves to a GET of `uri`.
 fn entry_for(uri: &str) -> Bytes {
     let request = Request::get(uri).body(()).unwrap();
-    crate::bench_support::encode_entry_for(
+    crate::entry::testing::encode_for(
         &policy(crate::store::MemoryStore::new()),
         &request,
         Bytes::from_static(b"{}"),
