@@ -56,6 +56,7 @@
 //! [axum]: https://docs.rs/axum
 
 #![deny(missing_docs, unreachable_pub, unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_debug_implementations)]
 
 pub mod cache;

@@ -240,9 +240,8 @@ impl Route {
     /// trip (feature `tier`). The store must publish its invalidations (a
     /// `RedisStore` does): the writing process reads its own writes, other
     /// processes see a write once its invalidation reaches them (the
-    /// publish delay, a millisecond or so), and never later than `bound`.
-    /// See the [README](https://docs.rs/tower-redis-cache) for the measured
-    /// delay.
+    /// publish delay, under a millisecond on loopback), and never later
+    /// than `bound`.
     #[cfg(feature = "tier")]
     pub fn in_process(mut self, bound: Duration) -> Self {
         self.in_process = Some(bound);

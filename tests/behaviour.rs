@@ -723,7 +723,7 @@ async fn a_not_modified_answer_claims_no_content_length(backend: Backend) {
 /// overwritten.
 async fn large_bodies_are_stored_compressed_and_old_entries_still_read(backend: Backend) {
     let db = Db::default();
-    let (app, policy) = app(backend.store.clone(), db.clone());
+    let (app, _) = app(backend.store.clone(), db.clone());
     let large = common::large_json();
     assert!(large.len() > 3000 && large.len() < CAP);
     for expected in ["MISS", "HIT"] {

@@ -7,53 +7,23 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::http::{http, Reply, Server};
 use common::{RedisCluster, RedisServer};
 
 const ACME: &str = "Bearer demo-token-acme";
 const GLOBEX: &str = "Bearer demo-token-globex";
 
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Builds the example binary (`cargo test` builds examples only as test
-/// harnesses) in this test's profile, and returns its path.
-fn example_binary() -> PathBuf {
-    // target/<profile>/deps/persons_e2e-<hash> → target/<profile>/examples/persons
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let mut build = Command::new(env!("CARGO"));
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "tower-redis-cache-examples",
-        "--example",
-        "persons",
-    ]);
-    if profile_dir
-        .file_name()
-        .is_some_and(|name| name == "release")
-    {
-        build.arg("--release");
-    }
-    let status = build.status().expect("cargo runs");
-    assert!(status.success(), "building the persons example failed");
-    profile_dir.join("examples").join("persons")
+/// The example with these environment variables set too.
+fn start_env(vars: &[(&str, &str)]) -> Server {
+    let mut all = vec![
+        ("PERSONS_SEED", "200"),
+        ("CACHE_REDIS_TIMEOUT_MS", "1000"),
+        ("PERSONS_ADMIN_TOKEN", "test-admin"),
+    ];
+    all.extend_from_slice(vars);
+    common::http::spawn("persons", "PERSONS_ADDR", &all)
 }
 
 fn start(redis_url: &str) -> Server {
@@ -64,90 +34,6 @@ fn start(redis_url: &str) -> Server {
 /// `value`.
 fn start_with(store_var: &str, value: &str) -> Server {
     start_env(&[(store_var, value)])
-}
-
-/// The example with these environment variables set too.
-fn start_env(vars: &[(&str, &str)]) -> Server {
-    let port = common::free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(example_binary())
-        .env("PERSONS_ADDR", &addr)
-        .envs(vars.iter().copied())
-        .env("PERSONS_SEED", "200")
-        .env("CACHE_REDIS_TIMEOUT_MS", "1000")
-        .env("RUST_LOG", "warn")
-        .env("PERSONS_ADMIN_TOKEN", "test-admin")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server { child, addr };
-    for _ in 0..300 {
-        if TcpStream::connect(&server.addr).is_ok() {
-            return server;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("the example did not listen on {}", server.addr);
-}
-
-struct Reply {
-    status: u16,
-    headers: String,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.lines().find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-
-    fn x_cache(&self) -> &str {
-        self.header("x-cache").unwrap_or("")
-    }
-}
-
-/// One HTTP/1.1 request on a fresh connection.
-fn http(
-    server: &Server,
-    method: &str,
-    path: &str,
-    auth: Option<&str>,
-    body: Option<&str>,
-) -> Reply {
-    let mut stream = TcpStream::connect(&server.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-        server.addr
-    );
-    if let Some(auth) = auth {
-        request.push_str(&format!("Authorization: {auth}\r\n"));
-    }
-    if let Some(body) = body {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    request.push_str("\r\n");
-    request.push_str(body.unwrap_or(""));
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    Reply {
-        status,
-        headers: head.to_owned(),
-        body: body.to_owned(),
-    }
 }
 
 fn get(server: &Server, path: &str, auth: &str) -> Reply {
@@ -481,6 +367,42 @@ fn the_persons_scenario_on_sqlite_and_redis() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(resumed, "caching resumed after Redis came back");
+
+    // Every series the Grafana dashboard queries is in the exporter's
+    // output, after a run with hits, misses, writes and an outage.
+    let scraped = http(&server, "GET", "/metrics", None, None).body;
+    let dashboard = include_str!("../dashboards/tower-redis-cache.json");
+    let queried = dashboard_metrics(dashboard);
+    assert!(queried.len() >= 10, "{queried:?}");
+    for metric in &queried {
+        assert!(
+            scraped
+                .lines()
+                .any(|line| line.split(['{', ' ']).next() == Some(metric.as_str())),
+            "the dashboard queries {metric}, which /metrics does not export"
+        );
+    }
+}
+
+/// The metric names a dashboard's queries use.
+fn dashboard_metrics(dashboard: &str) -> std::collections::BTreeSet<String> {
+    let json: serde_json::Value = serde_json::from_str(dashboard).expect("valid JSON");
+    let mut names = std::collections::BTreeSet::new();
+    for panel in json["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("a PromQL expression");
+            let mut rest = expr;
+            while let Some(at) = rest.find("tower_redis_cache_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                names.insert(name);
+            }
+        }
+    }
+    names
 }
 
 #[test]

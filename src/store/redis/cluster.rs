@@ -3,7 +3,8 @@
 //! The key layout already puts a version key and every entry under it in
 //! one slot, and every script names all its keys, so the store's commands
 //! are the same as on one server: an item hit is one `SET … NX GET`, a list
-//! hit one `MGET`, a miss's write one script call. Only invalidations
+//! hit one `MGET`, a miss's write one script call. Concurrent lookups go
+//! out batched, one pipeline per slot. Only invalidations
 //! differ: one script call per slot their keys fall in, sent concurrently.
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::OnceCell;
 
+use super::batch::Batched;
 use super::connection::sealed::Source;
 use super::connection::{Connecting, Epoch};
 use super::errors::backend;
@@ -32,7 +34,7 @@ pub struct ClusterSource {
 
 struct Shared {
     client: ClusterClient,
-    conn: OnceCell<ClusterConnection>,
+    conn: OnceCell<Batched<ClusterConnection>>,
     scripts: Vec<String>,
 }
 
@@ -56,9 +58,9 @@ impl ClusterSource {
 }
 
 impl Source for ClusterSource {
-    type Conn = ClusterConnection;
+    type Conn = Batched<ClusterConnection>;
 
-    fn connect(&self) -> Connecting<ClusterConnection> {
+    fn connect(&self) -> Connecting<Batched<ClusterConnection>> {
         let shared = self.inner.clone();
         Box::pin(async move {
             let conn = shared
@@ -74,7 +76,8 @@ impl Source for ClusterSource {
                             .query_async(&mut conn)
                             .await?;
                     }
-                    Ok::<_, redis::RedisError>(conn)
+                    // Lookups batched, one pipeline per slot.
+                    Ok::<_, redis::RedisError>(Batched::new(conn, true))
                 })
                 .await
                 .map_err(backend)?;
@@ -82,7 +85,7 @@ impl Source for ClusterSource {
         })
     }
 
-    fn live(&self) -> Option<(ClusterConnection, Epoch, u64)> {
+    fn live(&self) -> Option<(Batched<ClusterConnection>, Epoch, u64)> {
         let conn = self.inner.conn.get()?;
         Some((conn.clone(), Epoch::new(), 0))
     }

@@ -4,9 +4,9 @@
 //! Every command goes over a redis-rs connection: a
 //! [`MultiplexedConnection`] made by [`Reconnecting`] (what
 //! `RedisStore::open` uses), a cluster connection (`ClusterSource`), or one
-//! the user brings. A multiplexed connection writes the commands of
-//! concurrent requests together (its driver queues them and flushes once
-//! the queue is empty), so many lookups cost Redis one read.
+//! the user brings. On the first two, the lookups of concurrent requests
+//! go out as one pipeline (see `batch.rs`), so many lookups cost Redis one
+//! read.
 //!
 //! [`Reconnecting`] replaces its connection when it breaks. Each connection
 //! it makes first reads the server's epoch (`run_id` and `master_replid`)
@@ -26,6 +26,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::AsyncConnectionConfig;
 use tokio::sync::watch;
 
+use super::batch::Batched;
 use super::errors::backend;
 use crate::store::StoreError;
 
@@ -151,7 +152,7 @@ struct Attempt {
 
 #[derive(Clone)]
 struct Live {
-    conn: MultiplexedConnection,
+    conn: Batched<MultiplexedConnection>,
     epoch: Epoch,
     generation: u64,
     persistence: Option<&'static str>,
@@ -241,7 +242,7 @@ impl Reconnecting {
     /// scripts, read its persistence.
     async fn establish(
         &self,
-    ) -> Result<(MultiplexedConnection, Epoch, Option<&'static str>), StoreError> {
+    ) -> Result<(Batched<MultiplexedConnection>, Epoch, Option<&'static str>), StoreError> {
         let setup = async {
             let mut conn = self
                 .inner
@@ -267,7 +268,7 @@ impl Reconnecting {
             .await
             .ok()
             .flatten();
-        Ok((conn, epoch, persistence))
+        Ok((Batched::new(conn, false), epoch, persistence))
     }
 
     /// Runs one attempt and tells every operation waiting on it.
@@ -298,13 +299,13 @@ impl Reconnecting {
 }
 
 impl sealed::Source for Reconnecting {
-    type Conn = MultiplexedConnection;
+    type Conn = Batched<MultiplexedConnection>;
 
     /// The live connection; else the attempt under way; else a new attempt,
     /// unless one failed less than [`RETRY_AFTER`] ago. One attempt at a
     /// time, as its own task: an operation that gives up at its deadline
     /// does not cancel it, so a slow link still ends up connected.
-    fn connect(&self) -> Connecting<MultiplexedConnection> {
+    fn connect(&self) -> Connecting<Batched<MultiplexedConnection>> {
         if let Some(live) = self.live() {
             return Box::pin(async move { Ok(live) });
         }
@@ -341,7 +342,7 @@ impl sealed::Source for Reconnecting {
         })
     }
 
-    fn live(&self) -> Option<(MultiplexedConnection, Epoch, u64)> {
+    fn live(&self) -> Option<(Batched<MultiplexedConnection>, Epoch, u64)> {
         self.current()
             .map(|live| (live.conn, live.epoch, live.generation))
     }

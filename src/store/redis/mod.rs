@@ -3,6 +3,7 @@
 //!
 //! - `connection`: where connections come from, and the server epoch each
 //!   one reads (restarts and failovers never serve older entries).
+//! - `batch`: the lookups of concurrent requests, sent as one pipeline.
 //! - `lookups`: a hit's one round trip, and the epoch stamp on entries.
 //! - `scripts`: the conditional write and the invalidation, as Lua.
 //! - `errors`: what each Redis error means for the store.
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+mod batch;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod connection;
@@ -60,11 +62,12 @@ pub const DEFAULT_WRITE_DEADLINE: Duration = Duration::from_secs(1);
 ///
 /// Entries are written with `SET … PX ttl`; lookups are one `SET key lease
 /// NX PX ttl GET` (plain keys: the entry, or a lease of this miss when the
-/// key is empty; Redis 7.0 or later) or one `EVALSHA` (versioned keys);
+/// key is empty; Redis 7.0 or later) or one `MGET` (versioned keys);
 /// writes and invalidations are one `EVALSHA` each. No command scans the
-/// keyspace. Over a multiplexed connection the commands of concurrent
-/// requests go out together (one write, and one read in Redis, for many
-/// lookups); each request still waits for its own reply only.
+/// keyspace. On the connections `open` and `cluster` make, the lookups of
+/// concurrent requests go out as one pipeline (one write, and one read in
+/// Redis, for many lookups); each request still waits for its own reply
+/// only.
 ///
 /// ```no_run
 /// use std::time::Duration;

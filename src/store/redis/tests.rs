@@ -129,6 +129,124 @@ async fn an_item_hit_is_one_command() {
 }
 
 #[tokio::test]
+async fn concurrent_hits_on_a_batched_connection_share_round_trips() {
+    const N: usize = 64;
+    let recorder = Recorder::answering(
+        (0..N).map(|id| Value::BulkString(entry_for(&format!("/persons/{id}")).to_vec())),
+    );
+    let conn = super::batch::Batched::new(recorder.clone(), false);
+    // All runnable at once, as after one poll of many sockets.
+    let local = tokio::task::LocalSet::new();
+    let requests: Vec<_> = (0..N)
+        .map(|id| {
+            let (conn, uri) = (conn.clone(), format!("/persons/{id}"));
+            local.spawn_local(async move { get(conn, &uri).await })
+        })
+        .collect();
+    local
+        .run_until(async {
+            for request in requests {
+                assert_eq!(request.await.unwrap().headers()["x-cache"], "HIT");
+            }
+        })
+        .await;
+    // The idle connection sends what is queued when its flush runs;
+    // what queued after that goes out as the next batch.
+    let trips = recorder.trips();
+    let sizes: Vec<usize> = trips.iter().map(Vec::len).collect();
+    assert!(sizes.len() <= 2, "{N} lookups in batches of {sizes:?}");
+    let keys: Vec<&str> = trips
+        .iter()
+        .flatten()
+        .map(|command| command[1].as_str())
+        .collect();
+    let expected: Vec<String> = (0..N).map(|id| format!("app:person:{id}")).collect();
+    assert_eq!(keys, expected, "in the order they were queued");
+}
+
+/// On a cluster a batch goes out as one pipeline per slot, each with
+/// only that slot's commands, and every lookup gets its own reply.
+#[tokio::test]
+async fn a_cluster_batch_is_one_pipeline_per_slot() {
+    const N: usize = 32;
+    const SLOTS: usize = 4;
+    let recorder = Recorder::default();
+    let store = RedisStore::new(super::batch::Batched::new(recorder.clone(), true));
+    let key = |id: usize| CacheKey::Plain(format!("{{tag{}}}:item:{id}", id % SLOTS));
+    // All runnable at once, as after one poll of many sockets.
+    let local = tokio::task::LocalSet::new();
+    let lookups: Vec<_> = (0..N)
+        .map(|id| {
+            let (store, key) = (store.clone(), key(id));
+            local.spawn_local(async move { store.lookup(&key).await })
+        })
+        .collect();
+    local
+        .run_until(async {
+            for lookup in lookups {
+                let seen = lookup.await.unwrap().unwrap();
+                // An empty key: the reply is this lookup's own lease.
+                assert!(matches!(seen.entry(), Observed::Value(_)));
+            }
+        })
+        .await;
+    let trips = recorder.trips();
+    for trip in &trips {
+        let slot = crate::store::slot(trip[0][1].as_bytes());
+        assert!(
+            trip.iter()
+                .all(|command| crate::store::slot(command[1].as_bytes()) == slot),
+            "a pipeline across slots: {trip:?}"
+        );
+    }
+    assert_eq!(trips.iter().map(Vec::len).sum::<usize>(), N);
+    assert!(
+        trips.len() <= 2 * SLOTS,
+        "{N} lookups over {SLOTS} slots in {} pipelines",
+        trips.len()
+    );
+}
+
+/// Script calls are batched by the slot of their first key, not of their
+/// first argument (the script's hash, the same for every call): the parts
+/// of a cluster invalidation never share a pipeline.
+#[tokio::test]
+async fn a_cluster_batch_keeps_script_calls_of_two_slots_apart() {
+    let recorder = Recorder::default();
+    let conn = super::batch::Batched::new(recorder.clone(), true);
+    let call = |key: &str| {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(INVALIDATE.get_hash()).arg(1).arg(key).arg(1);
+        cmd
+    };
+    let (a, b) = (call("{app:person}:1"), call("{app:persons:list}:ver"));
+    assert_ne!(
+        crate::store::slot(b"{app:person}:1"),
+        crate::store::slot(b"{app:persons:list}:ver")
+    );
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let sent: Vec<_> = [a, b]
+                .into_iter()
+                .map(|cmd| {
+                    let mut conn = conn.clone();
+                    tokio::task::spawn_local(
+                        async move { conn.req_packed_command(&cmd).await.unwrap() },
+                    )
+                })
+                .collect();
+            for reply in sent {
+                reply.await.unwrap();
+            }
+        })
+        .await;
+    let trips = recorder.trips();
+    assert_eq!(trips.len(), 2, "{trips:?}");
+    assert!(trips.iter().all(|trip| trip.len() == 1), "{trips:?}");
+}
+
+#[tokio::test]
 async fn a_list_hit_is_one_mget_once_the_version_is_known() {
     let (prefix, suffix) = list_key_parts();
     let entry_key = format!("{prefix}17{suffix}");

@@ -1,8 +1,11 @@
 //! Peer anchor: one JSON endpoint on a plain hyper server, served bare, behind
-//! tower-http-cache (Redis or memory backend), or, built with the `ours`
+//! tower-http-cache (Redis or memory backend), behind hitbox (hitbox-tower with
+//! the hitbox-redis or hitbox-moka backend), or, built with the `ours`
 //! feature, behind tower-redis-cache (Redis or memory store).
-//! Usage: peer-harness <nocache|thc-redis|thc-memory|ours-redis|ours-memory|ours-tier> <port> [redis_url]
-//! (`ours-tier`: tower-redis-cache over Redis with its in-process tier.)
+//! Usage: peer-harness <nocache|thc-redis|thc-memory|hbx-redis|hbx-memory|ours-redis|ours-memory|ours-tier|ours-cluster> <port> [redis_url | cluster_urls]
+//! (`ours-tier`: tower-redis-cache over Redis with its in-process tier;
+//! `ours-cluster`: over a Redis Cluster, whose seed URLs the third argument
+//! lists, comma separated.)
 //! With PEER_CALLS_PORT=<port> set, a connection to 127.0.0.1:<port> reads
 //! how many times the handler ran and how many heap allocations the
 //! process made so far (`<calls> <allocations>`, decimal, then the
@@ -69,7 +72,9 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-async fn handler(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// Generic over the request body only because hitbox hands its upstream a
+/// `Request<BufferedBody<Incoming>>`; every mode runs this same function.
+async fn handler<B>(_req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
     HANDLER_CALLS.fetch_add(1, Ordering::Relaxed);
     Ok(Response::builder().header("content-type", "application/json").body(Full::new(body())).unwrap())
 }
@@ -80,7 +85,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).cloned().unwrap_or_else(|| "nocache".into());
     let port: u16 = args.get(2).and_then(|p| p.parse().ok()).unwrap_or(3100);
-    let base = tower::service_fn(handler);
+    let base = tower::service_fn(handler::<hyper::body::Incoming>);
     let svc: Svc = match mode.as_str() {
         "nocache" => BoxCloneService::new(
             base.map_response(|r: Response<Full<Bytes>>| r.map(|b| b.map_err(|x| match x {}).boxed_unsync()))
@@ -105,7 +110,8 @@ async fn main() {
                     .map_err(|x| e(x.into())),
             )
         }
-        "ours-memory" | "ours-redis" | "ours-tier" => ours(&mode, args.get(3).cloned(), base),
+        "hbx-memory" | "hbx-redis" => hbx(&mode, args.get(3).cloned()),
+        "ours-memory" | "ours-redis" | "ours-tier" | "ours-cluster" => ours(&mode, args.get(3).cloned(), base),
         other => panic!("unknown mode {other}"),
     };
     if let Some(calls_port) = std::env::var("PEER_CALLS_PORT").ok().and_then(|p| p.parse::<u16>().ok()) {
@@ -144,9 +150,65 @@ async fn main() {
     }
 }
 
+/// hitbox on the same handler: GET /item and GET /list (request predicates:
+/// method GET, path `/{route:item|list}`), 200 responses only, kept 300 s.
+/// hitbox caches nothing unless told: its config builder needs a request
+/// predicate, a response predicate and a key extractor. The key holds the
+/// method and the path pattern's captures only (here `route`, `item` or
+/// `list`), so the path predicate is what keeps other routes off these
+/// entries. /list is a plain entry to hitbox (it has no versioned routes).
+/// Both backends store serialized entries and decode one per hit; bincode
+/// for both (hitbox-redis's default and the format hitbox recommends;
+/// hitbox-moka defaults to JSON, about a third of bincode's req/s).
+fn hbx(mode: &str, url: Option<String>) -> Svc {
+    use http_body_util::BodyExt;
+    use hitbox::policy::PolicyConfig;
+    use hitbox::Config;
+    use hitbox_http::extractors::{path::PathExtractor as _, Method as MethodKey};
+    use hitbox_http::predicates::request::{Method, PathPredicate as _};
+    use hitbox_http::predicates::response::StatusCode;
+    use hitbox_http::BufferedBody;
+    use hitbox_tower::Cache;
+    const ROUTES: &str = "/{route:item|list}";
+    let base = tower::service_fn(handler::<BufferedBody<hyper::body::Incoming>>);
+    let config = Config::builder()
+        .request_predicate(Method::new(http::Method::GET).expect("method").path(ROUTES.to_string()))
+        .response_predicate(StatusCode::new(http::StatusCode::OK))
+        .extractor(MethodKey::new().path(ROUTES))
+        .policy(PolicyConfig::builder().ttl(Duration::from_secs(300)).build())
+        .build();
+    macro_rules! boxed {
+        ($layer:expr) => {
+            BoxCloneService::new(
+                ServiceBuilder::new().layer($layer).service(base)
+                    .map_response(|r| r.map(|b| b.map_err(|x: Infallible| -> E { match x {} }).boxed_unsync()))
+                    .map_err(|x: Infallible| -> E { match x {} }),
+            )
+        };
+    }
+    match mode {
+        "hbx-memory" => {
+            let backend = hitbox_moka::MokaBackend::builder()
+                .max_entries(10_000)
+                .value_format(hitbox_backend::format::BincodeFormat)
+                .build();
+            boxed!(Cache::builder().backend(backend).config(config).build())
+        }
+        _ => {
+            let url = url.unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
+            let backend = hitbox_redis::RedisBackend::builder()
+                .connection(hitbox_redis::ConnectionMode::single(url))
+                .build()
+                .expect("redis backend");
+            boxed!(Cache::builder().backend(backend).config(config).build())
+        }
+    }
+}
+
 /// tower-redis-cache on the same handler: `/item`, kept 300 s under the key
 /// `app:item`, and `/list`, a versioned route (group `list`) as list
-/// endpoints use. `ours-tier` keeps both in process too, for at most 1 s.
+/// endpoints use. `ours-tier` keeps both in process too, for at most 1 s;
+/// `ours-cluster` stores them on a Redis Cluster.
 #[cfg(feature = "ours")]
 fn ours<S>(mode: &str, url: Option<String>, base: S) -> Svc
 where
@@ -171,6 +233,10 @@ where
         ));
     let builder = match mode {
         "ours-memory" => builder.store(MemoryStore::new()),
+        "ours-cluster" => {
+            let seeds = url.expect("cluster seed URLs, comma separated");
+            builder.store(RedisStore::cluster(seeds.split(',')).expect("cluster seeds"))
+        }
         _ => {
             let url = url.unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
             builder.store(RedisStore::open(&url).expect("redis url"))
