@@ -765,6 +765,7 @@ pub(crate) mod testing {
 
     /// A 200 JSON response with `body` as the entry `policy` would serve
     /// to `request`; `None` when the request is not cached.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn encode_for<B>(
         policy: &crate::Policy,
         request: &http::Request<B>,
