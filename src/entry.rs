@@ -69,8 +69,8 @@ pub(crate) fn is_stored_header(
     ];
     if NOT_STORED.contains(name)
         || name.as_str().starts_with("proxy-")
-        || name.as_str() == crate::cache::X_CACHE
-        || *name == crate::cache::CACHE_STATUS
+        || name.as_str() == crate::headers::X_CACHE
+        || *name == crate::headers::CACHE_STATUS
         || per_response.contains(name)
     {
         return false;

@@ -1,8 +1,21 @@
-//! A Redis response cache for any [tower] or [axum] service, with per-route
-//! policies and invalidation driven by writes.
+//! A response cache in Redis for any [tower] or [axum] service, for JSON
+//! APIs read far more often than they change. One [`Policy`] holds the
+//! store, the cached routes, their tenant scopes and what each write
+//! invalidates; one layer applies it. It guarantees:
 //!
-//! One [`Policy`] holds everything: the store, the namespace, the cached
-//! routes and what each write invalidates. One layer applies it:
+//! - **never another tenant's data**: scopes are hashed into the key, and a
+//!   scope that reads nothing bypasses the cache;
+//! - **a hit is the handler's response**: status, body, every end-to-end
+//!   header;
+//! - **no stale data after a write**, in every process sharing the Redis,
+//!   whatever Redis evicts, even when the write's future is dropped;
+//! - **Redis down or slow means misses, never a 5xx**;
+//! - **one Redis command per hit** and per write; no `KEYS`, `SCAN` or
+//!   pattern deletes.
+//!
+//! Each guarantee's bound, the features and every option are in the
+//! [README](https://github.com/tower-redis-cache/tower-redis-cache#readme).
+//!
 //!
 //! ```
 //! use std::time::Duration;
@@ -52,6 +65,15 @@
 //! [`store`] module for the guarantees that keep the cache from serving
 //! stale data after a write.
 //!
+//! # Examples
+//!
+//! Runnable, one topic each, in the repository's `examples/` (run with
+//! `cargo run --example <name>`): `memory_store` (axum, the memory store),
+//! `redis_tenants` (Redis, a tenant scope, invalidation rules),
+//! `plain_hyper` (a tower service on hyper, no axum), `cluster` (a Redis
+//! Cluster) and `persons` (a full API over SQLite, with metrics and the
+//! operator endpoints).
+//!
 //! [tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum
 
@@ -63,7 +85,9 @@ pub mod cache;
 mod coding;
 mod entry;
 mod error;
+mod flight;
 mod handle;
+mod headers;
 pub mod invalidate;
 mod key;
 mod policy;

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Method, Request};
 
-use crate::cache::flight::FlightTable;
 use crate::error::{validate_namespace, ConfigError};
+use crate::flight::FlightTable;
 use crate::key::{
     pattern_params, Binding, Canonical, InputRules, KeyTemplate, Layout, Params, QueryRule,
     Rendered, Scope, Segment,

@@ -10,8 +10,8 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::body::{to_bytes, ResponseBody};
-use super::flight::Wait;
 use super::request::{Call, Ctx, Next, Outcome};
+use crate::flight::Wait;
 
 use crate::stats::Reason;
 use crate::store::{Lookup, StoreFuture};

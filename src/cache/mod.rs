@@ -119,16 +119,14 @@
 //! `tracing` and counted in [`CacheStats`](crate::CacheStats).
 
 mod body;
-pub(crate) mod flight;
 mod future;
 mod layer;
 mod request;
 mod service;
 mod storable;
 
+pub use crate::headers::X_CACHE;
 pub use body::ResponseBody;
 pub use future::ResponseFuture;
 pub use layer::CacheLayer;
-pub(crate) use request::CACHE_STATUS;
-pub use request::X_CACHE;
 pub use service::Cache;

@@ -6,16 +6,16 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 
 use super::body::ResponseBody;
-use super::flight::{Landed, Leader, Role};
 use super::storable::{collect_capped, declared_length, entry_of, unstorable_reason};
 use crate::coding::{etag_for, Accepts};
 use crate::entry::{Entry, Slot};
+use crate::flight::{Landed, Leader, Role};
 use crate::key::{Binding, BINDING_LEN};
 use crate::policy::Policy;
 use crate::stats::telemetry::{warn_limited, Op};
@@ -26,15 +26,7 @@ use tracing::Instrument;
 /// The `cache-status` cache name (RFC 9211).
 const CACHE_NAME: &str = "tower-redis-cache";
 
-/// Header telling whether the cache served the response: `HIT`, `MISS` or `BYPASS`.
-pub const X_CACHE: &str = "x-cache";
-
-/// [`X_CACHE`] as a header name: inserting by `&str` would parse (and, for a
-/// name `http` does not know, allocate) on every response.
-const X_CACHE_NAME: HeaderName = HeaderName::from_static(X_CACHE);
-
-/// The RFC 9211 `cache-status` header.
-pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+use crate::headers::{CACHE_STATUS, X_CACHE_NAME};
 
 /// A call of the inner service, waiting for the store to say whether it is
 /// needed.
@@ -52,7 +44,7 @@ pub(crate) enum Next<B: Body> {
     /// Answer with this response; start this refresh of a stale entry.
     Serve(Response<ResponseBody<B>>, Option<Refresh>),
     /// Wait for the request already calling the inner service.
-    Join(super::flight::Wait),
+    Join(crate::flight::Wait),
     /// Call the inner service.
     Call,
 }
@@ -416,7 +408,7 @@ impl Ctx {
     /// Records what the lookup saw, then leads the flight for this entry or
     /// returns the wait of the flight already under way. A HEAD neither
     /// leads (its response has no body to share) nor waits.
-    pub(crate) fn missed(&mut self, found: Lookup) -> Option<super::flight::Wait> {
+    pub(crate) fn missed(&mut self, found: Lookup) -> Option<crate::flight::Wait> {
         let role = match (&self.key, self.head) {
             (Some(key), false) => Some(self.policy.flights().enter(key, &found)),
             _ => None,
@@ -433,7 +425,7 @@ impl Ctx {
 
     /// The flight this request waited on lost its leader: lead it now, or
     /// wait on the follower that took it over first.
-    pub(crate) fn rejoin(&mut self) -> Option<super::flight::Wait> {
+    pub(crate) fn rejoin(&mut self) -> Option<crate::flight::Wait> {
         let (Some(key), Some(seen)) = (&self.key, &self.seen) else {
             return None;
         };

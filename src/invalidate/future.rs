@@ -7,7 +7,7 @@ use http::header::HeaderValue;
 use http::Response;
 use pin_project_lite::pin_project;
 
-use crate::cache::CACHE_STATUS;
+use crate::headers::CACHE_STATUS;
 use crate::policy::Policy;
 use crate::stats::telemetry::{self, warn_limited, Op};
 use crate::store::{Invalidation, StoreError, StoreFuture};
