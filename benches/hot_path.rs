@@ -1,6 +1,6 @@
 //! In-process cost of the cache layer: policy match with key rendering,
-//! entry encode/decode, and a hit and a miss through `CacheLayer` with the
-//! memory store, against the bare handler.
+//! and a hit (with and without sampled verification) and a miss through
+//! `CacheLayer` with the memory store, against the bare handler.
 //!
 //! Run with `cargo bench --bench hot_path` (`--features tier` adds a hit
 //! from the in-process tier).
@@ -60,6 +60,33 @@ fn bench(c: &mut Criterion) {
     c.bench_function("hit, memory store", |b| {
         b.to_async(&runtime).iter(|| get_one(&cached))
     });
+
+    // A hit whose route checks every hit against the handler, beside the
+    // same hit without: on a two-thread runtime, so the background check
+    // can run beside the hits as it would in a server.
+    let threads = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let verifying = |rate: f64| {
+        let policy = Policy::builder()
+            .route(
+                Route::get("/persons/{id}")
+                    .key("person:{id}")
+                    .ttl(Duration::from_secs(3600))
+                    .verify(rate),
+            )
+            .build()
+            .unwrap();
+        CacheLayer::new(policy).layer(handler())
+    };
+    for (label, rate) in [("off", 0.0), ("every hit", 1.0)] {
+        let cached = verifying(rate);
+        c.bench_function(&format!("hit, memory store, verification {label}"), |b| {
+            b.to_async(&threads).iter(|| get_one(&cached))
+        });
+    }
 
     // The same hit from the in-process tier (over the memory store, which
     // reports its invalidations at once): what a Redis-backed route kept in

@@ -18,7 +18,10 @@
 //! `CACHE_TTL_LIST_SECONDS` (60), `CACHE_NAMESPACE` (app),
 //! `CACHE_REDIS_TIMEOUT_MS` (100), `CACHE_IN_PROCESS_MS` (off; with a
 //! value, both routes are also kept in process for at most that long, the
-//! in-process tier), `PERSONS_TOKENS` (`token=tenant,…`; demo
+//! in-process tier), `CACHE_VERIFY_RATE` (0.001: the share of hits also
+//! checked against the handler in the background, which counts and heals
+//! entries a write outside the API left stale; 0 turns it off),
+//! `PERSONS_TOKENS` (`token=tenant,…`; demo
 //! tokens when unset), `PERSONS_ADMIN_TOKEN` (the admin endpoints' bearer
 //! token; generated and printed when unset), `PERSONS_DB` (a SQLite file; in
 //! memory when unset), `PERSONS_SEED` (sample persons per tenant, 2000),
@@ -525,6 +528,10 @@ async fn cache_stats(State(app): State<App>) -> Json<Value> {
                 "errors": r.errors, "skips": skips, "hit_rate": r.hit_rate,
                 "mean_hit_us": r.mean_hit_latency.as_micros() as u64,
                 "mean_miss_us": r.mean_miss_latency.as_micros() as u64,
+                "verified": r.verified, "verify_mismatches": r.verify_mismatches,
+                "last_mismatch_unix_ms": r.last_mismatch
+                    .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|since| since.as_millis() as u64),
             })
         })
         .collect();
@@ -721,13 +728,18 @@ fn cache_policy(
     person_ttl: u64,
     list_ttl: u64,
     in_process: Option<Duration>,
+    verify_rate: f64,
     redis: Option<Arc<dyn Store>>,
 ) -> Result<Policy, tower_redis_cache::ConfigError> {
     // The in-process tier, when asked for: each route's entries also kept
-    // in this process for at most `bound`.
-    let local = |route: Route| match in_process {
-        Some(bound) => route.in_process(bound),
-        None => route,
+    // in this process for at most `bound`. A share of the hits checked
+    // against the handler: the handlers only read.
+    let local = |route: Route| {
+        let route = route.verify(verify_rate);
+        match in_process {
+            Some(bound) => route.in_process(bound),
+            None => route,
+        }
     };
     let item_and_lists = |route: &str| {
         Rule::new(route)
@@ -835,6 +847,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             (None, None) => (None, "memory"),
         };
+    let verify_rate: f64 = env("CACHE_VERIFY_RATE", "0.001")
+        .parse()
+        .map_err(|_| "CACHE_VERIFY_RATE: a number from 0 to 1")?;
     let policy = match cache_on {
         true => Some(cache_policy(
             &env("CACHE_NAMESPACE", "app"),
@@ -843,6 +858,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(env_u64("CACHE_IN_PROCESS_MS", 0))
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis),
+            verify_rate,
             redis,
         )?),
         false => None,

@@ -43,6 +43,14 @@ pub enum ConfigError {
         /// The route, as `GET /persons`.
         route: String,
     },
+    /// A verification rate ([`Route::verify`](crate::Route::verify)) that
+    /// is not a number from 0 to 1.
+    VerifyRate {
+        /// The route, as `GET /persons/{id}`.
+        route: String,
+        /// The rate as given.
+        rate: String,
+    },
     /// A TTL of zero, which would store entries that can never be served.
     ZeroTtl {
         /// The route, as `GET /persons/{id}`.
@@ -129,6 +137,10 @@ impl fmt::Display for ConfigError {
                 "route `{route}`: a key with `{{version}}` needs `versioned_by(group)`, and a group needs `{{version}}` in the key"
             ),
             Self::ZeroTtl { route } => write!(f, "route `{route}` has a TTL of zero"),
+            Self::VerifyRate { route, rate } => write!(
+                f,
+                "route `{route}` verifies at rate {rate}: a rate is a number from 0 to 1"
+            ),
             Self::InvalidNamespace(ns) => write!(
                 f,
                 "namespace `{ns}` must be non-empty, without whitespace or braces"

@@ -62,6 +62,7 @@ pub struct Route {
     params: Vec<(String, Canonical)>,
     vary: Vec<HeaderName>,
     invalid_header: Option<String>,
+    verify: f64,
     #[cfg(feature = "tier")]
     in_process: Option<Duration>,
 }
@@ -85,6 +86,7 @@ impl Route {
             params: Vec::new(),
             vary: Vec::new(),
             invalid_header: None,
+            verify: 0.0,
             #[cfg(feature = "tier")]
             in_process: None,
         }
@@ -248,6 +250,37 @@ impl Route {
         self
     }
 
+    /// Checks a sample of this route's hits against the handler: a sampled
+    /// hit (a `rate` of them, from 0 to 1; 0, the default, turns it off) is
+    /// answered from the cache as usual, and the handler is also called in
+    /// the background with the same request. A response that differs from
+    /// the entry (status, body, or the headers a hit replays) is counted
+    /// ([`RouteStats::verify_mismatches`](crate::RouteStats), the metric
+    /// `tower_redis_cache_verify_mismatches_total`), logged at WARN with the
+    /// route (at most once per route every 10 s), and replaces the entry
+    /// when it may be stored, by the same conditional write as a miss: an
+    /// invalidation since the lookup still wins. So writes that bypass
+    /// every rule (a batch job, a migration, a route without its rule) show
+    /// up, and their stale entries heal.
+    ///
+    /// Bounded: at most one verification per entry and 16 per process run
+    /// at once; the hit does not wait for it. Only hits read from the
+    /// store are sampled (not those of the in-process tier). **A route
+    /// whose handler has side effects on reads must not verify.** A rate
+    /// outside 0 to 1 is a [`ConfigError::VerifyRate`] at `build()`.
+    ///
+    /// ```
+    /// use tower_redis_cache::Route;
+    ///
+    /// // One hit in a thousand is checked against the handler.
+    /// let route = Route::get("/persons/{id}").key("person:{id}").verify(0.001);
+    /// # let _ = route;
+    /// ```
+    pub fn verify(mut self, rate: f64) -> Self {
+        self.verify = rate;
+        self
+    }
+
     fn label(&self) -> String {
         format!("GET {}", self.pattern)
     }
@@ -315,6 +348,8 @@ pub(crate) struct CompiledRoute {
     query: QueryRule,
     /// Request headers the entry is bound to, beyond the scope.
     vary: Vec<HeaderName>,
+    /// The share of hits checked against the handler (0: none).
+    pub(crate) verify: f64,
     /// The hard bound of the route's entries in the in-process tier.
     #[cfg(feature = "tier")]
     pub(crate) in_process: Option<Duration>,
@@ -951,6 +986,12 @@ impl PolicyBuilder {
             if ttl.is_zero() {
                 return Err(ConfigError::ZeroTtl { route: label });
             }
+            if !(0.0..=1.0).contains(&route.verify) {
+                return Err(ConfigError::VerifyRate {
+                    route: label,
+                    rate: route.verify.to_string(),
+                });
+            }
             #[cfg(feature = "tier")]
             if route.in_process.is_some_and(|bound| bound.is_zero()) {
                 return Err(ConfigError::InProcess {
@@ -983,6 +1024,7 @@ impl PolicyBuilder {
                 public: route.public,
                 query: route.query,
                 vary: route.vary,
+                verify: route.verify,
                 #[cfg(feature = "tier")]
                 in_process: route.in_process,
             });
@@ -1252,7 +1294,7 @@ mod tests {
     }
 
     #[test]
-    fn item_keys_read_like_the_seed() {
+    fn item_keys_read_namespace_then_template() {
         assert_eq!(
             key_of(&policy(), get("/persons/42")),
             Some(CacheKey::Plain("app:person:42".into()))

@@ -55,7 +55,7 @@ fn the_persons_scenario_on_sqlite_and_redis() {
     let mut redis = RedisServer::start();
     let server = start(&redis.url());
 
-    // R4: item and list, miss then hit.
+    // Item and list, miss then hit.
     let first = get(&server, "/persons/1", ACME);
     assert_eq!(
         (first.status, first.x_cache()),
@@ -111,7 +111,7 @@ fn the_persons_scenario_on_sqlite_and_redis() {
         assert_eq!((denied.status, denied.x_cache()), (401, ""));
     }
 
-    // R5: a PATCH deletes the item and bumps the lists.
+    // A PATCH deletes the item and bumps the lists.
     let patched = http(
         &server,
         "PATCH",
@@ -266,7 +266,7 @@ fn the_persons_scenario_on_sqlite_and_redis() {
         assert!(reply.body.starts_with("{\"error\""), "{}", reply.body);
     }
 
-    // R7: health and stats.
+    // Health and stats.
     let health = http(&server, "GET", "/cache/health", None, None);
     assert_eq!(
         health.body,
@@ -519,5 +519,109 @@ fn two_processes_with_the_in_process_tier() {
         stats.body
     );
     drop((writer, other));
+    let _ = std::fs::remove_file(&db);
+}
+
+/// A row changed in the SQLite file directly (a batch job, a migration: no
+/// API call, no rule) is found by a sampled hit, counted, and healed: the
+/// hit after it serves the new row, and so does every later one.
+#[test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+fn a_row_changed_behind_the_api_is_found_by_verification_and_healed() {
+    let redis = RedisServer::start();
+    let db = std::env::temp_dir().join(format!("persons-verify-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&db);
+    let url = redis.url();
+    let path = db.display().to_string();
+    let server = start_env(&[
+        ("REDIS_URL", url.as_str()),
+        ("PERSONS_DB", path.as_str()),
+        ("CACHE_VERIFY_RATE", "1"),
+    ]);
+    assert_eq!(get(&server, "/persons/1", ACME).x_cache(), "MISS");
+    let cached = get(&server, "/persons/1", ACME);
+    assert_eq!(cached.x_cache(), "HIT");
+    assert!(!cached.body.contains("Direct Write"));
+    let route = |body: &str| -> serde_json::Value {
+        let stats: serde_json::Value = serde_json::from_str(body).unwrap();
+        stats["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == "GET /persons/{id}")
+            .unwrap()
+            .clone()
+    };
+    // That hit's own check (in the background) found nothing to change.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = route(&http(&server, "GET", "/cache/stats", None, None).body);
+        if stats["verified"] == 1 {
+            assert_eq!(stats["verify_mismatches"], 0, "{stats}");
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "{stats}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let sqlite = rusqlite::Connection::open(&db).unwrap();
+    sqlite.busy_timeout(Duration::from_secs(5)).unwrap();
+    let changed = sqlite
+        .execute("UPDATE persons SET name = 'Direct Write' WHERE id = 1", [])
+        .unwrap();
+    assert_eq!(changed, 1);
+
+    // The sampled hit is served as cached; its check finds the change.
+    let stale = get(&server, "/persons/1", ACME);
+    assert_eq!(
+        (stale.x_cache(), stale.body.as_str()),
+        ("HIT", cached.body.as_str())
+    );
+    let route = |body: &str| -> serde_json::Value {
+        let stats: serde_json::Value = serde_json::from_str(body).unwrap();
+        stats["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == "GET /persons/{id}")
+            .unwrap()
+            .clone()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats = route(&http(&server, "GET", "/cache/stats", None, None).body);
+        if stats["verify_mismatches"] == 1 && stats["stores"] == 2 {
+            break stats;
+        }
+        assert!(std::time::Instant::now() < until, "{stats}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(stats["last_mismatch_unix_ms"].as_u64().is_some(), "{stats}");
+    println!("GET /cache/stats, the item route: {stats}");
+    for _ in 0..3 {
+        let fresh = get(&server, "/persons/1", ACME);
+        assert_eq!(fresh.x_cache(), "HIT");
+        assert!(fresh.body.contains("Direct Write"), "{}", fresh.body);
+    }
+    let scraped = http(&server, "GET", "/metrics", None, None).body;
+    let item = r#"route="GET /persons/{id}""#;
+    println!("GET /metrics (excerpt):");
+    for line in scraped
+        .lines()
+        .filter(|l| l.contains("verif") && !l.starts_with('#'))
+    {
+        println!("  {line}");
+    }
+    assert_eq!(
+        metric_value(
+            &scraped,
+            "tower_redis_cache_verify_mismatches_total",
+            &[item]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        metric_value(&scraped, "tower_redis_cache_verified_total", &[item]).unwrap_or(0.0) >= 2.0
+    );
     let _ = std::fs::remove_file(&db);
 }

@@ -124,6 +124,7 @@ mod layer;
 mod request;
 mod service;
 mod storable;
+mod verify;
 
 pub use crate::headers::X_CACHE;
 pub use body::ResponseBody;

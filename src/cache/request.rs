@@ -334,12 +334,23 @@ impl Ctx {
                 #[cfg(feature = "tier")]
                 let keep = (!stale && self.local.generation.is_some())
                     .then(|| (stored.clone(), stored.fresh_for(now_ms)));
+                // A fresh hit on a route that verifies: maybe checked
+                // against the handler, in the background.
+                let check = match stale {
+                    false => self.check(&stored),
+                    true => None,
+                };
                 if let Some(entry) = self.representation(stored) {
-                    let refresh = match stale {
-                        true => self.refresh(&found),
-                        false => None,
+                    let refresh = match (stale, check) {
+                        (true, _) => self.refresh(&found, None),
+                        (false, Some(check)) => self.refresh(&found, Some(check)),
+                        (false, None) => None,
                     };
-                    self.end_lookup_span(if refresh.is_some() { "stale" } else { "hit" });
+                    self.end_lookup_span(if stale && refresh.is_some() {
+                        "stale"
+                    } else {
+                        "hit"
+                    });
                     #[cfg(feature = "tier")]
                     if let Some((entry, fresh_for)) = keep {
                         self.fill_local(entry, size, fresh_for);
@@ -444,8 +455,9 @@ impl Ctx {
         !self.policy.route(self.route).stale_window.is_zero() && entry.is_stale(now_ms)
     }
 
-    /// The background refresh of a stale entry, unless one is under way.
-    pub(crate) fn refresh(&self, seen: &Lookup) -> Option<Refresh> {
+    /// The background refresh of a stale entry, or the check of a fresh
+    /// one, unless one is under way for this entry.
+    pub(crate) fn refresh(&self, seen: &Lookup, check: Option<Check>) -> Option<Refresh> {
         let key = self.key.clone()?;
         match self.policy.flights().enter(&key, seen) {
             Role::Lead(leader) => Some(Refresh {
@@ -454,10 +466,25 @@ impl Ctx {
                 key,
                 binding: self.binding,
                 seen: seen.clone().detached(),
+                check,
                 _leader: leader,
             }),
             Role::Join(_) => None,
         }
+    }
+
+    /// The check of this hit on `stored`, when the route verifies, this hit
+    /// is sampled and the process has a place for one more check.
+    fn check(&self, stored: &Entry) -> Option<Check> {
+        let rate = self.policy.route(self.route).verify;
+        if rate <= 0.0 || !super::verify::sampled(rate) {
+            return None;
+        }
+        let slot = super::verify::Slot::take()?;
+        Some(Check {
+            entry: stored.clone(),
+            _slot: slot,
+        })
     }
 
     /// Gives the stored form of the response to the requests waiting on it.
@@ -769,14 +796,24 @@ impl std::fmt::Display for KeyText<'_> {
 
 /// A stale entry's refresh: the inner service called in the background with
 /// the request that found the entry stale, its response stored if it may be.
-/// Holding the flight keeps other stale hits from refreshing too.
+/// Holding the flight keeps other stale hits from refreshing too. With a
+/// [`Check`], the verification of a fresh hit: the response replaces the
+/// entry only when it differs from it.
 pub(crate) struct Refresh {
     policy: Policy,
     route: usize,
     key: CacheKey,
     binding: Binding,
     seen: Lookup,
+    check: Option<Check>,
     _leader: Leader,
+}
+
+/// A sampled hit's entry, to compare with the handler's response, and the
+/// process's place for the check while it runs.
+pub(crate) struct Check {
+    entry: Entry,
+    _slot: super::verify::Slot,
 }
 
 impl Refresh {
@@ -844,6 +881,23 @@ impl Refresh {
                 &body,
             )
         });
+        if let Some(check) = &self.check {
+            // A response that may not be stored differs from an entry that
+            // was: another status, a cookie, a body over the cap.
+            let same = match &made {
+                Ok((fresh, _)) => super::verify::same_response(&check.entry, fresh),
+                Err(_) => false,
+            };
+            if self.policy.stats_ref().verified(self.route, !same) {
+                tracing::warn!(
+                    route = route.label,
+                    "a sampled hit differed from the handler's response: the entry was stale (a write no rule invalidates?); replacing it"
+                );
+            }
+            if same {
+                return;
+            }
+        }
         let entry = match made {
             Ok((_, encoded)) => encoded,
             Err(reason) => {

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub(crate) mod telemetry;
 
@@ -152,6 +152,16 @@ struct Counters {
     skips: [AtomicU64; Reason::ALL.len()],
     hit_nanos: AtomicU64,
     miss_nanos: AtomicU64,
+    verified: AtomicU64,
+    verify_mismatches: AtomicU64,
+}
+
+/// A route's last verification mismatch, and the gate of its warnings.
+#[derive(Debug)]
+struct Mismatches {
+    /// Milliseconds since the Unix epoch; 0 for never.
+    last_ms: AtomicU64,
+    warn: telemetry::WarnGate,
 }
 
 /// Counters for every route of a policy. Cheap to clone; all clones share
@@ -161,6 +171,7 @@ pub struct CacheStats {
     labels: Arc<[String]>,
     counters: Arc<[Counters]>,
     invalidations: Arc<InvalidationCounters>,
+    mismatches: Arc<[Mismatches]>,
     metrics: Arc<telemetry::Routes>,
 }
 
@@ -218,6 +229,12 @@ pub struct RouteStats {
     pub mean_hit_latency: Duration,
     /// Mean time to answer a miss, handler included.
     pub mean_miss_latency: Duration,
+    /// Hits checked against the handler ([`Route::verify`](crate::Route::verify)).
+    pub verified: u64,
+    /// Of those, the hits whose entry differed from the handler's response.
+    pub verify_mismatches: u64,
+    /// When the last mismatch was found.
+    pub last_mismatch: Option<SystemTime>,
 }
 
 impl CacheStats {
@@ -227,6 +244,13 @@ impl CacheStats {
             .collect();
         Self {
             metrics: Arc::new(telemetry::Routes::new(&labels)),
+            mismatches: labels
+                .iter()
+                .map(|_| Mismatches {
+                    last_ms: AtomicU64::new(0),
+                    warn: telemetry::WarnGate::new(),
+                })
+                .collect(),
             labels: labels.into(),
             counters,
             invalidations: Arc::default(),
@@ -307,6 +331,24 @@ impl CacheStats {
         telemetry::store_error(op, kind);
     }
 
+    /// A hit checked against the handler; `mismatch` when they differed.
+    /// True when a warning about it may be logged (once per route every
+    /// 10 s).
+    pub(crate) fn verified(&self, route: usize, mismatch: bool) -> bool {
+        let c = self.counters(route);
+        c.verified.fetch_add(1, Ordering::Relaxed);
+        self.metrics.verified(route, mismatch);
+        if !mismatch {
+            return false;
+        }
+        c.verify_mismatches.fetch_add(1, Ordering::Relaxed);
+        let state = &self.mismatches[route];
+        state
+            .last_ms
+            .store(crate::entry::unix_ms(), Ordering::Relaxed);
+        state.warn.pass().is_some()
+    }
+
     /// A request that did not use the cache.
     pub(crate) fn bypass(&self, route: usize, reason: Reason) {
         self.counters(route).skips[reason.index()].fetch_add(1, Ordering::Relaxed);
@@ -350,7 +392,17 @@ impl CacheStats {
                     },
                     mean_hit_latency: mean(sum(&|c| &c.hit_nanos), hits),
                     mean_miss_latency: mean(sum(&|c| &c.miss_nanos), misses),
+                    verified: sum(&|c| &c.verified),
+                    verify_mismatches: sum(&|c| &c.verify_mismatches),
+                    last_mismatch: None,
                 }
+            })
+            .zip(self.mismatches.iter())
+            .map(|(mut stats, mismatches)| {
+                let last_ms = mismatches.last_ms.load(Ordering::Relaxed);
+                stats.last_mismatch =
+                    (last_ms > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(last_ms));
+                stats
             })
             .collect()
     }

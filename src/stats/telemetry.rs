@@ -114,6 +114,8 @@ mod imp {
         hit_seconds: Histogram,
         miss_seconds: Histogram,
         store_seconds: Histogram,
+        verified: Counter,
+        verify_mismatches: Counter,
     }
 
     impl Route {
@@ -127,7 +129,9 @@ mod imp {
                     stores: metrics::counter!("tower_redis_cache_stores_total", "route" => route.clone()),
                     hit_seconds: metrics::histogram!("tower_redis_cache_hit_duration_seconds", "route" => route.clone()),
                     miss_seconds: metrics::histogram!("tower_redis_cache_miss_duration_seconds", "route" => route.clone()),
-                    store_seconds: metrics::histogram!("tower_redis_cache_store_duration_seconds", "route" => route),
+                    store_seconds: metrics::histogram!("tower_redis_cache_store_duration_seconds", "route" => route.clone()),
+                    verified: metrics::counter!("tower_redis_cache_verified_total", "route" => route.clone()),
+                    verify_mismatches: metrics::counter!("tower_redis_cache_verify_mismatches_total", "route" => route),
                 }
             })
         }
@@ -175,6 +179,14 @@ mod imp {
             let h = self.routes[route].handles();
             h.stores.increment(1);
             h.store_seconds.record(took.as_secs_f64());
+        }
+
+        pub(crate) fn verified(&self, route: usize, mismatch: bool) {
+            let h = self.routes[route].handles();
+            h.verified.increment(1);
+            if mismatch {
+                h.verify_mismatches.increment(1);
+            }
         }
 
         pub(crate) fn bypass(&self, route: usize, reason: Reason) {
@@ -239,6 +251,14 @@ mod imp {
         static DESCRIBED: std::sync::Once = std::sync::Once::new();
         DESCRIBED.call_once(|| {
             use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+            describe_counter!(
+                "tower_redis_cache_verified_total",
+                "Hits checked against the handler (Route::verify), by route."
+            );
+            describe_counter!(
+                "tower_redis_cache_verify_mismatches_total",
+                "Checked hits whose entry differed from the handler's response, by route."
+            );
             describe_counter!(
                 "tower_redis_cache_hits_total",
                 "Responses served from the cache, by route."
@@ -313,6 +333,8 @@ mod imp {
         pub(crate) fn miss(&self, _: usize, _: Duration) {}
         #[inline]
         pub(crate) fn stored(&self, _: usize, _: Duration) {}
+        #[inline]
+        pub(crate) fn verified(&self, _: usize, _: bool) {}
         #[inline]
         pub(crate) fn bypass(&self, _: usize, _: Reason) {}
         #[inline]
