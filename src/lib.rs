@@ -81,6 +81,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_debug_implementations)]
 
+mod background;
 pub mod cache;
 mod coding;
 mod entry;

@@ -439,6 +439,7 @@ struct PolicyInner {
     store: Arc<dyn Store>,
     stats: CacheStats,
     flights: FlightTable,
+    background: crate::background::Background,
     #[cfg(feature = "tier")]
     tier: Option<crate::store::tier::Tier>,
 }
@@ -593,6 +594,11 @@ impl Policy {
 
     pub(crate) fn flights(&self) -> &FlightTable {
         &self.inner.flights
+    }
+
+    /// Work that hits hand off to run after them.
+    pub(crate) fn background(&self) -> &crate::background::Background {
+        &self.inner.background
     }
 
     pub(crate) fn route(&self, index: usize) -> &CompiledRoute {
@@ -1066,6 +1072,7 @@ impl PolicyBuilder {
                 store,
                 stats,
                 flights: FlightTable::default(),
+                background: Default::default(),
                 #[cfg(feature = "tier")]
                 tier,
             }),

@@ -328,22 +328,19 @@ impl Ctx {
         if let Observed::Value(raw) = found.take_payload() {
             #[cfg(feature = "tier")]
             let size = raw.len();
+            // On a route that verifies, a sampled hit keeps the stored bytes
+            // (a reference count, not a copy) for its check.
+            let sample = self.sample().map(|slot| (raw.clone(), slot));
             if let Some(stored) = self.servable(raw) {
                 let now_ms = crate::entry::unix_ms_at(self.started);
                 let stale = self.is_stale(&stored, now_ms);
                 #[cfg(feature = "tier")]
                 let keep = (!stale && self.local.generation.is_some())
                     .then(|| (stored.clone(), stored.fresh_for(now_ms)));
-                // A fresh hit on a route that verifies: maybe checked
-                // against the handler, in the background.
-                let check = match stale {
-                    false => self.check(&stored),
-                    true => None,
-                };
                 if let Some(entry) = self.representation(stored) {
-                    let refresh = match (stale, check) {
-                        (true, _) => self.refresh(&found, None),
-                        (false, Some(check)) => self.refresh(&found, Some(check)),
+                    let refresh = match (stale, sample) {
+                        (true, _) => self.refresh(&found),
+                        (false, Some((raw, slot))) => self.verification(found, raw, slot),
                         (false, None) => None,
                     };
                     self.end_lookup_span(if stale && refresh.is_some() {
@@ -455,9 +452,8 @@ impl Ctx {
         !self.policy.route(self.route).stale_window.is_zero() && entry.is_stale(now_ms)
     }
 
-    /// The background refresh of a stale entry, or the check of a fresh
-    /// one, unless one is under way for this entry.
-    pub(crate) fn refresh(&self, seen: &Lookup, check: Option<Check>) -> Option<Refresh> {
+    /// The background refresh of a stale entry, unless one is under way.
+    pub(crate) fn refresh(&self, seen: &Lookup) -> Option<Refresh> {
         let key = self.key.clone()?;
         match self.policy.flights().enter(&key, seen) {
             Role::Lead(leader) => Some(Refresh {
@@ -466,24 +462,41 @@ impl Ctx {
                 key,
                 binding: self.binding,
                 seen: seen.clone().detached(),
-                check,
-                _leader: leader,
+                check: None,
+                leader: Some(leader),
             }),
             Role::Join(_) => None,
         }
     }
 
-    /// The check of this hit on `stored`, when the route verifies, this hit
+    /// A place for the check of this hit, when the route verifies, the hit
     /// is sampled and the process has a place for one more check.
-    fn check(&self, stored: &Entry) -> Option<Check> {
+    fn sample(&self) -> Option<super::verify::Slot> {
         let rate = self.policy.route(self.route).verify;
         if rate <= 0.0 || !super::verify::sampled(rate) {
             return None;
         }
-        let slot = super::verify::Slot::take()?;
-        Some(Check {
-            entry: stored.clone(),
-            _slot: slot,
+        super::verify::Slot::take()
+    }
+
+    /// The check of a fresh hit on the entry stored as `raw`, in the
+    /// background. Everything it costs beyond a task (decoding, the
+    /// flight that keeps it to one check per entry) happens there: the hit
+    /// does not wait for it.
+    fn verification(
+        &self,
+        found: Lookup,
+        raw: Bytes,
+        slot: super::verify::Slot,
+    ) -> Option<Refresh> {
+        Some(Refresh {
+            policy: self.policy.clone(),
+            route: self.route,
+            key: self.key.clone()?,
+            binding: self.binding,
+            seen: found,
+            check: Some(Check { raw, _slot: slot }),
+            leader: None,
         })
     }
 
@@ -806,13 +819,15 @@ pub(crate) struct Refresh {
     binding: Binding,
     seen: Lookup,
     check: Option<Check>,
-    _leader: Leader,
+    /// The flight that keeps others from refreshing (or checking) this
+    /// entry meanwhile; a check enters it in the background.
+    leader: Option<Leader>,
 }
 
-/// A sampled hit's entry, to compare with the handler's response, and the
-/// process's place for the check while it runs.
+/// A sampled hit's entry as stored, to compare with the handler's
+/// response, and the process's place for the check while it runs.
 pub(crate) struct Check {
-    entry: Entry,
+    raw: Bytes,
     _slot: super::verify::Slot,
 }
 
@@ -838,14 +853,37 @@ impl Refresh {
         if request.method() == Method::HEAD {
             *request.method_mut() = Method::GET;
         }
-        runtime.spawn(self.run(service, request));
+        match self.check.is_some() {
+            // A check is queued: the hit does not pay for waking a thread.
+            true => {
+                let background = self.policy.clone();
+                background
+                    .background()
+                    .push(Box::pin(self.run(service, request)));
+            }
+            false => {
+                runtime.spawn(self.run(service, request));
+            }
+        }
     }
 
-    async fn run<S, ReqBody, ResBody>(self, mut service: S, request: Request<ReqBody>)
+    async fn run<S, ReqBody, ResBody>(mut self, mut service: S, request: Request<ReqBody>)
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
         ResBody: Body,
     {
+        // A check: one per entry at a time, and only of an entry it reads.
+        let mut stored = None;
+        if let Some(check) = &self.check {
+            let Role::Lead(leader) = self.policy.flights().enter(&self.key, &self.seen) else {
+                return;
+            };
+            self.leader = Some(leader);
+            match crate::entry::decode(check.raw.clone()) {
+                Slot::Entry(entry) => stored = Some(entry),
+                _ => return,
+            }
+        }
         let route = self.policy.route(self.route);
         if std::future::poll_fn(|cx| service.poll_ready(cx))
             .await
@@ -881,11 +919,11 @@ impl Refresh {
                 &body,
             )
         });
-        if let Some(check) = &self.check {
+        if let Some(stored) = &stored {
             // A response that may not be stored differs from an entry that
             // was: another status, a cookie, a body over the cap.
             let same = match &made {
-                Ok((fresh, _)) => super::verify::same_response(&check.entry, fresh),
+                Ok((fresh, _)) => super::verify::same_response(stored, fresh),
                 Err(_) => false,
             };
             if self.policy.stats_ref().verified(self.route, !same) {
