@@ -542,27 +542,9 @@ fn a_row_changed_behind_the_api_is_found_by_verification_and_healed() {
     let cached = get(&server, "/persons/1", ACME);
     assert_eq!(cached.x_cache(), "HIT");
     assert!(!cached.body.contains("Direct Write"));
-    let route = |body: &str| -> serde_json::Value {
-        let stats: serde_json::Value = serde_json::from_str(body).unwrap();
-        stats["routes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["route"] == "GET /persons/{id}")
-            .unwrap()
-            .clone()
-    };
     // That hit's own check (in the background) found nothing to change.
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = route(&http(&server, "GET", "/cache/stats", None, None).body);
-        if stats["verified"] == 1 {
-            assert_eq!(stats["verify_mismatches"], 0, "{stats}");
-            break;
-        }
-        assert!(std::time::Instant::now() < until, "{stats}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let stats = item_stats_when(&server, |s| s["verified"] == 1);
+    assert_eq!(stats["verify_mismatches"], 0, "{stats}");
 
     let sqlite = rusqlite::Connection::open(&db).unwrap();
     sqlite.busy_timeout(Duration::from_secs(5)).unwrap();
@@ -577,25 +559,7 @@ fn a_row_changed_behind_the_api_is_found_by_verification_and_healed() {
         (stale.x_cache(), stale.body.as_str()),
         ("HIT", cached.body.as_str())
     );
-    let route = |body: &str| -> serde_json::Value {
-        let stats: serde_json::Value = serde_json::from_str(body).unwrap();
-        stats["routes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["route"] == "GET /persons/{id}")
-            .unwrap()
-            .clone()
-    };
-    let until = std::time::Instant::now() + Duration::from_secs(10);
-    let stats = loop {
-        let stats = route(&http(&server, "GET", "/cache/stats", None, None).body);
-        if stats["verify_mismatches"] == 1 && stats["stores"] == 2 {
-            break stats;
-        }
-        assert!(std::time::Instant::now() < until, "{stats}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let stats = item_stats_when(&server, |s| s["verify_mismatches"] == 1 && s["stores"] == 2);
     assert!(stats["last_mismatch_unix_ms"].as_u64().is_some(), "{stats}");
     println!("GET /cache/stats, the item route: {stats}");
     for _ in 0..3 {
@@ -624,4 +588,29 @@ fn a_row_changed_behind_the_api_is_found_by_verification_and_healed() {
         metric_value(&scraped, "tower_redis_cache_verified_total", &[item]).unwrap_or(0.0) >= 2.0
     );
     let _ = std::fs::remove_file(&db);
+}
+
+/// `/cache/stats` of the item route once `done` holds of it (checks run
+/// in the background), within 10 s.
+fn item_stats_when(
+    server: &Server,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = http(server, "GET", "/cache/stats", None, None).body;
+        let all: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let item = all["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == "GET /persons/{id}")
+            .unwrap()
+            .clone();
+        if done(&item) {
+            return item;
+        }
+        assert!(std::time::Instant::now() < until, "{item}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
