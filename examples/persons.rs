@@ -499,6 +499,9 @@ async fn cache_health(State(app): State<App>) -> Json<Value> {
     if let Some(persistence) = health.details.persistence {
         body["persistence"] = json!(persistence);
     }
+    if let Some(degraded) = health.details.degraded {
+        body["degraded"] = json!(degraded);
+    }
     if let Some(error) = health.error {
         body["error"] = json!(error);
     }

@@ -350,8 +350,9 @@ pub enum StoreError {
     /// The store answered with an error that may pass (out of memory,
     /// busy…): an invalidation that failed so is queued for replay.
     Backend(String),
-    /// The store refused the credentials or the permissions (`WRONGPASS`,
-    /// `NOAUTH`, `NOPERM`): nothing works until the configuration is fixed.
+    /// The store refused the credentials or a permission (`WRONGPASS`,
+    /// `NOAUTH`, `NOPERM`, whose message names the command): nothing works
+    /// until the configuration is fixed.
     /// Counts towards opening the circuit, like an unreachable store.
     Denied(String),
     /// The store refused the command itself (`CROSSSLOT`, `WRONGTYPE`,
@@ -372,7 +373,7 @@ impl fmt::Display for StoreError {
             Self::Timeout => write!(f, "store operation timed out"),
             Self::Unreachable(msg) => write!(f, "store unreachable: {msg}"),
             Self::Backend(msg) => write!(f, "store error: {msg}"),
-            Self::Denied(msg) => write!(f, "store refused our credentials: {msg}"),
+            Self::Denied(msg) => write!(f, "store denied access: {msg}"),
             Self::Rejected(msg) => write!(f, "store refused the command: {msg}"),
             Self::CircuitOpen => write!(f, "store circuit open; not tried"),
             Self::PendingInvalidations => write!(f, "invalidations not yet applied"),

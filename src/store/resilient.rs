@@ -202,6 +202,9 @@ pub struct StoreHealth {
     /// `rdb`, `aof`, `rdb+aof`). With persistence, a restart reloads old
     /// data; `RedisStore::open` never serves entries written before it.
     pub persistence: Option<&'static str>,
+    /// A guarantee the store cannot keep, and why: e.g. a Redis user that
+    /// may not run `INFO` (see the README's least-privilege section).
+    pub degraded: Option<&'static str>,
 }
 
 /// A store behind a circuit breaker and an invalidation replay queue;
@@ -816,6 +819,7 @@ impl<S: Store + Clone> Store for Resilient<S> {
             operations: self.shared.operations.load(Ordering::Relaxed),
             failures: self.shared.failures.load(Ordering::Relaxed),
             persistence: None,
+            degraded: None,
         }
     }
 }

@@ -113,6 +113,13 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// The URL of the README's least-privilege user, made on this server
+    /// with its key pattern widened to every test namespace.
+    pub fn cache_user_url(&self) -> String {
+        create_user(self.port, CACHE_USER, &readme_acl(), &["~*"]);
+        user_url(self.port, CACHE_USER)
+    }
+
     /// Kills the server (connection refused from now on).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -160,6 +167,62 @@ impl RedisServer {
             .await
             .unwrap()
     }
+}
+
+/// The user the README's `ACL SETUSER` line makes.
+pub const CACHE_USER: &str = "cache";
+
+/// The rules of the README's `ACL SETUSER cache …` line: what the tests run
+/// as, so that the README cannot name less than the cache needs.
+pub fn readme_acl() -> Vec<String> {
+    let readme = include_str!("../../README.md");
+    let line = readme
+        .lines()
+        .find(|line| line.starts_with("ACL SETUSER cache "))
+        .expect("the README names the cache's ACL user");
+    line.split_whitespace().skip(3).map(str::to_owned).collect()
+}
+
+/// Makes `name` on the server at `port` with `rules` and then `extra`, its
+/// password `s3cret`, unless it exists.
+pub fn create_user(port: u16, name: &str, rules: &[String], extra: &[&str]) {
+    try_create_user(port, name, rules, extra).expect("the ACL user is made");
+}
+
+/// [`create_user`], which fails when the server does not answer.
+pub fn try_create_user(
+    port: u16,
+    name: &str,
+    rules: &[String],
+    extra: &[&str],
+) -> redis::RedisResult<()> {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?
+        .get_connection_with_timeout(Duration::from_secs(1))?;
+    // Made once: remaking a user disconnects every client logged in as it.
+    let known: redis::Value = redis::cmd("ACL")
+        .arg("GETUSER")
+        .arg(name)
+        .query(&mut conn)?;
+    if known != redis::Value::Nil {
+        return Ok(());
+    }
+    let mut setuser = redis::cmd("ACL");
+    setuser.arg("SETUSER").arg(name).arg("on").arg(">s3cret");
+    for rule in rules
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+    {
+        if !rule.starts_with('>') && rule != "on" {
+            setuser.arg(rule);
+        }
+    }
+    setuser.query(&mut conn)
+}
+
+/// A URL that logs in as `name` (password `s3cret`).
+pub fn user_url(port: u16, name: &str) -> String {
+    format!("redis://{name}:s3cret@127.0.0.1:{port}/")
 }
 
 /// True when a Redis server answers `PING` on `port`: a connection alone
@@ -282,8 +345,16 @@ impl RedisCluster {
             .collect()
     }
 
+    /// A store over the cluster, logged in as the README's
+    /// least-privilege user.
     pub fn store(&self) -> RedisStore<tower_redis_cache::store::ClusterSource> {
-        RedisStore::cluster(self.urls())
+        let acl = readme_acl();
+        for port in &self.ports {
+            // A node killed by the test is made the user when it was up.
+            let _ = try_create_user(*port, CACHE_USER, &acl, &["~*"]);
+        }
+        let urls = self.ports.iter().map(|port| user_url(*port, CACHE_USER));
+        RedisStore::cluster(urls)
             .unwrap()
             .deadline(TEST_DEADLINE)
             .breaker(test_breaker())
@@ -401,9 +472,11 @@ impl Backend {
         }
     }
 
+    /// A real redis-server, the store logged in as the README's
+    /// least-privilege user.
     pub fn redis() -> Self {
         let server = RedisServer::start();
-        let store = RedisStore::open(&server.url())
+        let store = RedisStore::open(&server.cache_user_url())
             .unwrap()
             .deadline(TEST_DEADLINE)
             .breaker(test_breaker());
@@ -430,7 +503,7 @@ impl Backend {
     pub fn another_store(&self) -> Arc<dyn Store> {
         match (&self.server, &self.cluster) {
             (Some(server), _) => Arc::new(
-                RedisStore::open(&server.url())
+                RedisStore::open(&server.cache_user_url())
                     .unwrap()
                     .deadline(TEST_DEADLINE)
                     .breaker(test_breaker()),

@@ -27,7 +27,7 @@ use redis::AsyncConnectionConfig;
 use tokio::sync::watch;
 
 use super::batch::Batched;
-use super::errors::backend;
+use super::errors::{backend, refusal};
 use crate::store::StoreError;
 
 /// What a connection reports about the server it talks to: its `run_id`,
@@ -74,6 +74,12 @@ pub(crate) mod sealed {
         /// The server's persistence, when it could be read: `none`, `rdb`,
         /// `aof` or `rdb+aof`.
         fn persistence(&self) -> Option<&'static str> {
+            None
+        }
+
+        /// A guarantee the connection cannot keep (a permission missing),
+        /// as a sentence for health reports.
+        fn degraded(&self) -> Option<&'static str> {
             None
         }
 
@@ -156,6 +162,8 @@ struct Live {
     epoch: Epoch,
     generation: u64,
     persistence: Option<&'static str>,
+    /// The guarantee this connection cannot keep, if any.
+    degraded: Option<&'static str>,
 }
 
 /// The epoch stamped on entries for a server that tells `lifetime`.
@@ -182,6 +190,31 @@ fn epoch_from(server: &str, replication: &str) -> Epoch {
         (Some(run), Some(replid)) => epoch_of(&format!("{run}.{replid}")),
         (Some(run), None) => epoch_of(&run),
         _ => Epoch::new(),
+    }
+}
+
+/// What a connection without an epoch cannot keep.
+pub(crate) const NO_EPOCH: &str = "the Redis user may not run INFO (grant +info): \
+    a restart that reloads a snapshot, or a failover, is not detected, so \
+    entries written before it may be served after it";
+
+/// The epoch in the replies to `INFO server` and `INFO replication`;
+/// `None` when the user may not run `INFO`.
+fn read_epoch(replies: Vec<redis::Value>) -> Result<Option<Epoch>, StoreError> {
+    let mut texts = Vec::with_capacity(2);
+    for reply in replies {
+        match refusal(Ok(reply)) {
+            Ok(reply) => texts.push(
+                redis::from_redis_value::<String>(reply)
+                    .map_err(|err| StoreError::Backend(err.to_string()))?,
+            ),
+            Err(err) if err.code() == Some("NOPERM") => return Ok(None),
+            Err(err) => return Err(backend(err)),
+        }
+    }
+    match texts.as_slice() {
+        [server, replication] => Ok(Some(epoch_from(server, replication))),
+        _ => Err(StoreError::Backend("INFO answered nothing".to_owned())),
     }
 }
 
@@ -239,10 +272,10 @@ impl Reconnecting {
     }
 
     /// One connection attempt: connect, read the server's epoch, load the
-    /// scripts, read its persistence.
-    async fn establish(
-        &self,
-    ) -> Result<(Batched<MultiplexedConnection>, Epoch, Option<&'static str>), StoreError> {
+    /// scripts, read its persistence. A user who may not run `INFO` (Redis's
+    /// advice `+@all -@dangerous` denies it) still gets a connection, without
+    /// an epoch: see [`NO_EPOCH`].
+    async fn establish(&self) -> Result<Live, StoreError> {
         let setup = async {
             let mut conn = self
                 .inner
@@ -250,25 +283,42 @@ impl Reconnecting {
                 .get_multiplexed_async_connection_with_config(&self.inner.config)
                 .await?;
             let mut setup = redis::pipe();
+            setup.ignore_errors();
             setup.cmd("INFO").arg("server");
             setup.cmd("INFO").arg("replication");
             for script in self.inner.scripts.iter() {
-                setup.cmd("SCRIPT").arg("LOAD").arg(script).ignore();
+                setup.cmd("SCRIPT").arg("LOAD").arg(script);
             }
-            let (server, replication): (String, String) = setup.query_async(&mut conn).await?;
-            Ok::<_, redis::RedisError>((conn, server, replication))
+            let replies: Vec<redis::Value> = setup.query_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>((conn, replies))
         };
-        let (mut conn, server, replication) =
+        let (mut conn, mut replies) =
             match tokio::time::timeout(self.inner.setup_timeout, setup).await {
                 Ok(done) => done.map_err(backend)?,
                 Err(_) => return Err(StoreError::Timeout),
             };
-        let epoch = epoch_from(&server, &replication);
+        let loads = replies.split_off(2.min(replies.len()));
+        for load in loads {
+            refusal(Ok(load)).map_err(backend)?;
+        }
+        let epoch = match read_epoch(replies)? {
+            Some(epoch) => epoch,
+            None => {
+                tracing::warn!("{NO_EPOCH}");
+                Epoch::new()
+            }
+        };
         let persistence = tokio::time::timeout(self.inner.setup_timeout, persistence(&mut conn))
             .await
             .ok()
             .flatten();
-        Ok((Batched::new(conn, false), epoch, persistence))
+        Ok(Live {
+            conn: Batched::new(conn, false),
+            generation: 0,
+            persistence,
+            degraded: epoch.is_empty().then_some(NO_EPOCH),
+            epoch,
+        })
     }
 
     /// Runs one attempt and tells every operation waiting on it.
@@ -277,16 +327,12 @@ impl Reconnecting {
         let mut attempt = self.inner.attempt.lock().unwrap_or_else(|e| e.into_inner());
         attempt.running = None;
         let outcome = match result {
-            Ok((conn, epoch, persistence)) => {
+            Ok(mut live) => {
                 attempt.generation += 1;
                 attempt.failed = None;
-                tracing::debug!(epoch = ?epoch, "connected to redis");
-                *self.inner.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Live {
-                    conn,
-                    epoch,
-                    generation: attempt.generation,
-                    persistence,
-                });
+                tracing::debug!(epoch = ?live.epoch, "connected to redis");
+                live.generation = attempt.generation;
+                *self.inner.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
                 Ok(())
             }
             Err(err) => {
@@ -349,6 +395,10 @@ impl sealed::Source for Reconnecting {
 
     fn persistence(&self) -> Option<&'static str> {
         self.current().and_then(|live| live.persistence)
+    }
+
+    fn degraded(&self) -> Option<&'static str> {
+        self.current().and_then(|live| live.degraded)
     }
 
     fn broken(&self, generation: u64) {

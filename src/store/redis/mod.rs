@@ -544,6 +544,7 @@ impl<C: Connect> Store for RedisStore<C> {
     fn health(&self) -> StoreHealth {
         let mut health = self.inner.health();
         health.persistence = self.inner.get_ref().source.persistence();
+        health.degraded = self.inner.get_ref().source.degraded();
         health
     }
 }
