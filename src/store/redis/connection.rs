@@ -18,6 +18,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -136,6 +137,8 @@ struct Shared {
     scripts: Vec<String>,
     /// The longest one connection attempt may take, setup included.
     setup_timeout: Duration,
+    /// Whether the task that re-reads the epoch runs.
+    checking: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Reconnecting {
@@ -259,6 +262,7 @@ impl Reconnecting {
                 attempt: Mutex::default(),
                 scripts,
                 setup_timeout: connect_timeout * 3,
+                checking: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -333,6 +337,9 @@ impl Reconnecting {
                 tracing::debug!(epoch = ?live.epoch, "connected to redis");
                 live.generation = attempt.generation;
                 *self.inner.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(live);
+                if !self.inner.checking.swap(true, Ordering::AcqRel) {
+                    tokio::spawn(check_epochs(Arc::downgrade(&self.inner)));
+                }
                 Ok(())
             }
             Err(err) => {
@@ -341,6 +348,60 @@ impl Reconnecting {
             }
         };
         done.send_replace(Some(outcome));
+    }
+}
+
+/// How often a live connection's server epoch is read again: a master
+/// demoted in place (made a replica of another server without closing our
+/// connection, as a proxy or a DNS flip does) serves nothing written
+/// before it for longer than this.
+pub(crate) const EPOCH_CHECK: Duration = Duration::from_secs(1);
+
+/// Reads the live connection's epoch every [`EPOCH_CHECK`] while the
+/// store exists; a connection whose server's epoch changed is replaced,
+/// and the next one reads the new epoch. List lookups (`MGET`) never meet
+/// the `READONLY` that tells item lookups of a demotion.
+async fn check_epochs(shared: std::sync::Weak<Shared>) {
+    loop {
+        tokio::time::sleep(EPOCH_CHECK).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let live = shared
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(mut live) = live.filter(|live| !live.epoch.is_empty()) else {
+            continue;
+        };
+        let mut read = redis::pipe();
+        read.ignore_errors();
+        read.cmd("INFO").arg("server");
+        read.cmd("INFO").arg("replication");
+        let replies = tokio::time::timeout(shared.setup_timeout, async {
+            read.query_async::<Vec<redis::Value>>(&mut live.conn).await
+        })
+        .await;
+        let Ok(Ok(replies)) = replies else {
+            continue;
+        };
+        match read_epoch(replies) {
+            Ok(Some(epoch)) if epoch != live.epoch => {
+                tracing::warn!(
+                    "the Redis server's epoch changed under a live connection (a demotion \
+                     or a failover): entries written before it are no longer served"
+                );
+                let mut current = shared.live.lock().unwrap_or_else(|e| e.into_inner());
+                if current
+                    .as_ref()
+                    .is_some_and(|l| l.generation == live.generation)
+                {
+                    *current = None;
+                }
+            }
+            _ => {}
+        }
     }
 }
 
