@@ -305,6 +305,15 @@ impl Invalidation {
         Self::new(self.deletes.clone(), self.bumps.clone())
     }
 
+    /// The Redis Cluster slot of the first key: the slot of every key in a
+    /// part made by [`split_by_slot`](Self::split_by_slot).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn slot(&self) -> Option<u16> {
+        let first = self.deletes.first().map(String::as_str);
+        let first = first.or_else(|| self.bumps.first().map(VersionKey::key))?;
+        Some(slot(first.as_bytes()))
+    }
+
     /// The same actions, one invalidation per Redis Cluster slot (in the
     /// order their first key appears), each with this tombstone. One part
     /// when every key hashes to one slot.
@@ -360,6 +369,10 @@ pub enum StoreError {
     /// that failed so is not queued for replay (it would block the cache
     /// for ever); it is counted and logged.
     Rejected(String),
+    /// An invalidation reached the master, but not every replica of it
+    /// acknowledged it in time (a cluster's `WAIT`): a failover now could
+    /// lose it, so it is queued for replay like one that failed.
+    Unconfirmed(String),
     /// The circuit breaker is open: the store was not tried.
     CircuitOpen,
     /// Invalidations are waiting for replay, or were lost; the cache is not
@@ -375,6 +388,7 @@ impl fmt::Display for StoreError {
             Self::Backend(msg) => write!(f, "store error: {msg}"),
             Self::Denied(msg) => write!(f, "store denied access: {msg}"),
             Self::Rejected(msg) => write!(f, "store refused the command: {msg}"),
+            Self::Unconfirmed(msg) => write!(f, "invalidation not confirmed by replicas: {msg}"),
             Self::CircuitOpen => write!(f, "store circuit open; not tried"),
             Self::PendingInvalidations => write!(f, "invalidations not yet applied"),
         }
@@ -386,7 +400,7 @@ impl std::error::Error for StoreError {}
 impl StoreError {
     /// A short label for the kind of error, as metrics and logs name it:
     /// `timeout`, `unreachable`, `backend`, `denied`, `rejected`,
-    /// `circuit-open` or `pending-invalidations`.
+    /// `unconfirmed`, `circuit-open` or `pending-invalidations`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Timeout => "timeout",
@@ -394,6 +408,7 @@ impl StoreError {
             Self::Backend(_) => "backend",
             Self::Denied(_) => "denied",
             Self::Rejected(_) => "rejected",
+            Self::Unconfirmed(_) => "unconfirmed",
             Self::CircuitOpen => "circuit-open",
             Self::PendingInvalidations => "pending-invalidations",
         }

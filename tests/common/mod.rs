@@ -260,12 +260,21 @@ impl RedisCluster {
     /// can take a while to agree on the slots: either way the nodes are
     /// killed and the cluster is formed again on other ports.
     pub fn start() -> Self {
+        Self::start_with(0)
+    }
+
+    /// Three masters with one replica each.
+    pub fn start_with_replicas() -> Self {
+        Self::start_with(1)
+    }
+
+    fn start_with(replicas: usize) -> Self {
         if let Err(err) = Command::new("redis-cli").arg("--version").output() {
             panic!("redis-cli is not on PATH ({err}); install it (apt-get install redis-tools)");
         }
         let mut failures = Vec::new();
         for _ in 0..5 {
-            match Self::try_start() {
+            match Self::try_start(replicas) {
                 Ok(cluster) => return cluster,
                 Err(failure) => failures.push(failure),
             }
@@ -273,8 +282,10 @@ impl RedisCluster {
         panic!("no cluster formed in 5 tries: {failures:?}");
     }
 
-    fn try_start() -> Result<Self, String> {
-        let ports: Vec<u16> = (0..3).map(|_| free_cluster_port()).collect();
+    fn try_start(replicas: usize) -> Result<Self, String> {
+        let ports: Vec<u16> = (0..3 * (1 + replicas))
+            .map(|_| free_cluster_port())
+            .collect();
         let mut cluster = Self {
             ports: ports.clone(),
             children: Vec::new(),
@@ -307,7 +318,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli runs");
         if !created.status.success() {
@@ -321,6 +332,13 @@ impl RedisCluster {
                     .is_ok_and(|out| {
                         String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
                     })
+                    && Command::new("redis-cli")
+                        .args(["-p", &port.to_string(), "info", "replication"])
+                        .output()
+                        .is_ok_and(|out| {
+                            let info = String::from_utf8_lossy(&out.stdout).into_owned();
+                            info.contains("role:master") || info.contains("master_link_status:up")
+                        })
             });
             if !agreed {
                 return Err(format!(
@@ -381,6 +399,60 @@ impl RedisCluster {
         }
     }
 
+    /// The cluster's nodes as the node on `port` sees them.
+    pub fn nodes(&self, port: u16) -> Vec<ClusterNode> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "cluster", "nodes"])
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let port = fields.get(1)?.split(['@', ':']).nth(1)?.parse().ok()?;
+                let slots = fields[8..]
+                    .iter()
+                    .filter(|range| !range.starts_with('['))
+                    .filter_map(|range| {
+                        let mut bounds = range.split('-').map(|b| b.parse::<u16>().ok());
+                        let first = bounds.next()??;
+                        Some((first, bounds.next().flatten().unwrap_or(first)))
+                    })
+                    .collect();
+                Some(ClusterNode {
+                    id: fields[0].to_owned(),
+                    port,
+                    master: fields[2].contains("master"),
+                    failed: fields[2].contains("fail"),
+                    master_id: fields[3].to_owned(),
+                    slots,
+                })
+            })
+            .collect()
+    }
+
+    /// The port of the master serving `slot`, and of its replicas, as the
+    /// node on `port` sees them.
+    pub fn shard_of(&self, port: u16, slot: u16) -> (u16, Vec<u16>) {
+        let nodes = self.nodes(port);
+        let master = nodes
+            .iter()
+            .find(|n| n.master && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+            .expect("a master serves the slot");
+        let replicas = nodes
+            .iter()
+            .filter(|n| n.master_id == master.id && !n.failed)
+            .map(|n| n.port)
+            .collect();
+        (master.port, replicas)
+    }
+
+    /// Kills the node on `port`.
+    pub fn kill_port(&mut self, port: u16) {
+        let index = self.ports.iter().position(|p| *p == port).expect("a node");
+        self.kill(index);
+    }
+
     /// Kills the master at `index` (its slots stay unserved: no replicas).
     pub fn kill(&mut self, index: usize) {
         if let Some(mut child) = self.children[index].take() {
@@ -388,6 +460,17 @@ impl RedisCluster {
             let _ = child.wait();
         }
     }
+}
+
+/// One line of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    pub id: String,
+    pub port: u16,
+    pub master: bool,
+    pub failed: bool,
+    pub master_id: String,
+    pub slots: Vec<(u16, u16)>,
 }
 
 impl Drop for RedisCluster {

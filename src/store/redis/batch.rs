@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::aio::ConnectionLike;
 use redis::{Arg, Cmd, RedisError, RedisFuture, Value};
 use tokio::sync::oneshot;
@@ -48,12 +49,28 @@ const BATCH_BUDGET: Duration = Duration::from_secs(10);
 #[allow(unreachable_pub)]
 pub struct Batched<C> {
     shared: Arc<Shared<C>>,
+    /// On a cluster, the node that answered this handle's commands.
+    served_by: Option<Arc<Mutex<ServedBy>>>,
 }
 
+/// Which cluster node answered the commands of one handle.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+enum ServedBy {
+    #[default]
+    Nobody,
+    Node(Bytes),
+    /// Two nodes (a failover between two commands): nothing read may be
+    /// served.
+    Several,
+}
+
+/// A clone is a new handle on the same connection and queue, for one
+/// operation: it tells which node answered its own commands only.
 impl<C> Clone for Batched<C> {
     fn clone(&self) -> Self {
         Self {
             shared: self.shared.clone(),
+            served_by: self.shared.by_slot.then(Arc::default),
         }
     }
 }
@@ -67,10 +84,11 @@ struct Shared<C> {
     queue: Mutex<Vec<Queued>>,
 }
 
-/// A command waiting for the next flush, with where its reply goes.
+/// A command waiting for the next flush, with where its reply goes (and,
+/// on a cluster, the id of the node that answered it).
 struct Queued {
     cmd: Cmd,
-    reply: oneshot::Sender<Result<Value, RedisError>>,
+    reply: oneshot::Sender<Result<(Value, Option<Bytes>), RedisError>>,
 }
 
 impl<C> std::fmt::Debug for Batched<C> {
@@ -89,9 +107,28 @@ impl<C> Batched<C> {
                 in_flight: AtomicUsize::new(0),
                 queue: Mutex::new(Vec::new()),
             }),
+            served_by: by_slot.then(Arc::default),
+        }
+    }
+
+    /// On a cluster, the id of the node that answered every command sent
+    /// through this handle (`CLUSTER MYID`, asked in the same pipeline);
+    /// [`SEVERAL_NODES`] when they came from different nodes; `None`
+    /// before any answer, and on one server.
+    pub(crate) fn served_by(&self) -> Option<Bytes> {
+        let served_by = self.served_by.as_ref()?;
+        match &*served_by.lock().unwrap_or_else(|e| e.into_inner()) {
+            ServedBy::Nobody => None,
+            ServedBy::Node(id) => Some(id.clone()),
+            ServedBy::Several => Some(Bytes::from_static(SEVERAL_NODES)),
         }
     }
 }
+
+/// What [`Batched::served_by`] tells when commands of one handle were
+/// answered by different nodes: no node has this id, so nothing read is
+/// served and nothing is written.
+pub(crate) const SEVERAL_NODES: &[u8] = b"several nodes";
 
 impl<C> Shared<C> {
     fn queue(&self) -> MutexGuard<'_, Vec<Queued>> {
@@ -103,7 +140,7 @@ impl<C> Shared<C> {
 /// still out, it first lets the requests already runnable queue theirs:
 /// Redis is busy anyway, and they go out together. An idle connection
 /// sends at once.
-async fn flush<C: ConnectionLike + Clone + Send + Sync + 'static>(shared: Arc<Shared<C>>) {
+async fn flush<C: Pipelines>(shared: Arc<Shared<C>>) {
     if shared.in_flight.load(Ordering::Relaxed) > 0 {
         tokio::task::yield_now().await;
     }
@@ -113,7 +150,7 @@ async fn flush<C: ConnectionLike + Clone + Send + Sync + 'static>(shared: Arc<Sh
         return;
     }
     if !shared.by_slot {
-        return send(&shared, queued).await;
+        return send(&shared, queued, None).await;
     }
     // One pipeline per slot, in the order each slot first appears (a
     // command whose slot is not read here goes alone, routed by redis-rs);
@@ -129,14 +166,15 @@ async fn flush<C: ConnectionLike + Clone + Send + Sync + 'static>(shared: Arc<Sh
             None => groups.push((slot, vec![command])),
         }
     }
-    let mut groups = groups.into_iter().map(|(_, group)| group);
+    // A group in one slot also asks which node answers it.
+    let mut groups = groups.into_iter();
     let first = groups.next();
-    for group in groups {
+    for (slot, group) in groups {
         let shared = shared.clone();
-        tokio::spawn(async move { send(&shared, group).await });
+        tokio::spawn(async move { send(&shared, group, slot).await });
     }
-    if let Some(group) = first {
-        send(&shared, group).await;
+    if let Some((slot, group)) = first {
+        send(&shared, group, slot).await;
     }
 }
 
@@ -166,22 +204,29 @@ fn slot_of(cmd: &Cmd) -> Option<u16> {
     Some(crate::store::slot(key))
 }
 
-/// Sends `queued` as one pipeline and hands each command its reply.
-async fn send<C: ConnectionLike + Clone>(shared: &Shared<C>, queued: Vec<Queued>) {
-    let mut pipe = redis::Pipeline::with_capacity(queued.len());
+/// Sends `queued` as one pipeline and hands each command its reply. On a
+/// cluster, a group in one `slot` goes to that slot's master and ends with
+/// `CLUSTER MYID`, and each reply carries the id of the node that answered.
+async fn send<C: Pipelines>(shared: &Shared<C>, queued: Vec<Queued>, slot: Option<u16>) {
+    let ask_node = slot.is_some();
+    let mut pipe = redis::Pipeline::with_capacity(queued.len() + 1);
     let mut replies = Vec::with_capacity(queued.len());
     for Queued { cmd, reply } in queued {
         pipe.add_command(cmd);
         replies.push(reply);
     }
+    if ask_node {
+        pipe.cmd("CLUSTER").arg("MYID");
+    }
+    let expected = replies.len() + usize::from(ask_node);
     // No lock is held while Redis answers: the next batch may go out
     // meanwhile.
     let mut conn = shared.conn.clone();
     let answered = {
         let _out = InFlight::new(&shared.in_flight);
-        let sent = conn.req_packed_commands(&pipe, 0, replies.len());
+        let sent = conn.send_pipeline(&pipe, expected, slot);
         match tokio::time::timeout(BATCH_BUDGET, sent).await {
-            Ok(Ok(values)) if values.len() != replies.len() => Err(RedisError::from((
+            Ok(Ok(values)) if values.len() != expected => Err(RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
                 "pipeline answered with the wrong number of replies",
             ))),
@@ -190,15 +235,68 @@ async fn send<C: ConnectionLike + Clone>(shared: &Shared<C>, queued: Vec<Queued>
         }
     };
     match answered {
-        Ok(values) => {
+        Ok(mut values) => {
+            let node = if ask_node {
+                match values.pop() {
+                    Some(Value::BulkString(id)) => Some(Bytes::from(id)),
+                    Some(Value::SimpleString(id)) => Some(Bytes::from(id)),
+                    // Not told: no node, so nothing read is served.
+                    _ => Some(Bytes::from_static(SEVERAL_NODES)),
+                }
+            } else {
+                None
+            };
             for (reply, value) in replies.into_iter().zip(values) {
-                let _ = reply.send(Ok(value));
+                let _ = reply.send(Ok((value, node.clone())));
             }
         }
         Err(err) => {
             for reply in replies {
                 let _ = reply.send(Err(err.clone()));
             }
+        }
+    }
+}
+
+/// How a batch goes out: over one server's connection as it is, or over a
+/// cluster's to the master of the batch's slot. Public only as a bound
+/// of [`Batched`]'s: no path outside the crate names it.
+#[allow(unreachable_pub)]
+pub trait Pipelines: ConnectionLike + Clone + Send + Sync + 'static {
+    /// Sends `pipe`, whose commands all name keys in `slot` (when known),
+    /// and reads its `count` replies.
+    fn send_pipeline<'a>(
+        &'a mut self,
+        pipe: &'a redis::Pipeline,
+        count: usize,
+        slot: Option<u16>,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        let _ = slot;
+        self.req_packed_commands(pipe, 0, count)
+    }
+}
+
+impl Pipelines for redis::aio::MultiplexedConnection {}
+
+/// Routed by hand: redis-rs would route `CLUSTER MYID` by its subcommand's
+/// name, as if it were a key.
+#[cfg(feature = "cluster")]
+impl Pipelines for redis::cluster_async::ClusterConnection {
+    fn send_pipeline<'a>(
+        &'a mut self,
+        pipe: &'a redis::Pipeline,
+        count: usize,
+        slot: Option<u16>,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
+        match slot {
+            Some(slot) => Box::pin(self.route_pipeline(
+                pipe.clone(),
+                0,
+                count,
+                SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master)),
+            )),
+            None => self.req_packed_commands(pipe, 0, count),
         }
     }
 }
@@ -226,7 +324,7 @@ impl Drop for InFlight<'_> {
     }
 }
 
-impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batched<C> {
+impl<C: Pipelines> Batched<C> {
     /// Queues `cmd` for the next flush; its reply.
     pub(crate) fn send(&self, cmd: Cmd) -> RedisFuture<'static, Value> {
         let (reply, answer) = oneshot::channel();
@@ -238,15 +336,25 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Batched<C> {
         if first {
             tokio::spawn(flush(self.shared.clone()));
         }
+        let served_by = self.served_by.clone();
         Box::pin(async move {
-            answer
+            let (value, node) = answer
                 .await
-                .unwrap_or_else(|_| Err(io_error(std::io::ErrorKind::BrokenPipe)))
+                .unwrap_or_else(|_| Err(io_error(std::io::ErrorKind::BrokenPipe)))?;
+            if let (Some(node), Some(served_by)) = (node, served_by) {
+                let mut served = served_by.lock().unwrap_or_else(|e| e.into_inner());
+                *served = match &*served {
+                    ServedBy::Nobody => ServedBy::Node(node),
+                    ServedBy::Node(id) if *id == node => ServedBy::Node(node),
+                    _ => ServedBy::Several,
+                };
+            }
+            Ok(value)
         })
     }
 }
 
-impl<C: ConnectionLike + Clone + Send + Sync + 'static> ConnectionLike for Batched<C> {
+impl<C: Pipelines> ConnectionLike for Batched<C> {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         self.send(cmd.clone())
     }

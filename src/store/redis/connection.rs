@@ -84,6 +84,20 @@ pub(crate) mod sealed {
             None
         }
 
+        /// The epoch of the server that answered the commands `conn` sent,
+        /// when it is only known from the replies (a cluster's node).
+        fn served_by(conn: &Self::Conn) -> Option<Epoch> {
+            let _ = conn;
+            None
+        }
+
+        /// How many replicas the master holding `slot` has: an
+        /// invalidation there counts as applied once they acknowledged it.
+        fn replicas(&self, slot: u16) -> usize {
+            let _ = slot;
+            0
+        }
+
         /// True for a Redis Cluster: multi-key commands must stay in one slot.
         fn is_cluster(&self) -> bool {
             false

@@ -253,11 +253,22 @@ impl<C: Connect> Link<C> {
         let channel = self.channel.clone();
         Box::pin(async move {
             let until = tokio::time::Instant::now() + budget;
-            let send = |deadline, invalidation: Invalidation| {
+            let send = |deadline: Duration, invalidation: Invalidation| {
                 let (source, channel) = (source.clone(), channel.clone());
                 async move {
+                    let confirm = invalidation.slot().map_or(0, |slot| source.replicas(slot));
+                    // Half the try: the pipeline still answers within it.
+                    let within = deadline / 2;
                     let apply = |mut conn: C::Conn, _| async move {
-                        apply(&mut conn, &invalidation, tombstone_ttl, &channel).await
+                        apply(
+                            &mut conn,
+                            &invalidation,
+                            tombstone_ttl,
+                            &channel,
+                            confirm,
+                            within,
+                        )
+                        .await
                     };
                     on_connection(&source, deadline, apply).await
                 }
@@ -362,6 +373,7 @@ impl<C: Connect> Store for Link<C> {
                 Box::pin(async move {
                     on_live(&source, deadline, live, |mut conn, epoch| async move {
                         let entry = plain_lookup(&mut conn, &key, lease_ttl).await?;
+                        let epoch = C::served_by(&conn).unwrap_or(epoch);
                         Ok(looked_up(Vec::new(), entry, epoch))
                     })
                     .await
@@ -375,6 +387,7 @@ impl<C: Connect> Store for Link<C> {
                     on_live(&source, deadline, live, |mut conn, epoch| async move {
                         let (versions, entry) =
                             versioned_lookup(&mut conn, &seen_versions, &key).await?;
+                        let epoch = C::served_by(&conn).unwrap_or(epoch);
                         Ok(looked_up(versions, entry, epoch))
                     })
                     .await
@@ -420,9 +433,14 @@ impl<C: Connect> Store for Link<C> {
         let (source, deadline) = (self.source.clone(), self.deadline);
         let origin = seen.origin().clone();
         Box::pin(async move {
+            let cluster = source.is_cluster();
             on_connection(&source, deadline, |mut conn, epoch| async move {
+                // On a cluster the value is stamped with the node the lookup
+                // read (if the write lands on another, no lookup serves it);
+                // on one server, with the connection's epoch.
+                let epoch = if cluster { origin.clone() } else { epoch };
                 // What the lookup saw belongs to another server lifetime.
-                if origin != epoch {
+                if origin != epoch || origin.as_ref() == batch::SEVERAL_NODES {
                     return Ok(false);
                 }
                 // The value and TTL go last: the value is stamped with the

@@ -122,29 +122,63 @@ pub(crate) fn scripts() -> Vec<String> {
     ]
 }
 
-/// Sends `invalidation` as one script call.
+/// Sends `invalidation` as one script call. With `confirm`, the script
+/// and a `WAIT` for that many replicas go as one pipeline (one round trip
+/// to the master of the invalidation's slot), and an invalidation fewer
+/// replicas acknowledged within `within` is [`StoreError::Unconfirmed`].
 pub(super) async fn apply<C: ConnectionLike>(
     conn: &mut C,
     invalidation: &Invalidation,
     tombstone_ttl: Duration,
     channel: &str,
+    confirm: usize,
+    within: Duration,
 ) -> Result<(), StoreError> {
-    let mut invocation = INVALIDATE.prepare_invoke();
+    let mut call = redis::cmd("EVALSHA");
+    call.arg(INVALIDATE.get_hash())
+        .arg(invalidation.deletes().len() + invalidation.bumps().len());
     for key in invalidation.deletes() {
-        invocation.key(key);
+        call.arg(key);
     }
     for bump in invalidation.bumps() {
-        invocation.key(bump.key());
+        call.arg(bump.key());
     }
-    invocation
-        .arg(invalidation.deletes().len())
+    call.arg(invalidation.deletes().len())
         .arg(invalidation.tombstone().as_ref())
         .arg(millis(tombstone_ttl))
         .arg(channel);
     for bump in invalidation.bumps() {
-        invocation.arg(millis(bump.ttl()));
+        call.arg(millis(bump.ttl()));
     }
-    let _: i64 = invocation.invoke_async(conn).await.map_err(backend)?;
+    let mut sent = redis::pipe();
+    sent.add_command(call);
+    if confirm > 0 {
+        sent.cmd("WAIT").arg(confirm).arg(millis(within));
+    }
+    let mut replies: Vec<redis::Value> = match sent.query_async(conn).await {
+        // A server that lost its script cache (a restarted node, a
+        // promoted replica): loaded, then sent again.
+        Err(err) if err.code() == Some("NOSCRIPT") => {
+            let mut load = redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(INVALIDATE_CODE);
+            let _: String = load.query_async(conn).await.map_err(backend)?;
+            sent.query_async(conn).await.map_err(backend)?
+        }
+        other => other.map_err(backend)?,
+    };
+    if confirm == 0 {
+        return Ok(());
+    }
+    let acknowledged: usize = replies
+        .pop()
+        .and_then(|reply| redis::from_redis_value(reply).ok())
+        .unwrap_or(0);
+    if acknowledged < confirm {
+        return Err(StoreError::Unconfirmed(format!(
+            "{acknowledged} of {confirm} replicas acknowledged within {} ms",
+            millis(within)
+        )));
+    }
     Ok(())
 }
 

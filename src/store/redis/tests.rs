@@ -190,8 +190,13 @@ async fn a_cluster_batch_is_one_pipeline_per_slot() {
             }
         })
         .await;
-    let trips = recorder.trips();
-    for trip in &trips {
+    let mut trips = recorder.trips();
+    for trip in &mut trips {
+        // Each pipeline asks which node answered it, last.
+        assert_eq!(
+            trip.pop(),
+            Some(vec!["CLUSTER".to_owned(), "MYID".to_owned()])
+        );
         let slot = crate::store::slot(trip[0][1].as_bytes());
         assert!(
             trip.iter()
@@ -243,7 +248,12 @@ async fn a_cluster_batch_keeps_script_calls_of_two_slots_apart() {
         .await;
     let trips = recorder.trips();
     assert_eq!(trips.len(), 2, "{trips:?}");
-    assert!(trips.iter().all(|trip| trip.len() == 1), "{trips:?}");
+    assert!(
+        trips
+            .iter()
+            .all(|trip| trip.len() == 2 && trip[1][0] == "CLUSTER"),
+        "each call alone, with the node question: {trips:?}"
+    );
 }
 
 #[tokio::test]
@@ -391,6 +401,8 @@ impl Recorder {
     }
 }
 
+impl super::batch::Pipelines for Recorder {}
+
 impl ConnectionLike for Recorder {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         let (args, reply) = self.answer(cmd);
@@ -418,6 +430,8 @@ impl ConnectionLike for Recorder {
 /// A connection that never answers.
 #[derive(Clone)]
 struct Hang;
+
+impl super::batch::Pipelines for Hang {}
 
 impl ConnectionLike for Hang {
     fn req_packed_command<'a>(&'a mut self, _: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
