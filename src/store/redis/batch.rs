@@ -115,6 +115,7 @@ impl<C> Batched<C> {
     /// through this handle (`CLUSTER MYID`, asked in the same pipeline);
     /// [`SEVERAL_NODES`] when they came from different nodes; `None`
     /// before any answer, and on one server.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     pub(crate) fn served_by(&self) -> Option<Bytes> {
         let served_by = self.served_by.as_ref()?;
         match &*served_by.lock().unwrap_or_else(|e| e.into_inner()) {
