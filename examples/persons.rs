@@ -14,6 +14,8 @@
 //!
 //! Environment (all optional): `PERSONS_ADDR` (127.0.0.1:3000), `REDIS_URL`,
 //! `REDIS_CLUSTER_URLS` (cluster seeds; wins over `REDIS_URL`),
+//! `REDIS_SENTINEL_URLS` and `REDIS_SENTINEL_MASTER` (`mymaster`: the
+//! master Sentinel names; wins over `REDIS_URL`),
 //! `CACHE=on|off` (on), `CACHE_TTL_PERSON_SECONDS` (300),
 //! `CACHE_TTL_LIST_SECONDS` (60), `CACHE_NAMESPACE` (app),
 //! `CACHE_REDIS_TIMEOUT_MS` (100), `CACHE_IN_PROCESS_MS` (off; with a
@@ -104,6 +106,15 @@ fn env(name: &str, default: &str) -> String {
         .ok()
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| default.to_owned())
+}
+
+/// A comma-separated list, trimmed, without empty items.
+fn list(value: &str) -> Vec<&str> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -837,19 +848,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cache_on = !env("CACHE", "on").eq_ignore_ascii_case("off");
     let deadline = Duration::from_millis(env_u64("CACHE_REDIS_TIMEOUT_MS", 100));
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let (redis, store_name): (Option<Arc<dyn Store>>, _) =
-        match (var("REDIS_CLUSTER_URLS"), var("REDIS_URL")) {
-            (Some(seeds), _) => {
-                let seeds = seeds.split(',').map(str::trim).filter(|s| !s.is_empty());
-                let store = RedisStore::cluster(seeds)?.deadline(deadline);
-                (Some(Arc::new(store)), "redis cluster")
-            }
-            (None, Some(url)) => {
-                let store = RedisStore::open(&url)?.deadline(deadline);
-                (Some(Arc::new(store)), "redis")
-            }
-            (None, None) => (None, "memory"),
-        };
+    let (redis, store_name): (Option<Arc<dyn Store>>, _) = match (
+        var("REDIS_CLUSTER_URLS"),
+        var("REDIS_SENTINEL_URLS"),
+        var("REDIS_URL"),
+    ) {
+        (Some(seeds), _, _) => {
+            let store = RedisStore::cluster(list(&seeds))?.deadline(deadline);
+            (Some(Arc::new(store)), "redis cluster")
+        }
+        (None, Some(sentinels), _) => {
+            let master = env("REDIS_SENTINEL_MASTER", "mymaster");
+            let store = RedisStore::sentinel(&master, list(&sentinels))?.deadline(deadline);
+            (Some(Arc::new(store)), "redis sentinel")
+        }
+        (None, None, Some(url)) => {
+            let store = RedisStore::open(&url)?.deadline(deadline);
+            (Some(Arc::new(store)), "redis")
+        }
+        (None, None, None) => (None, "memory"),
+    };
     let verify_rate: f64 = env("CACHE_VERIFY_RATE", "0.001")
         .parse()
         .map_err(|_| "CACHE_VERIFY_RATE: a number from 0 to 1")?;

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::http::{http, Reply, Server};
-use common::{RedisCluster, RedisServer};
+use common::{RedisCluster, RedisServer, Sentinel};
 
 const ACME: &str = "Bearer demo-token-acme";
 const GLOBEX: &str = "Bearer demo-token-globex";
@@ -410,30 +410,48 @@ fn dashboard_metrics(dashboard: &str) -> std::collections::BTreeSet<String> {
 fn the_example_runs_on_a_cluster() {
     let cluster = RedisCluster::start();
     let server = start_with("REDIS_CLUSTER_URLS", &cluster.urls().join(","));
-    for path in ["/persons/1", "/persons?limit=5"] {
-        assert_eq!(get(&server, path, ACME).x_cache(), "MISS", "{path}");
-        assert_eq!(get(&server, path, ACME).x_cache(), "HIT", "{path}");
-    }
-    let renamed = http(
-        &server,
-        "PATCH",
-        "/persons/1",
-        Some(ACME),
-        Some(r#"{"name":"Ana no Cluster"}"#),
-    );
-    assert_eq!(renamed.status, 200, "{}", renamed.body);
-    // The item and the tenant's lists live in different slots: both were
+    // The item and the tenant's lists live in different slots: both are
     // invalidated.
+    reads_a_write_back(&server, "Ana no Cluster");
+}
+
+#[test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+fn the_example_runs_on_sentinel() {
+    let (master, replica) = (RedisServer::start(), RedisServer::start());
+    let mut conn = redis::Client::open(replica.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(master.port)
+        .query(&mut conn)
+        .unwrap();
+    let sentinel = Sentinel::start(master.port);
+    let server = start_env(&[
+        ("REDIS_SENTINEL_URLS", &sentinel.url()),
+        ("REDIS_SENTINEL_MASTER", "mymaster"),
+    ]);
+    reads_a_write_back(&server, "Ana via Sentinel");
+}
+
+/// Miss then hit for a person and the tenant's list; a rename; both read
+/// back fresh; health on Redis.
+fn reads_a_write_back(server: &Server, name: &str) {
     for path in ["/persons/1", "/persons?limit=5"] {
-        let reply = get(&server, path, ACME);
-        assert_eq!(reply.x_cache(), "MISS", "{path}");
-        assert!(
-            reply.body.contains("Ana no Cluster"),
-            "{path}: {}",
-            reply.body
-        );
+        assert_eq!(get(server, path, ACME).x_cache(), "MISS", "{path}");
+        assert_eq!(get(server, path, ACME).x_cache(), "HIT", "{path}");
     }
-    let health = http(&server, "GET", "/cache/health", None, None);
+    let body = format!(r#"{{"name":"{name}"}}"#);
+    let renamed = http(server, "PATCH", "/persons/1", Some(ACME), Some(&body));
+    assert_eq!(renamed.status, 200, "{}", renamed.body);
+    for path in ["/persons/1", "/persons?limit=5"] {
+        let reply = get(server, path, ACME);
+        assert_eq!(reply.x_cache(), "MISS", "{path}");
+        assert!(reply.body.contains(name), "{path}: {}", reply.body);
+    }
+    let health = http(server, "GET", "/cache/health", None, None);
     assert!(health.body.contains(r#""redis":"ok""#), "{}", health.body);
     assert!(
         health.body.contains(r#""store":"redis""#),

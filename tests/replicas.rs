@@ -94,3 +94,115 @@ async fn a_master_demoted_in_place_is_noticed_within_the_bound() {
     assert!(reads_after > 0);
     assert_eq!(stale_after, 0, "the demotion went unnoticed");
 }
+
+/// The master Sentinel names now, by port.
+async fn named_master(sentinel: u16) -> Option<u16> {
+    let reply = command(
+        sentinel,
+        &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"],
+    )
+    .await;
+    let addr: Vec<String> = redis::from_redis_value(reply).ok()?;
+    addr.get(1)?.parse().ok()
+}
+
+/// Two processes on a store that follows Sentinel (one master, one
+/// replica, one sentinel on loopback): a writer on one, readers of the item
+/// and the list on the other, while Sentinel fails the master over mid-run.
+/// Every answer is a 200, and a read that starts after a write returned
+/// shows it; once the new master serves, hits come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_sentinel_failover_mid_run_leaves_every_answer_correct() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let (master, replica) = (RedisServer::start(), RedisServer::start());
+    command(
+        replica.port,
+        &["REPLICAOF", "127.0.0.1", &master.port.to_string()],
+    )
+    .await;
+    synced(replica.port).await;
+    let sentinel = common::Sentinel::start(master.port);
+    // Sentinel learns of the replica from the master's INFO.
+    for _ in 0..500 {
+        let known = command(sentinel.port, &["SENTINEL", "REPLICAS", "mymaster"]).await;
+        if matches!(known, redis::Value::Array(ref r) if !r.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = || -> Arc<dyn Store> {
+        Arc::new(RedisStore::sentinel("mymaster", [sentinel.url()]).unwrap())
+    };
+    let db = Db::default();
+    db.set("1", 0);
+    let (writer, _) = app(store(), db.clone());
+    let (reader, _) = app(store(), db.clone());
+    let uris = ["/persons/1", "/persons?limit=5"];
+    for uri in uris {
+        send(&reader, get_req(uri)).await;
+        assert_eq!(send(&reader, get_req(uri)).await.1, "HIT", "{uri}");
+    }
+
+    let committed = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for uri in uris {
+        let (reader, committed, done) = (reader.clone(), committed.clone(), done.clone());
+        readers.push(tokio::spawn(async move {
+            let (mut reads, mut stale) = (0u64, 0u64);
+            while !done.load(Ordering::SeqCst) {
+                let floor = committed.load(Ordering::SeqCst);
+                let (code, _, body) = send(&reader, get_req(uri)).await;
+                assert_eq!(code, StatusCode::OK, "{uri}: {body}");
+                reads += 1;
+                stale += u64::from(revision(uri, &body) < floor);
+            }
+            (reads, stale)
+        }));
+    }
+    let started = tokio::time::Instant::now();
+    let mut failed_over = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        if !failed_over && started.elapsed() > Duration::from_secs(1) {
+            let ok = command(sentinel.port, &["SENTINEL", "FAILOVER", "mymaster"]).await;
+            assert_eq!(ok, redis::Value::Okay);
+            failed_over = true;
+        }
+        let (status, _, _) = send(&writer, method_req("PATCH", "/persons/1")).await;
+        assert_eq!(status, StatusCode::OK);
+        committed.fetch_max(db.revisions.lock().unwrap()["1"], Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done.store(true, Ordering::SeqCst);
+    let (mut reads, mut stale) = (0, 0);
+    for reader in readers {
+        let (r, s) = reader.await.unwrap();
+        reads += r;
+        stale += s;
+    }
+    assert_eq!(
+        named_master(sentinel.port).await,
+        Some(replica.port),
+        "failed over"
+    );
+    eprintln!("sentinel failover mid-run: {reads} reads on the other process, {stale} stale");
+    assert_eq!(stale, 0);
+
+    // The new master serves hits, with the last write.
+    let last = db.revisions.lock().unwrap()["1"];
+    for uri in uris {
+        let mut x_cache = String::new();
+        for _ in 0..100 {
+            let (_, seen, body) = send(&reader, get_req(uri)).await;
+            assert_eq!(revision(uri, &body), last, "{uri}");
+            x_cache = seen;
+            if x_cache == "HIT" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(x_cache, "HIT", "{uri} after the failover");
+    }
+}

@@ -169,6 +169,59 @@ impl RedisServer {
     }
 }
 
+/// A Redis Sentinel on a free port monitoring one master as `mymaster`
+/// (quorum 1, down after 1 s), killed on drop.
+pub struct Sentinel {
+    pub port: u16,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl Sentinel {
+    pub fn start(master_port: u16) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("tower-redis-cache-sentinel-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 10000\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel starts");
+        assert!(
+            wait_for(Duration::from_secs(10), || answers_ping(port)),
+            "the sentinel on {port} did not start"
+        );
+        Self { port, child, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The user the README's `ACL SETUSER` line makes.
 pub const CACHE_USER: &str = "cache";
 

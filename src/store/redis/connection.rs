@@ -144,7 +144,7 @@ pub struct Reconnecting {
 }
 
 struct Shared {
-    client: redis::Client,
+    target: Target,
     config: AsyncConnectionConfig,
     live: Mutex<Option<Live>>,
     attempt: Mutex<Attempt>,
@@ -158,6 +158,33 @@ struct Shared {
 impl std::fmt::Debug for Reconnecting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reconnecting").finish_non_exhaustive()
+    }
+}
+
+/// Where each connection attempt goes.
+pub(crate) enum Target {
+    /// One server.
+    Server(redis::Client),
+    /// The master Sentinel names at the time of the attempt; a server
+    /// that is not a master (Sentinel's view lags a failover) fails it.
+    #[cfg(feature = "sentinel")]
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+}
+
+impl Target {
+    /// The client of the server to connect to now.
+    async fn client(&self) -> redis::RedisResult<redis::Client> {
+        match self {
+            Self::Server(client) => Ok(client.clone()),
+            #[cfg(feature = "sentinel")]
+            Self::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
+        }
+    }
+
+    /// Whether a connection must reach a master (a replica serves no
+    /// lookup: they write leases).
+    fn needs_master(&self) -> bool {
+        !matches!(self, Self::Server(_))
     }
 }
 
@@ -215,6 +242,18 @@ pub(crate) const NO_EPOCH: &str = "the Redis user may not run INFO (grant +info)
     a restart that reloads a snapshot, or a failover, is not detected, so \
     entries written before it may be served after it";
 
+/// Whether the reply to `INFO replication` (second of `replies`) says
+/// `role:master`; true when it could not be read (a user denied `INFO`).
+fn is_master(replies: &[redis::Value]) -> bool {
+    match replies.get(1) {
+        Some(redis::Value::BulkString(info)) => {
+            String::from_utf8_lossy(info).contains("role:master")
+        }
+        Some(redis::Value::VerbatimString { text, .. }) => text.contains("role:master"),
+        _ => true,
+    }
+}
+
 /// The epoch in the replies to `INFO server` and `INFO replication`;
 /// `None` when the user may not run `INFO`.
 fn read_epoch(replies: Vec<redis::Value>) -> Result<Option<Epoch>, StoreError> {
@@ -258,11 +297,7 @@ async fn persistence(conn: &mut MultiplexedConnection) -> Option<&'static str> {
 impl Reconnecting {
     /// Connections to `client`'s server, each attempt bounded by
     /// `connect_timeout`; nothing is connected before the first use.
-    pub(crate) fn new(
-        client: redis::Client,
-        connect_timeout: Duration,
-        scripts: Vec<String>,
-    ) -> Self {
+    pub(crate) fn new(target: Target, connect_timeout: Duration, scripts: Vec<String>) -> Self {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(None)
@@ -270,7 +305,7 @@ impl Reconnecting {
             .set_write_backpressure_boundary(WRITE_BOUNDARY);
         Self {
             inner: Arc::new(Shared {
-                client,
+                target,
                 config,
                 live: Mutex::default(),
                 attempt: Mutex::default(),
@@ -297,7 +332,9 @@ impl Reconnecting {
         let setup = async {
             let mut conn = self
                 .inner
-                .client
+                .target
+                .client()
+                .await?
                 .get_multiplexed_async_connection_with_config(&self.inner.config)
                 .await?;
             let mut setup = redis::pipe();
@@ -318,6 +355,11 @@ impl Reconnecting {
         let loads = replies.split_off(2.min(replies.len()));
         for load in loads {
             refusal(Ok(load)).map_err(backend)?;
+        }
+        if self.inner.target.needs_master() && !is_master(&replies) {
+            return Err(StoreError::Unreachable(
+                "Sentinel named a server that is not a master (yet)".to_owned(),
+            ));
         }
         let epoch = match read_epoch(replies)? {
             Some(epoch) => epoch,

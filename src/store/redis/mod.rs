@@ -124,11 +124,71 @@ impl RedisStore<Reconnecting> {
         let client = redis::Client::open(url).map_err(backend)?;
         let subscribe_via = client.clone();
         Ok(Self::new(Reconnecting::new(
-            client,
+            connection::Target::Server(client),
             Duration::from_secs(1),
             scripts::scripts(),
         ))
         .subscribe_via([subscribe_via]))
+    }
+}
+
+#[cfg(feature = "sentinel")]
+impl RedisStore<Reconnecting> {
+    /// A store for the master that the Sentinels at `sentinels`
+    /// (`redis://host:26379` URLs) monitor as `master`: each connection asks
+    /// them for the current master and checks that it is one. After a
+    /// failover, the old master's connection breaks (or its epoch changes
+    /// within a second, when it is demoted in place) and the next one goes
+    /// to the new master, whose epoch serves nothing written before the
+    /// failover. Nothing is connected before first use; see
+    /// [`RedisStore::sentinel_connect`] to fail fast at start-up.
+    ///
+    /// ```no_run
+    /// use tower_redis_cache::store::RedisStore;
+    ///
+    /// let store = RedisStore::sentinel("mymaster", ["redis://10.0.0.1:26379"])?;
+    /// # Ok::<(), tower_redis_cache::store::StoreError>(())
+    /// ```
+    pub fn sentinel<I, S>(master: &str, sentinels: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let urls: Vec<String> = sentinels
+            .into_iter()
+            .map(|s| s.as_ref().to_owned())
+            .collect();
+        let client = redis::sentinel::SentinelClient::build(
+            urls,
+            master.to_owned(),
+            None,
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(backend)?;
+        Ok(Self::from_sentinel_client(client))
+    }
+
+    /// A store over a Sentinel client you built (credentials or TLS for
+    /// the master, for the Sentinels). Give [`RedisStore::subscribe_via`]
+    /// the servers for an in-process tier.
+    pub fn from_sentinel_client(client: redis::sentinel::SentinelClient) -> Self {
+        Self::new(Reconnecting::new(
+            connection::Target::Sentinel(tokio::sync::Mutex::new(client)),
+            Duration::from_secs(1),
+            scripts::scripts(),
+        ))
+    }
+
+    /// Like [`RedisStore::sentinel`], then connects and pings, so that a
+    /// wrong address, name or permission fails at start-up with the reason.
+    pub async fn sentinel_connect<I, S>(master: &str, sentinels: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let store = Self::sentinel(master, sentinels)?;
+        store.connected().await?;
+        Ok(store)
     }
 }
 
