@@ -160,7 +160,8 @@ impl RedisStore<Reconnecting> {
             .collect();
         let client = redis::sentinel::SentinelClient::build(
             urls,
-            master.to_owned(),
+            // A `String` without TLS, `impl AsRef<str>` with `tls-rustls`.
+            String::from(master),
             None,
             redis::sentinel::SentinelServerType::Master,
         )
