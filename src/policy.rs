@@ -290,6 +290,15 @@ impl Route {
 /// purges and the version groups it bumps. Namespace, scope and key layout
 /// come from the routes.
 ///
+/// # The write must be readable when its response returns
+///
+/// The invalidation runs when the handler returns. Data the write changed
+/// must be readable by the read handlers by then: a read that lands in a
+/// gap after it (a read replica that lags, a transaction a layer outside
+/// the cache commits after the response) fetches the old data and stores
+/// it under a valid guard, for the entry's whole TTL. Where reads lag,
+/// [`Rule::again_after`] invalidates a second time once the lag passed.
+///
 /// ```
 /// use tower_redis_cache::Rule;
 ///
@@ -304,6 +313,7 @@ pub struct Rule {
     route: String,
     purges: Vec<String>,
     bumps: Vec<String>,
+    again_after: Option<Duration>,
 }
 
 impl Rule {
@@ -314,7 +324,30 @@ impl Rule {
             route: route.to_owned(),
             purges: Vec::new(),
             bumps: Vec::new(),
+            again_after: None,
         }
+    }
+
+    /// Invalidates a second time `delay` after the first (a "delayed
+    /// double delete"), for reads that see a write late: a read replica
+    /// that lags its primary by up to `delay`, an outbox applied shortly
+    /// after. An entry a read stored from lagging data in between is
+    /// purged then. The second invalidation is sent from a task of its own
+    /// (queued for replay if the store fails), also when the write's
+    /// future is dropped; the response does not wait for it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_redis_cache::Rule;
+    ///
+    /// let rule = Rule::new("PATCH /persons/{id}")
+    ///     .purge("GET /persons/{id}")
+    ///     .again_after(Duration::from_millis(500));
+    /// # let _ = rule;
+    /// ```
+    pub fn again_after(mut self, delay: Duration) -> Self {
+        self.again_after = Some(delay);
+        self
     }
 
     /// Purges the entry the cached route (`GET /persons/{id}`, or just the
@@ -395,6 +428,8 @@ struct CompiledRule {
     /// Plain routes whose entry the write purges.
     purges: Vec<usize>,
     bumps: Vec<GroupRef>,
+    /// When to invalidate again, for reads that see writes late.
+    again_after: Option<Duration>,
 }
 
 /// The whole configuration, built with [`Policy::builder`]: the store, the
@@ -697,12 +732,16 @@ impl Policy {
         })
     }
 
-    /// What a successful `request` must invalidate, if it matches a rule,
-    /// and whether that is complete: false when a scoped purge was left out
-    /// because the route's scope read nothing on the request. A purge or
-    /// bump whose typed param or scope value does not parse names no entry
-    /// that can exist: it is left out and counted.
-    pub(crate) fn invalidation<B>(&self, request: &Request<B>) -> Option<(Invalidation, bool)> {
+    /// What a successful `request` must invalidate, if it matches a rule;
+    /// whether that is complete: false when a scoped purge was left out
+    /// because the route's scope read nothing on the request; and when to
+    /// send it again ([`Rule::again_after`]). A purge or bump whose typed
+    /// param or scope value does not parse names no entry that can exist:
+    /// it is left out and counted.
+    pub(crate) fn invalidation<B>(
+        &self,
+        request: &Request<B>,
+    ) -> Option<(Invalidation, bool, Option<Duration>)> {
         let (index, params) = self
             .inner
             .rule_table
@@ -739,7 +778,11 @@ impl Policy {
                 None => unparsed(stats, &compiled.name),
             }
         }
-        Some((Invalidation::new(deletes, bumps), complete))
+        Some((
+            Invalidation::new(deletes, bumps),
+            complete,
+            rule.again_after,
+        ))
     }
 
     /// What purges the entry `request` would be served from: its key for a
@@ -1187,6 +1230,11 @@ fn compile_rule<'r>(
     if rule.purges.is_empty() && rule.bumps.is_empty() {
         return Err(invalid("no purge or bump".to_owned()));
     }
+    if rule.again_after == Some(Duration::ZERO) {
+        return Err(invalid(
+            "again_after(0) would invalidate twice at once; give the lag of the reads".to_owned(),
+        ));
+    }
     let mut methods = Vec::new();
     for method in method_list.split('|') {
         let method = Method::from_bytes(method.trim().as_bytes())
@@ -1213,6 +1261,7 @@ fn compile_rule<'r>(
     let mut compiled = CompiledRule {
         purges: Vec::new(),
         bumps: Vec::new(),
+        again_after: rule.again_after,
     };
     for target in &rule.purges {
         let wanted = target.strip_prefix("GET ").unwrap_or(target).trim();
@@ -1366,7 +1415,7 @@ mod tests {
     fn rules_take_namespace_scope_and_layout_from_the_routes() {
         let p = tenant_policy();
         let read = key_of(&p, as_tenant("GET", "/persons/42", "acme")).unwrap();
-        let (write, complete) = p
+        let (write, complete, _) = p
             .invalidation(&as_tenant("PATCH", "/persons/42", "acme"))
             .unwrap();
         assert!(complete);
@@ -1387,7 +1436,7 @@ mod tests {
             Duration::from_secs(45),
             "TTL + stale window"
         );
-        let (other, _) = p
+        let (other, _, _) = p
             .invalidation(&as_tenant("POST", "/persons", "globex"))
             .unwrap();
         assert_ne!(other.bumps(), write.bumps());
@@ -1397,7 +1446,7 @@ mod tests {
     #[test]
     fn a_write_without_scope_bumps_every_scope_and_purges_nothing() {
         let p = tenant_policy();
-        let (write, complete) = p
+        let (write, complete, _) = p
             .invalidation(&Request::patch("/persons/42").body(()).unwrap())
             .unwrap();
         assert!(write.deletes().is_empty() && !complete);
@@ -1446,6 +1495,10 @@ mod tests {
         ));
         assert!(matches!(
             build(Rule::new("/p").bump("l")),
+            ConfigError::InvalidRule { .. }
+        ));
+        assert!(matches!(
+            build(Rule::new("POST /p").bump("l").again_after(Duration::ZERO)),
             ConfigError::InvalidRule { .. }
         ));
         assert!(matches!(

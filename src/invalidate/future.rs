@@ -1,7 +1,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::header::HeaderValue;
 use http::Response;
@@ -51,21 +51,52 @@ pin_project! {
 /// called. The future pays it; if the future is dropped first (the client
 /// went away, a timeout fired), dropping this sends it from a spawned task.
 /// The handler may not have committed then: an extra invalidation is
-/// harmless, a missed one is not.
-pub(crate) struct Owed(Option<(Invalidation, Policy)>);
+/// harmless, a missed one is not. With a delay ([`Rule::again_after`]),
+/// it is sent again that long after it was paid.
+///
+/// [`Rule::again_after`]: crate::Rule::again_after
+pub(crate) struct Owed {
+    owed: Option<(Invalidation, Policy)>,
+    again: Option<Duration>,
+}
 
 impl Owed {
+    pub(crate) fn new(invalidation: Invalidation, policy: Policy, again: Option<Duration>) -> Self {
+        Self {
+            owed: Some((invalidation, policy)),
+            again,
+        }
+    }
+
     /// Nothing is owed (the write failed, or was paid).
     fn settle(&mut self) -> Option<(Invalidation, Policy)> {
-        self.0.take()
+        self.owed.take()
+    }
+
+    /// Sends `invalidation` again after the delay, if the rule asks for it.
+    fn schedule_again(&self, invalidation: &Invalidation, policy: &Policy) {
+        let Some(delay) = self.again else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (invalidation, policy) = (invalidation.reissued(), policy.clone());
+        runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let applied = policy.store().invalidate(&invalidation).await;
+            tracing::debug!(actions = %Actions(&invalidation), "invalidated again after the read lag");
+            record(&policy, &invalidation, applied);
+        });
     }
 }
 
 impl Drop for Owed {
     fn drop(&mut self) {
-        let Some((invalidation, policy)) = self.0.take() else {
+        let Some((invalidation, policy)) = self.owed.take() else {
             return;
         };
+        self.schedule_again(&invalidation, &policy);
         // Stores apply or queue an invalidation when it is issued; the
         // future only sends it (and replays the queue).
         let invalidation = invalidation.reissued();
@@ -93,12 +124,13 @@ fn record(policy: &Policy, invalidation: &Invalidation, applied: Result<(), Stor
 }
 
 impl<F, B> ResponseFuture<F, B> {
-    pub(crate) fn new(future: F, pending: Option<(Invalidation, Policy)>) -> Self {
+    pub(crate) fn new(future: F, owed: Option<Owed>) -> Self {
+        let owed = owed.unwrap_or(Owed {
+            owed: None,
+            again: None,
+        });
         Self {
-            state: State::Inner {
-                future,
-                owed: Owed(pending),
-            },
+            state: State::Inner { future, owed },
         }
     }
 }
@@ -119,6 +151,7 @@ where
                         // The handler may have committed before it failed.
                         Err(err) => return Poll::Ready(Err(err)),
                     };
+                    let again = owed.again;
                     let Some((invalidation, policy)) = owed.settle() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
@@ -143,7 +176,7 @@ where
                     this.state.set(State::Invalidating {
                         apply,
                         response: Some(response),
-                        owed: Owed(Some((invalidation, policy))),
+                        owed: Owed::new(invalidation, policy, again),
                         span,
                         started: Instant::now(),
                     });
@@ -171,6 +204,7 @@ where
                         }
                     };
                     if let Some((invalidation, policy)) = owed.settle() {
+                        owed.schedule_again(&invalidation, &policy);
                         record(&policy, &invalidation, applied);
                     }
                     let response = response.take();

@@ -4,7 +4,7 @@ use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::{Owed, ResponseFuture};
 use crate::policy::Policy;
 
 /// Applies the [`Invalidate`] middleware. See the [module docs](super).
@@ -76,11 +76,11 @@ where
             .extensions()
             .get::<Claimed>()
             .is_some_and(|c| c.0.same(&self.policy));
-        let (invalidation, complete) = match claimed {
-            true => (None, false),
+        let (invalidation, complete, again) = match claimed {
+            true => (None, false, None),
             false => match self.policy.invalidation(&request) {
-                Some((invalidation, complete)) => (Some(invalidation), complete),
-                None => (None, false),
+                Some((invalidation, complete, again)) => (Some(invalidation), complete, again),
+                None => (None, false, None),
             },
         };
         // A layer further in may read the scope this one could not (it sits
@@ -91,6 +91,7 @@ where
                 .insert(Claimed(self.policy.clone()));
         }
         let future = self.inner.call(request);
-        ResponseFuture::new(future, invalidation.map(|inv| (inv, self.policy.clone())))
+        let owed = invalidation.map(|inv| Owed::new(inv, self.policy.clone(), again));
+        ResponseFuture::new(future, owed)
     }
 }
