@@ -18,12 +18,16 @@ use tower_redis_cache::store::{RedisStore, Store, StoreError};
 /// Writes on `writer`, reads each write back twice on `reader` (a miss,
 /// then a hit) for the item and the list; returns (hits, stale reads).
 async fn writes_seen_across_processes(url: &str) -> (usize, usize, [Arc<dyn Store>; 2]) {
-    let db = Db::default();
-    db.set("1", 0);
     let stores: [Arc<dyn Store>; 2] = [
         Arc::new(RedisStore::connect(url).await.expect("the user connects")),
         Arc::new(RedisStore::connect(url).await.expect("the user connects")),
     ];
+    writes_seen_through(stores).await
+}
+
+async fn writes_seen_through(stores: [Arc<dyn Store>; 2]) -> (usize, usize, [Arc<dyn Store>; 2]) {
+    let db = Db::default();
+    db.set("1", 0);
     let (writer, _) = app(stores[0].clone(), db.clone());
     let (reader, _) = app(stores[1].clone(), db.clone());
     let (mut hits, mut stale) = (0, 0);
@@ -103,4 +107,34 @@ async fn a_missing_permission_is_named_at_start_up() {
         message.contains("no permissions") && message.contains("'script|load'"),
         "{message}"
     );
+}
+
+/// On a cluster, a user without the commands that only strengthen the
+/// guarantee (`CLUSTER MYID`, `CLUSTER SHARDS`, `WAIT`) keeps caching and
+/// invalidating, and health says what it lost.
+#[tokio::test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_cluster_user_without_the_strengthening_commands_still_caches() {
+    let cluster = common::RedisCluster::start();
+    let optional = ["+cluster|myid", "+cluster|shards", "+wait"];
+    let rules: Vec<String> = readme_acl()
+        .into_iter()
+        .filter(|rule| !optional.contains(&rule.as_str()))
+        .collect();
+    for port in &cluster.ports {
+        create_user(*port, "narrow", &rules, &[]);
+    }
+    let store = || -> Arc<dyn Store> {
+        let urls = cluster.ports.iter().map(|port| user_url(*port, "narrow"));
+        Arc::new(RedisStore::cluster(urls).unwrap())
+    };
+    let (hits, stale, stores) = writes_seen_through([store(), store()]).await;
+    eprintln!("cluster, no MYID/SHARDS/WAIT: 80 reads after 20 writes, {hits} hits, {stale} stale");
+    assert_eq!(stale, 0);
+    assert_eq!(hits, 40);
+    let degraded = stores[0]
+        .health()
+        .degraded
+        .expect("health says what is lost");
+    assert!(degraded.contains("CLUSTER"), "{degraded}");
 }

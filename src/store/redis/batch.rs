@@ -81,6 +81,8 @@ struct Shared<C> {
     by_slot: bool,
     /// Batches sent and not answered yet.
     in_flight: AtomicUsize,
+    /// The user may not run `CLUSTER MYID`: replies carry no node.
+    node_denied: std::sync::atomic::AtomicBool,
     queue: Mutex<Vec<Queued>>,
 }
 
@@ -105,6 +107,7 @@ impl<C> Batched<C> {
                 conn,
                 by_slot,
                 in_flight: AtomicUsize::new(0),
+                node_denied: std::sync::atomic::AtomicBool::new(false),
                 queue: Mutex::new(Vec::new()),
             }),
             served_by: by_slot.then(Arc::default),
@@ -115,6 +118,12 @@ impl<C> Batched<C> {
     /// through this handle (`CLUSTER MYID`, asked in the same pipeline);
     /// [`SEVERAL_NODES`] when they came from different nodes; `None`
     /// before any answer, and on one server.
+    /// True once the user was refused `CLUSTER MYID`.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn node_denied(&self) -> bool {
+        self.shared.node_denied.load(Ordering::Relaxed)
+    }
+
     #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     pub(crate) fn served_by(&self) -> Option<Bytes> {
         let served_by = self.served_by.as_ref()?;
@@ -125,6 +134,11 @@ impl<C> Batched<C> {
         }
     }
 }
+
+/// What a cluster store whose user may not run `CLUSTER MYID` cannot keep.
+pub(crate) const NODE_DENIED: &str = "the Redis user may not run CLUSTER MYID (grant \
+    +cluster|myid): entries are not tied to the node that holds them, so a failover \
+    that loses a write's purge may serve pre-write entries";
 
 /// What [`Batched::served_by`] tells when commands of one handle were
 /// answered by different nodes: no node has this id, so nothing read is
@@ -241,6 +255,14 @@ async fn send<C: Pipelines>(shared: &Shared<C>, queued: Vec<Queued>, slot: Optio
                 match values.pop() {
                     Some(Value::BulkString(id)) => Some(Bytes::from(id)),
                     Some(Value::SimpleString(id)) => Some(Bytes::from(id)),
+                    // A user who may not ask: entries go unstamped, as
+                    // before node stamps (see `node_denied`).
+                    Some(Value::ServerError(err)) if err.code() == "NOPERM" => {
+                        if !shared.node_denied.swap(true, Ordering::Relaxed) {
+                            tracing::warn!("{NODE_DENIED}");
+                        }
+                        None
+                    }
                     // Not told: no node, so nothing read is served.
                     _ => Some(Bytes::from_static(SEVERAL_NODES)),
                 }

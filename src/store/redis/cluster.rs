@@ -24,6 +24,7 @@
 //! snapshot, before its replica took over, is not detected. Run cluster
 //! nodes without persistence, or with `appendonly yes`.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -59,7 +60,13 @@ struct Shared {
     /// Per slot range, how many replicas its master has: what an
     /// invalidation waits for (`WAIT`) before it counts as applied.
     replicas: RwLock<Vec<Shard>>,
+    /// The user may not run `CLUSTER SHARDS`: nothing is waited for.
+    shards_denied: std::sync::atomic::AtomicBool,
 }
+
+/// What a cluster store whose user may not run `CLUSTER SHARDS` cannot keep.
+const SHARDS_DENIED: &str = "the Redis user may not run CLUSTER SHARDS (grant \
+    +cluster|shards): invalidations are not confirmed on replicas";
 
 /// A slot range and the number of replicas its master has (every replica
 /// the cluster does not list as failed, whatever the state of its link).
@@ -85,6 +92,7 @@ impl ClusterSource {
                 conn: OnceCell::new(),
                 scripts: super::scripts::scripts(),
                 replicas: RwLock::default(),
+                shards_denied: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -109,8 +117,16 @@ impl Source for ClusterSource {
                             .query_async(&mut conn)
                             .await?;
                     }
-                    let shards = read_shards(&mut conn).await?;
-                    *shared.replicas.write().unwrap_or_else(|e| e.into_inner()) = shards;
+                    match read_shards(&mut conn).await {
+                        Ok(shards) => {
+                            *shared.replicas.write().unwrap_or_else(|e| e.into_inner()) = shards;
+                        }
+                        Err(err) if err.code() == Some("NOPERM") => {
+                            shared.shards_denied.store(true, Ordering::Relaxed);
+                            tracing::warn!("{SHARDS_DENIED}");
+                        }
+                        Err(err) => return Err(err),
+                    }
                     tokio::spawn(follow_shards(Arc::downgrade(&shared), conn.clone()));
                     // Lookups batched, one pipeline per slot.
                     Ok::<_, redis::RedisError>(Batched::new(conn, true))
@@ -135,6 +151,14 @@ impl Source for ClusterSource {
     /// from, and a node that took over the slot serves none of them.
     fn served_by(conn: &Batched<ClusterConnection>) -> Option<Epoch> {
         conn.served_by()
+    }
+
+    fn degraded(&self) -> Option<&'static str> {
+        if self.inner.shards_denied.load(Ordering::Relaxed) {
+            return Some(SHARDS_DENIED);
+        }
+        let conn = self.inner.conn.get()?;
+        conn.node_denied().then_some(super::batch::NODE_DENIED)
     }
 
     fn replicas(&self, slot: u16) -> usize {
@@ -175,8 +199,8 @@ async fn read_shards(conn: &mut ClusterConnection) -> redis::RedisResult<Vec<Sha
             shards_cmd,
             RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
         )
-        .await?;
-    Ok(parse_shards(reply))
+        .await;
+    Ok(parse_shards(super::errors::refusal(reply)?))
 }
 
 /// The fields of a RESP3 map or of a RESP2 array of name/value pairs.

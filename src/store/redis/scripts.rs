@@ -10,7 +10,8 @@ use bytes::Bytes;
 use redis::aio::ConnectionLike;
 use redis::Script;
 
-use super::errors::backend;
+use super::errors::{backend, refusal};
+use crate::stats::telemetry::warn_limited;
 use crate::store::{Invalidation, StoreError, VersionKey};
 
 // Shared by the scripts: the state of a key as (0 absent | 1 string | 2 other type, value).
@@ -151,28 +152,34 @@ pub(super) async fn apply<C: ConnectionLike>(
         call.arg(millis(bump.ttl()));
     }
     let mut sent = redis::pipe();
-    sent.add_command(call);
+    sent.ignore_errors().add_command(call);
     if confirm > 0 {
         sent.cmd("WAIT").arg(confirm).arg(millis(within));
     }
-    let mut replies: Vec<redis::Value> = match sent.query_async(conn).await {
+    let mut replies: Vec<redis::Value> = sent.query_async(conn).await.map_err(backend)?;
+    if matches!(replies.first(), Some(redis::Value::ServerError(err)) if err.code() == "NOSCRIPT") {
         // A server that lost its script cache (a restarted node, a
         // promoted replica): loaded, then sent again.
-        Err(err) if err.code() == Some("NOSCRIPT") => {
-            let mut load = redis::cmd("SCRIPT");
-            load.arg("LOAD").arg(INVALIDATE_CODE);
-            let _: String = load.query_async(conn).await.map_err(backend)?;
-            sent.query_async(conn).await.map_err(backend)?
-        }
-        other => other.map_err(backend)?,
-    };
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(INVALIDATE_CODE);
+        let _: String = load.query_async(conn).await.map_err(backend)?;
+        replies = sent.query_async(conn).await.map_err(backend)?;
+    }
+    let mut replies = replies.into_iter();
+    refusal(replies.next().ok_or_else(|| no_reply("EVALSHA"))).map_err(backend)?;
     if confirm == 0 {
         return Ok(());
     }
-    let acknowledged: usize = replies
-        .pop()
-        .and_then(|reply| redis::from_redis_value(reply).ok())
-        .unwrap_or(0);
+    let acknowledged: usize = match refusal(replies.next().ok_or_else(|| no_reply("WAIT"))) {
+        Ok(reply) => redis::from_redis_value(reply).unwrap_or(0),
+        // Confirming only strengthens the guarantee: without it, what one
+        // node gives (see `WAIT_DENIED`).
+        Err(err) if err.code() == Some("NOPERM") => {
+            warn_limited!("{WAIT_DENIED}");
+            return Ok(());
+        }
+        Err(err) => return Err(backend(err)),
+    };
     if acknowledged < confirm {
         return Err(StoreError::Unconfirmed(format!(
             "{acknowledged} of {confirm} replicas acknowledged within {} ms",
@@ -180,6 +187,19 @@ pub(super) async fn apply<C: ConnectionLike>(
         )));
     }
     Ok(())
+}
+
+/// What a store whose user may not run `WAIT` cannot keep.
+const WAIT_DENIED: &str = "the Redis user may not run WAIT (grant +wait): invalidations \
+    are not confirmed on replicas, so a failover may lose one";
+
+/// A pipeline that answered fewer replies than it sent commands.
+fn no_reply(command: &str) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "no reply",
+        command.to_owned(),
+    ))
 }
 
 /// Creates the version keys of `versions` that are missing (at a number
