@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use bytes::Bytes;
 use common::{
-    get_req, method_req, revision, router, send_reading, Backend, Db, RedisServer, TEST_DEADLINE,
+    data_commands, get_req, method_req, revision, router, send_reading, Backend, Db, RedisServer,
+    TEST_DEADLINE,
 };
 use tower::ServiceExt;
 use tower_redis_cache::store::{
@@ -85,35 +86,6 @@ impl Process {
 }
 
 const BOUND: Duration = Duration::from_secs(5);
-
-/// The `calls` Redis counted for lookups, writes and invalidations.
-async fn data_commands(server: &RedisServer) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut server.raw().await)
-        .await
-        .unwrap();
-    info.lines()
-        .filter(|l| {
-            [
-                "cmdstat_get:",
-                "cmdstat_set:",
-                "cmdstat_mget:",
-                "cmdstat_evalsha:",
-            ]
-            .iter()
-            .any(|c| l.starts_with(c))
-        })
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
 
 async fn hits_after_the_first_cost_no_round_trip(backend: Backend) {
     let db = Db::default();

@@ -386,7 +386,9 @@ impl fmt::Display for StoreError {
             Self::Timeout => write!(f, "store operation timed out"),
             Self::Unreachable(msg) => write!(f, "store unreachable: {msg}"),
             Self::Backend(msg) => write!(f, "store error: {msg}"),
-            Self::Denied(msg) => write!(f, "store denied access: {msg}"),
+            Self::Denied(msg) => {
+                write!(f, "store denied access (credentials or permissions): {msg}")
+            }
             Self::Rejected(msg) => write!(f, "store refused the command: {msg}"),
             Self::Unconfirmed(msg) => write!(f, "invalidation not confirmed by replicas: {msg}"),
             Self::CircuitOpen => write!(f, "store circuit open; not tried"),

@@ -169,6 +169,35 @@ impl RedisServer {
     }
 }
 
+/// The `calls` Redis counted for lookups, writes and invalidations.
+pub async fn data_commands(server: &RedisServer) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut server.raw().await)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| {
+            [
+                "cmdstat_get:",
+                "cmdstat_set:",
+                "cmdstat_mget:",
+                "cmdstat_evalsha:",
+            ]
+            .iter()
+            .any(|c| l.starts_with(c))
+        })
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// A Redis Sentinel on a free port monitoring one master as `mymaster`
 /// (quorum 1, down after 1 s), killed on drop.
 pub struct Sentinel {

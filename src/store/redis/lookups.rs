@@ -62,22 +62,49 @@ pub(super) fn looked_up(versions: Vec<Observed>, entry: Observed, epoch: Epoch) 
 /// The version values this process last read, per version key, so that a
 /// versioned lookup can read the versions and the entry under them in one
 /// round trip. A value here is only a guess: the lookup checks it against
-/// the versions it reads in the same trip. Bounded: cleared when full.
-#[derive(Debug, Default)]
-pub(super) struct SeenVersions(std::sync::Mutex<std::collections::HashMap<String, Bytes>>);
+/// the versions it reads in the same trip. Bounded, on a concurrent cache
+/// (quick_cache: sharded, no lock shared by every hit) that evicts the
+/// groups read least, never all at once: with more groups than it holds
+/// (a version group per tenant), the hot ones keep their one round trip.
+#[derive(Debug)]
+pub(super) struct SeenVersions(
+    quick_cache::sync::Cache<
+        String,
+        Bytes,
+        quick_cache::UnitWeighter,
+        quick_cache::DefaultHashBuilder,
+    >,
+);
 
-/// How many version keys [`SeenVersions`] remembers before it starts over.
-const SEEN_VERSIONS_CAP: usize = 4096;
+/// How many version keys [`SeenVersions`] remembers by default.
+pub(super) const DEFAULT_REMEMBERED_VERSIONS: usize = 100_000;
+
+impl Default for SeenVersions {
+    fn default() -> Self {
+        Self::new(DEFAULT_REMEMBERED_VERSIONS)
+    }
+}
 
 impl SeenVersions {
+    /// At most `capacity` version keys (at least 1).
+    pub(super) fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self(quick_cache::sync::Cache::with(
+            capacity,
+            capacity as u64,
+            quick_cache::UnitWeighter,
+            quick_cache::DefaultHashBuilder::default(),
+            quick_cache::sync::DefaultLifecycle::default(),
+        ))
+    }
+
     /// The values last read for `versions`, in order, as what a lookup
     /// expects to read again; false (and `into` left empty) when one is
     /// not known.
     fn get(&self, versions: &[VersionKey], into: &mut Vec<Observed>) -> bool {
-        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         for version in versions {
-            match map.get(version.key()) {
-                Some(value) => into.push(Observed::Value(value.clone())),
+            match self.0.get(version.key()) {
+                Some(value) => into.push(Observed::Value(value)),
                 None => {
                     into.clear();
                     return false;
@@ -88,17 +115,8 @@ impl SeenVersions {
     }
 
     fn remember(&self, versions: &[VersionKey], values: &[Bytes]) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() + versions.len() > SEEN_VERSIONS_CAP {
-            map.clear();
-        }
         for (version, value) in versions.iter().zip(values) {
-            match map.get_mut(version.key()) {
-                Some(known) => *known = value.clone(),
-                None => {
-                    map.insert(version.key().to_owned(), value.clone());
-                }
-            }
+            self.0.insert(version.key().to_owned(), value.clone());
         }
     }
 }

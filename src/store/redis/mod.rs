@@ -277,6 +277,16 @@ impl<C: Connect> RedisStore<C> {
         self
     }
 
+    /// How many version keys this store remembers the values of (default
+    /// 100 000): a list hit is one `MGET` when its groups' versions are
+    /// remembered, two commands when not. With a group per tenant, give
+    /// at least the number of tenants whose lists are read; the groups read
+    /// least are forgotten first.
+    pub fn remembered_versions(mut self, groups: usize) -> Self {
+        self.inner.get_mut().seen_versions = std::sync::Arc::new(SeenVersions::new(groups));
+        self
+    }
+
     /// How long a miss's lease lives (default 60 s): a miss whose handler
     /// takes longer is not stored.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
