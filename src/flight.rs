@@ -1,11 +1,15 @@
 //! Single-flight: concurrent misses for the same entry in one process call
-//! the inner service once; the others wait for that response.
+//! the inner service once; the others wait for that response. And
+//! hit-for-miss: an entry whose response could not be stored is remembered
+//! for [`HIT_FOR_MISS`], and its misses call the inner service at once
+//! instead of waiting for a response they could not share.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -30,10 +34,35 @@ pub(crate) type Wait = Pin<Box<dyn Future<Output = Option<Landed>> + Send>>;
 
 type Flights = Arc<Mutex<HashMap<String, watch::Receiver<Option<Landed>>>>>;
 
-/// The misses under way in this process.
-#[derive(Debug, Default, Clone)]
+/// How long an entry whose response could not be stored (a 404, a
+/// `Set-Cookie`, a body over the cap) sends its misses straight to the
+/// inner service. A storable response ends it at once.
+pub(crate) const HIT_FOR_MISS: Duration = Duration::from_secs(10);
+
+/// Most entries remembered as hit-for-miss at once; the oldest go first.
+const HIT_FOR_MISS_ENTRIES: usize = 10_000;
+
+/// The misses under way in this process, and the entries whose responses
+/// could not be stored lately.
+#[derive(Clone)]
 pub(crate) struct FlightTable {
     flights: Flights,
+    unstorable: Arc<quick_cache::sync::Cache<String, Instant>>,
+}
+
+impl Default for FlightTable {
+    fn default() -> Self {
+        Self {
+            flights: Flights::default(),
+            unstorable: Arc::new(quick_cache::sync::Cache::new(HIT_FOR_MISS_ENTRIES)),
+        }
+    }
+}
+
+impl std::fmt::Debug for FlightTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlightTable").finish_non_exhaustive()
+    }
 }
 
 /// Whether this request leads a flight or joins one.
@@ -53,6 +82,27 @@ pub(crate) struct Leader {
 }
 
 impl FlightTable {
+    /// True when the entry `key` names under what `seen` read had a
+    /// response that could not be stored, less than [`HIT_FOR_MISS`] ago.
+    pub(crate) fn passes(&self, key: &CacheKey, seen: &Lookup) -> bool {
+        self.unstorable
+            .get(&entry_name(key, seen))
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// The entry's response could not be stored: its misses pass.
+    pub(crate) fn unstorable(&self, key: &CacheKey, seen: &Lookup) {
+        self.unstorable
+            .insert(entry_name(key, seen), Instant::now() + HIT_FOR_MISS);
+    }
+
+    /// The entry's response was stored: its misses coalesce again.
+    pub(crate) fn stored(&self, key: &CacheKey, seen: &Lookup) {
+        if !self.unstorable.is_empty() {
+            self.unstorable.remove(&entry_name(key, seen));
+        }
+    }
+
     /// Leads or joins the flight for `key` as the lookup saw it. The flight
     /// is named by what the lookup saw (version, tombstone), so a request
     /// that looked up after an invalidation never joins a flight that
@@ -104,11 +154,16 @@ impl Drop for Leader {
     }
 }
 
-fn flight_name(key: &CacheKey, seen: &Lookup) -> String {
-    let mut name = match seen.version_values() {
+/// The entry a lookup names: the key under the versions it read.
+fn entry_name(key: &CacheKey, seen: &Lookup) -> String {
+    match seen.version_values() {
         Some(versions) => key.entry_key(&versions),
         None => key.entry_key(&[b"?"]),
-    };
+    }
+}
+
+fn flight_name(key: &CacheKey, seen: &Lookup) -> String {
+    let mut name = entry_name(key, seen);
     // What the lookup saw, whole: two lookups that saw different bytes
     // never share a flight.
     let mut hasher = Sha256::new();

@@ -94,6 +94,15 @@
 //! the response cannot be stored (not 200 JSON, too large, a HEAD), the
 //! waiting requests call the inner service themselves.
 //!
+//! # Hit-for-miss
+//!
+//! When a response could not be stored for what it is (its status, a
+//! `Set-Cookie`, `no-store`, a body over the cap…), the entry is remembered
+//! as such for 10 seconds: its misses call the inner service at once,
+//! without waiting for a flight whose answer they could not share
+//! (`cache-status: …; fwd=uri-miss; fwd-status=404; detail=hit-for-miss`).
+//! The first storable response ends it.
+//!
 //! # Stale-while-revalidate
 //!
 //! A route with [`Route::stale_while_revalidate`](crate::Route::stale_while_revalidate)

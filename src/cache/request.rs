@@ -75,6 +75,9 @@ pub(crate) struct Ctx {
     /// When the entry write started, for the store latency.
     write_started: Option<Instant>,
     leader: Option<Leader>,
+    /// The entry's response could not be stored lately: this miss did
+    /// not wait for a flight (hit-for-miss).
+    passed: bool,
     if_none_match: Option<HeaderValue>,
     /// What an entry must be bound to, to be served to this request.
     binding: Binding,
@@ -147,6 +150,7 @@ impl Ctx {
             started: Instant::now(),
             write_started: None,
             leader: None,
+            passed: false,
             if_none_match: None,
             binding: [0; BINDING_LEN],
             accepts: Accepts::default(),
@@ -417,8 +421,13 @@ impl Ctx {
     /// returns the wait of the flight already under way. A HEAD neither
     /// leads (its response has no body to share) nor waits.
     pub(crate) fn missed(&mut self, found: Lookup) -> Option<crate::flight::Wait> {
+        let flights = self.policy.flights();
         let role = match (&self.key, self.head) {
-            (Some(key), false) => Some(self.policy.flights().enter(key, &found)),
+            (Some(key), false) if flights.passes(key, &found) => {
+                self.passed = true;
+                None
+            }
+            (Some(key), false) => Some(flights.enter(key, &found)),
             _ => None,
         };
         self.seen = Some(found.detached());
@@ -638,9 +647,18 @@ impl Ctx {
 
     /// Sets `x-cache` and `cache-status`, counts and logs the outcome.
     pub(crate) fn finish<B>(&mut self, mut response: Response<B>, outcome: Outcome) -> Response<B> {
-        // Followers still waiting go to the inner service themselves.
-        if let Some(leader) = self.leader.take() {
-            leader.unshareable();
+        // Followers still waiting go to the inner service themselves; the
+        // misses after them too, for a while, when the response itself
+        // could not be stored.
+        let led = self.leader.take().map(Leader::unshareable).is_some();
+        if let (Some(key), Some(seen)) = (&self.key, &self.seen) {
+            match &outcome {
+                Outcome::NotStored(reason) if (led || self.passed) && reason.is_response() => {
+                    self.policy.flights().unstorable(key, seen);
+                }
+                Outcome::Stored => self.policy.flights().stored(key, seen),
+                _ => {}
+            }
         }
         let stats = self.policy.stats_ref();
         let took = self.started.elapsed();
@@ -689,7 +707,10 @@ impl Ctx {
             Outcome::NotStored(reason) => {
                 stats.miss(self.route, took);
                 stats.not_stored(self.route, reason);
-                let reason = reason.as_str();
+                let reason = match self.passed {
+                    true => "hit-for-miss",
+                    false => reason.as_str(),
+                };
                 tracing::debug!(route, key = %key, reason, "cache miss, not stored");
                 (
                     "MISS",

@@ -68,6 +68,22 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// True for a property of the response itself (its status, headers or
+    /// body): the next response for the entry will likely have it too.
+    pub(crate) fn is_response(self) -> bool {
+        matches!(
+            self,
+            Reason::Status
+                | Reason::NotJson
+                | Reason::SetCookie
+                | Reason::CacheControl
+                | Reason::Vary
+                | Reason::ContentEncoding
+                | Reason::TooLarge
+                | Reason::Trailers
+        )
+    }
+
     pub(crate) const ALL: [Reason; 22] = [
         Reason::Authorization,
         Reason::Query,

@@ -1,0 +1,93 @@
+//! Bursts on one key: what coalescing costs routes whose responses cannot
+//! be stored (hit-for-miss), and single-flight across processes. Handler
+//! calls and outcomes are counted exactly; latencies are printed as
+//! figures, never asserted.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use common::{app, get_req, send, Backend, Db};
+use tokio::time::Instant;
+
+/// `n` concurrent GETs of `uri`; each one's (status, cache-status, time).
+async fn burst(
+    app: &axum::Router,
+    uri: &'static str,
+    n: usize,
+) -> Vec<(StatusCode, String, Duration)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let response = tower::ServiceExt::oneshot(app, get_req(uri)).await.unwrap();
+                let status = response.status();
+                let cache_status = response
+                    .headers()
+                    .get("cache-status")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+                (status, cache_status, started.elapsed())
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    out
+}
+
+fn p50(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+/// A cached route whose handler answers 404 in 50 ms, three bursts of 64:
+/// the first coalesces (one leader, then the others call the handler),
+/// the next two go straight to the handler (`detail=hit-for-miss`); then
+/// the record appears, and the first storable answer ends it.
+async fn unstorable_responses_do_not_make_bursts_wait(backend: Backend) {
+    const HANDLER: Duration = Duration::from_millis(50);
+    let db = Db::default();
+    db.read_delay_us
+        .store(HANDLER.as_micros() as u64, Ordering::Relaxed);
+    let (app, _) = app(backend.store.clone(), db.clone());
+    let mut p50s = Vec::new();
+    for round in 0..3 {
+        let calls = db.calls();
+        let answers = burst(&app, "/persons/404", 64).await;
+        assert!(answers
+            .iter()
+            .all(|(status, ..)| *status == StatusCode::NOT_FOUND));
+        assert_eq!(
+            db.calls() - calls,
+            64,
+            "round {round}: each answer from the handler"
+        );
+        let passed = answers
+            .iter()
+            .filter(|(_, status, _)| status.contains("detail=hit-for-miss"))
+            .count();
+        assert_eq!(passed, if round == 0 { 0 } else { 64 }, "round {round}");
+        p50s.push(p50(answers.into_iter().map(|(.., took)| took).collect()));
+    }
+    let ratios: Vec<String> = p50s
+        .iter()
+        .map(|p| format!("{:.2}x", p.as_secs_f64() / HANDLER.as_secs_f64()))
+        .collect();
+    eprintln!("404 in 50 ms, bursts of 64: p50 per round {ratios:?} the handler's time");
+
+    // A storable answer ends hit-for-miss: stored, then a hit.
+    db.set("404", 1);
+    let (_, status, _) = common::send_reading(&app, get_req("/persons/404"), "cache-status").await;
+    assert!(status.contains("stored"), "{status}");
+    let (_, x_cache, _) = send(&app, get_req("/persons/404")).await;
+    assert_eq!(x_cache, "HIT");
+}
+
+backend_tests!(unstorable_responses_do_not_make_bursts_wait);
