@@ -468,8 +468,23 @@ pub(crate) const TOKEN_LEN: usize = 29;
 /// lease is minted per lookup.
 fn token_bytes(format: u8) -> [u8; TOKEN_LEN] {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = [0; TOKEN_LEN];
+    out[0] = format;
+    out[1..21].copy_from_slice(process());
+    out[21..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    out
+}
+
+/// True for a miss's lease.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn is_lease(raw: &[u8]) -> bool {
+    raw.len() == TOKEN_LEN && raw[0] == FORMAT_LEASE
+}
+
+/// What tells this process's tokens from any other's.
+fn process() -> &'static [u8; 20] {
     static PROCESS: std::sync::OnceLock<[u8; 20]> = std::sync::OnceLock::new();
-    let process = PROCESS.get_or_init(|| {
+    PROCESS.get_or_init(|| {
         use std::hash::{BuildHasher, Hasher};
         let mut out = [0; 20];
         out[..4].copy_from_slice(&std::process::id().to_be_bytes());
@@ -483,12 +498,7 @@ fn token_bytes(format: u8) -> [u8; TOKEN_LEN] {
             .finish();
         out[12..].copy_from_slice(&random.to_be_bytes());
         out
-    });
-    let mut out = [0; TOKEN_LEN];
-    out[0] = format;
-    out[1..21].copy_from_slice(process);
-    out[21..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
-    out
+    })
 }
 
 #[cfg(test)]

@@ -20,6 +20,10 @@ use crate::store::{CacheKey, Invalidation, MemoryStore, Store, VersionKey};
 /// Default cap on a stored body: 1 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1 << 20;
 
+/// How long a miss waits, by default, for another process's fill of the
+/// entry (see [`PolicyBuilder::lease_wait`]).
+pub const DEFAULT_LEASE_WAIT: Duration = Duration::from_secs(1);
+
 /// Bodies longer than this are stored compressed, by default, when the
 /// `compression` feature is on (1 KiB); without it, none is.
 #[cfg(feature = "compression")]
@@ -465,6 +469,7 @@ struct PolicyInner {
     inputs: InputRules,
     per_response: Vec<HeaderName>,
     max_body_bytes: usize,
+    lease_wait: Duration,
     compress_over: usize,
     routes: Vec<CompiledRoute>,
     table: RouteTable,
@@ -499,6 +504,7 @@ pub struct PolicyBuilder {
     trusted: Vec<String>,
     per_response: Vec<String>,
     max_body_bytes: usize,
+    lease_wait: Duration,
     compress_over: usize,
     default_ttl: Duration,
     routes: Vec<Route>,
@@ -545,6 +551,7 @@ impl Policy {
             trusted: Vec::new(),
             per_response: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            lease_wait: DEFAULT_LEASE_WAIT,
             compress_over: DEFAULT_COMPRESS_OVER,
             default_ttl: Duration::from_secs(60),
             routes: Vec::new(),
@@ -563,6 +570,11 @@ impl Policy {
     /// The largest body that is stored; larger ones stream through.
     pub fn max_body_bytes(&self) -> usize {
         self.inner.max_body_bytes
+    }
+
+    /// How long a miss waits for another process's fill.
+    pub(crate) fn lease_wait(&self) -> Duration {
+        self.inner.lease_wait
     }
 
     /// Bodies longer than this are stored compressed (`usize::MAX`: never).
@@ -955,6 +967,19 @@ impl PolicyBuilder {
         self
     }
 
+    /// How long a miss that finds another process filling the entry (its
+    /// lease, on a shared store) waits for that fill before calling the
+    /// handler itself (default [`DEFAULT_LEASE_WAIT`], 1 s; zero: never
+    /// waits). It polls the store meanwhile, 5 ms after the lookup and
+    /// then twice as long each time, up to 50 ms apart. The other misses
+    /// of this process wait with it, so a burst on a cold key costs one
+    /// handler call across processes; a lease holder that died costs at
+    /// most this once per process, and the entry is then filled here.
+    pub fn lease_wait(mut self, wait: Duration) -> Self {
+        self.lease_wait = wait;
+        self
+    }
+
     /// The TTL of routes that set none (default 60 s).
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
         self.default_ttl = ttl;
@@ -1106,6 +1131,7 @@ impl PolicyBuilder {
                 inputs,
                 per_response,
                 max_body_bytes: self.max_body_bytes,
+                lease_wait: self.lease_wait,
                 compress_over: self.compress_over,
                 routes,
                 table,

@@ -91,3 +91,64 @@ async fn unstorable_responses_do_not_make_bursts_wait(backend: Backend) {
 }
 
 backend_tests!(unstorable_responses_do_not_make_bursts_wait);
+
+/// Two stacks (two processes) over one redis-server, 32 concurrent cold
+/// reads of one person on each, a 200 ms handler: one handler call in all,
+/// every answer a 200 with the record. The process that meets the other's
+/// lease waits for its fill instead of calling the handler too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_cold_key_costs_one_handler_call_across_processes() {
+    let server = common::RedisServer::start();
+    let db = Db::default();
+    db.set("1", 1);
+    db.read_delay_us.store(200_000, Ordering::Relaxed);
+    let process = || {
+        let store = tower_redis_cache::store::RedisStore::open(&server.url()).unwrap();
+        app(std::sync::Arc::new(store), db.clone()).0
+    };
+    let (a, b) = (process(), process());
+    let (on_a, on_b) = tokio::join!(burst(&a, "/persons/1", 32), burst(&b, "/persons/1", 32));
+    let answers: Vec<_> = on_a.into_iter().chain(on_b).collect();
+    assert!(answers.iter().all(|(status, ..)| *status == StatusCode::OK));
+    let p50 = p50(answers.iter().map(|(.., took)| *took).collect());
+    eprintln!(
+        "64 cold reads over two processes: {} handler call(s), p50 {p50:?}",
+        db.calls()
+    );
+    assert_eq!(db.calls(), 1);
+}
+
+/// The lease holder's request is dropped mid-handler (its client went
+/// away): the other process waits for the fill at most `lease_wait` (1 s),
+/// then calls the handler once itself; every answer is a 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_lease_holder_that_went_away_costs_at_most_the_wait() {
+    let server = common::RedisServer::start();
+    let db = Db::default();
+    db.set("1", 1);
+    db.read_delay_us.store(200_000, Ordering::Relaxed);
+    let process = || {
+        let store = tower_redis_cache::store::RedisStore::open(&server.url()).unwrap();
+        app(std::sync::Arc::new(store), db.clone()).0
+    };
+    let (a, b) = (process(), process());
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        tower::ServiceExt::oneshot(a.clone(), get_req("/persons/1")),
+    )
+    .await;
+    assert!(dropped.is_err(), "A's request went away mid-handler");
+    let started = Instant::now();
+    let answers = burst(&b, "/persons/1", 32).await;
+    let took = started.elapsed();
+    assert!(answers.iter().all(|(status, ..)| *status == StatusCode::OK));
+    eprintln!(
+        "lease holder gone: B's burst answered in {took:?}, {} handler calls",
+        db.calls()
+    );
+    assert_eq!(db.calls(), 2, "A's (dropped) and one on B");
+    let (_, x_cache, _) = send(&b, get_req("/persons/1")).await;
+    assert_eq!(x_cache, "HIT", "B filled the entry");
+}

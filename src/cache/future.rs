@@ -2,6 +2,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response};
@@ -63,6 +64,16 @@ pin_project! {
         // Another request for the same entry is calling the inner service.
         Join {
             wait: Wait,
+            call: Option<Call<S, ReqBody>>,
+        },
+        // Another process fills the entry: looked up again after `sleep`,
+        // until `until`.
+        // (The timer is boxed: only such a miss pays for it.)
+        Fill {
+            sleep: Pin<Box<tokio::time::Sleep>>,
+            lookup: Option<StoreFuture<Lookup>>,
+            pause: Duration,
+            until: tokio::time::Instant,
             call: Option<Call<S, ReqBody>>,
         },
         // A miss: the inner service is readied, then called.
@@ -202,7 +213,32 @@ where
                     },
                     None,
                 ),
+                Next::AwaitFill(until) => (fill(FIRST_PAUSE, until, call.take()), None),
                 Next::Call => (State::Ready { call: call.take() }, None),
+            }
+        }
+        StateProj::Fill {
+            sleep,
+            lookup,
+            pause,
+            until,
+            call,
+        } => {
+            if lookup.is_none() {
+                ready!(sleep.as_mut().poll(cx));
+                *lookup = ctx.look_again();
+            }
+            let next = match lookup.as_mut() {
+                Some(pending) => ctx.filled(ready!(pending.as_mut().poll(cx))),
+                None => Some(Next::Call),
+            };
+            match next {
+                Some(Next::Serve(response, _)) => (State::Done, Some(response)),
+                None if tokio::time::Instant::now() < *until => (
+                    fill((*pause * 2).min(LAST_PAUSE), *until, call.take()),
+                    None,
+                ),
+                _ => (State::Ready { call: call.take() }, None),
             }
         }
         StateProj::Join { wait, call } => match ctx.landed(ready!(wait.as_mut().poll(cx))) {
@@ -214,7 +250,7 @@ where
                 },
                 None,
             ),
-            Next::Call => (State::Ready { call: call.take() }, None),
+            Next::AwaitFill(_) | Next::Call => (State::Ready { call: call.take() }, None),
         },
         StateProj::Ready { call } => {
             if let Some(pending) = call.as_mut() {
@@ -278,6 +314,27 @@ where
         StateProj::Done => panic!("ResponseFuture polled after completion"),
     };
     Poll::Ready(Ok(stepped))
+}
+
+/// The first pause before looking an entry another process fills up
+/// again, and the longest: the pause doubles from one to the other.
+const FIRST_PAUSE: Duration = Duration::from_millis(5);
+const LAST_PAUSE: Duration = Duration::from_millis(50);
+
+/// Waiting `pause` (not past `until`) before looking the entry up again.
+fn fill<F, S, ReqBody, ResBody: Body>(
+    pause: Duration,
+    until: tokio::time::Instant,
+    call: Option<Call<S, ReqBody>>,
+) -> State<F, S, ReqBody, ResBody> {
+    let wake = (tokio::time::Instant::now() + pause).min(until);
+    State::Fill {
+        sleep: Box::pin(tokio::time::sleep_until(wake)),
+        lookup: None,
+        pause,
+        until,
+        call,
+    }
 }
 
 /// Reads frames until the body ends (`None`) or must not be stored: over

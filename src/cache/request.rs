@@ -45,6 +45,9 @@ pub(crate) enum Next<B: Body> {
     Serve(Response<ResponseBody<B>>, Option<Refresh>),
     /// Wait for the request already calling the inner service.
     Join(crate::flight::Wait),
+    /// Wait for another process's fill of the entry (its lease), until
+    /// this instant; the other misses of this process wait on this one.
+    AwaitFill(tokio::time::Instant),
     /// Call the inner service.
     Call,
 }
@@ -361,9 +364,52 @@ impl Ctx {
             }
         }
         self.end_lookup_span("miss");
+        let foreign = found.foreign_lease();
         match self.missed(found) {
             Some(wait) => Next::Join(wait),
+            None if foreign && self.leader.is_some() && !self.policy.lease_wait().is_zero() => {
+                Next::AwaitFill(tokio::time::Instant::now() + self.policy.lease_wait())
+            }
             None => Next::Call,
+        }
+    }
+
+    /// Looks the entry up again while another process fills it.
+    pub(crate) fn look_again(&mut self) -> Option<StoreFuture<Lookup>> {
+        let key = self.key.as_ref()?;
+        Some(self.policy.store().lookup(key))
+    }
+
+    /// What a lookup made while another process fills the entry found:
+    /// the entry (served, and shared with this process's waiting misses),
+    /// the other's lease still (`None`: wait on), or anything else (the
+    /// holder gave up, the entry was purged, the store failed: call the
+    /// inner service, with this lookup as what the write compares against).
+    pub(crate) fn filled<B: Body>(&mut self, found: Result<Lookup, StoreError>) -> Option<Next<B>> {
+        let Ok(mut found) = found else {
+            return Some(Next::Call);
+        };
+        if found.foreign_lease() {
+            return None;
+        }
+        match found.take_payload() {
+            Observed::Value(raw) => match self
+                .servable(raw.clone())
+                .and_then(|e| self.representation(e))
+            {
+                Some(entry) => {
+                    self.share(&raw);
+                    Some(Next::Serve(self.collapsed(entry), None))
+                }
+                None => {
+                    self.seen = Some(found.detached());
+                    Some(Next::Call)
+                }
+            },
+            _ => {
+                self.seen = Some(found.detached());
+                Some(Next::Call)
+            }
         }
     }
 

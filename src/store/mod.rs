@@ -180,6 +180,9 @@ pub struct Lookup {
     /// The server epoch the lookup read under (empty when unknown): a write
     /// under another epoch is refused.
     origin: Bytes,
+    /// The entry is the lease of a miss made through another store (another
+    /// process): that miss is filling it.
+    foreign_lease: bool,
 }
 
 impl Lookup {
@@ -191,7 +194,20 @@ impl Lookup {
             payload: entry.clone(),
             entry,
             origin: Bytes::new(),
+            foreign_lease: false,
         }
+    }
+
+    /// The same lookup, whose entry is another process's lease.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn with_foreign_lease(mut self) -> Self {
+        self.foreign_lease = true;
+        self
+    }
+
+    /// True when another process's miss is filling the entry.
+    pub(crate) fn foreign_lease(&self) -> bool {
+        self.foreign_lease
     }
 
     /// The same lookup, made under the server epoch `origin`.
@@ -227,6 +243,7 @@ impl Lookup {
             entry: own(self.entry),
             payload: own(self.payload),
             origin: self.origin,
+            foreign_lease: self.foreign_lease,
         }
     }
 

@@ -11,12 +11,13 @@ use super::scripts::{ensure_versions, millis};
 use crate::store::{CacheKey, Lookup, Observed, StoreError, VersionKey};
 
 /// A plain key's lookup: one command, the entry if there is one, else
-/// this miss's lease (`SET key lease NX PX ttl GET`).
+/// this miss's lease (`SET key lease NX PX ttl GET`); and whether what it
+/// read is the lease of another store's miss (another process fills it).
 pub(super) async fn plain_lookup<C: ConnectionLike>(
     conn: &mut C,
     key: &str,
     lease_ttl: std::time::Duration,
-) -> Result<Observed, StoreError> {
+) -> Result<(Observed, bool), StoreError> {
     let lease = crate::entry::lease_bytes();
     let mut set = Cmd::with_capacity(7, key.len() + lease.len() + 32);
     set.arg("SET")
@@ -26,8 +27,11 @@ pub(super) async fn plain_lookup<C: ConnectionLike>(
         .arg("PX")
         .arg(millis(lease_ttl))
         .arg("GET");
-    Ok(match refusal(conn.req_packed_command(&set).await) {
-        Ok(Value::BulkString(value)) => Observed::Value(Bytes::from(value)),
+    let found = match refusal(conn.req_packed_command(&set).await) {
+        Ok(Value::BulkString(value)) => {
+            let foreign = crate::entry::is_lease(&value);
+            return Ok((Observed::Value(Bytes::from(value)), foreign));
+        }
         Ok(Value::Nil) => Observed::Value(Bytes::copy_from_slice(&lease)),
         Err(err) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
         // Full, without eviction: no lease, but hits still serve.
@@ -43,7 +47,8 @@ pub(super) async fn plain_lookup<C: ConnectionLike>(
         }
         Ok(other) => return Err(unexpected("SET", other)),
         Err(err) => return Err(backend(err)),
-    })
+    };
+    Ok((found, false))
 }
 
 /// A reply no command here expects.

@@ -443,9 +443,13 @@ impl<C: Connect> Store for Link<C> {
                 let (source, live) = (source.clone(), source.live());
                 Box::pin(async move {
                     on_live(&source, deadline, live, |mut conn, epoch| async move {
-                        let entry = plain_lookup(&mut conn, &key, lease_ttl).await?;
+                        let (entry, foreign) = plain_lookup(&mut conn, &key, lease_ttl).await?;
                         let epoch = C::served_by(&conn).unwrap_or(epoch);
-                        Ok(looked_up(Vec::new(), entry, epoch))
+                        let lookup = looked_up(Vec::new(), entry, epoch);
+                        Ok(match foreign {
+                            true => lookup.with_foreign_lease(),
+                            false => lookup,
+                        })
                     })
                     .await
                 })
