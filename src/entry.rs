@@ -454,12 +454,6 @@ fn token(format: u8) -> Bytes {
     Bytes::copy_from_slice(&token_bytes(format))
 }
 
-/// A lease, on the stack: a hit never needs it as `Bytes`.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
-pub(crate) fn lease_bytes() -> [u8; TOKEN_LEN] {
-    token_bytes(FORMAT_LEASE)
-}
-
 pub(crate) const TOKEN_LEN: usize = 29;
 
 /// `format`, then what tells this process from any other (its id, when it
@@ -475,10 +469,32 @@ fn token_bytes(format: u8) -> [u8; TOKEN_LEN] {
     out
 }
 
-/// True for a miss's lease.
+/// What tells the leases one store mints from every other store's (in
+/// this process or another).
+pub(crate) type Minter = [u8; 20];
+
+/// A minter no other store has.
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-pub(crate) fn is_lease(raw: &[u8]) -> bool {
-    raw.len() == TOKEN_LEN && raw[0] == FORMAT_LEASE
+pub(crate) fn minter() -> Minter {
+    let mut out = [0; 20];
+    out.copy_from_slice(&token_bytes(FORMAT_LEASE)[9..]);
+    out
+}
+
+/// A lease minted by `minter`, unique to this call, on the stack: a hit
+/// never needs it as `Bytes`.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn lease_by(minter: &Minter) -> [u8; TOKEN_LEN] {
+    let mut out = token_bytes(FORMAT_LEASE);
+    out[1..21].copy_from_slice(minter);
+    out
+}
+
+/// True for a miss's lease that a store other than `minter`'s minted:
+/// another process is filling the entry.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) fn is_lease_of_another(raw: &[u8], minter: &Minter) -> bool {
+    raw.len() == TOKEN_LEN && raw[0] == FORMAT_LEASE && raw[1..21] != minter[..]
 }
 
 /// What tells this process's tokens from any other's.
@@ -554,11 +570,15 @@ mod tests {
 
     #[test]
     fn tokens_are_unique_and_carry_their_format() {
-        let (a, b) = (lease_bytes(), lease_bytes());
+        let minter = minter();
+        let (a, b) = (lease_by(&minter), lease_by(&minter));
         assert_ne!(a, b);
-        assert_eq!(a[..21], b[..21], "one process, one prefix");
+        assert_eq!(a[..21], b[..21], "one minter, one prefix");
         assert_eq!(a[0], FORMAT_LEASE);
         assert_eq!(tombstone()[0], FORMAT_TOMBSTONE);
+        assert!(!is_lease_of_another(&a, &minter));
+        assert!(is_lease_of_another(&a, &super::minter()), "another store's");
+        assert!(!is_lease_of_another(&tombstone(), &super::minter()));
     }
 
     fn sample() -> Entry {

@@ -228,8 +228,11 @@ async fn a_failover_that_loses_the_purge_serves_no_pre_write_data() {
     let mut cluster = RedisCluster::start_with_replicas();
     let db = Db::default();
     db.set("1", 1);
-    let (writer, _) = app(Arc::new(cluster.store()), db.clone());
-    let (reader, _) = app(Arc::new(cluster.store()), db.clone());
+    // A write budget for a loaded machine: replicas confirm within half a
+    // try (here 1 s) or the write is reported unconfirmed.
+    let store = || cluster.store().write_deadline(Duration::from_secs(4));
+    let (writer, _) = app(Arc::new(store()), db.clone());
+    let (reader, _) = app(Arc::new(store()), db.clone());
     let uris = ["/persons/1", "/persons?limit=5"];
     for process in [&writer, &reader] {
         for uri in uris {

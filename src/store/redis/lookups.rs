@@ -17,8 +17,9 @@ pub(super) async fn plain_lookup<C: ConnectionLike>(
     conn: &mut C,
     key: &str,
     lease_ttl: std::time::Duration,
+    minter: &crate::entry::Minter,
 ) -> Result<(Observed, bool), StoreError> {
-    let lease = crate::entry::lease_bytes();
+    let lease = crate::entry::lease_by(minter);
     let mut set = Cmd::with_capacity(7, key.len() + lease.len() + 32);
     set.arg("SET")
         .arg(key)
@@ -29,7 +30,9 @@ pub(super) async fn plain_lookup<C: ConnectionLike>(
         .arg("GET");
     let found = match refusal(conn.req_packed_command(&set).await) {
         Ok(Value::BulkString(value)) => {
-            let foreign = crate::entry::is_lease(&value);
+            // This store's own lease: a miss of this process left it (its
+            // request went away), and nobody is filling the entry.
+            let foreign = crate::entry::is_lease_of_another(&value, minter);
             return Ok((Observed::Value(Bytes::from(value)), foreign));
         }
         Ok(Value::Nil) => Observed::Value(Bytes::copy_from_slice(&lease)),

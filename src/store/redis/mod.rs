@@ -91,6 +91,8 @@ struct Link<C> {
     tombstone_ttl: Duration,
     lease_ttl: Duration,
     seen_versions: std::sync::Arc<SeenVersions>,
+    /// What tells this store's leases from other processes'.
+    minter: crate::entry::Minter,
     /// Whether invalidations go out one per cluster slot: known for a
     /// cluster source, learned from a `CROSSSLOT` for any other.
     split: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -242,6 +244,7 @@ impl<C: Connect> RedisStore<C> {
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
             lease_ttl: DEFAULT_LEASE_TTL,
             seen_versions: std::sync::Arc::default(),
+            minter: crate::entry::minter(),
             channel: std::sync::Arc::from(DEFAULT_CHANNEL),
             subscribe_via: std::sync::Arc::from([]),
         };
@@ -439,11 +442,12 @@ impl<C: Connect> Store for Link<C> {
         let (source, deadline) = (&self.source, self.deadline);
         match key {
             CacheKey::Plain(key) => {
-                let (key, lease_ttl) = (key.clone(), self.lease_ttl);
+                let (key, lease_ttl, minter) = (key.clone(), self.lease_ttl, self.minter);
                 let (source, live) = (source.clone(), source.live());
                 Box::pin(async move {
                     on_live(&source, deadline, live, |mut conn, epoch| async move {
-                        let (entry, foreign) = plain_lookup(&mut conn, &key, lease_ttl).await?;
+                        let (entry, foreign) =
+                            plain_lookup(&mut conn, &key, lease_ttl, &minter).await?;
                         let epoch = C::served_by(&conn).unwrap_or(epoch);
                         let lookup = looked_up(Vec::new(), entry, epoch);
                         Ok(match foreign {
