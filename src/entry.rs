@@ -133,6 +133,11 @@ pub(crate) enum Slot {
     Unreadable,
 }
 
+/// `ms` on the clock `offset_ms` ahead of this one.
+pub(crate) fn shifted(ms: u64, offset_ms: i64) -> u64 {
+    (ms as i64).saturating_add(offset_ms).max(0) as u64
+}
+
 pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -183,6 +188,7 @@ impl Entry {
         headers: HeaderMap,
         body: Bytes,
         ttl: Duration,
+        stored_at_ms: u64,
     ) -> Self {
         Self {
             binding,
@@ -190,7 +196,7 @@ impl Entry {
             status,
             headers,
             body,
-            stored_at_ms: unix_ms(),
+            stored_at_ms,
             ttl_s: ttl.as_secs().min(u32::MAX as u64) as u32,
         }
     }
@@ -591,6 +597,7 @@ mod tests {
             stored_headers(&headers, &[]),
             Bytes::from_static(b"{\"id\":1}"),
             Duration::from_secs(300),
+            unix_ms(),
         )
     }
 
@@ -819,6 +826,7 @@ pub(crate) mod testing {
             headers,
             body,
             Duration::from_secs(60),
+            super::unix_ms(),
         )
     }
 

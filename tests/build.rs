@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(redis_missing)");
+    println!("cargo::rustc-check-cfg=cfg(faketime_missing)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=REQUIRE_REDIS");
     let dirs: Vec<PathBuf> = env::var_os("PATH")
@@ -21,6 +22,13 @@ fn main() {
     let on_path = |name: &str| dirs.iter().any(|dir| dir.join(name).is_file());
     let found = on_path("redis-server") && on_path("redis-cli");
     let required = env::var("REQUIRE_REDIS").as_deref() == Ok("1");
+    // libfaketime runs a process with its clock off (the one-clock test).
+    if !on_path("faketime") && !required {
+        println!("cargo::rustc-cfg=faketime_missing");
+        println!(
+            "cargo::warning=faketime is not on PATH: the clock-skew test is reported as ignored"
+        );
+    }
     if !found && !required {
         println!("cargo::rustc-cfg=redis_missing");
         println!("cargo::warning=redis-server is not on PATH: the Redis tests are reported as ignored (REQUIRE_REDIS=1 makes them fail instead)");

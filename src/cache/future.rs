@@ -394,6 +394,7 @@ where
         ctx.policy(),
         ctx.binding(),
         ctx.ttl(),
+        ctx.now_ms(),
         parts.status,
         &mut parts.headers,
         &body,

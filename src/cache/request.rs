@@ -133,6 +133,13 @@ impl Ctx {
         ctx
     }
 
+    /// When this request started, on the store's clock (the one clock of
+    /// every process: see [`Store::clock_offset_ms`](crate::store::Store::clock_offset_ms)).
+    pub(crate) fn now_ms(&self) -> u64 {
+        let local = crate::entry::unix_ms_at(self.started);
+        crate::entry::shifted(local, self.policy.store().clock_offset_ms())
+    }
+
     /// Starts the store's lookup of `key`.
     pub(crate) fn look_up(&mut self, key: CacheKey) -> StoreFuture<Lookup> {
         let lookup = self.policy.store().lookup(&key);
@@ -186,7 +193,7 @@ impl Ctx {
             Some(entry) => {
                 self.key = Some(key);
                 self.local.served = true;
-                Ok(self.hit(entry, crate::entry::unix_ms_at(self.started)))
+                Ok(self.hit(entry, self.now_ms()))
             }
             None => Err(key),
         }
@@ -339,7 +346,7 @@ impl Ctx {
             // (a reference count, not a copy) for its check.
             let sample = self.sample().map(|slot| (raw.clone(), slot));
             if let Some(stored) = self.servable(raw) {
-                let now_ms = crate::entry::unix_ms_at(self.started);
+                let now_ms = self.now_ms();
                 let stale = self.is_stale(&stored, now_ms);
                 #[cfg(feature = "tier")]
                 let keep = (!stale && self.local.generation.is_some())
@@ -981,6 +988,10 @@ impl Refresh {
                 &self.policy,
                 self.binding,
                 route.ttl,
+                crate::entry::shifted(
+                    crate::entry::unix_ms(),
+                    self.policy.store().clock_offset_ms(),
+                ),
                 parts.status,
                 &mut parts.headers,
                 &body,

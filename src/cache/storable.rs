@@ -67,6 +67,7 @@ pub(crate) fn entry_of(
     policy: &Policy,
     binding: Binding,
     ttl: Duration,
+    stored_at_ms: u64,
     status: StatusCode,
     headers: &mut HeaderMap,
     body: &Bytes,
@@ -89,14 +90,14 @@ pub(crate) fn entry_of(
                     headers.insert(header::ETAG, tag);
                 }
             }
-            let mut entry = Entry::new(binding, status, stored, body.clone(), ttl);
+            let mut entry = Entry::new(binding, status, stored, body.clone(), ttl, stored_at_ms);
             entry.coding = Some((coding, identity.len() as u32));
             entry
         }
         None => {
             crate::entry::ensure_etag(headers, body);
             let stored = crate::entry::stored_headers(headers, per_response);
-            let mut entry = Entry::new(binding, status, stored, body.clone(), ttl);
+            let mut entry = Entry::new(binding, status, stored, body.clone(), ttl, stored_at_ms);
             entry.compress(policy.compress_over(), policy.coding());
             entry
         }

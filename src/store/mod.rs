@@ -480,6 +480,14 @@ pub trait Store: Send + Sync + 'static {
         StoreHealth::default()
     }
 
+    /// Milliseconds to add to this process's wall clock to read the
+    /// store's: an entry's stored-at time, its TTL, stale window and `Age`
+    /// are all judged on that one clock, so processes whose clocks
+    /// disagree still agree on them. 0 (this process's clock) by default.
+    fn clock_offset_ms(&self) -> i64 {
+        0
+    }
+
     /// Told by the [`Policy`](crate::Policy) when it is built: the longest
     /// an entry lives (TTL plus stale window). A store that holds the cache
     /// off after losing invalidations needs to hold it no longer.
@@ -544,6 +552,10 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 
     fn longest_entry_life(&self, life: Duration) {
         (**self).longest_entry_life(life);
+    }
+
+    fn clock_offset_ms(&self) -> i64 {
+        (**self).clock_offset_ms()
     }
 
     fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {

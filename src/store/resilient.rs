@@ -795,6 +795,10 @@ impl<S: Store + Clone> Store for Resilient<S> {
         self.inner.watch(watcher)
     }
 
+    fn clock_offset_ms(&self) -> i64 {
+        self.inner.clock_offset_ms()
+    }
+
     fn longest_entry_life(&self, life: Duration) {
         let millis = u64::try_from(life.as_millis()).unwrap_or(u64::MAX).max(1);
         self.shared.entry_life_ms.store(millis, Ordering::Relaxed);

@@ -458,6 +458,10 @@ impl Store for Tiered {
         self.inner.longest_entry_life(life);
     }
 
+    fn clock_offset_ms(&self) -> i64 {
+        self.inner.clock_offset_ms()
+    }
+
     fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
         self.inner.parts(invalidation)
     }
@@ -497,6 +501,7 @@ mod tests {
             http::HeaderMap::new(),
             body,
             Duration::from_secs(60),
+            crate::entry::unix_ms(),
         )
     }
 

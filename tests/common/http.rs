@@ -46,9 +46,24 @@ pub fn example_binary(name: &str) -> PathBuf {
 /// The example `name` listening on a free port that it reads from
 /// `addr_var`, with `vars` set; returns once it accepts connections.
 pub fn spawn(name: &str, addr_var: &str, vars: &[(&str, &str)]) -> Server {
+    spawn_with(&[], name, addr_var, vars)
+}
+
+/// [`spawn`], run through `wrapper` (a command and its arguments, such as
+/// `faketime -f +30s`), when not empty.
+pub fn spawn_with(wrapper: &[&str], name: &str, addr_var: &str, vars: &[(&str, &str)]) -> Server {
     let port = super::free_port();
     let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(example_binary(name))
+    let binary = example_binary(name);
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(&binary);
+            command
+        }
+        None => Command::new(&binary),
+    };
+    let child = command
         .env(addr_var, &addr)
         .envs(vars.iter().copied())
         .env("RUST_LOG", "warn")
@@ -97,14 +112,24 @@ pub fn http(
     auth: Option<&str>,
     body: Option<&str>,
 ) -> Reply {
+    http_for(&server.addr, server, method, path, auth, body)
+}
+
+/// [`http`] with `host` as the `Host` header: processes behind one load
+/// balancer see one host.
+pub fn http_for(
+    host: &str,
+    server: &Server,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<&str>,
+) -> Reply {
     let mut stream = TcpStream::connect(&server.addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-        server.addr
-    );
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     if let Some(auth) = auth {
         request.push_str(&format!("Authorization: {auth}\r\n"));
     }

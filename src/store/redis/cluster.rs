@@ -62,6 +62,9 @@ struct Shared {
     replicas: RwLock<Vec<Shard>>,
     /// The user may not run `CLUSTER SHARDS`: nothing is waited for.
     shards_denied: std::sync::atomic::AtomicBool,
+    /// The clock of the master of slot 0 against this process's, in ms:
+    /// every process reads the same node's.
+    clock: std::sync::atomic::AtomicI64,
 }
 
 /// What a cluster store whose user may not run `CLUSTER SHARDS` cannot keep.
@@ -93,6 +96,7 @@ impl ClusterSource {
                 scripts: super::scripts::scripts(),
                 replicas: RwLock::default(),
                 shards_denied: std::sync::atomic::AtomicBool::new(false),
+                clock: std::sync::atomic::AtomicI64::new(0),
             }),
         }
     }
@@ -126,6 +130,9 @@ impl Source for ClusterSource {
                             tracing::warn!("{SHARDS_DENIED}");
                         }
                         Err(err) => return Err(err),
+                    }
+                    if let Some(clock) = measure_cluster_clock(&mut conn).await {
+                        shared.clock.store(clock, Ordering::Relaxed);
                     }
                     tokio::spawn(follow_shards(Arc::downgrade(&shared), conn.clone()));
                     // Lookups batched, one pipeline per slot.
@@ -161,6 +168,10 @@ impl Source for ClusterSource {
         conn.node_denied().then_some(super::batch::NODE_DENIED)
     }
 
+    fn clock_offset_ms(&self) -> i64 {
+        self.inner.clock.load(Ordering::Relaxed)
+    }
+
     fn replicas(&self, slot: u16) -> usize {
         let shards = self
             .inner
@@ -187,7 +198,27 @@ async fn follow_shards(shared: std::sync::Weak<Shared>, mut conn: ClusterConnect
         if let Ok(Ok(shards)) = read {
             *shared.replicas.write().unwrap_or_else(|e| e.into_inner()) = shards;
         }
+        if let Ok(Some(clock)) =
+            tokio::time::timeout(CONNECT_TIMEOUT, measure_cluster_clock(&mut conn)).await
+        {
+            shared.clock.store(clock, Ordering::Relaxed);
+        }
     }
+}
+
+/// The clock of the master of slot 0 against this process's (`TIME`
+/// there, taken as read halfway through the round trip).
+async fn measure_cluster_clock(conn: &mut ClusterConnection) -> Option<i64> {
+    use redis::cluster_routing::{Route, SlotAddr};
+    let sent = crate::entry::unix_ms() as i64;
+    let route = SingleNodeRoutingInfo::SpecificNode(Route::new(0, SlotAddr::Master));
+    let reply = conn
+        .route_command(redis::cmd("TIME"), RoutingInfo::SingleNode(route))
+        .await
+        .ok()?;
+    let received = crate::entry::unix_ms() as i64;
+    let (secs, micros): (i64, i64) = redis::from_redis_value(reply).ok()?;
+    Some(secs * 1000 + micros / 1000 - (sent + received) / 2)
 }
 
 /// `CLUSTER SHARDS`, as slot ranges and the online replicas of each.

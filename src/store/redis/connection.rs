@@ -91,6 +91,12 @@ pub(crate) mod sealed {
             None
         }
 
+        /// Milliseconds to add to this process's clock to read the
+        /// server's, as last measured (`TIME`).
+        fn clock_offset_ms(&self) -> i64 {
+            0
+        }
+
         /// How many replicas the master holding `slot` has: an
         /// invalidation there counts as applied once they acknowledged it.
         fn replicas(&self, slot: u16) -> usize {
@@ -153,6 +159,8 @@ struct Shared {
     setup_timeout: Duration,
     /// Whether the task that re-reads the epoch runs.
     checking: std::sync::atomic::AtomicBool,
+    /// The server's clock against this process's, in milliseconds.
+    clock: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for Reconnecting {
@@ -208,6 +216,15 @@ struct Live {
     persistence: Option<&'static str>,
     /// The guarantee this connection cannot keep, if any.
     degraded: Option<&'static str>,
+}
+
+/// The server's clock against this process's: `TIME` on `conn`, the
+/// server's reading taken as made halfway through the round trip.
+pub(crate) async fn measure_clock<C: ConnectionLike>(conn: &mut C) -> Option<i64> {
+    let sent = crate::entry::unix_ms() as i64;
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await.ok()?;
+    let received = crate::entry::unix_ms() as i64;
+    Some(secs * 1000 + micros / 1000 - (sent + received) / 2)
 }
 
 /// The epoch stamped on entries for a server that tells `lifetime`.
@@ -312,6 +329,7 @@ impl Reconnecting {
                 scripts,
                 setup_timeout: connect_timeout * 3,
                 checking: std::sync::atomic::AtomicBool::new(false),
+                clock: std::sync::atomic::AtomicI64::new(0),
             }),
         }
     }
@@ -372,6 +390,12 @@ impl Reconnecting {
             .await
             .ok()
             .flatten();
+        let clock = tokio::time::timeout(self.inner.setup_timeout, measure_clock(&mut conn))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        self.inner.clock.store(clock, Ordering::Relaxed);
         Ok(Live {
             conn: Batched::new(conn, false),
             generation: 0,
@@ -442,6 +466,11 @@ async fn check_epochs(shared: std::sync::Weak<Shared>) {
         let Ok(Ok(replies)) = replies else {
             continue;
         };
+        if let Ok(Some(clock)) =
+            tokio::time::timeout(shared.setup_timeout, measure_clock(&mut live.conn)).await
+        {
+            shared.clock.store(clock, Ordering::Relaxed);
+        }
         match read_epoch(replies) {
             Ok(Some(epoch)) if epoch != live.epoch => {
                 tracing::warn!(
@@ -516,6 +545,10 @@ impl sealed::Source for Reconnecting {
 
     fn degraded(&self) -> Option<&'static str> {
         self.current().and_then(|live| live.degraded)
+    }
+
+    fn clock_offset_ms(&self) -> i64 {
+        self.inner.clock.load(Ordering::Relaxed)
     }
 
     fn broken(&self, generation: u64) {

@@ -623,6 +623,11 @@ impl<C: Connect> Store for RedisStore<C> {
         self.inner.longest_entry_life(life);
     }
 
+    /// The Redis server's clock, as measured on the connection.
+    fn clock_offset_ms(&self) -> i64 {
+        self.inner.get_ref().source.clock_offset_ms()
+    }
+
     /// Subscribes to the store's channel, when it publishes and knows a
     /// server to subscribe through.
     #[cfg(feature = "tier")]
