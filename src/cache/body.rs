@@ -6,6 +6,8 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use super::stream::{Filling, Writing};
+
 pin_project! {
     /// Response body of [`Cache`](super::Cache): a stored body, the inner
     /// body untouched, or the frames read while trying to store followed by
@@ -36,6 +38,15 @@ pin_project! {
             failed: bool,
             body: Pin<Box<B>>,
         },
+        // A streamed miss: `frames` first, then the rest of `body`, a copy
+        // of each data frame kept for the entry while `filling` lasts.
+        Teeing {
+            frames: VecDeque<Frame<Bytes>>,
+            body: Pin<Box<B>>,
+            filling: Option<Box<Filling>>,
+            // The entry's write, awaited before the body ends.
+            writing: Option<Writing>,
+        },
     }
 }
 
@@ -63,6 +74,24 @@ impl<B: Body> ResponseBody<B> {
     pub(crate) fn inner(body: B) -> Self {
         Self {
             kind: Kind::Inner { body },
+        }
+    }
+
+    /// `frames` (already copied into `filling`) first, then the rest of
+    /// `body`, copied into `filling`, which is stored when the body ends
+    /// complete within its cap.
+    pub(crate) fn teeing(
+        frames: VecDeque<Frame<Bytes>>,
+        body: Pin<Box<B>>,
+        filling: Filling,
+    ) -> Self {
+        Self {
+            kind: Kind::Teeing {
+                frames,
+                body,
+                filling: Some(Box::new(filling)),
+                writing: None,
+            },
         }
     }
 
@@ -120,6 +149,46 @@ impl<B: Body> Body for ResponseBody<B> {
                     .poll_frame(cx)
                     .map(|f| f.map(|f| f.map(to_bytes)))
             }
+            KindProj::Teeing {
+                frames,
+                body,
+                filling,
+                writing,
+            } => {
+                if let Some(frame) = frames.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                if let Some(write) = writing.as_mut() {
+                    std::task::ready!(write.as_mut().poll(cx));
+                    *writing = None;
+                    return Poll::Ready(None);
+                }
+                let frame = match body.as_mut().poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(frame) => frame.map(|f| f.map(to_bytes)),
+                };
+                match &frame {
+                    Some(Ok(frame)) => match frame.data_ref() {
+                        Some(data) => {
+                            if filling.as_mut().is_some_and(|f| !f.keep(data)) {
+                                *filling = None;
+                            }
+                        }
+                        // Trailers are not stored.
+                        None => *filling = None,
+                    },
+                    Some(Err(_)) => *filling = None,
+                    None => {
+                        if let Some(mut write) = filling.take().and_then(|f| f.complete()) {
+                            if write.as_mut().poll(cx).is_pending() {
+                                *writing = Some(write);
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(frame)
+            }
         }
     }
 
@@ -134,6 +203,8 @@ impl<B: Body> Body for ResponseBody<B> {
                 failed,
                 body,
             } => frames.is_empty() && error.is_none() && (*failed || body.is_end_stream()),
+            // Polled to its end, so that the copy is stored.
+            Kind::Teeing { .. } => false,
         }
     }
 
@@ -143,7 +214,7 @@ impl<B: Body> Body for ResponseBody<B> {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Inner { body } => body.size_hint(),
-            Kind::Unsized | Kind::Prefixed { .. } => SizeHint::default(),
+            Kind::Unsized | Kind::Prefixed { .. } | Kind::Teeing { .. } => SizeHint::default(),
         }
     }
 }

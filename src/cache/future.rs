@@ -343,35 +343,51 @@ fn read_capped<B: Body>(
     reading: &mut Collecting<B>,
     cap: usize,
     cx: &mut Context<'_>,
-) -> Poll<Option<(Reason, Option<B::Error>)>> {
+) -> Poll<Option<Stop<B::Error>>> {
     loop {
-        match ready!(reading.body.as_mut().poll_frame(cx)) {
+        let frame = match reading.body.as_mut().poll_frame(cx) {
+            // Not all there at once: sent as it comes (see `stream.rs`).
+            Poll::Pending => return Poll::Ready(Some(Stop::Streaming)),
+            Poll::Ready(frame) => frame,
+        };
+        match frame {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(mut data) => {
                     let data = data.copy_to_bytes(data.remaining());
                     reading.size += data.len();
                     reading.frames.push_back(Frame::data(data));
                     if reading.size > cap {
-                        return Poll::Ready(Some((Reason::TooLarge, None)));
+                        return Poll::Ready(Some(Stop::Refused(Reason::TooLarge, None)));
                     }
                 }
                 Err(trailers) => {
                     reading.frames.push_back(to_bytes(trailers));
-                    return Poll::Ready(Some((Reason::Trailers, None)));
+                    return Poll::Ready(Some(Stop::Refused(Reason::Trailers, None)));
                 }
             },
-            Some(Err(err)) => return Poll::Ready(Some((Reason::BodyError, Some(err)))),
+            Some(Err(err)) => {
+                return Poll::Ready(Some(Stop::Refused(Reason::BodyError, Some(err))))
+            }
             None => return Poll::Ready(None),
         }
     }
 }
 
-/// A body read whole (stored, then sent) or given up on (sent as read,
-/// then the rest streamed through).
+/// Why a body stopped being read before its end.
+enum Stop<E> {
+    /// It may not be stored: over the cap, trailers, an error (to hand on).
+    Refused(Reason, Option<E>),
+    /// It is not all there at once: it streams to the client, copied.
+    Streaming,
+}
+
+/// A body read whole (stored, then sent), given up on (sent as read, then
+/// the rest streamed through), or streaming (sent as it comes, stored at
+/// its end).
 fn collected<F, S, ReqBody, ResBody>(
     ctx: &mut Ctx,
     done: Collecting<ResBody>,
-    gave_up: Option<(Reason, Option<ResBody::Error>)>,
+    gave_up: Option<Stop<ResBody::Error>>,
 ) -> Stepped<F, S, ReqBody, ResBody>
 where
     ResBody: Body,
@@ -382,12 +398,30 @@ where
         frames,
         size,
     } = done;
-    if let Some((reason, error)) = gave_up {
-        let response = Response::from_parts(parts, ResponseBody::prefixed(frames, error, body));
-        return (
-            State::Done,
-            Some(ctx.finish(response, Outcome::NotStored(reason))),
-        );
+    match gave_up {
+        Some(Stop::Refused(reason, error)) => {
+            let response = Response::from_parts(parts, ResponseBody::prefixed(frames, error, body));
+            return (
+                State::Done,
+                Some(ctx.finish(response, Outcome::NotStored(reason))),
+            );
+        }
+        Some(Stop::Streaming) => {
+            let body = match ctx.filling(&parts) {
+                Some(mut filling) => {
+                    for frame in &frames {
+                        if let Some(data) = frame.data_ref() {
+                            filling.keep(data);
+                        }
+                    }
+                    ResponseBody::teeing(frames, body, filling)
+                }
+                None => ResponseBody::prefixed(frames, None, body),
+            };
+            let response = Response::from_parts(parts, body);
+            return (State::Done, Some(ctx.finish(response, Outcome::Streamed)));
+        }
+        None => {}
     }
     let body = concat(frames, size);
     let made = super::storable::entry_of(

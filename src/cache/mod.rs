@@ -77,6 +77,18 @@
 //! A miss's response is sent once the store acknowledged the write (one round
 //! trip, bounded by the store deadline), so the next request finds the entry.
 //!
+//! # Streamed misses
+//!
+//! A miss whose body is not all there at once (a handler that streams it,
+//! an upstream relayed as it comes) is sent to the client as it arrives,
+//! while a copy up to the cap is kept; when the body ends complete within
+//! the cap, the entry is written and the body ends once the store answered.
+//! Its response goes out before its body is read, so it carries no `ETag`
+//! and `cache-status: …; fwd=uri-miss; fwd-status=200; detail=streamed`
+//! instead of `stored`; hits on the entry have both. A body that runs over
+//! the cap, ends with trailers, fails, or whose client goes away is not
+//! stored. A body that is all there at once is read whole first, as above.
+//!
 //! # ETag and conditional GET
 //!
 //! A stored response gets a strong `ETag` from its body's SHA-256 (unless the
@@ -133,6 +145,7 @@ mod layer;
 mod request;
 mod service;
 mod storable;
+mod stream;
 mod verify;
 
 pub use crate::headers::X_CACHE;

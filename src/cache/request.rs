@@ -62,6 +62,8 @@ pub(crate) enum Outcome {
     },
     Collapsed,
     Stored,
+    /// A miss sent as its body arrived; stored later if it ends complete.
+    Streamed,
     NotStored(Reason),
     Bypass(Reason),
 }
@@ -635,6 +637,33 @@ impl Ctx {
 
     /// Writes `value`, the stored form of `entry` (which the in-process
     /// tier keeps once the store wrote it).
+    /// What storing the body of this miss needs once it ended, as it
+    /// streams to the client: the flight's lead goes with it. `None` when
+    /// nothing may be stored (no key or lookup, a bypass).
+    pub(crate) fn filling(
+        &mut self,
+        parts: &http::response::Parts,
+    ) -> Option<super::stream::Filling> {
+        let (Some(key), Some(seen)) = (&self.key, &self.seen) else {
+            return None;
+        };
+        Some(super::stream::Filling {
+            policy: self.policy.clone(),
+            route: self.route,
+            key: key.clone(),
+            seen: seen.clone(),
+            leader: self.leader.take(),
+            binding: self.binding,
+            ttl: self.ttl(),
+            status: parts.status,
+            headers: parts.headers.clone(),
+            started: self.started,
+            copy: Vec::new(),
+            size: 0,
+            cap: self.body_cap,
+        })
+    }
+
     #[cfg_attr(not(feature = "tier"), allow(unused_variables))]
     pub(crate) fn write(
         &mut self,
@@ -754,6 +783,16 @@ impl Ctx {
                     "MISS",
                     header_value(format_args!(
                         "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; stored"
+                    )),
+                )
+            }
+            Outcome::Streamed => {
+                stats.miss(self.route, took);
+                tracing::debug!(route, key = %key, "cache miss, streamed");
+                (
+                    "MISS",
+                    header_value(format_args!(
+                        "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; detail=streamed"
                     )),
                 )
             }

@@ -1,0 +1,103 @@
+//! A miss whose body is not all there at once: sent to the client as it
+//! arrives, while a copy (up to the cap) is kept and stored once the body
+//! ended complete.
+//!
+//! Such a response goes out before its body is read, so it carries no
+//! `ETag` and no `stored` in `cache-status` (`detail=streamed` instead);
+//! the entry, stored when the body ends, has its ETag for every hit. A
+//! body that runs over the cap, ends with trailers or fails is not stored,
+//! and neither is one whose client went away before its end. Misses of this
+//! process waiting on the flight get the entry when it is stored, or call
+//! the inner service themselves when it is not.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+
+use crate::flight::Leader;
+use crate::key::Binding;
+use crate::policy::Policy;
+use crate::stats::telemetry::{warn_limited, Op};
+use crate::store::{CacheKey, Lookup};
+
+/// The write of a streamed body's entry, and its counting.
+pub(crate) type Writing = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// What storing a streamed body needs once it ended.
+pub(crate) struct Filling {
+    pub(crate) policy: Policy,
+    pub(crate) route: usize,
+    pub(crate) key: CacheKey,
+    pub(crate) seen: Lookup,
+    pub(crate) leader: Option<Leader>,
+    pub(crate) binding: Binding,
+    pub(crate) ttl: Duration,
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) started: Instant,
+    /// The body read so far, and the most it may hold.
+    pub(crate) copy: Vec<Bytes>,
+    pub(crate) size: usize,
+    pub(crate) cap: usize,
+}
+
+impl Filling {
+    /// Keeps a copy of `data`; false (and nothing is stored) once the body
+    /// runs over the cap.
+    pub(crate) fn keep(&mut self, data: &Bytes) -> bool {
+        self.size += data.len();
+        if self.size > self.cap {
+            return false;
+        }
+        self.copy.push(data.clone());
+        true
+    }
+
+    /// The body ended complete: makes the entry, shares it with the misses
+    /// waiting on the flight, and returns its write, which the body awaits
+    /// before it ends (so the client's next request finds the entry).
+    pub(crate) fn complete(mut self) -> Option<Writing> {
+        let mut body = BytesMut::with_capacity(self.size);
+        for data in &self.copy {
+            body.extend_from_slice(data);
+        }
+        let body = body.freeze();
+        let store = self.policy.store().clone();
+        // As for a miss read whole: a miss slower than half a tombstone's
+        // life might store over an expired tombstone.
+        if self.started.elapsed() > store.tombstone_ttl() / 2 {
+            return None;
+        }
+        let now = crate::entry::shifted(crate::entry::unix_ms(), store.clock_offset_ms());
+        let made = super::storable::entry_of(
+            &self.policy,
+            self.binding,
+            self.ttl,
+            now,
+            self.status,
+            &mut self.headers,
+            &body,
+        );
+        let Ok((_, encoded)) = made else {
+            return None;
+        };
+        if let Some(leader) = self.leader.take() {
+            leader.share(encoded.clone());
+        }
+        let ttl = self.ttl + self.policy.route(self.route).stale_window;
+        let write = store.store(&self.key, &self.seen, encoded, ttl);
+        let (policy, route) = (self.policy.clone(), self.route);
+        Some(Box::pin(async move {
+            let started = Instant::now();
+            match write.await {
+                Ok(true) => policy.stats_ref().stored(route, started.elapsed()),
+                Ok(false) => {}
+                Err(err) => {
+                    policy.stats_ref().error(route, Op::Store, err.kind());
+                    warn_limited!(error = %err, "cache store of a streamed miss failed");
+                }
+            }
+        }))
+    }
+}
