@@ -15,7 +15,8 @@
 //! Environment (all optional): `PERSONS_ADDR` (127.0.0.1:3000), `REDIS_URL`,
 //! `REDIS_CLUSTER_URLS` (cluster seeds; wins over `REDIS_URL`),
 //! `REDIS_SENTINEL_URLS` and `REDIS_SENTINEL_MASTER` (`mymaster`: the
-//! master Sentinel names; wins over `REDIS_URL`),
+//! master Sentinel names; wins over `REDIS_URL`), `CACHE_HEDGE=on` (a
+//! lookup slower than the handler lets the handler answer),
 //! `CACHE=on|off` (on), `CACHE_TTL_PERSON_SECONDS` (300),
 //! `CACHE_TTL_LIST_SECONDS` (60), `CACHE_NAMESPACE` (app),
 //! `CACHE_REDIS_TIMEOUT_MS` (100), `CACHE_IN_PROCESS_MS` (off; with a
@@ -743,6 +744,7 @@ fn cache_policy(
     list_ttl: u64,
     in_process: Option<Duration>,
     verify_rate: f64,
+    hedge: bool,
     redis: Option<Arc<dyn Store>>,
 ) -> Result<Policy, tower_redis_cache::ConfigError> {
     // The in-process tier, when asked for: each route's entries also kept
@@ -750,6 +752,8 @@ fn cache_policy(
     // against the handler: the handlers only read.
     let local = |route: Route| {
         let route = route.verify(verify_rate);
+        // A slow Redis never makes a request slower than no cache.
+        let route = if hedge { route.hedge() } else { route };
         match in_process {
             Some(bound) => route.in_process(bound),
             None => route,
@@ -880,6 +884,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis),
             verify_rate,
+            env("CACHE_HEDGE", "off").eq_ignore_ascii_case("on"),
             redis,
         )?),
         false => None,

@@ -106,7 +106,9 @@ pub use invalidate::InvalidateLayer;
 pub use key::{Canonical, Scope};
 #[cfg(feature = "compression")]
 pub use policy::DEFAULT_COMPRESS_OVER;
-pub use policy::{Policy, PolicyBuilder, Route, Rule, DEFAULT_LEASE_WAIT, DEFAULT_MAX_BODY_BYTES};
+pub use policy::{
+    Policy, PolicyBuilder, Route, Rule, DEFAULT_LEASE_WAIT, DEFAULT_MAX_BODY_BYTES, HEDGE_FLOOR,
+};
 pub use stats::{CacheStats, InvalidationStats, Reason, RouteStats};
 #[cfg(feature = "tier")]
 pub use store::tier::{InProcess, DEFAULT_TIER_BYTES, DEFAULT_TIER_ENTRIES};

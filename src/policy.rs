@@ -67,9 +67,24 @@ pub struct Route {
     vary: Vec<HeaderName>,
     invalid_header: Option<String>,
     verify: f64,
+    hedge: Hedge,
     #[cfg(feature = "tier")]
     in_process: Option<Duration>,
 }
+
+/// When a slow lookup lets the handler answer (see [`Route::hedge`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Hedge {
+    Off,
+    /// After the route's handler time (a moving average), at least
+    /// [`HEDGE_FLOOR`].
+    Derived,
+    After(Duration),
+}
+
+/// The shortest a derived hedge waits for a lookup: a healthy Redis
+/// answers well within it.
+pub const HEDGE_FLOOR: Duration = Duration::from_millis(1);
 
 impl Route {
     /// A cached `GET` route for a matchit path pattern (`/persons/{id}`,
@@ -91,6 +106,7 @@ impl Route {
             vary: Vec::new(),
             invalid_header: None,
             verify: 0.0,
+            hedge: Hedge::Off,
             #[cfg(feature = "tier")]
             in_process: None,
         }
@@ -285,6 +301,24 @@ impl Route {
         self
     }
 
+    /// Never slower than no cache: a lookup still under way once it took
+    /// as long as the route's handler does (a moving average of its misses,
+    /// at least [`HEDGE_FLOOR`]) lets the handler answer. The lookup goes
+    /// on: it is still counted (the breaker still opens on slow calls), and
+    /// the handler's response is stored under what it read, in the
+    /// background. Such a response says `detail=hedged`. Off by default;
+    /// before the route's first miss, the floor is the budget.
+    pub fn hedge(mut self) -> Self {
+        self.hedge = Hedge::Derived;
+        self
+    }
+
+    /// Like [`hedge`](Self::hedge), with a fixed budget for the lookup.
+    pub fn hedge_after(mut self, budget: Duration) -> Self {
+        self.hedge = Hedge::After(budget);
+        self
+    }
+
     fn label(&self) -> String {
         format!("GET {}", self.pattern)
     }
@@ -387,12 +421,42 @@ pub(crate) struct CompiledRoute {
     vary: Vec<HeaderName>,
     /// The share of hits checked against the handler (0: none).
     pub(crate) verify: f64,
+    pub(crate) hedge: Hedge,
+    /// A moving average of the handler's time on misses, in microseconds
+    /// (0: none measured yet).
+    handler_us: std::sync::atomic::AtomicU64,
     /// The hard bound of the route's entries in the in-process tier.
     #[cfg(feature = "tier")]
     pub(crate) in_process: Option<Duration>,
 }
 
 impl CompiledRoute {
+    /// How long a lookup may take before the handler answers; `None`: as
+    /// long as it takes.
+    pub(crate) fn hedge_budget(&self) -> Option<Duration> {
+        match self.hedge {
+            Hedge::Off => None,
+            Hedge::After(budget) => Some(budget),
+            Hedge::Derived => {
+                let us = self.handler_us.load(std::sync::atomic::Ordering::Relaxed);
+                Some(Duration::from_micros(us).max(HEDGE_FLOOR))
+            }
+        }
+    }
+
+    /// The handler answered a miss in `took`.
+    pub(crate) fn handler_took(&self, took: Duration) {
+        let sample = took.as_micros().min(u64::MAX as u128) as u64;
+        let average = &self.handler_us;
+        let old = average.load(std::sync::atomic::Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        average.store(new.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Whether a response may vary on request header `name`: the key is
     /// scoped by it, or entries are bound to it.
     pub(crate) fn varies_on(&self, name: &str) -> bool {
@@ -1099,6 +1163,8 @@ impl PolicyBuilder {
                 query: route.query,
                 vary: route.vary,
                 verify: route.verify,
+                hedge: route.hedge,
+                handler_us: std::sync::atomic::AtomicU64::new(0),
                 #[cfg(feature = "tier")]
                 in_process: route.in_process,
             });

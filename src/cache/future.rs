@@ -60,6 +60,19 @@ pin_project! {
         Lookup {
             lookup: StoreFuture<Lookup>,
             call: Option<Call<S, ReqBody>>,
+            // On a route that hedges: when the handler answers instead.
+            hedge: Option<Pin<Box<tokio::time::Sleep>>>,
+        },
+        // The lookup was slow: the inner service is readied, then called,
+        // while the lookup goes on.
+        Hedge {
+            lookup: Option<StoreFuture<Lookup>>,
+            call: Option<Call<S, ReqBody>>,
+        },
+        Hedging {
+            #[pin]
+            future: F,
+            lookup: Option<StoreFuture<Lookup>>,
         },
         // Another request for the same entry is calling the inner service.
         Join {
@@ -128,12 +141,14 @@ impl<F, S, ReqBody, ResBody: Body> ResponseFuture<F, S, ReqBody, ResBody> {
     }
 
     pub(crate) fn lookup(lookup: StoreFuture<Lookup>, call: Call<S, ReqBody>, ctx: Ctx) -> Self {
+        let hedge = ctx.hedge_timer();
         Self {
             kind: Kind::Cached {
                 ctx: Box::new(ctx),
                 state: State::Lookup {
                     lookup,
                     call: Some(call),
+                    hedge,
                 },
             },
         }
@@ -194,10 +209,31 @@ where
     ResBody::Data: Send,
 {
     let stepped = match state.project() {
-        StateProj::Lookup { lookup, call } => {
-            let found = {
+        StateProj::Lookup {
+            lookup,
+            call,
+            hedge,
+        } => {
+            let polled = {
                 let _span = ctx.span.enter();
-                ready!(lookup.as_mut().poll(cx))
+                lookup.as_mut().poll(cx)
+            };
+            let found = match polled {
+                Poll::Ready(found) => found,
+                Poll::Pending => match hedge.as_mut().map(|h| h.as_mut().poll(cx)) {
+                    // Past the budget: the handler answers; the lookup goes on.
+                    Some(Poll::Ready(())) => {
+                        let going_on = std::mem::replace(lookup, Box::pin(std::future::pending()));
+                        return Poll::Ready(Ok((
+                            State::Hedge {
+                                lookup: Some(going_on),
+                                call: call.take(),
+                            },
+                            None,
+                        )));
+                    }
+                    _ => return Poll::Pending,
+                },
             };
             match ctx.decide(found) {
                 Next::Serve(response, refresh) => {
@@ -252,6 +288,34 @@ where
             ),
             Next::AwaitFill(_) | Next::Call => (State::Ready { call: call.take() }, None),
         },
+        StateProj::Hedge { lookup, call } => {
+            if let Some(pending) = call.as_mut() {
+                ready!(pending.service.poll_ready(cx))?;
+            }
+            match (call.take(), lookup.take()) {
+                (
+                    Some(Call {
+                        mut service,
+                        request,
+                    }),
+                    lookup,
+                ) => (
+                    State::Hedging {
+                        future: service.call(request),
+                        lookup,
+                    },
+                    None,
+                ),
+                (None, _) => (State::Done, None),
+            }
+        }
+        StateProj::Hedging { future, lookup } => {
+            let response = ready!(future.poll(cx))?;
+            match lookup.take() {
+                Some(lookup) => (State::Done, Some(ctx.hedged(response, lookup))),
+                None => (State::Done, Some(response.map(ResponseBody::inner))),
+            }
+        }
         StateProj::Ready { call } => {
             if let Some(pending) = call.as_mut() {
                 ready!(pending.service.poll_ready(cx))?;
@@ -260,17 +324,21 @@ where
                 Some(Call {
                     mut service,
                     request,
-                }) => (
-                    State::Inner {
-                        future: service.call(request),
-                    },
-                    None,
-                ),
+                }) => {
+                    ctx.calling();
+                    (
+                        State::Inner {
+                            future: service.call(request),
+                        },
+                        None,
+                    )
+                }
                 None => (State::Done, None),
             }
         }
         StateProj::Inner { future } => {
             let response = ready!(future.poll(cx))?;
+            ctx.answered();
             match ctx.storable(&response) {
                 Err(outcome) => {
                     let response = response.map(ResponseBody::inner);

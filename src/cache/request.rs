@@ -64,6 +64,8 @@ pub(crate) enum Outcome {
     Stored,
     /// A miss sent as its body arrived; stored later if it ends complete.
     Streamed,
+    /// The lookup was slow: the handler answered (stored in the background).
+    Hedged,
     NotStored(Reason),
     Bypass(Reason),
 }
@@ -83,6 +85,8 @@ pub(crate) struct Ctx {
     /// The entry's response could not be stored lately: this miss did
     /// not wait for a flight (hit-for-miss).
     passed: bool,
+    /// When the inner service was called, on a miss.
+    called_at: Option<Instant>,
     if_none_match: Option<HeaderValue>,
     /// What an entry must be bound to, to be served to this request.
     binding: Binding,
@@ -142,6 +146,70 @@ impl Ctx {
         crate::entry::shifted(local, self.policy.store().clock_offset_ms())
     }
 
+    /// The timer after which a lookup still under way lets the handler
+    /// answer (see [`Route::hedge`](crate::Route::hedge)).
+    pub(crate) fn hedge_timer(&self) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
+        let budget = self.policy.route(self.route).hedge_budget()?;
+        Some(Box::pin(tokio::time::sleep_until(
+            tokio::time::Instant::from_std(self.started) + budget,
+        )))
+    }
+
+    /// The inner service is called now.
+    pub(crate) fn calling(&mut self) {
+        self.called_at = Some(Instant::now());
+    }
+
+    /// The inner service answered: its time feeds the route's hedge.
+    pub(crate) fn answered(&mut self) {
+        if let Some(at) = self.called_at.take() {
+            self.policy.route(self.route).handler_took(at.elapsed());
+        }
+    }
+
+    /// The handler's response to a request whose lookup was slow: sent as
+    /// it comes, stored in the background under what `lookup` (still under
+    /// way) reads, when storable.
+    pub(crate) fn hedged<B: Body + Send + 'static>(
+        &mut self,
+        response: Response<B>,
+        lookup: StoreFuture<Lookup>,
+    ) -> Response<ResponseBody<B>> {
+        self.end_lookup_span("hedged");
+        let storable = self.storable(&response);
+        let filling = match (&self.key, storable) {
+            (Some(key), Ok(())) => Some(super::stream::Filling {
+                policy: self.policy.clone(),
+                route: self.route,
+                key: key.clone(),
+                seen: super::stream::Seen::Pending(lookup),
+                detached: true,
+                leader: None,
+                binding: self.binding,
+                ttl: self.ttl(),
+                status: response.status(),
+                headers: response.headers().clone(),
+                started: self.started,
+                copy: Vec::new(),
+                size: 0,
+                cap: self.body_cap,
+            }),
+            _ => {
+                // Still counted, for the breaker's slow-call rate.
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(lookup);
+                }
+                None
+            }
+        };
+        let (parts, body) = response.into_parts();
+        let body = match filling {
+            Some(filling) => ResponseBody::teeing(Default::default(), Box::pin(body), filling),
+            None => ResponseBody::inner(body),
+        };
+        self.finish(Response::from_parts(parts, body), Outcome::Hedged)
+    }
+
     /// Starts the store's lookup of `key`.
     pub(crate) fn look_up(&mut self, key: CacheKey) -> StoreFuture<Lookup> {
         let lookup = self.policy.store().lookup(&key);
@@ -163,6 +231,7 @@ impl Ctx {
             write_started: None,
             leader: None,
             passed: false,
+            called_at: None,
             if_none_match: None,
             binding: [0; BINDING_LEN],
             accepts: Accepts::default(),
@@ -651,7 +720,8 @@ impl Ctx {
             policy: self.policy.clone(),
             route: self.route,
             key: key.clone(),
-            seen: seen.clone(),
+            seen: super::stream::Seen::Known(seen.clone()),
+            detached: false,
             leader: self.leader.take(),
             binding: self.binding,
             ttl: self.ttl(),
@@ -783,6 +853,16 @@ impl Ctx {
                     "MISS",
                     header_value(format_args!(
                         "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; stored"
+                    )),
+                )
+            }
+            Outcome::Hedged => {
+                stats.miss(self.route, took);
+                tracing::debug!(route, key = %key, "cache lookup slow, the handler answered");
+                (
+                    "MISS",
+                    header_value(format_args!(
+                        "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; detail=hedged"
                     )),
                 )
             }

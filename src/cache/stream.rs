@@ -19,7 +19,14 @@ use crate::flight::Leader;
 use crate::key::Binding;
 use crate::policy::Policy;
 use crate::stats::telemetry::{warn_limited, Op};
-use crate::store::{CacheKey, Lookup};
+use crate::store::{CacheKey, Lookup, StoreFuture};
+
+/// What the write compares against: the lookup's result, or the lookup
+/// still under way (a hedged miss).
+pub(crate) enum Seen {
+    Known(Lookup),
+    Pending(StoreFuture<Lookup>),
+}
 
 /// The write of a streamed body's entry, and its counting.
 pub(crate) type Writing = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -29,7 +36,10 @@ pub(crate) struct Filling {
     pub(crate) policy: Policy,
     pub(crate) route: usize,
     pub(crate) key: CacheKey,
-    pub(crate) seen: Lookup,
+    pub(crate) seen: Seen,
+    /// Written in the background, the body not waiting for it (a hedged
+    /// miss: its lookup is slow).
+    pub(crate) detached: bool,
     pub(crate) leader: Option<Leader>,
     pub(crate) binding: Binding,
     pub(crate) ttl: Duration,
@@ -86,11 +96,18 @@ impl Filling {
             leader.share(encoded.clone());
         }
         let ttl = self.ttl + self.policy.route(self.route).stale_window;
-        let write = store.store(&self.key, &self.seen, encoded, ttl);
-        let (policy, route) = (self.policy.clone(), self.route);
-        Some(Box::pin(async move {
+        let (policy, route, key) = (self.policy.clone(), self.route, self.key);
+        let seen = self.seen;
+        let writing: Writing = Box::pin(async move {
+            let seen = match seen {
+                Seen::Known(seen) => seen,
+                Seen::Pending(lookup) => match lookup.await {
+                    Ok(seen) => seen,
+                    Err(_) => return,
+                },
+            };
             let started = Instant::now();
-            match write.await {
+            match store.store(&key, &seen, encoded, ttl).await {
                 Ok(true) => policy.stats_ref().stored(route, started.elapsed()),
                 Ok(false) => {}
                 Err(err) => {
@@ -98,6 +115,13 @@ impl Filling {
                     warn_limited!(error = %err, "cache store of a streamed miss failed");
                 }
             }
-        }))
+        });
+        if !self.detached {
+            return Some(writing);
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(writing);
+        }
+        None
     }
 }
