@@ -168,7 +168,9 @@ pub(crate) fn unix_ms_at(at: Instant) -> u64 {
         // this thread last paired the clocks, and was decided after) reads
         // from the same pairing: pairing again would move it past every
         // request still in flight, and each of them would pair again.
-        Some((base, base_ms)) if base.saturating_duration_since(at) < WALL_CLOCK_RESYNC => {
+        Some((base, base_ms))
+            if at < base && base.saturating_duration_since(at) < WALL_CLOCK_RESYNC =>
+        {
             base_ms.saturating_sub(base.saturating_duration_since(at).as_millis() as u64)
         }
         _ => {
@@ -571,6 +573,22 @@ mod tests {
         assert!(
             derived + 40 <= after + 1 && derived + 40 + 2 >= before,
             "{derived}"
+        );
+    }
+
+    /// An instant more than the resync period after the pairing reads the
+    /// wall clock again (it once read the pairing's time, frozen).
+    #[test]
+    fn an_instant_long_after_the_pairing_reads_the_clock_again() {
+        let start = Instant::now();
+        let _ = unix_ms_at(start);
+        std::thread::sleep(WALL_CLOCK_RESYNC + Duration::from_millis(100));
+        let later = Instant::now();
+        let (before, derived) = (unix_ms(), unix_ms_at(later));
+        assert!(
+            derived + 20 >= before,
+            "{derived} read {} ms early",
+            before - derived
         );
     }
 
