@@ -44,10 +44,12 @@ use crate::store::StoreError;
 /// The connection of a store over a Redis Cluster: one cluster connection
 /// (redis-rs `cluster-async`, which follows `MOVED`/`ASK` and reconnects to
 /// nodes itself), made on first use. Entries are stamped with the node
-/// that holds them and invalidations confirmed on replicas (see the
-/// [module docs](self)); a node that restarted from an old snapshot is not
-/// detected: run cluster nodes without persistence, or with
-/// `appendonly yes`.
+/// that answered their lookup (`CLUSTER MYID`, in the lookup's pipeline),
+/// so a replica that took over a slot serves none written before; and
+/// invalidations wait (`WAIT`) for every replica of the slot's master, or
+/// are reported pending and replayed. A node that restarted from an old
+/// snapshot is not detected: run cluster nodes without persistence, or
+/// with `appendonly yes`.
 #[derive(Clone)]
 pub struct ClusterSource {
     inner: Arc<Shared>,
