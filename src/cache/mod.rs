@@ -106,6 +106,13 @@
 //! the response cannot be stored (not 200 JSON, too large, a HEAD), the
 //! waiting requests call the inner service themselves.
 //!
+//! Across processes over one Redis, a miss whose lookup finds another
+//! process's lease on the entry (that process is filling it) waits for
+//! the fill, polling the store, for at most
+//! [`PolicyBuilder::lease_wait`](crate::PolicyBuilder::lease_wait) (1 s),
+//! then calls the inner service itself; this process's other misses wait
+//! with it. A cold key read by a burst on every process costs one call.
+//!
 //! # Hit-for-miss
 //!
 //! When a response could not be stored for what it is (its status, a
