@@ -505,6 +505,11 @@ pub(crate) fn is_lease_of_another(raw: &[u8], minter: &Minter) -> bool {
     raw.len() == TOKEN_LEN && raw[0] == FORMAT_LEASE && raw[1..21] != minter[..]
 }
 
+/// True for a miss's lease, whichever store minted it.
+pub(crate) fn is_lease(raw: &[u8]) -> bool {
+    raw.len() == TOKEN_LEN && raw[0] == FORMAT_LEASE
+}
+
 /// What tells this process's tokens from any other's.
 fn process() -> &'static [u8; 20] {
     static PROCESS: std::sync::OnceLock<[u8; 20]> = std::sync::OnceLock::new();

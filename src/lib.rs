@@ -108,6 +108,7 @@ pub use key::{Canonical, Scope};
 pub use policy::DEFAULT_COMPRESS_OVER;
 pub use policy::{
     Policy, PolicyBuilder, Route, Rule, DEFAULT_LEASE_WAIT, DEFAULT_MAX_BODY_BYTES, HEDGE_FLOOR,
+    HEDGE_STREAK,
 };
 pub use stats::{CacheStats, InvalidationStats, Reason, RouteStats};
 #[cfg(feature = "tier")]

@@ -82,9 +82,15 @@ pub(crate) enum Hedge {
     After(Duration),
 }
 
-/// The shortest a derived hedge waits for a lookup: a healthy Redis
-/// answers well within it.
-pub const HEDGE_FLOOR: Duration = Duration::from_millis(1);
+/// The shortest a derived hedge waits for a lookup: a healthy Redis on
+/// the same network answers well within it. Tokio's timers tick every
+/// millisecond, so a hedge fires 0 to 1 ms after its budget.
+pub const HEDGE_FLOOR: Duration = Duration::from_micros(500);
+
+/// After this many lookups in a row of a hedging route ran past its
+/// budget, the next ones hedge at once (the store is slow now, not one
+/// reply), until one finishes within the budget again.
+pub const HEDGE_STREAK: u32 = 2;
 
 impl Route {
     /// A cached `GET` route for a matchit path pattern (`/persons/{id}`,
@@ -306,8 +312,15 @@ impl Route {
     /// at least [`HEDGE_FLOOR`]) lets the handler answer. The lookup goes
     /// on: it is still counted (the breaker still opens on slow calls), and
     /// the handler's response is stored under what it read, in the
-    /// background. Such a response says `detail=hedged`. Off by default;
-    /// before the route's first miss, the floor is the budget.
+    /// background, when that is a miss's lease on a plain key (the handler
+    /// may have read before the lookup ran; only a lease, which every
+    /// invalidation since it was minted replaced, guards such a read: a
+    /// hedged response of a versioned route is not stored). Such a
+    /// response says `detail=hedged`. Off by default;
+    /// before the route's first miss, the floor is the budget. Once
+    /// [`HEDGE_STREAK`] lookups in a row ran past the budget, the handler
+    /// answers at once, the lookups still going on, until one of them
+    /// finishes within the budget.
     pub fn hedge(mut self) -> Self {
         self.hedge = Hedge::Derived;
         self
@@ -425,6 +438,8 @@ pub(crate) struct CompiledRoute {
     /// A moving average of the handler's time on misses, in microseconds
     /// (0: none measured yet).
     handler_us: std::sync::atomic::AtomicU64,
+    /// How many lookups in a row ran past the hedge budget.
+    slow_lookups: std::sync::atomic::AtomicU32,
     /// The hard bound of the route's entries in the in-process tier.
     #[cfg(feature = "tier")]
     pub(crate) in_process: Option<Duration>,
@@ -442,6 +457,34 @@ impl CompiledRoute {
                 Some(Duration::from_micros(us).max(HEDGE_FLOOR))
             }
         }
+    }
+
+    /// A lookup of this (hedging) route ran past its budget.
+    pub(crate) fn lookup_ran_past(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self
+            .slow_lookups
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_add(1));
+    }
+
+    /// A lookup of this (hedging) route finished `took` after its request
+    /// started; `counted`: as slow already, when it ran past the budget.
+    pub(crate) fn lookup_took(&self, took: Duration, counted: bool) {
+        match self.hedge_budget() {
+            Some(budget) if took > budget && !counted => self.lookup_ran_past(),
+            Some(budget) if took > budget => {}
+            Some(_) => self
+                .slow_lookups
+                .store(0, std::sync::atomic::Ordering::Relaxed),
+            None => {}
+        }
+    }
+
+    /// Whether the store is slow for this route now: the handler answers
+    /// without waiting for the budget.
+    pub(crate) fn hedges_at_once(&self) -> bool {
+        self.hedge != Hedge::Off
+            && self.slow_lookups.load(std::sync::atomic::Ordering::Relaxed) >= HEDGE_STREAK
     }
 
     /// The handler answered a miss in `took`.
@@ -1165,6 +1208,7 @@ impl PolicyBuilder {
                 verify: route.verify,
                 hedge: route.hedge,
                 handler_us: std::sync::atomic::AtomicU64::new(0),
+                slow_lookups: std::sync::atomic::AtomicU32::new(0),
                 #[cfg(feature = "tier")]
                 in_process: route.in_process,
             });
@@ -1746,6 +1790,42 @@ mod tests {
             Policy::builder().max_body_bytes(0).build().unwrap_err(),
             ConfigError::ZeroBodyCap
         ));
+    }
+
+    #[test]
+    fn a_streak_of_slow_lookups_hedges_at_once_until_one_is_quick() {
+        let policy = Policy::builder()
+            .route(
+                Route::get("/persons/{id}")
+                    .key("person:{id}")
+                    .hedge_after(Duration::from_millis(10)),
+            )
+            .route(Route::get("/other").key("other"))
+            .build()
+            .unwrap();
+        let (route, plain) = (policy.route(0), policy.route(1));
+        let (slow, quick) = (Duration::from_millis(11), Duration::from_millis(9));
+        for _ in 1..HEDGE_STREAK {
+            // Counted when the hedge runs out, not again when it ends.
+            route.lookup_ran_past();
+            route.lookup_took(slow, true);
+            assert!(
+                !route.hedges_at_once(),
+                "one slow reply is not a slow store"
+            );
+        }
+        route.lookup_ran_past();
+        assert!(route.hedges_at_once());
+        // Sent at once: counted when it ends.
+        route.lookup_took(slow, false);
+        assert!(route.hedges_at_once());
+        route.lookup_took(quick, false);
+        assert!(!route.hedges_at_once(), "a quick lookup ends it");
+        // A route that does not hedge never does.
+        for _ in 0..HEDGE_STREAK {
+            plain.lookup_took(slow, false);
+        }
+        assert!(!plain.hedges_at_once());
     }
 }
 

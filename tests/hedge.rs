@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use bytes::Bytes;
+use common::http::http;
 use common::{get_req, method_req, revision, router, send, Db};
 use tokio::time::Instant;
 use tower_redis_cache::store::{
@@ -36,6 +37,47 @@ impl Store for Slow {
         Box::pin(async move {
             tokio::time::sleep(delay).await;
             lookup.await
+        })
+    }
+
+    fn store(
+        &self,
+        key: &CacheKey,
+        seen: &Lookup,
+        value: Bytes,
+        ttl: Duration,
+    ) -> StoreFuture<bool> {
+        self.inner.store(key, seen, value, ttl)
+    }
+
+    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
+        self.inner.invalidate(invalidation)
+    }
+
+    fn ping(&self) -> StoreFuture<()> {
+        self.inner.ping()
+    }
+}
+
+/// A memory store whose every lookup runs `delay` late: a request slow on
+/// its way to Redis (a slow link), so the lookup runs after the handler
+/// read.
+#[derive(Clone)]
+struct Late {
+    inner: MemoryStore,
+    delay: Duration,
+}
+
+impl Store for Late {
+    fn name(&self) -> &'static str {
+        "late"
+    }
+
+    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
+        let (inner, key, delay) = (self.inner.clone(), key.clone(), self.delay);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            inner.lookup(&key).await
         })
     }
 
@@ -140,4 +182,93 @@ async fn a_slow_store_never_makes_a_hedged_route_slower_than_no_cache() {
         Circuit::Open,
         "the slow calls were counted"
     );
+}
+
+/// The p99 of 300 sequential reads of one person (a rename every 30,
+/// each read checked for the latest name) from the persons example with
+/// `vars`, and how many said `detail=hedged`.
+fn persons_reads(redis_url: &str, vars: &[(&str, &str)]) -> (Duration, usize) {
+    let mut all = vec![("PERSONS_SEED", "20"), ("REDIS_URL", redis_url)];
+    all.extend_from_slice(vars);
+    let server = common::http::spawn("persons", "PERSONS_ADDR", &all);
+    let auth = Some("Bearer demo-token-acme");
+    let (mut times, mut hedged, mut name) = (Vec::new(), 0, String::new());
+    for i in 0..300 {
+        if i % 30 == 0 {
+            name = format!("Ana {i}");
+            let body = format!(r#"{{"name":"{name}"}}"#);
+            let renamed = http(&server, "PATCH", "/persons/1", auth, Some(&body));
+            assert_eq!(renamed.status, 200, "{}", renamed.body);
+        }
+        let started = std::time::Instant::now();
+        let reply = http(&server, "GET", "/persons/1", auth, None);
+        times.push(started.elapsed());
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert!(reply.body.contains(&name), "{name}: {}", reply.body);
+        let status = reply.header("cache-status").unwrap_or("");
+        hedged += usize::from(status.contains("detail=hedged"));
+    }
+    (p99(times), hedged)
+}
+
+/// The persons example over a Redis whose every reply comes 50 ms late
+/// (a delaying proxy, inside the example's 100 ms deadline): without the
+/// cache, cached, and cached with `CACHE_HEDGE=on`. Figures printed; every
+/// answer checked.
+#[test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+fn the_persons_example_over_a_slow_redis() {
+    let redis = common::RedisServer::start();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let slow = runtime.block_on(common::delaying_proxy(
+        redis.port,
+        Duration::ZERO,
+        Duration::from_millis(50),
+    ));
+    let slow = format!("redis://127.0.0.1:{slow}/");
+    let (off, _) = persons_reads(&slow, &[("CACHE", "off")]);
+    let (cached, _) = persons_reads(&slow, &[]);
+    let (hedged_p99, hedged) = persons_reads(&slow, &[("CACHE_HEDGE", "on")]);
+    eprintln!(
+        "persons, Redis replies +50 ms, 300 reads: p99 {off:?} with CACHE=off, {cached:?} cached, \
+         {hedged_p99:?} with CACHE_HEDGE=on ({hedged} hedged); goal <= 2 x off + 2 ms = {:?}",
+        off * 2 + Duration::from_millis(2)
+    );
+    assert!(hedged > 0, "no lookup ran past the budget");
+}
+
+/// A hedged miss whose lookup runs after a write's invalidation (it was
+/// slow on its way): the handler read before the write, so its response
+/// is not stored under what that lookup found (the write's tombstone).
+#[tokio::test]
+async fn a_hedged_miss_whose_lookup_ran_after_a_write_stores_nothing() {
+    let db = Db::default();
+    db.set("1", 1);
+    let memory = MemoryStore::new();
+    let late = Late {
+        inner: memory.clone(),
+        delay: Duration::from_millis(100),
+    };
+    let hedged = app(Arc::new(late), db.clone(), true);
+    // The handler answers once the lookup took 0.5 ms; the lookup runs at 100 ms.
+    let (status, x_cache, body) = send(&hedged, get_req("/persons/1")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(x_cache, "MISS");
+    assert_eq!(revision("/persons/1", &body), 1);
+    // The write lands, and invalidates, before that lookup runs.
+    let (status, _, _) = send(&hedged, method_req("PATCH", "/persons/1")).await;
+    assert_eq!(status, StatusCode::OK);
+    let written = db.revisions.lock().unwrap()["1"];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A process on the same store, with quick lookups: never the old read.
+    let quick = app(Arc::new(memory), db.clone(), false);
+    for _ in 0..2 {
+        let (status, x_cache, body) = send(&quick, get_req("/persons/1")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(revision("/persons/1", &body), written, "{x_cache}: stale");
+    }
 }

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::{app, get_req, method_req, revision, send, Db, RedisServer};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower_redis_cache::store::{RedisStore, Store};
 
 /// A process: its own store over `url`, the shared database.
@@ -158,44 +157,17 @@ async fn connections_killed_every_400_ms() {
     .await;
 }
 
-/// Forwards `127.0.0.1:<returned port>` to `target`, holding every chunk
-/// `delay` in each direction: a slow link.
-async fn delaying_proxy(target: u16, delay: Duration) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
-                continue;
-            };
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            let pump = |mut from: tokio::net::tcp::OwnedReadHalf,
-                        mut to: tokio::net::tcp::OwnedWriteHalf| async move {
-                let mut buf = vec![0; 64 * 1024];
-                while let Ok(n) = from.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    tokio::time::sleep(delay).await;
-                    if to.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            tokio::spawn(pump(client_read, server_write));
-            tokio::spawn(pump(server_read, client_write));
-        }
-    });
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
 async fn the_writer_alone_on_a_slow_link() {
     let server = RedisServer::start();
     let db = Db::default();
-    let slow = delaying_proxy(server.port, Duration::from_millis(150)).await;
+    let slow = common::delaying_proxy(
+        server.port,
+        Duration::from_millis(150),
+        Duration::from_millis(150),
+    )
+    .await;
     let a = process(&format!("redis://127.0.0.1:{slow}/"), &db);
     let b = process(&server.url(), &db);
     let tally = read_after_write(a, b, db, RUN, |_| async {}).await;

@@ -140,7 +140,11 @@ impl<F, S, ReqBody, ResBody: Body> ResponseFuture<F, S, ReqBody, ResBody> {
         }
     }
 
-    pub(crate) fn lookup(lookup: StoreFuture<Lookup>, call: Call<S, ReqBody>, ctx: Ctx) -> Self {
+    pub(crate) fn lookup(
+        lookup: StoreFuture<Lookup>,
+        call: Call<S, ReqBody>,
+        mut ctx: Ctx,
+    ) -> Self {
         let hedge = ctx.hedge_timer();
         Self {
             kind: Kind::Cached {
@@ -219,14 +223,17 @@ where
                 lookup.as_mut().poll(cx)
             };
             let found = match polled {
-                Poll::Ready(found) => found,
+                Poll::Ready(found) => {
+                    ctx.looked_up();
+                    found
+                }
                 Poll::Pending => match hedge.as_mut().map(|h| h.as_mut().poll(cx)) {
                     // Past the budget: the handler answers; the lookup goes on.
                     Some(Poll::Ready(())) => {
                         let going_on = std::mem::replace(lookup, Box::pin(std::future::pending()));
                         return Poll::Ready(Ok((
                             State::Hedge {
-                                lookup: Some(going_on),
+                                lookup: Some(ctx.hedging(going_on)),
                                 call: call.take(),
                             },
                             None,

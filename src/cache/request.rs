@@ -85,6 +85,8 @@ pub(crate) struct Ctx {
     /// The entry's response could not be stored lately: this miss did
     /// not wait for a flight (hit-for-miss).
     passed: bool,
+    /// The store is slow for the route: the hedge runs out at once.
+    at_once: bool,
     /// When the inner service was called, on a miss.
     called_at: Option<Instant>,
     if_none_match: Option<HeaderValue>,
@@ -148,11 +150,42 @@ impl Ctx {
 
     /// The timer after which a lookup still under way lets the handler
     /// answer (see [`Route::hedge`](crate::Route::hedge)).
-    pub(crate) fn hedge_timer(&self) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
-        let budget = self.policy.route(self.route).hedge_budget()?;
+    /// While the store is slow for the route (see
+    /// [`HEDGE_STREAK`](crate::HEDGE_STREAK)), it runs out at once: the
+    /// lookup is sent, then the handler answers.
+    pub(crate) fn hedge_timer(&mut self) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
+        let route = self.policy.route(self.route);
+        let budget = route.hedge_budget()?;
+        self.at_once = route.hedges_at_once();
+        let budget = if self.at_once { Duration::ZERO } else { budget };
         Some(Box::pin(tokio::time::sleep_until(
             tokio::time::Instant::from_std(self.started) + budget,
         )))
+    }
+
+    /// This request's lookup ended now (on a hedging route: its time
+    /// feeds the streak of slow lookups).
+    pub(crate) fn looked_up(&self) {
+        let route = self.policy.route(self.route);
+        if route.hedge != crate::policy::Hedge::Off {
+            route.lookup_took(self.started.elapsed(), false);
+        }
+    }
+
+    /// The hedge ran out, the lookup still under way: returns `lookup`,
+    /// going on, timed when it ends. One that ran past the budget counts
+    /// as slow now; one sent at once (the store being slow), when it ends.
+    pub(crate) fn hedging(&self, lookup: StoreFuture<Lookup>) -> StoreFuture<Lookup> {
+        let (policy, route, started) = (self.policy.clone(), self.route, self.started);
+        let counted = !self.at_once;
+        if counted {
+            policy.route(route).lookup_ran_past();
+        }
+        Box::pin(async move {
+            let found = lookup.await;
+            policy.route(route).lookup_took(started.elapsed(), counted);
+            found
+        })
     }
 
     /// The inner service is called now.
@@ -231,6 +264,7 @@ impl Ctx {
             write_started: None,
             leader: None,
             passed: false,
+            at_once: false,
             called_at: None,
             if_none_match: None,
             binding: [0; BINDING_LEN],

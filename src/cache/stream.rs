@@ -101,9 +101,11 @@ impl Filling {
         let writing: Writing = Box::pin(async move {
             let seen = match seen {
                 Seen::Known(seen) => seen,
+                // A hedged miss: the handler may have read before its
+                // lookup ran, so only a lease guards that read.
                 Seen::Pending(lookup) => match lookup.await {
-                    Ok(seen) => seen,
-                    Err(_) => return,
+                    Ok(seen) if seen.guarded_by_lease() => seen,
+                    _ => return,
                 },
             };
             let started = Instant::now();

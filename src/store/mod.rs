@@ -263,6 +263,16 @@ impl Lookup {
         &self.entry
     }
 
+    /// True when the write is guarded by a miss's lease on a plain key:
+    /// the lease was there when the lookup ran, so every invalidation
+    /// since it was minted replaced it, and the write is refused. (A lookup
+    /// that ran after an invalidation finds its tombstone, or new versions:
+    /// a guard that says nothing of a read made before the lookup ran.)
+    pub(crate) fn guarded_by_lease(&self) -> bool {
+        self.versions.is_empty()
+            && matches!(&self.entry, Observed::Value(raw) if crate::entry::is_lease(raw))
+    }
+
     /// The version values, when every version key held one.
     pub(crate) fn version_values(&self) -> Option<Vec<&[u8]>> {
         self.versions

@@ -569,6 +569,41 @@ impl Drop for RedisCluster {
     }
 }
 
+/// Forwards `127.0.0.1:<returned port>` to `target`, holding every chunk
+/// `to_server` on its way there and `to_client` on its way back: a slow
+/// link, or a slow server.
+pub async fn delaying_proxy(target: u16, to_server: Duration, to_client: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            let pump = |mut from: tokio::net::tcp::OwnedReadHalf,
+                        mut to: tokio::net::tcp::OwnedWriteHalf,
+                        delay: Duration| async move {
+                let mut buf = vec![0; 64 * 1024];
+                while let Ok(n) = from.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::spawn(pump(client_read, server_write, to_server));
+            tokio::spawn(pump(server_read, client_write, to_client));
+        }
+    });
+    port
+}
+
 /// A port free now, below the kernel's ephemeral range (32768 and up by
 /// default) so that no outgoing connection's source port takes it before a
 /// server binds it, and picked at random so that tests starting servers at
