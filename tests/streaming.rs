@@ -90,12 +90,46 @@ async fn first_chunk(app: &Router, n: usize) -> Duration {
     }
 }
 
-/// The median time to the first chunk over `reads` cold reads (a key
-/// each, the client gone after the first chunk).
-async fn median_first_chunk(app: &Router, from: usize, reads: usize) -> Duration {
+/// `app` served over HTTP/1.1 on a loopback port, as a client meets it.
+async fn serve(app: Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// How long a client waits for the first body chunk of `/export/{n}` over
+/// a fresh connection to `addr` (the request sent to the `[` received).
+async fn first_chunk_over_http(addr: std::net::SocketAddr, n: usize) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let request = format!("GET /export/{n} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let started = Instant::now();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0; 4096];
+    loop {
+        let read = stream.read(&mut buf).await.unwrap();
+        assert!(read > 0, "the response ended before its first chunk");
+        seen.extend_from_slice(&buf[..read]);
+        let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n");
+        if head_end.is_some_and(|end| seen[end + 4..].contains(&b'[')) {
+            return started.elapsed();
+        }
+    }
+}
+
+/// The median of `reads` times, `read(n)` timing a cold read of key `n`
+/// from `from` on (a key each, the client gone after the first chunk).
+async fn median_of<F: std::future::Future<Output = Duration>>(
+    from: usize,
+    reads: usize,
+    read: impl Fn(usize) -> F,
+) -> Duration {
     let mut times = Vec::new();
     for n in from..from + reads {
-        times.push(first_chunk(app, n).await);
+        times.push(read(n).await);
     }
     times.sort();
     times[times.len() / 2]
@@ -139,15 +173,24 @@ async fn a_streamed_miss_reaches_the_client_as_it_comes(backend: Backend) {
     // A connection up, as on a server that has been serving.
     backend.store.ping().await.unwrap();
     let app = app(&backend, calls.clone());
-    // Warm both paths, then time cold keys: a key each, 15 reads.
+    // Warm both paths, then time cold keys: a key each, 15 reads, in
+    // process and over HTTP.
     first_chunk(&bare, 0).await;
     first_chunk(&app, 0).await;
-    let without = median_first_chunk(&bare, 1, 15).await;
-    let through = median_first_chunk(&app, 1, 15).await;
+    let without = median_of(1, 15, |n| first_chunk(&bare, n)).await;
+    let through = median_of(1, 15, |n| first_chunk(&app, n)).await;
+    let (bare_addr, app_addr) = (serve(bare.clone()).await, serve(app.clone()).await);
+    first_chunk_over_http(bare_addr, 20).await;
+    first_chunk_over_http(app_addr, 20).await;
+    let http_without = median_of(21, 15, |n| first_chunk_over_http(bare_addr, n)).await;
+    let http_through = median_of(21, 15, |n| first_chunk_over_http(app_addr, n)).await;
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-6);
     eprintln!(
-        "first chunk of a cold read, median of 15: {through:?} through the cache, \
-         {without:?} without ({:.2}x); the whole body takes {:?}",
-        through.as_secs_f64() / without.as_secs_f64().max(1e-6),
+        "first chunk of a cold read, median of 15: in process {through:?} through the cache, \
+         {without:?} without ({:.2}x); over HTTP {http_through:?}, {http_without:?} without \
+         ({:.2}x); the whole body takes {:?}",
+        ratio(through, without),
+        ratio(http_through, http_without),
         APART * CHUNKS as u32
     );
     calls.store(0, Ordering::SeqCst);
