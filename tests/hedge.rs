@@ -20,11 +20,24 @@ use tower_redis_cache::store::{
 };
 use tower_redis_cache::{CacheLayer, Policy, Route, Rule};
 
-/// A memory store whose every lookup answers `delay` late.
+/// A memory store whose every lookup answers `delay` late: run at once
+/// (a slow reply), or run itself `delay` late when `late` (a request slow
+/// on its way to Redis: the lookup runs after the handler read).
 #[derive(Clone)]
 struct Slow {
     inner: MemoryStore,
     delay: Duration,
+    late: bool,
+}
+
+impl Slow {
+    fn new(delay: Duration) -> Self {
+        Self {
+            inner: MemoryStore::new(),
+            delay,
+            late: false,
+        }
+    }
 }
 
 impl Store for Slow {
@@ -33,51 +46,14 @@ impl Store for Slow {
     }
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
-        let (lookup, delay) = (self.inner.lookup(key), self.delay);
-        Box::pin(async move {
-            tokio::time::sleep(delay).await;
-            lookup.await
-        })
-    }
-
-    fn store(
-        &self,
-        key: &CacheKey,
-        seen: &Lookup,
-        value: Bytes,
-        ttl: Duration,
-    ) -> StoreFuture<bool> {
-        self.inner.store(key, seen, value, ttl)
-    }
-
-    fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
-        self.inner.invalidate(invalidation)
-    }
-
-    fn ping(&self) -> StoreFuture<()> {
-        self.inner.ping()
-    }
-}
-
-/// A memory store whose every lookup runs `delay` late: a request slow on
-/// its way to Redis (a slow link), so the lookup runs after the handler
-/// read.
-#[derive(Clone)]
-struct Late {
-    inner: MemoryStore,
-    delay: Duration,
-}
-
-impl Store for Late {
-    fn name(&self) -> &'static str {
-        "late"
-    }
-
-    fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
         let (inner, key, delay) = (self.inner.clone(), key.clone(), self.delay);
+        let now = (!self.late).then(|| inner.lookup(&key));
         Box::pin(async move {
             tokio::time::sleep(delay).await;
-            inner.lookup(&key).await
+            match now {
+                Some(lookup) => lookup.await,
+                None => inner.lookup(&key).await,
+            }
         })
     }
 
@@ -158,10 +134,7 @@ async fn reads(app: &axum::Router, db: &Db) -> (Duration, usize) {
 async fn a_slow_store_never_makes_a_hedged_route_slower_than_no_cache() {
     let db = Db::default();
     db.set("1", 1);
-    let slow = || Slow {
-        inner: MemoryStore::new(),
-        delay: Duration::from_millis(50),
-    };
+    let slow = || Slow::new(Duration::from_millis(50));
     // Without the breaker: every lookup slow, every request hedged.
     let (off, _) = reads(&router(db.clone()), &db).await;
     let (plain, plain_hedged) = reads(&app(Arc::new(slow()), db.clone(), false), &db).await;
@@ -248,11 +221,11 @@ fn the_persons_example_over_a_slow_redis() {
 async fn a_hedged_miss_whose_lookup_ran_after_a_write_stores_nothing() {
     let db = Db::default();
     db.set("1", 1);
-    let memory = MemoryStore::new();
-    let late = Late {
-        inner: memory.clone(),
-        delay: Duration::from_millis(100),
+    let late = Slow {
+        late: true,
+        ..Slow::new(Duration::from_millis(100))
     };
+    let memory = late.inner.clone();
     let hedged = app(Arc::new(late), db.clone(), true);
     // The handler answers once the lookup took 0.5 ms; the lookup runs at 100 ms.
     let (status, x_cache, body) = send(&hedged, get_req("/persons/1")).await;

@@ -92,6 +92,18 @@ async fn unstorable_responses_do_not_make_bursts_wait(backend: Backend) {
 
 backend_tests!(unstorable_responses_do_not_make_bursts_wait);
 
+/// Two stacks (two processes) over `server`, reading person 1 from `db`
+/// in 200 ms.
+fn two_processes(server: &common::RedisServer, db: &Db) -> (axum::Router, axum::Router) {
+    db.set("1", 1);
+    db.read_delay_us.store(200_000, Ordering::Relaxed);
+    let process = || {
+        let store = tower_redis_cache::store::RedisStore::open(&server.url()).unwrap();
+        app(std::sync::Arc::new(store), db.clone()).0
+    };
+    (process(), process())
+}
+
 /// Two stacks (two processes) over one redis-server, 32 concurrent cold
 /// reads of one person on each, a 200 ms handler: one handler call in all,
 /// every answer a 200 with the record. The process that meets the other's
@@ -101,13 +113,7 @@ backend_tests!(unstorable_responses_do_not_make_bursts_wait);
 async fn a_cold_key_costs_one_handler_call_across_processes() {
     let server = common::RedisServer::start();
     let db = Db::default();
-    db.set("1", 1);
-    db.read_delay_us.store(200_000, Ordering::Relaxed);
-    let process = || {
-        let store = tower_redis_cache::store::RedisStore::open(&server.url()).unwrap();
-        app(std::sync::Arc::new(store), db.clone()).0
-    };
-    let (a, b) = (process(), process());
+    let (a, b) = two_processes(&server, &db);
     let (on_a, on_b) = tokio::join!(burst(&a, "/persons/1", 32), burst(&b, "/persons/1", 32));
     let answers: Vec<_> = on_a.into_iter().chain(on_b).collect();
     assert!(answers.iter().all(|(status, ..)| *status == StatusCode::OK));
@@ -127,13 +133,7 @@ async fn a_cold_key_costs_one_handler_call_across_processes() {
 async fn a_lease_holder_that_went_away_costs_at_most_the_wait() {
     let server = common::RedisServer::start();
     let db = Db::default();
-    db.set("1", 1);
-    db.read_delay_us.store(200_000, Ordering::Relaxed);
-    let process = || {
-        let store = tower_redis_cache::store::RedisStore::open(&server.url()).unwrap();
-        app(std::sync::Arc::new(store), db.clone()).0
-    };
-    let (a, b) = (process(), process());
+    let (a, b) = two_processes(&server, &db);
     let dropped = tokio::time::timeout(
         Duration::from_millis(50),
         tower::ServiceExt::oneshot(a.clone(), get_req("/persons/1")),
