@@ -312,11 +312,16 @@ impl Route {
     /// at least [`HEDGE_FLOOR`]) lets the handler answer. The lookup goes
     /// on: it is still counted (the breaker still opens on slow calls), and
     /// the handler's response is stored under what it read, in the
-    /// background, when that is a miss's lease on a plain key (the handler
-    /// may have read before the lookup ran; only a lease, which every
-    /// invalidation since it was minted replaced, guards such a read: a
-    /// hedged response of a versioned route is not stored). Such a
-    /// response says `detail=hedged`. Off by default;
+    /// background, when that guards a read made before the lookup ran
+    /// (the handler's, which may come first):
+    /// - on an item route, a miss's lease (every invalidation since it was
+    ///   minted replaced it);
+    /// - on a versioned route, versions the store knew before the lookup
+    ///   was called and read again unchanged (a bump since refuses the
+    ///   write).
+    ///
+    /// Otherwise it is not stored. Such a response says `detail=hedged`.
+    /// Off by default;
     /// before the route's first miss, the floor is the budget. Once
     /// [`HEDGE_STREAK`] lookups in a row ran past the budget, the handler
     /// answers at once, the lookups still going on, until one of them

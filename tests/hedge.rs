@@ -76,17 +76,26 @@ impl Store for Slow {
     }
 }
 
+/// A person (a plain key) and the list (versioned), hedged or not; a
+/// `PATCH` purges the one and bumps the other.
 fn app(store: Arc<dyn Store>, db: Db, hedge: bool) -> axum::Router {
-    let mut route = Route::get("/persons/{id}")
-        .key("person:{id}")
-        .ttl(Duration::from_secs(60));
-    if hedge {
-        route = route.hedge();
-    }
+    let hedged = |route: Route| if hedge { route.hedge() } else { route };
     let policy = Policy::builder()
         .store(store)
-        .route(route)
-        .on(Rule::new("PATCH /persons/{id}").purge("GET /persons/{id}"))
+        .route(hedged(
+            Route::get("/persons/{id}")
+                .key("person:{id}")
+                .ttl(Duration::from_secs(60)),
+        ))
+        .route(hedged(
+            Route::get("/persons")
+                .key("persons:list:v{version}")
+                .versioned_by("persons:list")
+                .ttl(Duration::from_secs(60)),
+        ))
+        .on(Rule::new("PATCH /persons/{id}")
+            .purge("GET /persons/{id}")
+            .bump("persons:list"))
         .build()
         .unwrap();
     router(db).layer(CacheLayer::new(policy))
@@ -250,4 +259,86 @@ async fn a_hedged_miss_whose_lookup_ran_after_a_write_stores_nothing() {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(revision("/persons/1", &body), written, "{x_cache}: stale");
     }
+}
+
+/// A hedged miss of a versioned route (the list) still fills: the store
+/// read its versions when the lookup was called, before the handler ran,
+/// so the write is guarded by them. The next read through a quick store
+/// is a HIT with the record.
+#[tokio::test]
+async fn a_hedged_miss_of_a_versioned_route_still_fills() {
+    let db = Db::default();
+    db.set("1", 1);
+    let slow = Slow::new(Duration::from_millis(50));
+    let memory = slow.inner.clone();
+    let hedged = app(Arc::new(slow), db.clone(), true);
+    let (status, x_cache, body) = send(&hedged, get_req("/persons")).await;
+    assert_eq!((status, x_cache.as_str()), (StatusCode::OK, "MISS"));
+    assert_eq!(revision("/persons", &body), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let quick = app(Arc::new(memory), db.clone(), false);
+    let (status, x_cache, body) = send(&quick, get_req("/persons")).await;
+    assert_eq!((status, x_cache.as_str()), (StatusCode::OK, "HIT"));
+    assert_eq!(revision("/persons", &body), 1);
+    assert_eq!(db.calls(), 1);
+}
+
+/// Two processes over one redis-server; A's requests reach Redis 100 ms
+/// late (a slow link), so its hedged list lookups run after its handler
+/// read. B writes between A's read and A's lookup: A's lookup reads the
+/// bumped version, and A stores nothing (B reads the write, twice). With
+/// no write in between, A's hedged fill is stored and B's next read is a
+/// HIT with the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_hedged_list_read_stores_only_under_versions_current_before_its_handler() {
+    let redis = common::RedisServer::start();
+    let late = common::delaying_proxy(redis.port, Duration::from_millis(100), Duration::ZERO).await;
+    let db = Db::default();
+    db.set("1", 1);
+    let open = |url: &str| {
+        let store = tower_redis_cache::store::RedisStore::open(url)
+            .unwrap()
+            .deadline(common::TEST_DEADLINE)
+            .write_deadline(common::TEST_DEADLINE)
+            .breaker(common::test_breaker());
+        Arc::new(store) as Arc<dyn Store>
+    };
+    let a = app(
+        open(&format!("redis://127.0.0.1:{late}/")),
+        db.clone(),
+        true,
+    );
+    let b = app(open(&redis.url()), db.clone(), false);
+    let list = |app: &axum::Router| {
+        let app = app.clone();
+        async move {
+            let (status, x_cache, body) = send(&app, get_req("/persons")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            (x_cache, revision("/persons", &body))
+        }
+    };
+    let settle = || tokio::time::sleep(Duration::from_millis(600));
+
+    // A learns the list's version (a first lookup has nothing to compare).
+    list(&a).await;
+    settle().await;
+    // A's handler reads revision 1; B's write lands before A's lookup runs.
+    assert_eq!(list(&a).await.1, 1);
+    let (status, _, _) = send(&b, method_req("PATCH", "/persons/1")).await;
+    assert_eq!(status, StatusCode::OK);
+    settle().await;
+    for _ in 0..2 {
+        let (x_cache, rev) = list(&b).await;
+        assert_eq!(rev, 2, "{x_cache}: stale");
+    }
+
+    // No write in between: A's hedged fill is stored.
+    let (status, _, _) = send(&b, method_req("PATCH", "/persons/1")).await;
+    assert_eq!(status, StatusCode::OK);
+    list(&a).await;
+    settle().await;
+    assert_eq!(list(&a).await.1, 3);
+    settle().await;
+    assert_eq!(list(&b).await, ("HIT".to_owned(), 3));
 }

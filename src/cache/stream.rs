@@ -102,9 +102,9 @@ impl Filling {
             let seen = match seen {
                 Seen::Known(seen) => seen,
                 // A hedged miss: the handler may have read before its
-                // lookup ran, so only a lease guards that read.
+                // lookup ran, which only some guards cover.
                 Seen::Pending(lookup) => match lookup.await {
-                    Ok(seen) if seen.guarded_by_lease() => seen,
+                    Ok(seen) if seen.guards_an_earlier_read() => seen,
                     _ => return,
                 },
             };

@@ -361,7 +361,8 @@ impl Store for MemoryStore {
     }
 
     fn lookup(&self, key: &CacheKey) -> StoreFuture<Lookup> {
-        let found = self.lookup_now(key);
+        // Read at the call.
+        let found = self.lookup_now(key).with_versions_current_at_call();
         Box::pin(async move { Ok(found) })
     }
 

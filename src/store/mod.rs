@@ -183,6 +183,9 @@ pub struct Lookup {
     /// The entry is the lease of a miss made through another store (another
     /// process): that miss is filling it.
     foreign_lease: bool,
+    /// The versions read were already current when [`Store::lookup`] was
+    /// called: no bump came between the call and the read.
+    versions_current_at_call: bool,
 }
 
 impl Lookup {
@@ -195,6 +198,7 @@ impl Lookup {
             entry,
             origin: Bytes::new(),
             foreign_lease: false,
+            versions_current_at_call: false,
         }
     }
 
@@ -244,6 +248,7 @@ impl Lookup {
             payload: own(self.payload),
             origin: self.origin,
             foreign_lease: self.foreign_lease,
+            versions_current_at_call: self.versions_current_at_call,
         }
     }
 
@@ -263,14 +268,28 @@ impl Lookup {
         &self.entry
     }
 
-    /// True when the write is guarded by a miss's lease on a plain key:
-    /// the lease was there when the lookup ran, so every invalidation
-    /// since it was minted replaced it, and the write is refused. (A lookup
-    /// that ran after an invalidation finds its tombstone, or new versions:
-    /// a guard that says nothing of a read made before the lookup ran.)
-    pub(crate) fn guarded_by_lease(&self) -> bool {
-        self.versions.is_empty()
-            && matches!(&self.entry, Observed::Value(raw) if crate::entry::is_lease(raw))
+    /// The same lookup, whose versions were already current when
+    /// [`Store::lookup`] was called (read then, or read again unchanged
+    /// from what the store had read before under the same epoch).
+    pub(crate) fn with_versions_current_at_call(mut self) -> Self {
+        self.versions_current_at_call = true;
+        self
+    }
+
+    /// True when the write also guards a read made after the lookup was
+    /// called but before it ran (a hedged miss's handler):
+    /// - a plain key whose lookup found a miss's lease: every invalidation
+    ///   since the lease was minted replaced it, and the write is refused;
+    /// - a versioned key whose versions were current at the call: the
+    ///   write is refused if they were bumped since.
+    ///
+    /// A lookup that ran after an invalidation and found its tombstone, or
+    /// new versions, says nothing of a read made before it ran.
+    pub(crate) fn guards_an_earlier_read(&self) -> bool {
+        match self.versions.is_empty() {
+            true => matches!(&self.entry, Observed::Value(raw) if crate::entry::is_lease(raw)),
+            false => self.versions_current_at_call,
+        }
     }
 
     /// The version values, when every version key held one.

@@ -67,22 +67,39 @@ pub(super) fn looked_up(versions: Vec<Observed>, entry: Observed, epoch: Epoch) 
         .with_origin(epoch)
 }
 
-/// The version values this process last read, per version key, so that a
-/// versioned lookup can read the versions and the entry under them in one
-/// round trip. A value here is only a guess: the lookup checks it against
-/// the versions it reads in the same trip. Bounded, on a concurrent cache
-/// (quick_cache: sharded, no lock shared by every hit) that evicts the
-/// groups read least, never all at once: with more groups than it holds
-/// (a version group per tenant), the hot ones keep their one round trip.
+/// The version values this process last read, per version key, with the
+/// epoch each was read under, so that a versioned lookup can read the
+/// versions and the entry under them in one round trip. A value here is
+/// only a guess: the lookup checks it against the versions it reads in the
+/// same trip. Bounded, on a concurrent cache (quick_cache: sharded, no lock
+/// shared by every hit) that evicts the groups read least, never all at
+/// once: with more groups than it holds (a version group per tenant), the
+/// hot ones keep their one round trip.
 #[derive(Debug)]
 pub(super) struct SeenVersions(
     quick_cache::sync::Cache<
         String,
-        Bytes,
+        (Bytes, Epoch),
         quick_cache::UnitWeighter,
         quick_cache::DefaultHashBuilder,
     >,
 );
+
+/// What this process had read of a key's versions when a lookup was
+/// called.
+#[derive(Debug)]
+pub(super) struct Guess {
+    values: Vec<Observed>,
+    /// The epoch they were all read under; none when not all under one.
+    epoch: Option<Epoch>,
+}
+
+impl Guess {
+    /// True when a lookup under `epoch` read these values again.
+    pub(super) fn read_again(&self, read: &[Observed], epoch: &Epoch) -> bool {
+        self.values == read && self.epoch.as_ref() == Some(epoch)
+    }
+}
 
 /// How many version keys [`SeenVersions`] remembers by default.
 pub(super) const DEFAULT_REMEMBERED_VERSIONS: usize = 100_000;
@@ -107,44 +124,55 @@ impl SeenVersions {
     }
 
     /// The values last read for `versions`, in order, as what a lookup
-    /// expects to read again; false (and `into` left empty) when one is
-    /// not known.
-    fn get(&self, versions: &[VersionKey], into: &mut Vec<Observed>) -> bool {
+    /// expects to read again; none when one is not known.
+    pub(super) fn get(&self, versions: &[VersionKey]) -> Option<Guess> {
+        let mut values = Vec::with_capacity(versions.len());
+        let mut epoch: Option<Option<Epoch>> = None;
         for version in versions {
-            match self.0.get(version.key()) {
-                Some(value) => into.push(Observed::Value(value)),
-                None => {
-                    into.clear();
-                    return false;
-                }
-            }
+            let (value, read_under) = self.0.get(version.key())?;
+            values.push(Observed::Value(value));
+            epoch = match epoch {
+                None => Some(Some(read_under)),
+                Some(Some(one)) if one == read_under => Some(Some(one)),
+                Some(_) => Some(None),
+            };
         }
-        true
+        Some(Guess {
+            values,
+            epoch: epoch.flatten(),
+        })
     }
 
-    fn remember(&self, versions: &[VersionKey], values: &[Bytes]) {
-        for (version, value) in versions.iter().zip(values) {
-            self.0.insert(version.key().to_owned(), value.clone());
+    /// Remembers the versions a lookup read under `epoch`.
+    pub(super) fn remember(&self, versions: &[VersionKey], read: &[Observed], epoch: &Epoch) {
+        for (version, value) in versions.iter().zip(read) {
+            if let Observed::Value(value) = value {
+                self.0
+                    .insert(version.key().to_owned(), (value.clone(), epoch.clone()));
+            }
         }
     }
 }
 
 /// A versioned lookup with plain reads, one command in the steady state:
 /// one `MGET` of the version keys and of the entry under the versions this
-/// process saw last. When the versions read are those, the entry read is
-/// current; after a bump (or on a first lookup) a second command, a `GET`,
-/// reads the entry under the new versions. A missing version
+/// process saw last (`guess`). When the versions read are those, the entry
+/// read is current; after a bump (or on a first lookup) a second command,
+/// a `GET`, reads the entry under the new versions. A missing version
 /// key is created by a script, and then no entry can exist under it.
 /// Every command names its keys (no key is built inside Redis).
 pub(super) async fn versioned_lookup<C: ConnectionLike>(
     conn: &mut C,
-    seen_versions: &SeenVersions,
+    guess: Option<&Guess>,
     key: &CacheKey,
 ) -> Result<(Vec<Observed>, Observed), StoreError> {
     let versions = key.versions();
     // The versions this process read last, until the reply says otherwise.
-    let mut current = Vec::with_capacity(versions.len());
-    let guessed = seen_versions.get(versions, &mut current);
+    let guessed = guess.is_some();
+    let mut current = match guess {
+        Some(guess) => guess.values.clone(),
+        None => Vec::with_capacity(versions.len()),
+    };
     let mut mget = Cmd::with_capacity(versions.len() + 2, 128);
     mget.arg("MGET");
     for version in versions {
@@ -184,7 +212,6 @@ pub(super) async fn versioned_lookup<C: ConnectionLike>(
         // Rare (a version key new or lost): boxed, so that the hit's
         // future does not carry the script call's.
         let created = Box::pin(ensure_versions(conn, versions)).await?;
-        seen_versions.remember(versions, &created);
         return Ok((
             created.into_iter().map(Observed::Value).collect(),
             Observed::Absent,
@@ -204,7 +231,6 @@ pub(super) async fn versioned_lookup<C: ConnectionLike>(
                     _ => None,
                 })
                 .collect();
-            seen_versions.remember(versions, &read);
             // After a bump only: boxed, like the script call above.
             Box::pin(entry_under(conn, key, &read)).await?
         }

@@ -460,14 +460,32 @@ impl<C: Connect> Store for Link<C> {
             }
             versioned @ CacheKey::Versioned { .. } => {
                 let seen_versions = self.seen_versions.clone();
-                let key = versioned.clone();
+                // The guess is taken at the call: read again unchanged under
+                // the same epoch, the versions were already current then.
+                // Boxed with the key, so that the future stays small.
+                let read = Box::new((versioned.clone(), seen_versions.get(versioned.versions())));
                 let (source, live) = (source.clone(), source.live());
                 Box::pin(async move {
                     on_live(&source, deadline, live, |mut conn, epoch| async move {
+                        let (key, guess) = &*read;
                         let (versions, entry) =
-                            versioned_lookup(&mut conn, &seen_versions, &key).await?;
+                            versioned_lookup(&mut conn, guess.as_ref(), key).await?;
                         let epoch = C::served_by(&conn).unwrap_or(epoch);
-                        Ok(looked_up(versions, entry, epoch))
+                        let again = guess
+                            .as_ref()
+                            .is_some_and(|g| g.read_again(&versions, &epoch));
+                        if !again {
+                            seen_versions.remember(key.versions(), &versions, &epoch);
+                        }
+                        // Within one known epoch a version is never set back
+                        // to a value it held before (an unknown epoch may
+                        // hide a restart that reloaded older versions).
+                        let current_at_call = again && !epoch.is_empty();
+                        let lookup = looked_up(versions, entry, epoch);
+                        Ok(match current_at_call {
+                            true => lookup.with_versions_current_at_call(),
+                            false => lookup,
+                        })
                     })
                     .await
                 })
