@@ -89,16 +89,9 @@ pub(super) struct SeenVersions(
 /// called.
 #[derive(Debug)]
 pub(super) struct Guess {
-    values: Vec<Observed>,
+    pub(super) values: Vec<Observed>,
     /// The epoch they were all read under; none when not all under one.
-    epoch: Option<Epoch>,
-}
-
-impl Guess {
-    /// True when a lookup under `epoch` read these values again.
-    pub(super) fn read_again(&self, read: &[Observed], epoch: &Epoch) -> bool {
-        self.values == read && self.epoch.as_ref() == Some(epoch)
-    }
+    pub(super) epoch: Option<Epoch>,
 }
 
 /// How many version keys [`SeenVersions`] remembers by default.
@@ -160,19 +153,17 @@ impl SeenVersions {
 /// read is current; after a bump (or on a first lookup) a second command,
 /// a `GET`, reads the entry under the new versions. A missing version
 /// key is created by a script, and then no entry can exist under it.
-/// Every command names its keys (no key is built inside Redis).
+/// Every command names its keys (no key is built inside Redis). Returns
+/// the versions, the entry, and whether the versions read were the guess.
 pub(super) async fn versioned_lookup<C: ConnectionLike>(
     conn: &mut C,
-    guess: Option<&Guess>,
+    guess: Option<Vec<Observed>>,
     key: &CacheKey,
-) -> Result<(Vec<Observed>, Observed), StoreError> {
+) -> Result<(Vec<Observed>, Observed, bool), StoreError> {
     let versions = key.versions();
     // The versions this process read last, until the reply says otherwise.
     let guessed = guess.is_some();
-    let mut current = match guess {
-        Some(guess) => guess.values.clone(),
-        None => Vec::with_capacity(versions.len()),
-    };
+    let mut current = guess.unwrap_or_else(|| Vec::with_capacity(versions.len()));
     let mut mget = Cmd::with_capacity(versions.len() + 2, 128);
     mget.arg("MGET");
     for version in versions {
@@ -215,6 +206,7 @@ pub(super) async fn versioned_lookup<C: ConnectionLike>(
         return Ok((
             created.into_iter().map(Observed::Value).collect(),
             Observed::Absent,
+            false,
         ));
     }
     // An entry key of another type reads absent: the write replaces it.
@@ -236,7 +228,7 @@ pub(super) async fn versioned_lookup<C: ConnectionLike>(
         }
     };
     let entry = entry.map_or(Observed::Absent, Observed::Value);
-    Ok((current, entry))
+    Ok((current, entry, matched))
 }
 
 /// The entry of `key` under the versions `read` (one `GET`).

@@ -463,17 +463,20 @@ impl<C: Connect> Store for Link<C> {
                 // The guess is taken at the call: read again unchanged under
                 // the same epoch, the versions were already current then.
                 // Boxed with the key, so that the future stays small.
-                let read = Box::new((versioned.clone(), seen_versions.get(versioned.versions())));
+                let mut read =
+                    Box::new((versioned.clone(), seen_versions.get(versioned.versions())));
                 let (source, live) = (source.clone(), source.live());
                 Box::pin(async move {
                     on_live(&source, deadline, live, |mut conn, epoch| async move {
-                        let (key, guess) = &*read;
-                        let (versions, entry) =
-                            versioned_lookup(&mut conn, guess.as_ref(), key).await?;
+                        let (key, guess) = &mut *read;
+                        let (values, guessed_under) = match guess.take() {
+                            Some(guess) => (Some(guess.values), guess.epoch),
+                            None => (None, None),
+                        };
+                        let (versions, entry, matched) =
+                            versioned_lookup(&mut conn, values, key).await?;
                         let epoch = C::served_by(&conn).unwrap_or(epoch);
-                        let again = guess
-                            .as_ref()
-                            .is_some_and(|g| g.read_again(&versions, &epoch));
+                        let again = matched && guessed_under.as_ref() == Some(&epoch);
                         if !again {
                             seen_versions.remember(key.versions(), &versions, &epoch);
                         }
