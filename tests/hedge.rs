@@ -318,7 +318,7 @@ async fn a_hedged_list_read_stores_only_under_versions_current_before_its_handle
             (x_cache, revision("/persons", &body))
         }
     };
-    let settle = || tokio::time::sleep(Duration::from_millis(600));
+    let settle = || tokio::time::sleep(Duration::from_secs(1));
 
     // A learns the list's version (a first lookup has nothing to compare).
     list(&a).await;
