@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use bytes::Bytes;
 use common::http::http;
-use common::{get_req, method_req, revision, router, send, Db};
+use common::{get_req, method_req, revision, router, send, send_reading, Db};
 use tokio::time::Instant;
 use tower_redis_cache::store::{
     BreakerConfig, CacheKey, Circuit, Invalidation, Lookup, MemoryStore, Resilient, Store,
@@ -116,19 +116,8 @@ async fn reads(app: &axum::Router, db: &Db) -> (Duration, usize) {
             assert_eq!(status, StatusCode::OK);
         }
         let started = Instant::now();
-        let response = tower::ServiceExt::oneshot(app.clone(), get_req("/persons/1"))
-            .await
-            .unwrap();
-        let status = response
-            .headers()
-            .get("cache-status")
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default();
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
+        let (_, status, body) = send_reading(app, get_req("/persons/1"), "cache-status").await;
         times.push(started.elapsed());
-        let body = String::from_utf8(body.to_vec()).unwrap();
         assert_eq!(
             revision("/persons/1", &body),
             db.revisions.lock().unwrap()["1"],
