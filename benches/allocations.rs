@@ -7,6 +7,8 @@
 //! Run with `cargo bench --bench allocations [--features metrics,tier]`
 //! (`tier` adds a hit from the in-process tier).
 
+use bytes::Bytes;
+use http_body_util::Empty;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -43,9 +45,9 @@ static GLOBAL: Counting = Counting;
 const ROUNDS: u64 = 10_000;
 
 /// Allocations per call of `request()` through `service`, averaged.
-async fn per_request<S>(service: &S, mut request: impl FnMut(u64) -> Request<()>) -> f64
+async fn per_request<S>(service: &S, mut request: impl FnMut(u64) -> Request<Empty<Bytes>>) -> f64
 where
-    S: Service<Request<()>> + Clone,
+    S: Service<Request<Empty<Bytes>>> + Clone,
     S::Response: IntoBody,
     S::Error: std::fmt::Debug,
 {
@@ -85,7 +87,11 @@ fn main() {
             .build()
             .unwrap();
         let cached = CacheLayer::new(policy).layer(handler());
-        let get = |_| Request::get("/persons/1").body(()).unwrap();
+        let get = |_| {
+            Request::get("/persons/1")
+                .body(Empty::<Bytes>::new())
+                .unwrap()
+        };
         // Warm: the entry is stored, metric handles are registered.
         per_request(&cached, get).await;
         let bare = per_request(&handler(), get).await;
@@ -95,13 +101,13 @@ fn main() {
         let not_modified = per_request(&cached, |_| {
             Request::get("/persons/1")
                 .header("if-none-match", etag.clone())
-                .body(())
+                .body(Empty::<Bytes>::new())
                 .unwrap()
         })
         .await;
         let miss = per_request(&cached, |round| {
             Request::get(format!("/persons/{}", round + 2))
-                .body(())
+                .body(Empty::<Bytes>::new())
                 .unwrap()
         })
         .await;

@@ -7,6 +7,7 @@
 //!
 //! Run with `cargo bench --features compression --bench compression`.
 
+use http_body_util::Empty;
 use std::convert::Infallible;
 
 use bytes::Bytes;
@@ -67,7 +68,7 @@ type Answer = Result<Response<Full<Bytes>>, Infallible>;
 fn answering(
     page: Bytes,
 ) -> impl tower::Service<
-    Request<()>,
+    Request<Empty<Bytes>>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
     Future = std::future::Ready<Answer>,
@@ -75,7 +76,7 @@ fn answering(
        + Send
        + Sync
        + 'static {
-    tower::service_fn(move |_req: Request<()>| {
+    tower::service_fn(move |_req: Request<Empty<Bytes>>| {
         let mut response = Response::new(Full::new(page.clone()));
         response
             .headers_mut()
@@ -90,7 +91,11 @@ fn answering(
 async fn stored_bytes(page: Bytes, compress_over: usize) -> usize {
     let store = MemoryStore::new();
     let policy = policy(store.clone(), compress_over, Coding::Zstd);
-    let request = || Request::get("/persons").body(()).unwrap();
+    let request = || {
+        Request::get("/persons")
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
     let cached = CacheLayer::new(policy.clone()).layer(answering(page));
     let response = cached.oneshot(request()).await.unwrap();
     response.into_body().collect().await.unwrap();
@@ -150,7 +155,7 @@ fn bench(c: &mut Criterion) {
                 if !accept.is_empty() {
                     request = request.header("accept-encoding", accept);
                 }
-                request.body(()).unwrap()
+                request.body(Empty::<Bytes>::new()).unwrap()
             };
             let sent = runtime.block_on(async {
                 for _ in 0..2 {

@@ -4,6 +4,8 @@
 //!
 //! Run with `cargo bench --bench hit_ratio`.
 
+use bytes::Bytes;
+use http_body_util::Empty;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -87,7 +89,9 @@ fn main() {
     let service = CacheLayer::new(policy).layer(handler());
     runtime.block_on(async {
         for &item in &trace {
-            let request = Request::get(format!("/persons/{item}")).body(()).unwrap();
+            let request = Request::get(format!("/persons/{item}"))
+                .body(Empty::<Bytes>::new())
+                .unwrap();
             let response = service.clone().oneshot(request).await.unwrap();
             response.into_body().collect().await.unwrap();
         }

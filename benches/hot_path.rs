@@ -5,6 +5,7 @@
 //! Run with `cargo bench --bench hot_path` (`--features tier` adds a hit
 //! from the in-process tier).
 
+use http_body_util::Empty;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,9 +35,11 @@ fn pieces(c: &mut Criterion) {
         )
         .build()
         .unwrap();
-    let item = Request::get("/persons/42").body(()).unwrap();
+    let item = Request::get("/persons/42")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     let list = Request::get("/persons?sort=-name&name=Ana&limit=20&utm=x")
-        .body(())
+        .body(Empty::<Bytes>::new())
         .unwrap();
     c.bench_function("policy match + item key", |b| {
         b.iter(|| policy.key_for(black_box(&item)))
@@ -110,7 +113,9 @@ fn bench(c: &mut Criterion) {
     c.bench_function("miss and store, memory store", |b| {
         b.to_async(&runtime).iter(|| {
             id += 1;
-            let request = Request::get(format!("/persons/{id}")).body(()).unwrap();
+            let request = Request::get(format!("/persons/{id}"))
+                .body(Empty::<Bytes>::new())
+                .unwrap();
             let service = uncached.clone();
             async move {
                 service
@@ -130,14 +135,14 @@ fn bench(c: &mut Criterion) {
 /// every request a server hands on carries one (entries are bound to it).
 async fn get_one<S, B>(service: &S) -> Bytes
 where
-    S: tower::Service<Request<()>, Response = http::Response<B>> + Clone,
+    S: tower::Service<Request<Empty<Bytes>>, Response = http::Response<B>> + Clone,
     S::Error: std::fmt::Debug,
     B: http_body::Body,
     B::Error: std::fmt::Debug,
 {
     let request = Request::get("/persons/1")
         .header("host", "api.example.com")
-        .body(())
+        .body(Empty::<Bytes>::new())
         .unwrap();
     let response = service.clone().oneshot(request).await.unwrap();
     response.into_body().collect().await.unwrap().to_bytes()

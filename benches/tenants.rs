@@ -7,6 +7,8 @@
 //!
 //! Run with `cargo bench --bench tenants`.
 
+use bytes::Bytes;
+use http_body_util::Empty;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,7 +86,7 @@ fn keys(store: &RedisStore<Versions>, tenants: usize) -> Vec<CacheKey> {
         .map(|tenant| {
             let request = Request::get("/persons?limit=5")
                 .header("x-tenant-id", format!("tenant-{tenant}"))
-                .body(())
+                .body(Empty::<Bytes>::new())
                 .unwrap();
             policy.key_for(&request).unwrap()
         })

@@ -115,6 +115,24 @@ pub enum ConfigError {
         /// Why it was rejected.
         reason: String,
     },
+    /// The key template of `route` leaves out path param `param`: two
+    /// resources the route serves would share one key. Name it in the
+    /// template (or the group), or declare it with
+    /// [`Route::unkeyed_param`](crate::Route::unkeyed_param).
+    UnkeyedParam {
+        /// The route, as `GET /pattern`.
+        route: String,
+        /// The param the key leaves out.
+        param: String,
+    },
+    /// [`Route::store_despite`](crate::Route::store_despite) names a
+    /// directive the cache does not refuse, or does not know.
+    UnknownDirective {
+        /// The route, as `GET /pattern`.
+        route: String,
+        /// The name as given.
+        directive: String,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -170,6 +188,14 @@ impl fmt::Display for ConfigError {
             Self::GroupScope { group, reason } => {
                 write!(f, "group `{group}` is versioned per scope: {reason}")
             }
+            Self::UnkeyedParam { route, param } => write!(
+                f,
+                "route `{route}`: the key template leaves out path param `{{{param}}}`, so two resources would share a key; name it in the key, or declare it with `unkeyed_param(\"{param}\")`"
+            ),
+            Self::UnknownDirective { route, directive } => write!(
+                f,
+                "route `{route}`: `store_despite(\"{directive}\")` names no directive the cache refuses (max-age=0, s-maxage=0, must-revalidate, pragma: no-cache)"
+            ),
         }
     }
 }

@@ -5,13 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, Method, Request};
+use http::{HeaderName, Method, Request};
 
 use crate::error::{validate_namespace, ConfigError};
 use crate::flight::FlightTable;
+use crate::key::served::{served_as, shape, stripped_prefix, Served};
 use crate::key::{
-    pattern_params, Binding, Canonical, InputRules, KeyTemplate, Layout, Params, QueryRule,
-    Rendered, Scope, Segment,
+    hash_field, pattern_params, percent_decode, Binding, Canonical, InputRules, KeyTemplate,
+    Layout, Params, QueryRule, Rendered, Scope, Segment,
 };
 use crate::routes::{validate_pattern, RouteTable};
 use crate::stats::{CacheStats, Reason};
@@ -68,6 +69,8 @@ pub struct Route {
     invalid_header: Option<String>,
     verify: f64,
     hedge: Hedge,
+    unkeyed: Vec<String>,
+    despite: Vec<String>,
     #[cfg(feature = "tier")]
     in_process: Option<Duration>,
 }
@@ -113,6 +116,8 @@ impl Route {
             invalid_header: None,
             verify: 0.0,
             hedge: Hedge::Off,
+            unkeyed: Vec::new(),
+            despite: Vec::new(),
             #[cfg(feature = "tier")]
             in_process: None,
         }
@@ -137,6 +142,19 @@ impl Route {
     ///
     /// A template without `{query_hash}` serves only requests without (allowed)
     /// query parameters; others bypass the cache.
+    ///
+    /// # Templates cannot collide
+    ///
+    /// Every path param of the pattern must be in the key (or in the
+    /// version group's name), or `build()` refuses the policy
+    /// ([`ConfigError::UnkeyedParam`]) unless the route declares it with
+    /// [`unkeyed_param`](Route::unkeyed_param). Two values need a separator
+    /// between them that is not a letter or digit (`repo:{owner}:{repo}`,
+    /// `repo:{owner}-{repo}`); a separator inside a value is escaped, so
+    /// `a-b`/`c` and `a`/`b-c` never share a key. And each entry is bound to
+    /// its route (method and pattern): two routes with one template, or two
+    /// services on one Redis and namespace, never serve each other's
+    /// entries (they only share the key's slot).
     pub fn key(mut self, template: &str) -> Self {
         self.key = Some(template.to_owned());
         self
@@ -337,6 +355,43 @@ impl Route {
         self
     }
 
+    /// Leaves path param `name` out of the key on purpose: the resource is
+    /// the same whatever its value (an id unique across orgs in
+    /// `/orgs/{org}/items/{id}`, a cosmetic slug). Requests that differ in
+    /// it share one key; each entry is still bound to the value it was
+    /// stored for, so it is never served for another value (a request
+    /// with another value is a miss that replaces it).
+    pub fn unkeyed_param(mut self, name: &str) -> Self {
+        if !self.unkeyed.iter().any(|n| n == name) {
+            self.unkeyed.push(name.to_owned());
+        }
+        self
+    }
+
+    /// Stores responses despite what they say of themselves, by name:
+    /// `"max-age=0"`, `"s-maxage=0"`, `"must-revalidate"` (with no
+    /// positive `max-age` or `s-maxage`) and `"pragma: no-cache"` each keep
+    /// a response out of the cache unless named here. (`no-store`,
+    /// `no-cache` and `private` are always refused.) Another name is a
+    /// [`ConfigError::UnknownDirective`] at `build()`.
+    ///
+    /// ```
+    /// use tower_redis_cache::Route;
+    ///
+    /// // The handler says `max-age=0` to browsers; this cache may keep it.
+    /// let route = Route::get("/feed").key("feed").store_despite(["max-age=0"]);
+    /// # let _ = route;
+    /// ```
+    pub fn store_despite<I, S>(mut self, directives: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.despite
+            .extend(directives.into_iter().map(|d| d.as_ref().to_owned()));
+        self
+    }
+
     fn label(&self) -> String {
         format!("GET {}", self.pattern)
     }
@@ -423,12 +478,47 @@ impl Rule {
     }
 }
 
+/// Response directives a route stores despite themselves
+/// ([`Route::store_despite`](crate::Route::store_despite)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Despite {
+    pub(crate) max_age_zero: bool,
+    pub(crate) s_maxage_zero: bool,
+    pub(crate) must_revalidate: bool,
+    pub(crate) pragma_no_cache: bool,
+}
+
+impl Despite {
+    /// From the names a route gave; `Err(name)` for one it does not know.
+    pub(crate) fn parse(names: &[String]) -> Result<Self, String> {
+        let mut despite = Self::default();
+        for name in names {
+            let flag = match name.trim().to_ascii_lowercase().as_str() {
+                "max-age=0" => &mut despite.max_age_zero,
+                "s-maxage=0" => &mut despite.s_maxage_zero,
+                "must-revalidate" => &mut despite.must_revalidate,
+                "pragma: no-cache" | "pragma:no-cache" => &mut despite.pragma_no_cache,
+                _ => return Err(name.clone()),
+            };
+            *flag = true;
+        }
+        Ok(despite)
+    }
+}
+
 /// A compiled route.
 #[derive(Debug)]
 pub(crate) struct CompiledRoute {
     pub(crate) label: String,
     pattern: String,
+    /// The pattern with its param names left out, as the route the
+    /// application served is compared with it.
+    shape: String,
     key: KeyTemplate,
+    /// Path params the key leaves out on purpose: bound into each entry.
+    unkeyed: Vec<String>,
+    /// Response directives stored despite themselves.
+    pub(crate) despite: Despite,
     group: Option<GroupRef>,
     pub(crate) ttl: Duration,
     pub(crate) stale_window: Duration,
@@ -541,6 +631,8 @@ pub(crate) struct Group {
 
 #[derive(Debug)]
 struct CompiledRule {
+    /// The rule's pattern with its param names left out.
+    shape: String,
     /// Plain routes whose entry the write purges.
     purges: Vec<usize>,
     bumps: Vec<GroupRef>,
@@ -634,6 +726,22 @@ impl std::fmt::Debug for PolicyBuilder {
             .field("rules", &self.rules)
             .finish_non_exhaustive()
     }
+}
+
+/// What a write that matches a rule owes.
+pub(crate) struct WriteInvalidation {
+    /// What the write invalidates once its handler succeeded.
+    pub(crate) invalidation: Invalidation,
+    /// What it invalidates when its future is dropped before the handler
+    /// answered, if that is less: a write whose scope reads nothing bumps
+    /// every scope's version of a per-scope group only on the handler's
+    /// success, so an anonymous client's cancelled writes never empty
+    /// every tenant's entries.
+    pub(crate) on_drop: Option<Invalidation>,
+    /// False when a scoped purge was left out (the scope read nothing).
+    pub(crate) complete: bool,
+    /// When to invalidate again ([`Rule::again_after`]).
+    pub(crate) again: Option<Duration>,
 }
 
 /// What the cache layer does with one request.
@@ -777,6 +885,11 @@ impl Policy {
             return Decision::Pass;
         };
         let route = &self.inner.routes[index];
+        // The route the application served decides, where it says which:
+        // `/users/me` served by its own handler is not `/users/{id}`.
+        if served_as(request.extensions(), &route.shape) == Served::Other {
+            return Decision::Pass;
+        }
         let bypass = |reason| Decision::Bypass {
             route: index,
             reason,
@@ -785,7 +898,7 @@ impl Policy {
             Ok(inputs) => inputs,
             Err(reason) => return bypass(reason),
         };
-        if route.scope.is_empty() && !route.public && carries_credentials(request.headers()) {
+        if !route.public && !route.scope.covers_credentials(request.headers()) {
             return bypass(Reason::Authorization);
         }
         let scope = match route.scope.key_suffix(request) {
@@ -820,13 +933,29 @@ impl Policy {
         let binding = self
             .inner
             .inputs
-            .binding(&key, request, inputs, &route.vary);
+            .binding(&key, request, inputs, &route.vary, |hasher| {
+                // The route, the prefix a nested router stripped and the
+                // params the key leaves out: an entry is served only for
+                // what it was stored for.
+                hash_field(hasher, route.label.as_bytes());
+                let prefix = stripped_prefix(request).unwrap_or("");
+                hash_field(hasher, &percent_decode(prefix));
+                for name in &route.unkeyed {
+                    hash_field(hasher, &percent_decode(params.get(name).unwrap_or("")));
+                }
+            });
         Decision::Cache {
             route: index,
             key,
             binding,
             query: stripped,
         }
+    }
+
+    /// What the handler gets of `query` on `route`, when the key drops
+    /// part of it.
+    pub(crate) fn stripped_query(&self, route: usize, query: Option<&str>) -> Option<String> {
+        self.inner.routes[route].query.read(query).1
     }
 
     /// Response headers never stored: they belong to one response (a
@@ -862,15 +991,17 @@ impl Policy {
     /// send it again ([`Rule::again_after`]). A purge or bump whose typed
     /// param or scope value does not parse names no entry that can exist:
     /// it is left out and counted.
-    pub(crate) fn invalidation<B>(
-        &self,
-        request: &Request<B>,
-    ) -> Option<(Invalidation, bool, Option<Duration>)> {
+    pub(crate) fn invalidation<B>(&self, request: &Request<B>) -> Option<WriteInvalidation> {
         let (index, params) = self
             .inner
             .rule_table
             .at(request.method(), request.uri().path())?;
         let rule = &self.inner.rules[index];
+        // `PATCH /users/bulk` served by its own handler is not
+        // `PATCH /users/{id}`.
+        if served_as(request.extensions(), &rule.shape) == Served::Other {
+            return None;
+        }
         let stats = &self.inner.stats;
         let mut deletes = Vec::with_capacity(rule.purges.len());
         let mut complete = true;
@@ -893,20 +1024,29 @@ impl Policy {
             }
         }
         let mut bumps = Vec::with_capacity(rule.bumps.len());
+        let mut every_scope = Vec::new();
         for group in &rule.bumps {
             let compiled = &self.inner.groups[group.index];
             let scope = compiled.scope.key_suffix(request).ok();
             match self.group_versions(group, &params, scope.as_deref()) {
-                // A per-scope write bumps its scope's key only.
+                // A per-scope write bumps its scope's key only; one without
+                // a scope, every scope's.
+                Some(mut versions) if compiled.per_scope && scope.is_none() => {
+                    every_scope.extend(versions.pop())
+                }
                 Some(mut versions) => bumps.extend(versions.pop()),
                 None => unparsed(stats, &compiled.name),
             }
         }
-        Some((
-            Invalidation::new(deletes, bumps),
+        let on_drop =
+            (!every_scope.is_empty()).then(|| Invalidation::new(deletes.clone(), bumps.clone()));
+        bumps.extend(every_scope);
+        Some(WriteInvalidation {
+            invalidation: Invalidation::new(deletes, bumps),
+            on_drop,
             complete,
-            rule.again_after,
-        ))
+            again: rule.again_after,
+        })
     }
 
     /// What purges the entry `request` would be served from: its key for a
@@ -992,10 +1132,6 @@ fn canonical_host(host: &str) -> Result<String, ConfigError> {
         host.truncate(host.len() - 3);
     }
     Ok(host)
-}
-
-fn carries_credentials(headers: &HeaderMap) -> bool {
-    headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key(http::header::COOKIE)
 }
 
 impl PolicyBuilder {
@@ -1198,11 +1334,41 @@ impl PolicyBuilder {
                 }
                 None => None,
             };
+            if let Some(name) = route.unkeyed.iter().find(|n| !params.contains(n)) {
+                return Err(ConfigError::UnknownParam {
+                    template: route.pattern.clone(),
+                    param: name.clone(),
+                });
+            }
+            // Every param the route matches names its resource, unless the
+            // route says it does not: two resources never share a key.
+            let keyed = |param: &String| {
+                key.params().any(|p| p == param)
+                    || group
+                        .as_ref()
+                        .is_some_and(|g| g.template.params().any(|p| p == param))
+                    || route.unkeyed.contains(param)
+            };
+            if let Some(param) = params.iter().find(|p| !keyed(p)) {
+                return Err(ConfigError::UnkeyedParam {
+                    route: label,
+                    param: param.clone(),
+                });
+            }
+            let despite = Despite::parse(&route.despite).map_err(|directive| {
+                ConfigError::UnknownDirective {
+                    route: label.clone(),
+                    directive,
+                }
+            })?;
             table.insert(&Method::GET, &route.pattern, index)?;
             routes.push(CompiledRoute {
                 label,
+                shape: shape(&route.pattern),
                 pattern: route.pattern,
                 key,
+                unkeyed: route.unkeyed,
+                despite,
                 group,
                 ttl,
                 stale_window: route.stale_window,
@@ -1400,6 +1566,7 @@ fn compile_rule<'r>(
         None => Ok(()),
     };
     let mut compiled = CompiledRule {
+        shape: shape(pattern),
         purges: Vec::new(),
         bumps: Vec::new(),
         again_after: rule.again_after,
@@ -1472,7 +1639,7 @@ mod tests {
             )
             .route(
                 Route::get("/tenants/{t}/persons/{id}")
-                    .key("person:{id}")
+                    .key("tenant:{t}:person:{id}")
                     .scope(Scope::new().header("x-tenant-id")),
             )
             .build()
@@ -1556,10 +1723,11 @@ mod tests {
     fn rules_take_namespace_scope_and_layout_from_the_routes() {
         let p = tenant_policy();
         let read = key_of(&p, as_tenant("GET", "/persons/42", "acme")).unwrap();
-        let (write, complete, _) = p
+        let owed = p
             .invalidation(&as_tenant("PATCH", "/persons/42", "acme"))
             .unwrap();
-        assert!(complete);
+        assert!(owed.complete && owed.on_drop.is_none());
+        let write = owed.invalidation;
         assert_eq!(write.deletes(), [read.entry_key(&[])]);
         let CacheKey::Versioned { versions, .. } =
             key_of(&p, as_tenant("GET", "/persons", "acme")).unwrap()
@@ -1577,9 +1745,10 @@ mod tests {
             Duration::from_secs(45),
             "TTL + stale window"
         );
-        let (other, _, _) = p
+        let other = p
             .invalidation(&as_tenant("POST", "/persons", "globex"))
-            .unwrap();
+            .unwrap()
+            .invalidation;
         assert_ne!(other.bumps(), write.bumps());
         assert!(p.invalidation(&get("/persons/42")).is_none());
     }
@@ -1587,12 +1756,16 @@ mod tests {
     #[test]
     fn a_write_without_scope_bumps_every_scope_and_purges_nothing() {
         let p = tenant_policy();
-        let (write, complete, _) = p
+        let owed = p
             .invalidation(&Request::patch("/persons/42").body(()).unwrap())
             .unwrap();
-        assert!(write.deletes().is_empty() && !complete);
+        let write = owed.invalidation;
+        assert!(write.deletes().is_empty() && !owed.complete);
         assert_eq!(write.bumps()[0].key(), "{app:persons:list}:ver");
         assert_eq!(p.stats().invalidations().unscoped, 1);
+        // Cancelled before its handler answered, it bumps no scope's lists:
+        // a client without a scope cannot empty every tenant's entries.
+        assert!(owed.on_drop.is_some_and(|less| less.is_empty()));
     }
 
     #[test]
@@ -1752,6 +1925,102 @@ mod tests {
         let (ka, kb) = (key_of(&p, a).unwrap(), key_of(&p, b).unwrap());
         assert_ne!(ka, kb);
         assert!(!format!("{ka:?}").contains("acme"));
+    }
+
+    #[test]
+    fn templates_name_every_param_the_route_matches() {
+        let build = |route: Route| Policy::builder().route(route).build();
+        let err = build(Route::get("/orgs/{org}/items/{id}").key("item:{id}")).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::UnkeyedParam {
+                route: "GET /orgs/{org}/items/{id}".to_owned(),
+                param: "org".to_owned(),
+            }
+        );
+        assert!(err.to_string().contains("unkeyed_param(\"org\")"), "{err}");
+        // Named in the group, or declared on purpose.
+        assert!(build(
+            Route::get("/orgs/{org}/items")
+                .key("items:v{version}:{query_hash}")
+                .versioned_by("org:{org}:items")
+        )
+        .is_ok());
+        let declared = build(
+            Route::get("/orgs/{org}/items/{id}")
+                .key("item:{id}")
+                .unkeyed_param("org"),
+        )
+        .unwrap();
+        // Never served for another org: the value is bound into the entry.
+        let decide = |uri: &str| match declared.decide(&get(uri)) {
+            Decision::Cache { key, binding, .. } => (key, binding),
+            _ => panic!("cached"),
+        };
+        let (x, y) = (decide("/orgs/x/items/1"), decide("/orgs/y/items/1"));
+        assert_eq!(x.0, y.0);
+        assert_ne!(x.1, y.1);
+        assert!(matches!(
+            build(Route::get("/a/{id}").key("a:{id}").unkeyed_param("nope")),
+            Err(ConfigError::UnknownParam { .. })
+        ));
+    }
+
+    #[test]
+    fn two_values_need_a_separator_and_it_is_escaped_in_them() {
+        let build = |template: &str| {
+            Policy::builder()
+                .route(Route::get("/repos/{o}/{r}").key(template))
+                .build()
+        };
+        for refused in ["repo:{o}{r}", "repo:{o}x{r}", "repo:{o}%{r}"] {
+            assert!(
+                matches!(build(refused), Err(ConfigError::InvalidKeyTemplate { .. })),
+                "{refused}"
+            );
+        }
+        for template in [
+            "repo:{o}-{r}",
+            "repo:{o}.{r}",
+            "repo:{o}_{r}",
+            "repo:{o}:{r}",
+        ] {
+            let policy = build(template).unwrap();
+            let key = |uri: &str| policy.key_for(&get(uri)).unwrap();
+            assert_ne!(key("/repos/a-b/c"), key("/repos/a/b-c"), "{template}");
+            assert_ne!(key("/repos/a.b/c"), key("/repos/a/b.c"), "{template}");
+            assert_ne!(key("/repos/a_b/c"), key("/repos/a/b_c"), "{template}");
+        }
+        // A value's own `-` stays as it is where no separator needs it.
+        assert_eq!(
+            key_of(&policy(), get("/persons/a-b")),
+            Some(CacheKey::Plain("app:person:a-b".into()))
+        );
+    }
+
+    #[test]
+    fn two_routes_with_one_template_never_serve_each_other() {
+        let p = Policy::builder()
+            .route(Route::get("/users/{id}").key("item:{id}"))
+            .route(Route::get("/products/{id}").key("item:{id}"))
+            .build()
+            .unwrap();
+        let decide = |uri: &str| match p.decide(&get(uri)) {
+            Decision::Cache { key, binding, .. } => (key, binding),
+            _ => panic!("cached"),
+        };
+        let (user, product) = (decide("/users/1"), decide("/products/1"));
+        assert_eq!(user.0, product.0, "one key");
+        assert_ne!(user.1, product.1, "bound to its route");
+    }
+
+    #[test]
+    fn a_response_directive_a_route_names_must_be_one_it_refuses() {
+        let err = Policy::builder()
+            .route(Route::get("/a").key("a").store_despite(["no-store"]))
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownDirective { .. }), "{err}");
     }
 
     #[test]
@@ -1917,7 +2186,50 @@ mod hostile_input {
             .join("&")
     }
 
+    /// Literals a template may put around and between two params.
+    fn literal() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "[-._:/@x%~]{1,3}",
+            Just("-".to_owned()),
+            Just("x".to_owned()),
+            Just("_v".to_owned()),
+        ]
+    }
+
+    /// Whether a literal between two params holds a character no encoded
+    /// value does (letters, digits, `%`, `~` are in values).
+    fn separates(literal: &str) -> bool {
+        literal
+            .bytes()
+            .any(|b| !b.is_ascii_alphanumeric() && b != b'%' && b != b'~')
+    }
+
     proptest! {
+        #[test]
+        fn two_param_tuples_never_share_a_key(
+            (before, between, after, swapped) in (literal(), literal(), literal(), any::<bool>()),
+            a in (param(), param()),
+            b in (param(), param()),
+        ) {
+            let (first, second) = if swapped { ("r", "o") } else { ("o", "r") };
+            let template = format!("k{before}{{{first}}}{between}{{{second}}}{after}");
+            let built = Policy::builder()
+                .route(Route::get("/repos/{o}/{r}").key(&template))
+                .build();
+            // Refused exactly when nothing can separate the two values.
+            prop_assert_eq!(built.is_ok(), separates(&between), "{}", template);
+            let Ok(policy) = built else { return Ok(()) };
+            prop_assume!(![&a.0, &a.1, &b.0, &b.1].iter().any(|v| v.is_empty()));
+            let key = |(o, r): &(String, String)| {
+                let uri = format!("/repos/{}/{}", uri_encode(o), uri_encode(r));
+                policy.key_for(&Request::get(uri).body(()).unwrap())
+            };
+            let (ka, kb) = (key(&a), key(&b));
+            prop_assert!(ka.is_some() && kb.is_some());
+            prop_assert_eq!(a == b, ka == kb, "{} {:?} {:?}", template, ka, kb);
+        }
+
         #[test]
         fn distinct_path_params_never_share_a_key(a in param(), b in param()) {
             // An empty segment matches no route: nothing to key.

@@ -1,6 +1,7 @@
 //! The layer in a plain tower stack (no axum), with a `Buffer` under it:
 //! the service `poll_ready` readied is the one called after the store lookup.
 
+use http_body_util::Empty;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use tower_redis_cache::{CacheLayer, Policy, Route};
 async fn works_over_a_buffer_of_one() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
-    let handler = tower::service_fn(move |req: Request<()>| {
+    let handler = tower::service_fn(move |req: Request<Empty<Bytes>>| {
         let calls = counted.clone();
         async move {
             calls.fetch_add(1, Ordering::SeqCst);
@@ -50,7 +51,7 @@ async fn works_over_a_buffer_of_one() {
                 .ready()
                 .await
                 .unwrap()
-                .call(Request::get(&uri).body(()).unwrap())
+                .call(Request::get(&uri).body(Empty::<Bytes>::new()).unwrap())
                 .await
                 .unwrap();
             let expected = if round == 0 { "MISS" } else { "HIT" };
@@ -68,7 +69,7 @@ async fn works_over_a_buffer_of_one() {
         .ready()
         .await
         .unwrap()
-        .call(Request::get("/other").body(()).unwrap())
+        .call(Request::get("/other").body(Empty::<Bytes>::new()).unwrap())
         .await
         .unwrap();
     assert!(response.headers().get("x-cache").is_none());
@@ -147,7 +148,11 @@ async fn hits_do_not_hold_the_inner_service_while_the_store_answers() {
         .service(handler);
     let response = service
         .clone()
-        .oneshot(Request::get("/items/1").body(()).unwrap())
+        .oneshot(
+            Request::get("/items/1")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.headers()["x-cache"], "MISS");
@@ -156,7 +161,11 @@ async fn hits_do_not_hold_the_inner_service_while_the_store_answers() {
         let service = service.clone();
         tokio::spawn(async move {
             service
-                .oneshot(Request::get("/items/1").body(()).unwrap())
+                .oneshot(
+                    Request::get("/items/1")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap(),
+                )
                 .await
                 .unwrap()
         })
@@ -172,12 +181,12 @@ async fn hits_do_not_hold_the_inner_service_while_the_store_answers() {
 
 /// A handler answering `{}` as JSON.
 fn json_handler() -> impl Service<
-    Request<()>,
+    Request<Empty<Bytes>>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
     Future = impl std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send,
 > + Clone {
-    tower::service_fn(|_req: Request<()>| async {
+    tower::service_fn(|_req: Request<Empty<Bytes>>| async {
         let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
         response
             .headers_mut()
@@ -204,13 +213,19 @@ async fn an_in_process_hit_holds_no_inner_capacity() {
         .concurrency_limit(1)
         .service(json_handler());
     for _ in 0..2 {
-        let request = Request::get("/items/1").body(()).unwrap();
+        let request = Request::get("/items/1")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
         service.clone().oneshot(request).await.unwrap();
     }
     let mut kept = service.clone();
     kept.ready().await.unwrap();
     let response = kept
-        .call(Request::get("/items/1").body(()).unwrap())
+        .call(
+            Request::get("/items/1")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let status = response.headers()["cache-status"].to_str().unwrap();

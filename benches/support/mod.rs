@@ -1,5 +1,6 @@
 //! What the benches share: the handler the cache layer sits in front of.
 
+use http_body_util::Empty;
 use std::convert::Infallible;
 
 use bytes::Bytes;
@@ -9,12 +10,12 @@ use tower::Service;
 
 /// A handler answering a small JSON body, as an item endpoint would.
 pub fn handler() -> impl Service<
-    Request<()>,
+    Request<Empty<Bytes>>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
     Future = impl Send,
 > + Clone {
-    tower::service_fn(|_req: Request<()>| async {
+    tower::service_fn(|_req: Request<Empty<Bytes>>| async {
         let mut response =
             Response::new(Full::new(Bytes::from_static(br#"{"id":1,"name":"Ana"}"#)));
         response

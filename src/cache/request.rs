@@ -701,9 +701,12 @@ impl Ctx {
             return Err(Outcome::Bypass(reason));
         }
         let route = self.policy.route(self.route);
-        let reason = match unstorable_reason(response.status(), response.headers(), |name| {
-            route.varies_on(name)
-        }) {
+        let reason = match unstorable_reason(
+            response.status(),
+            response.headers(),
+            |name| route.varies_on(name),
+            route.despite,
+        ) {
             Some(reason) => reason,
             None if self.head => Reason::Head,
             None => match self.body_cap_for(response.headers()) {
@@ -1121,9 +1124,12 @@ impl Refresh {
         let Ok(response) = service.call(request).await else {
             return;
         };
-        let refused = unstorable_reason(response.status(), response.headers(), |h| {
-            route.varies_on(h)
-        });
+        let refused = unstorable_reason(
+            response.status(),
+            response.headers(),
+            |h| route.varies_on(h),
+            route.despite,
+        );
         let (mut parts, body) = response.into_parts();
         let cap = self
             .policy

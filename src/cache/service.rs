@@ -11,7 +11,9 @@ use super::body::ResponseBody;
 use super::future::ResponseFuture;
 use super::request::{Call, Ctx};
 use crate::invalidate::Invalidate;
+use crate::key::served::{strip_original_query, with_query};
 use crate::policy::Decision;
+use crate::stats::Reason;
 
 /// Middleware that serves cached GET/HEAD routes from a store, fills it on
 /// a miss, and applies the invalidations of successful writes. See the
@@ -35,7 +37,7 @@ impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Cache<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
-    ReqBody: Send + 'static,
+    ReqBody: Body + Send + 'static,
     ResBody: Body + Send + 'static,
     ResBody::Data: Send,
 {
@@ -55,7 +57,16 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let head = request.method() == Method::HEAD;
         let policy = self.inner.policy();
-        match policy.decide(&request) {
+        let decision = match policy.decide(&request) {
+            // The key cannot cover a body: a GET or HEAD with one (whatever
+            // its headers say) bypasses.
+            Decision::Cache { route, .. } if !is_empty(request.body()) => Decision::Bypass {
+                route,
+                reason: Reason::RequestBody,
+            },
+            decision => decision,
+        };
+        match decision {
             Decision::Pass => ResponseFuture::pass(self.inner.call(request)),
             Decision::Bypass { route, reason } => {
                 let ctx = Ctx::bypassing(policy, route, head, reason);
@@ -68,8 +79,13 @@ where
                 query,
             } => {
                 let mut request = request;
+                strip_original_query(&mut request, query.as_deref(), |original| {
+                    policy.stripped_query(route, original)
+                });
                 if let Some(query) = query {
-                    strip_query(&mut request, &query);
+                    if let Some(uri) = with_query(request.uri(), &query) {
+                        *request.uri_mut() = uri;
+                    }
                 }
                 // The store answers before the inner service may be called,
                 // and a hit never calls it. The readiness `poll_ready`
@@ -97,17 +113,9 @@ where
     }
 }
 
-/// The request with `query` (what the key keeps of its query) instead of
-/// the query it came with: the handler reads no input the key ignores.
-fn strip_query<B>(request: &mut Request<B>, query: &str) {
-    let path = request.uri().path();
-    let path_and_query = match query.is_empty() {
-        true => path.to_owned(),
-        false => format!("{path}?{query}"),
-    };
-    let mut parts = request.uri().clone().into_parts();
-    parts.path_and_query = http::uri::PathAndQuery::try_from(path_and_query).ok();
-    if let Ok(uri) = http::Uri::from_parts(parts) {
-        *request.uri_mut() = uri;
-    }
+/// Whether a request body is known to be empty: at its end already, or
+/// sized zero. A body of unknown length (HTTP/2 DATA frames, a chunked
+/// upload, an in-process stream) is not, whatever the headers say.
+fn is_empty<B: Body>(body: &B) -> bool {
+    body.is_end_stream() || body.size_hint().exact() == Some(0)
 }

@@ -11,15 +11,17 @@ use http_body::Body;
 use crate::coding::etag_for;
 use crate::entry::Entry;
 use crate::key::Binding;
-use crate::policy::Policy;
+use crate::policy::{Despite, Policy};
 use crate::stats::Reason;
 
 /// Why a response with this head must not be stored, if it must not.
-/// `scoped` says whether the key is already scoped by a request header.
+/// `scoped` says whether the key is already scoped by a request header;
+/// `despite`, which directives the route stores anyway.
 pub(crate) fn unstorable_reason(
     status: StatusCode,
     headers: &HeaderMap,
     scoped: impl Fn(&str) -> bool,
+    despite: Despite,
 ) -> Option<Reason> {
     if status != StatusCode::OK {
         return Some(Reason::Status);
@@ -37,6 +39,9 @@ pub(crate) fn unstorable_reason(
             .iter()
             .any(|n| name.eq_ignore_ascii_case(n))
     }) {
+        return Some(Reason::CacheControl);
+    }
+    if refuses_reuse(&directives, headers, despite) {
         return Some(Reason::CacheControl);
     }
     if comma_separated(headers, header::VARY)
@@ -131,6 +136,46 @@ pub(crate) fn declared_length<B: Body>(response: &Response<B>) -> u64 {
     header.max(response.body().size_hint().lower())
 }
 
+/// Whether the response says it must not be reused without asking the
+/// origin again: no freshness for a shared cache (`s-maxage=0`, else
+/// `max-age=0`), `must-revalidate` (or `proxy-revalidate`) with none, or
+/// `Pragma: no-cache`; unless the route stores it despite that.
+fn refuses_reuse(directives: &[String], headers: &HeaderMap, despite: Despite) -> bool {
+    let seconds = |name: &str| {
+        directives.iter().find_map(|d| {
+            let (n, v) = d.split_once('=')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().trim_matches('"').parse::<u64>().unwrap_or(0))
+        })
+    };
+    let named = |name: &str| {
+        directives.iter().any(|d| {
+            d.split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case(name)
+        })
+    };
+    let (s_maxage, max_age) = (seconds("s-maxage"), seconds("max-age"));
+    // A shared cache reads `s-maxage` first.
+    match (s_maxage, max_age) {
+        (Some(0), _) if !despite.s_maxage_zero => return true,
+        (None, Some(0)) if !despite.max_age_zero => return true,
+        _ => {}
+    }
+    let fresh = s_maxage.or(max_age).is_some_and(|s| s > 0);
+    if !fresh && !despite.must_revalidate && (named("must-revalidate") || named("proxy-revalidate"))
+    {
+        return true;
+    }
+    !despite.pragma_no_cache
+        && comma_separated(headers, header::PRAGMA)
+            .iter()
+            .any(|p| p.eq_ignore_ascii_case("no-cache"))
+}
+
 fn comma_separated(headers: &HeaderMap, name: header::HeaderName) -> Vec<String> {
     headers
         .get_all(name)
@@ -190,9 +235,12 @@ mod tests {
                 value.parse().unwrap(),
             );
         }
-        unstorable_reason(StatusCode::from_u16(status).unwrap(), &map, |h| {
-            h.eq_ignore_ascii_case("x-tenant-id")
-        })
+        unstorable_reason(
+            StatusCode::from_u16(status).unwrap(),
+            &map,
+            |h| h.eq_ignore_ascii_case("x-tenant-id"),
+            Despite::default(),
+        )
     }
 
     const JSON: (&str, &str) = ("content-type", "application/json; charset=utf-8");
@@ -208,6 +256,52 @@ mod tests {
         assert_eq!(
             reason(200, &[JSON, ("cache-control", "max-age=60, public")]),
             None
+        );
+        for fresh in [
+            "max-age=0, s-maxage=30",
+            "must-revalidate, max-age=60",
+            "s-maxage=10, must-revalidate",
+        ] {
+            assert_eq!(
+                reason(200, &[JSON, ("cache-control", fresh)]),
+                None,
+                "{fresh}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_route_stores_despite_the_directives_it_names() {
+        let despite = Despite::parse(&[
+            "max-age=0".to_owned(),
+            "must-revalidate".to_owned(),
+            "Pragma: no-cache".to_owned(),
+        ])
+        .unwrap();
+        let of = |value: &str, name: &str| {
+            let mut map = HeaderMap::new();
+            map.insert(header::CONTENT_TYPE, JSON.1.parse().unwrap());
+            map.insert(
+                header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            unstorable_reason(StatusCode::OK, &map, |_| false, despite)
+        };
+        assert_eq!(of("max-age=0, must-revalidate", "cache-control"), None);
+        assert_eq!(of("no-cache", "pragma"), None);
+        assert_eq!(
+            of("s-maxage=0", "cache-control"),
+            Some(Reason::CacheControl),
+            "not named"
+        );
+        assert_eq!(
+            of("no-store", "cache-control"),
+            Some(Reason::CacheControl),
+            "always refused"
+        );
+        assert_eq!(
+            Despite::parse(&["no-store".to_owned()]),
+            Err("no-store".to_owned())
         );
     }
 
@@ -247,6 +341,23 @@ mod tests {
         assert_eq!(
             reason(200, &[JSON, ("content-encoding", "br")]),
             Some(Reason::ContentEncoding)
+        );
+        for refused in [
+            "max-age=0",
+            "public, max-age=0",
+            "s-maxage=0, max-age=60",
+            "must-revalidate",
+            "no-transform, proxy-revalidate",
+        ] {
+            assert_eq!(
+                reason(200, &[JSON, ("cache-control", refused)]),
+                Some(Reason::CacheControl),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            reason(200, &[JSON, ("pragma", "no-cache")]),
+            Some(Reason::CacheControl)
         );
         let gzip = reason(200, &[JSON, ("content-encoding", "gzip")]);
         match cfg!(feature = "compression") {

@@ -8,7 +8,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use crate::headers::CACHE_STATUS;
-use crate::policy::Policy;
+use crate::policy::{Policy, WriteInvalidation};
 use crate::stats::telemetry::{self, warn_limited, Op};
 use crate::store::{Invalidation, StoreError, StoreFuture};
 
@@ -57,13 +57,26 @@ pin_project! {
 /// [`Rule::again_after`]: crate::Rule::again_after
 pub(crate) struct Owed {
     owed: Option<(Invalidation, Policy)>,
+    /// What a drop sends instead, when it is less (see
+    /// [`WriteInvalidation::on_drop`]).
+    on_drop: Option<Invalidation>,
     again: Option<Duration>,
 }
 
 impl Owed {
-    pub(crate) fn new(invalidation: Invalidation, policy: Policy, again: Option<Duration>) -> Self {
+    pub(crate) fn new(write: WriteInvalidation, policy: Policy) -> Self {
+        Self {
+            owed: Some((write.invalidation, policy)),
+            on_drop: write.on_drop,
+            again: write.again,
+        }
+    }
+
+    /// What the write owes once its handler answered.
+    fn paid(invalidation: Invalidation, policy: Policy, again: Option<Duration>) -> Self {
         Self {
             owed: Some((invalidation, policy)),
+            on_drop: None,
             again,
         }
     }
@@ -93,9 +106,18 @@ impl Owed {
 
 impl Drop for Owed {
     fn drop(&mut self) {
-        let Some((invalidation, policy)) = self.owed.take() else {
+        let Some((mut invalidation, policy)) = self.owed.take() else {
             return;
         };
+        if let Some(less) = self.on_drop.take() {
+            tracing::debug!(
+                "write without a scope cancelled before its handler answered; every scope's versions are left alone"
+            );
+            invalidation = less;
+            if invalidation.is_empty() {
+                return;
+            }
+        }
         self.schedule_again(&invalidation, &policy);
         // Stores apply or queue an invalidation when it is issued; the
         // future only sends it (and replays the queue).
@@ -127,6 +149,7 @@ impl<F, B> ResponseFuture<F, B> {
     pub(crate) fn new(future: F, owed: Option<Owed>) -> Self {
         let owed = owed.unwrap_or(Owed {
             owed: None,
+            on_drop: None,
             again: None,
         });
         Self {
@@ -156,7 +179,7 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
                     };
-                    if !response.status().is_success() {
+                    if !succeeded(response.status()) {
                         policy.stats_ref().invalidation_skipped();
                         tracing::debug!(
                             status = response.status().as_u16(),
@@ -176,7 +199,7 @@ where
                     this.state.set(State::Invalidating {
                         apply,
                         response: Some(response),
-                        owed: Owed::new(invalidation, policy, again),
+                        owed: Owed::paid(invalidation, policy, again),
                         span,
                         started: Instant::now(),
                     });
@@ -220,6 +243,14 @@ where
             }
         }
     }
+}
+
+/// Whether a write answered `status` took effect: a 2xx, or a redirect
+/// to another resource that a client follows with a GET (301, 302, 303:
+/// the post/redirect/get pattern). 307 and 308 ask to repeat the write
+/// elsewhere, so it may not have happened.
+fn succeeded(status: http::StatusCode) -> bool {
+    status.is_success() || matches!(status.as_u16(), 301..=303)
 }
 
 /// `del app:person:42, incr {app:persons:list}:ver`, for logs; formatted

@@ -76,22 +76,19 @@ where
             .extensions()
             .get::<Claimed>()
             .is_some_and(|c| c.0.same(&self.policy));
-        let (invalidation, complete, again) = match claimed {
-            true => (None, false, None),
-            false => match self.policy.invalidation(&request) {
-                Some((invalidation, complete, again)) => (Some(invalidation), complete, again),
-                None => (None, false, None),
-            },
+        let owed = match claimed {
+            true => None,
+            false => self.policy.invalidation(&request),
         };
         // A layer further in may read the scope this one could not (it sits
         // inside authentication): leave the write to it too.
-        if complete {
+        if owed.as_ref().is_some_and(|owed| owed.complete) {
             request
                 .extensions_mut()
                 .insert(Claimed(self.policy.clone()));
         }
         let future = self.inner.call(request);
-        let owed = invalidation.map(|inv| Owed::new(inv, self.policy.clone(), again));
+        let owed = owed.map(|owed| Owed::new(owed, self.policy.clone()));
         ResponseFuture::new(future, owed)
     }
 }

@@ -114,6 +114,14 @@ impl InputRules {
                 Class::Body => {}
             }
         }
+        // Userinfo (`user:pass@host`) is a credential no key covers.
+        if request
+            .uri()
+            .authority()
+            .is_some_and(|a| a.as_str().contains('@'))
+        {
+            return Err(Reason::Authorization);
+        }
         if !self.hosts.is_empty() {
             // Both names of the host, when a request gives two (an
             // absolute URI and a `Host` header), must be the policy's.
@@ -129,14 +137,22 @@ impl InputRules {
 
     /// The binding of an entry under `key` for `request` (whose headers
     /// `scan` read); `vary` are the request headers the route varies on.
+    /// `route` feeds what the route binds beyond the request's headers
+    /// (itself, a nested router's prefix, params the key leaves out).
     pub(crate) fn binding<B>(
         &self,
         key: &CacheKey,
         request: &Request<B>,
         scan: Scan,
         vary: &[HeaderName],
+        route: impl FnOnce(&mut Sha256),
     ) -> Binding {
         let mut hasher = Sha256::new();
+        route(&mut hasher);
+        // An absolute-form request names its scheme, which handlers read
+        // (`Uri::scheme`); origin-form names none.
+        let scheme = request.uri().scheme_str().unwrap_or("");
+        hash_field(&mut hasher, scheme.to_ascii_lowercase().as_bytes());
         match key {
             CacheKey::Plain(key) => hash_field(&mut hasher, key.as_bytes()),
             CacheKey::Versioned {
@@ -168,7 +184,9 @@ impl InputRules {
                 continue;
             }
             hash_field(&mut hasher, name.as_str().as_bytes());
-            for value in headers.get_all(name) {
+            let values = headers.get_all(name);
+            hasher.update((values.iter().count() as u64).to_be_bytes());
+            for value in values {
                 if *name == http::header::FORWARDED {
                     forwarded_parts(value.as_bytes(), &mut hasher);
                 } else {
@@ -277,15 +295,26 @@ fn forwarded_parts(value: &[u8], hasher: &mut Sha256) {
     }
 }
 
-/// The value of a header a route varies on, normalised where its grammar
-/// is known: `Accept-Encoding` as the set of codings accepted (as Varnish
-/// normalises it), `Origin` and `Accept-Language` lower-cased; list
-/// headers with their items trimmed. Absent reads as `\0`, apart from any
-/// value.
+/// The value of a header a route varies on, as sent: each value
+/// length-prefixed, no case folding or trimming (a CORS layer or a handler
+/// may tell `https://A.example` from `https://a.example`). Only
+/// `Accept-Encoding`, which this cache negotiates itself, is read as the
+/// set of codings accepted (as Varnish normalises it). Absent reads as
+/// `\0`, apart from any value.
 pub(crate) fn vary_value(name: &HeaderName, headers: &HeaderMap) -> String {
     let mut values = headers.get_all(name).iter().peekable();
     if values.peek().is_none() {
         return "\0".to_owned();
+    }
+    if *name != http::header::ACCEPT_ENCODING {
+        let mut out = String::new();
+        for value in values {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            out.push_str(&value.len().to_string());
+            out.push(':');
+            out.push_str(&value);
+        }
+        return out;
     }
     let items = values
         .flat_map(|v| {
@@ -295,29 +324,22 @@ pub(crate) fn vary_value(name: &HeaderName, headers: &HeaderMap) -> String {
                 .collect::<Vec<_>>()
         })
         .filter(|i| !i.is_empty());
-    if *name == http::header::ACCEPT_ENCODING {
-        let mut codings: Vec<String> = items
-            .filter_map(|item| {
-                let mut parts = item.split(';');
-                let coding = parts.next()?.trim().to_ascii_lowercase();
-                let refused = parts.any(|p| {
-                    p.trim()
-                        .strip_prefix("q=")
-                        .and_then(|q| q.trim().parse::<f32>().ok())
-                        .is_some_and(|q| q <= 0.0)
-                });
-                (!refused).then_some(coding)
-            })
-            .collect();
-        codings.sort();
-        codings.dedup();
-        return codings.join(",");
-    }
-    let joined = items.collect::<Vec<_>>().join(",");
-    if *name == http::header::ORIGIN || *name == http::header::ACCEPT_LANGUAGE {
-        return joined.to_ascii_lowercase();
-    }
-    joined
+    let mut codings: Vec<String> = items
+        .filter_map(|item| {
+            let mut parts = item.split(';');
+            let coding = parts.next()?.trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            (!refused).then_some(coding)
+        })
+        .collect();
+    codings.sort();
+    codings.dedup();
+    codings.join(",")
 }
 
 #[cfg(test)]
@@ -338,7 +360,7 @@ mod tests {
 
     fn bind(rules: &InputRules, key: &str, request: &Request<()>) -> Binding {
         let scan = rules.scan(request).unwrap();
-        rules.binding(&CacheKey::Plain(key.into()), request, scan, &[])
+        rules.binding(&CacheKey::Plain(key.into()), request, scan, &[], |_| {})
     }
 
     #[test]
@@ -416,9 +438,29 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_values_cannot_pass_for_another_header() {
+        let rules = InputRules::default();
+        let mut shifted = request("/", &[("host", "a.example")]);
+        for value in ["a.example", "x-forwarded-proto", "https"] {
+            shifted
+                .headers_mut()
+                .append("x-forwarded-host", value.parse().unwrap());
+        }
+        let split = request(
+            "/",
+            &[
+                ("host", "a.example"),
+                ("x-forwarded-host", "a.example"),
+                ("x-forwarded-proto", "https"),
+            ],
+        );
+        assert_ne!(binding(&rules, &shifted), binding(&rules, &split));
+    }
+
+    #[test]
     fn a_host_header_beside_an_absolute_uri_is_bound_too() {
         let rules = InputRules::default();
-        let clean = binding(&rules, &request("/", &[("host", "a.example")]));
+        let clean = binding(&rules, &request("http://a.example/", &[]));
         assert_eq!(
             clean,
             binding(
@@ -427,7 +469,23 @@ mod tests {
             ),
             "one host, named twice"
         );
-        assert_eq!(clean, binding(&rules, &request("http://a.example/", &[])));
+        assert_ne!(
+            clean,
+            binding(&rules, &request("/", &[("host", "a.example")])),
+            "a scheme the handler can read, where origin-form names none"
+        );
+        assert_ne!(
+            clean,
+            binding(&rules, &request("https://a.example/", &[])),
+            "another scheme"
+        );
+        assert_eq!(
+            rules
+                .scan(&request("http://user:pass@a.example/", &[]))
+                .err(),
+            Some(Reason::Authorization),
+            "userinfo is a credential no key covers"
+        );
         assert_ne!(
             clean,
             binding(
@@ -498,9 +556,15 @@ mod tests {
             value("accept-encoding", Some("zstd,gzip")),
             value("accept-encoding", Some("GZIP , zstd"))
         );
-        assert_eq!(
+        // Other headers are keyed as sent: a CORS layer or a handler may
+        // tell these apart.
+        assert_ne!(
             value("origin", Some("HTTPS://A.example")),
-            "https://a.example"
+            value("origin", Some("https://a.example"))
+        );
+        assert_ne!(
+            value("accept-language", Some("en, fr")),
+            value("accept-language", Some("en,fr"))
         );
         assert_ne!(value("origin", None), value("origin", Some("")));
     }

@@ -40,6 +40,7 @@ use crate::store::{CacheKey, VersionKey};
 
 mod canonical;
 mod inputs;
+pub(crate) mod served;
 
 pub use canonical::Canonical;
 pub(crate) use inputs::{Binding, InputRules, BINDING_LEN};
@@ -71,6 +72,11 @@ pub(crate) struct KeyTemplate {
     segments: Vec<Segment>,
     /// The canonical form of each typed param the template names.
     types: Vec<(String, Canonical)>,
+    /// Characters [`encode_param`] would keep that the template uses to
+    /// separate its params: values escape them too, so no value can
+    /// contain a separator (`repo:{o}-{r}` keys `a-b`/`c` and `a`/`b-c`
+    /// apart).
+    escape: Vec<u8>,
 }
 
 impl KeyTemplate {
@@ -124,10 +130,12 @@ impl KeyTemplate {
         if segments.iter().filter(|s| **s == Segment::Version).count() > 1 {
             return Err(bad("`{version}` may appear once"));
         }
+        let escape = separators(&segments).map_err(|reason| bad(&reason))?;
         Ok(Self {
             source: template.to_owned(),
             segments,
             types: Vec::new(),
+            escape,
         })
     }
 
@@ -173,8 +181,10 @@ impl KeyTemplate {
                 Segment::Param(name) => {
                     let decoded = percent_decode(params.get(name).unwrap_or(""));
                     match self.types.iter().find(|(typed, _)| typed == name) {
-                        Some((_, canonical)) => encode_param(&canonical.apply(&decoded)?, out),
-                        None => encode_param(&decoded, out),
+                        Some((_, canonical)) => {
+                            encode_param_escaping(&canonical.apply(&decoded)?, &self.escape, out)
+                        }
+                        None => encode_param_escaping(&decoded, &self.escape, out),
                     }
                 }
                 Segment::QueryHash => out.push_str(query_hash),
@@ -185,6 +195,57 @@ impl KeyTemplate {
             Some(after) => Rendered::Split(before, after),
             None => Rendered::Whole(before),
         })
+    }
+}
+
+/// The characters a template separates its values with that values must
+/// escape; an error when two values have no separator between them that a
+/// value cannot contain (`{a}{b}`, `{a}x{b}`: `ab`/`c` and `a`/`bc` would
+/// render alike).
+fn separators(segments: &[Segment]) -> Result<Vec<u8>, String> {
+    // An encoded value holds only these: letters, digits, `._-`, `%XX`
+    // escapes and the `~` of a hashed long value.
+    let kept = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+    let in_values = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'%' | b'~');
+    let mut escape = Vec::new();
+    let mut previous: Option<&Segment> = None;
+    let mut between: Vec<u8> = Vec::new();
+    for segment in segments {
+        match segment {
+            Segment::Literal(text) => {
+                if previous.is_some() {
+                    between.extend_from_slice(text.as_bytes());
+                }
+            }
+            variable => {
+                if let Some(previous) = previous {
+                    if between.iter().all(|&b| in_values(b)) {
+                        return Err(format!(
+                            "{} and {} need a separator between them that no value holds, such as `:` or `-` (letters and digits are not)",
+                            segment_name(previous),
+                            segment_name(variable)
+                        ));
+                    }
+                    for &b in &between {
+                        if kept(b) && !in_values(b) && !escape.contains(&b) {
+                            escape.push(b);
+                        }
+                    }
+                }
+                previous = Some(variable);
+                between.clear();
+            }
+        }
+    }
+    Ok(escape)
+}
+
+fn segment_name(segment: &Segment) -> String {
+    match segment {
+        Segment::Param(name) => format!("`{{{name}}}`"),
+        Segment::QueryHash => "`{query_hash}`".to_owned(),
+        Segment::Version => "`{version}`".to_owned(),
+        Segment::Literal(text) => format!("`{text}`"),
     }
 }
 
@@ -205,7 +266,7 @@ impl<'a> Params<'a> {
         Self(params.iter().collect())
     }
 
-    fn get(&self, name: &str) -> Option<&'a str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&'a str> {
         self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
     }
 }
@@ -259,8 +320,17 @@ pub(crate) fn percent_decode(text: &str) -> std::borrow::Cow<'_, [u8]> {
 /// holds no separator: everything but `[A-Za-z0-9._-]` is percent-encoded
 /// (including `%` itself, `:`, `*`, `~`). Long values become `~` followed by
 /// their hash; `~` never appears otherwise, so the two forms cannot meet.
+#[cfg(test)]
 pub(crate) fn encode_param(raw: &[u8], out: &mut String) {
-    let unreserved = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+    encode_param_escaping(raw, &[], out)
+}
+
+/// [`encode_param`], escaping the bytes of `escape` too (the template's
+/// separators).
+fn encode_param_escaping(raw: &[u8], escape: &[u8], out: &mut String) {
+    let unreserved = |b: u8| {
+        (b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) && !escape.contains(&b)
+    };
     let encoded_len: usize = raw.iter().map(|&b| if unreserved(b) { 1 } else { 3 }).sum();
     if encoded_len > MAX_ENCODED_PARAM {
         out.push('~');
@@ -286,7 +356,7 @@ fn hex_digest(digest: &[u8]) -> String {
 
 /// Feeds `bytes` to `hasher` with its length first, so that concatenations
 /// of different splits never hash alike.
-fn hash_field(hasher: &mut Sha256, bytes: &[u8]) {
+pub(crate) fn hash_field(hasher: &mut Sha256, bytes: &[u8]) {
     hasher.update((bytes.len() as u64).to_be_bytes());
     hasher.update(bytes);
 }
@@ -527,6 +597,21 @@ impl Scope {
             .any(|p| matches!(p, ScopePart::Header(h, _) if h.as_str().eq_ignore_ascii_case(name)))
     }
 
+    /// Whether the credentials `headers` carry (`Authorization`, `Cookie`)
+    /// are covered by the key: the scope reads the header itself, or a
+    /// value an auth layer derived from it (an extension). A scope of hosts
+    /// or other headers only covers none.
+    pub(crate) fn covers_credentials(&self, headers: &HeaderMap) -> bool {
+        let derived = self
+            .parts
+            .iter()
+            .any(|p| matches!(p, ScopePart::Extension(_)));
+        derived
+            || [http::header::AUTHORIZATION, http::header::COOKIE]
+                .iter()
+                .all(|name| !headers.contains_key(name) || self.covers_header(name.as_str()))
+    }
+
     /// True when both read the same request parts: the same headers, and
     /// the very same extension readers (clones of one `Scope`), in order.
     pub(crate) fn same_as(&self, other: &Scope) -> bool {
@@ -577,29 +662,31 @@ impl Scope {
     }
 }
 
-/// The non-empty values of header `name`, each canonical when typed,
-/// length-prefixed; `Ok(None)` when there are none.
+/// The value of header `name`, canonical when typed; `Ok(None)` when it
+/// is absent or empty. A header sent twice is ambiguous (an application
+/// may read either value): the request bypasses.
 fn header_scope(
     headers: &HeaderMap,
     name: &HeaderName,
     canonical: Option<&Canonical>,
 ) -> Result<Option<Vec<u8>>, Reason> {
-    let mut joined = Vec::new();
-    for value in headers.get_all(name).iter().filter(|v| !v.is_empty()) {
-        match canonical {
-            Some(canonical) => {
-                let value = canonical.apply(value.as_bytes()).ok_or(Reason::BadParam)?;
-                hash_field_into(&mut joined, &value);
-            }
-            None => hash_field_into(&mut joined, value.as_bytes()),
-        }
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Reason::ScopeAmbiguous);
     }
-    Ok((!joined.is_empty()).then_some(joined))
-}
-
-fn hash_field_into(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&(bytes.len() as u64).to_be_bytes());
-    out.extend_from_slice(bytes);
+    if value.is_empty() {
+        return Ok(None);
+    }
+    match canonical {
+        Some(canonical) => canonical
+            .apply(value.as_bytes())
+            .map(|value| Some(value.into_owned()))
+            .ok_or(Reason::BadParam),
+        None => Ok(Some(value.as_bytes().to_vec())),
+    }
 }
 
 /// The one owner of the key layout, used by reads, writes and the operator

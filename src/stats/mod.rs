@@ -65,6 +65,9 @@ pub enum Reason {
     /// A typed path param or scope header does not parse (see
     /// [`Canonical`](crate::Canonical)).
     BadParam,
+    /// A header the scope reads was sent more than once: the application
+    /// may read either value.
+    ScopeAmbiguous,
 }
 
 impl Reason {
@@ -84,7 +87,7 @@ impl Reason {
         )
     }
 
-    pub(crate) const ALL: [Reason; 22] = [
+    pub(crate) const ALL: [Reason; 23] = [
         Reason::Authorization,
         Reason::Query,
         Reason::ScopeMissing,
@@ -107,6 +110,7 @@ impl Reason {
         Reason::Rewrite,
         Reason::RequestBody,
         Reason::BadParam,
+        Reason::ScopeAmbiguous,
     ];
 
     /// The reason as a short token, as used in `cache-status` `detail=`.
@@ -134,6 +138,7 @@ impl Reason {
             Reason::Rewrite => "rewrite",
             Reason::RequestBody => "request-body",
             Reason::BadParam => "bad-param",
+            Reason::ScopeAmbiguous => "scope-ambiguous",
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Empty, Full};
 use redis::aio::ConnectionLike;
 use redis::Value;
 use tower::{Layer, Service, ServiceExt};
@@ -56,7 +56,7 @@ async fn get<C: ConnectionLike + Clone + Send + Sync + 'static>(
     uri: &str,
 ) -> Response<crate::cache::ResponseBody<Full<Bytes>>> {
     service(conn)
-        .oneshot(Request::get(uri).body(()).unwrap())
+        .oneshot(Request::get(uri).body(Empty::<Bytes>::new()).unwrap())
         .await
         .unwrap()
 }
@@ -66,11 +66,11 @@ async fn get<C: ConnectionLike + Clone + Send + Sync + 'static>(
 fn service<C: ConnectionLike + Clone + Send + Sync + 'static>(
     conn: C,
 ) -> impl Service<
-    Request<()>,
+    Request<Empty<Bytes>>,
     Response = Response<crate::cache::ResponseBody<Full<Bytes>>>,
     Error = Infallible,
 > + Clone {
-    let handler = tower::service_fn(|_req: Request<()>| async {
+    let handler = tower::service_fn(|_req: Request<Empty<Bytes>>| async {
         let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
         response
             .headers_mut()
@@ -307,7 +307,11 @@ async fn a_missing_version_is_created_by_a_script_and_stored_under() {
         Value::Array(vec![Value::BulkString(b"1795331671440125".to_vec())]),
     ]);
     let response = service(recorder.clone())
-        .oneshot(Request::get("/persons").body(()).unwrap())
+        .oneshot(
+            Request::get("/persons")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let status = response.headers()["cache-status"].to_str().unwrap();
@@ -345,7 +349,11 @@ async fn two_list_hits(recorder: &Recorder) {
     for _ in 0..2 {
         let response = service
             .clone()
-            .oneshot(Request::get("/persons").body(()).unwrap())
+            .oneshot(
+                Request::get("/persons")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(response.headers()["x-cache"], "HIT");
@@ -502,13 +510,17 @@ async fn a_miss_is_a_lease_then_one_write_conditional_on_it() {
 #[tokio::test]
 async fn an_invalidation_through_the_layer_is_one_evalsha() {
     let recorder = Recorder::default();
-    let handler = tower::service_fn(|_req: Request<()>| async {
+    let handler = tower::service_fn(|_req: Request<Empty<Bytes>>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     });
     let policy = policy(RedisStore::new(recorder.clone()));
     let service = InvalidateLayer::new(policy.clone()).layer(handler);
     let response = service
-        .oneshot(Request::patch("/persons/42").body(()).unwrap())
+        .oneshot(
+            Request::patch("/persons/42")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
@@ -531,7 +543,7 @@ async fn an_invalidation_through_the_layer_is_one_evalsha() {
 #[tokio::test]
 async fn a_write_through_the_cache_layer_is_one_evalsha() {
     let recorder = Recorder::default();
-    let handler = tower::service_fn(|_req: Request<()>| async {
+    let handler = tower::service_fn(|_req: Request<Empty<Bytes>>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     });
     let policy = policy(RedisStore::new(recorder.clone()));
@@ -539,7 +551,11 @@ async fn a_write_through_the_cache_layer_is_one_evalsha() {
     let service =
         InvalidateLayer::new(policy.clone()).layer(CacheLayer::new(policy.clone()).layer(handler));
     service
-        .oneshot(Request::patch("/persons/42").body(()).unwrap())
+        .oneshot(
+            Request::patch("/persons/42")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(policy.stats().invalidations().applied, 1);
@@ -551,14 +567,18 @@ async fn a_write_through_the_cache_layer_is_one_evalsha() {
 #[tokio::test]
 async fn a_failed_mutation_sends_nothing() {
     let recorder = Recorder::default();
-    let handler = tower::service_fn(|_req: Request<()>| async {
+    let handler = tower::service_fn(|_req: Request<Empty<Bytes>>| async {
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::BAD_REQUEST;
         Ok::<_, Infallible>(response)
     });
     let service = CacheLayer::new(policy(RedisStore::new(recorder.clone()))).layer(handler);
     service
-        .oneshot(Request::post("/persons").body(()).unwrap())
+        .oneshot(
+            Request::post("/persons")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert!(recorder.commands().is_empty());
