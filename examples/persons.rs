@@ -34,7 +34,10 @@
 //! `POST /cache/invalidate` `{"group":"persons:list","tenant":"acme"}`
 //! (tenant optional: every tenant), `POST /cache/purge`
 //! `{"path":"/persons/1","tenant":"acme"}`, `POST /cache/warm`
-//! `{"paths":["/persons/1","/persons?limit=5"],"tenant":"acme"}`.
+//! `{"paths":["/persons/1","/persons?limit=5"],"tenant":"acme"}`. The
+//! operator reads `GET /cache/stats` and `GET /metrics` need the same
+//! token (compared in constant time); `/health` and `/cache/health` are
+//! open, for probes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -704,10 +707,20 @@ async fn require_admin(State(app): State<App>, request: Request, next: Next) -> 
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given != Some(&*app.admin_token) {
+    if !given.is_some_and(|given| same_secret(given.as_bytes(), app.admin_token.as_bytes())) {
         return ApiError(StatusCode::UNAUTHORIZED, "admin token required".into()).into_response();
     }
     next.run(request).await
+}
+
+/// Compares a secret in time that does not depend on where the two first
+/// differ, so response times do not reveal the token byte by byte.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    let mut differ = given.len() ^ secret.len();
+    for (i, &byte) in secret.iter().enumerate() {
+        differ |= usize::from(byte ^ given.get(i).copied().unwrap_or(!byte));
+    }
+    std::hint::black_box(differ) == 0
 }
 
 /// `Authorization: Bearer <token>` → the token's tenant; anything else is a 401.
@@ -925,18 +938,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/cache/invalidate", post(admin_invalidate))
         .route("/cache/purge", post(admin_purge))
         .route("/cache/warm", post(admin_warm))
+        // Operator reads need the admin token too: counters per route and
+        // Prometheus text (scrape with `authorization: {credentials: ...}`).
+        .route("/cache/stats", get(cache_stats))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(prometheus.render())),
+        )
         .layer(middleware::from_fn_with_state(app.clone(), require_admin));
     let router = persons
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .merge(admin)
         .route("/health", get(health))
         .route("/cache/health", get(cache_health))
-        .route("/cache/stats", get(cache_stats))
-        // Prometheus text, unauthenticated like /health.
-        .route(
-            "/metrics",
-            get(move || std::future::ready(prometheus.render())),
-        )
         .with_state(app);
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;

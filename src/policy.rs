@@ -99,7 +99,12 @@ impl Route {
     /// A cached `GET` route for a matchit path pattern (`/persons/{id}`,
     /// `/files/{*path}`), the syntax axum uses. The pattern matches the path
     /// the layer sees: the full path for a layer on the outer router, the
-    /// path below the prefix for a layer inside a `nest`.
+    /// path below the prefix for a layer inside a `nest` (the prefix is
+    /// then bound into each entry). Where the request carries axum's
+    /// `MatchedPath` (a layer on `Router::layer` or `route_layer`, feature
+    /// `axum`), the pattern applies only to the route axum served:
+    /// `/users/me` served by its own handler passes through a policy that
+    /// names `/users/{id}`, and a rule's pattern likewise.
     pub fn get(pattern: &str) -> Self {
         Self {
             pattern: pattern.to_owned(),
@@ -234,9 +239,8 @@ impl Route {
 
     /// Request headers the response varies on beyond the scope, such as
     /// `origin` (a CORS layer inside the cache) or `accept-language`. The
-    /// entry is bound to the request's value of each (normalised where the
-    /// header's grammar is known: `accept-encoding` as a set of codings,
-    /// `origin` and `accept-language` lower-cased), so it is served only
+    /// entry is bound to the request's values of each, as sent (only
+    /// `accept-encoding` is read as a set of codings), so it is served only
     /// to requests that send the same values; a request with other values
     /// is a miss whose response replaces the entry. A response whose `Vary`
     /// names a header the route neither scopes nor varies on is not stored.

@@ -262,10 +262,15 @@ async fn tenants_never_see_each_others_entries(backend: Backend) {
     let as_tenant = |tenant: &str| {
         axum::http::Request::get("/tenant/1")
             .header("x-tenant-id", tenant)
-            .header("authorization", "Bearer x")
             .body(axum::body::Body::empty())
             .unwrap()
     };
+    // A credential the scope does not read is not covered by the key.
+    let mut with_credential = as_tenant("acme");
+    with_credential
+        .headers_mut()
+        .insert("authorization", "Bearer x".parse().unwrap());
+    assert_eq!(send(&app, with_credential).await.1, "BYPASS");
     assert_eq!(send(&app, as_tenant("acme")).await.1, "MISS");
     let (_, x_cache, body) = send(&app, as_tenant("globex")).await;
     assert_eq!(x_cache, "MISS");

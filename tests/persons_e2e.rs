@@ -272,7 +272,13 @@ fn the_persons_scenario_on_sqlite_and_redis() {
         health.body,
         r#"{"cache":"on","circuit":"closed","pending_invalidations":0,"persistence":"none","redis":"ok","store":"redis"}"#
     );
-    let stats = http(&server, "GET", "/cache/stats", None, None);
+    let stats = http(
+        &server,
+        "GET",
+        "/cache/stats",
+        Some("Bearer test-admin"),
+        None,
+    );
     assert!(
         stats.body.contains(r#""route":"GET /persons/{id}""#),
         "{}",
@@ -280,8 +286,17 @@ fn the_persons_scenario_on_sqlite_and_redis() {
     );
     assert!(stats.body.contains("hit_rate"));
 
-    // The same counts at /metrics, in Prometheus text, without a token.
-    let scraped = http(&server, "GET", "/metrics", None, None);
+    // The operator reads are not open to anonymous clients, nor to a
+    // tenant's token.
+    for path in ["/cache/stats", "/metrics"] {
+        for auth in [None, Some(ACME), Some("Bearer test-admin-")] {
+            let refused = http(&server, "GET", path, auth, None);
+            assert_eq!(refused.status, 401, "{path} with {auth:?}");
+        }
+    }
+
+    // The same counts at /metrics, in Prometheus text, with the admin token.
+    let scraped = http(&server, "GET", "/metrics", Some("Bearer test-admin"), None);
     assert_eq!(scraped.status, 200);
     println!("GET /metrics (excerpt):");
     for line in scraped.body.lines().filter(|l| {
@@ -370,7 +385,7 @@ fn the_persons_scenario_on_sqlite_and_redis() {
 
     // Every series the Grafana dashboard queries is in the exporter's
     // output, after a run with hits, misses, writes and an outage.
-    let scraped = http(&server, "GET", "/metrics", None, None).body;
+    let scraped = http(&server, "GET", "/metrics", Some("Bearer test-admin"), None).body;
     let dashboard = include_str!("../dashboards/tower-redis-cache.json");
     let queried = dashboard_metrics(dashboard);
     assert!(queried.len() >= 10, "{queried:?}");
@@ -530,7 +545,13 @@ fn two_processes_with_the_in_process_tier() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let stats = http(&other, "GET", "/cache/stats", None, None);
+    let stats = http(
+        &other,
+        "GET",
+        "/cache/stats",
+        Some("Bearer test-admin"),
+        None,
+    );
     assert!(
         stats.body.contains(r#""in_process_hits":"#),
         "{}",
@@ -585,7 +606,7 @@ fn a_row_changed_behind_the_api_is_found_by_verification_and_healed() {
         assert_eq!(fresh.x_cache(), "HIT");
         assert!(fresh.body.contains("Direct Write"), "{}", fresh.body);
     }
-    let scraped = http(&server, "GET", "/metrics", None, None).body;
+    let scraped = http(&server, "GET", "/metrics", Some("Bearer test-admin"), None).body;
     let item = r#"route="GET /persons/{id}""#;
     println!("GET /metrics (excerpt):");
     for line in scraped
@@ -616,7 +637,14 @@ fn item_stats_when(
 ) -> serde_json::Value {
     let until = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let body = http(server, "GET", "/cache/stats", None, None).body;
+        let body = http(
+            server,
+            "GET",
+            "/cache/stats",
+            Some("Bearer test-admin"),
+            None,
+        )
+        .body;
         let all: serde_json::Value = serde_json::from_str(&body).unwrap();
         let item = all["routes"]
             .as_array()

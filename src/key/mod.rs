@@ -14,18 +14,21 @@
 //! | input the handler can read | what the cache does |
 //! | --- | --- |
 //! | method | GET and HEAD only (HEAD served from the GET entry); other methods pass through |
-//! | path | matched against the route; path params keyed percent-decoded, and canonical when typed (`.param`) |
+//! | matched route (axum's `MatchedPath`, feature `axum`) | picks the route: a route the application served that the policy does not name passes through |
+//! | path | matched against the route; path params keyed percent-decoded, and canonical when typed (`.param`); every param named by the template (or bound, `.unkeyed_param`); the template's separators escaped inside values |
+//! | route and nest prefix (axum's `OriginalUri`) | bound |
+//! | absolute-form URI | scheme bound; userinfo bypasses (`authorization`) |
 //! | query | keyed normalised (decoded, sorted, empty values dropped unless `.keep_empty_query_values()`, only the allowlist when set); what the key drops is removed from the handler's request (or bypasses, `.bypass_dropped_query()`) |
 //! | host (the URI's authority and the `Host` header) | bound into every entry (lower-cased, default port dropped; both when a request names two hosts, an absolute URI beside another `Host`); `.hosts([...])` bypasses other hosts; `Scope::host()` keys each host apart |
 //! | `Forwarded` (`host`, `proto`), `X-Forwarded-Host`, `-Proto`, `-Prefix`, `-Port`, `-Server`, `-Scheme`, `-Ssl`, `-Uri`, `X-Host`, `X-Original-Host`, `X-Url-Scheme`, `Front-End-Https` | bound into the entry when present (constant in an honest deployment, so free; an attacker's value only reaches the attacker); `.trusted_header(name)` leaves out one your proxy always overwrites |
 //! | `X-Original-URL`, `X-Rewrite-URL`, `X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override` | the request bypasses the cache (`rewrite`) |
 //! | `X-Forwarded-For`, `X-Real-IP` | ignored: they differ per client. A handler whose body depends on them must not be cached |
-//! | `Authorization`, `Cookie` | on a route without a scope (and not `.public()`), the request bypasses (`authorization`); scope by them (`Scope::header`) to share per credential |
-//! | headers the route scopes by (`Scope::header`, `header_as`) | keyed (hashed), fail closed when absent |
-//! | headers the route varies on (`.vary_by`) | bound into the entry, normalised (`Accept-Encoding` as a set of codings, `Origin` and `Accept-Language` lower-cased) |
+//! | `Authorization`, `Cookie` | the request bypasses (`authorization`) unless the scope reads the header or an extension an auth layer derived from it, or the route is `.public()` |
+//! | headers the route scopes by (`Scope::header`, `header_as`) | keyed (hashed), fail closed when absent; sent twice, the request bypasses (`scope-ambiguous`) |
+//! | headers the route varies on (`.vary_by`) | bound into the entry as sent (`Accept-Encoding` as a set of codings) |
 //! | any other header (`Origin`, `Referer`, `User-Agent`, custom ones) | not keyed. A response that depends on one must say so with `Vary`: a `Vary` on a header the route neither scopes nor varies on is not stored. For a custom header the handler reads without saying so, scope by it (`Scope::header`) or vary by it (`.vary_by`) |
 //! | extensions (set by layers outside) | keyed when the scope reads them (`Scope::extension`) |
-//! | body | a GET or HEAD with a body (`Content-Length` > 0 or `Transfer-Encoding`) bypasses (`request-body`) |
+//! | body | a GET or HEAD whose body is not known empty (by the body itself, or `Content-Length` > 0, `Transfer-Encoding`) bypasses (`request-body`) |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
