@@ -19,7 +19,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{OriginalUri, Path};
 use axum::http::{HeaderMap, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post};
+use axum::routing::{get, patch};
 use axum::{Json, Router};
 use common::{send, send_reading, Backend};
 use tower::ServiceExt;
