@@ -64,6 +64,28 @@ fn bench(c: &mut Criterion) {
         b.to_async(&runtime).iter(|| get_one(&cached))
     });
 
+    // The same hit with the layer on an axum `Router` (`MatchedPath`,
+    // `OriginalUri` on the request), beside the bare router.
+    let router = || {
+        axum::Router::new().route(
+            "/persons/{id}",
+            axum::routing::get(|| async {
+                (
+                    [("content-type", "application/json")],
+                    r#"{"id":1,"name":"Ana"}"#,
+                )
+            }),
+        )
+    };
+    let bare_router = router();
+    c.bench_function("bare axum router", |b| {
+        b.to_async(&runtime).iter(|| get_one(&bare_router))
+    });
+    let cached_router = router().layer(CacheLayer::new(policy(Duration::from_secs(3600))));
+    c.bench_function("hit, memory store, axum router", |b| {
+        b.to_async(&runtime).iter(|| get_one(&cached_router))
+    });
+
     // A hit on a route that checks every hit against the handler, beside
     // the same hit on a route that checks none, back to back on a
     // two-thread runtime (as in a server): the checks run beside the hits.

@@ -60,6 +60,12 @@
 //! bypasses the cache (fail closed), so the wrong order costs the cache,
 //! never a tenant's data.
 //!
+//! On `Router::layer` or `route_layer`, the route axum served picks the
+//! cached route and the write rule (feature `axum`, on by default):
+//! `/users/me` served by its own handler is not the policy's
+//! `/users/{id}`. A router nested under a prefix keeps each prefix's page
+//! apart. Outside the router, the policy's own pattern match decides.
+//!
 //! Keys read like `app:person:42` and `app:persons:list:v1732212345678901:3fa9…`;
 //! see [`Route`] for templates, [`Scope`] for tenant/auth scoping, and the
 //! [`store`] module for the guarantees that keep the cache from serving

@@ -9,6 +9,8 @@ use http::{HeaderName, Method, Request};
 
 use crate::error::{validate_namespace, ConfigError};
 use crate::flight::FlightTable;
+use sha2::Digest;
+
 use crate::key::served::{served_as, shape, stripped_prefix, Served};
 use crate::key::{
     hash_field, pattern_params, percent_decode, Binding, Canonical, InputRules, KeyTemplate,
@@ -514,6 +516,9 @@ impl Despite {
 #[derive(Debug)]
 pub(crate) struct CompiledRoute {
     pub(crate) label: String,
+    /// A digest of the label, bound into each entry: fixed length, so the
+    /// binding of a short key stays one SHA-256 block.
+    id: [u8; 8],
     pattern: String,
     /// The pattern with its param names left out, as the route the
     /// application served is compared with it.
@@ -941,9 +946,14 @@ impl Policy {
                 // The route, the prefix a nested router stripped and the
                 // params the key leaves out: an entry is served only for
                 // what it was stored for.
-                hash_field(hasher, route.label.as_bytes());
-                let prefix = stripped_prefix(request).unwrap_or("");
-                hash_field(hasher, &percent_decode(prefix));
+                hasher.update(route.id);
+                match stripped_prefix(request) {
+                    Some(prefix) => {
+                        hasher.update([1]);
+                        hash_field(hasher, &percent_decode(prefix));
+                    }
+                    None => hasher.update([0]),
+                }
                 for name in &route.unkeyed {
                     hash_field(hasher, &percent_decode(params.get(name).unwrap_or("")));
                 }
@@ -1104,6 +1114,14 @@ impl Policy {
             .iter()
             .map(|g| (g.name.as_str(), g.per_scope))
     }
+}
+
+/// The first 8 bytes of the SHA-256 of a route's label (`GET /pattern`).
+fn route_id(label: &str) -> [u8; 8] {
+    let digest = sha2::Sha256::digest(label.as_bytes());
+    let mut id = [0; 8];
+    id.copy_from_slice(&digest[..8]);
+    id
 }
 
 fn render_whole(template: &KeyTemplate, params: &Params<'_>) -> Option<String> {
@@ -1367,6 +1385,7 @@ impl PolicyBuilder {
             })?;
             table.insert(&Method::GET, &route.pattern, index)?;
             routes.push(CompiledRoute {
+                id: route_id(&label),
                 label,
                 shape: shape(&route.pattern),
                 pattern: route.pattern,

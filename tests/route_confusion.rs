@@ -29,6 +29,7 @@ use tower_redis_cache::{CacheLayer, ConfigError, Policy, PolicyBuilder, Route, R
 backend_tests!(
     no_clean_request_gets_another_requests_page,
     writes_invalidate_what_the_application_served,
+    an_http2_get_body_is_never_reflected_to_another_client,
 );
 
 /// One odd request, then a clean one: what the clean one got.
@@ -85,6 +86,31 @@ fn cases(store: &Arc<dyn Store>, other_store: &Arc<dyn Store>) -> Vec<Case> {
                 get(|Path(id): Path<String>| async move { json(serde_json::json!({"id": id})) }),
             )
             .layer(CacheLayer::new(users)),
+        odd: req("/users/me", &[("x-tenant-id", "acme"), ("x-user", "alice")]),
+        clean: || req("/users/me", &[("x-tenant-id", "acme"), ("x-user", "bob")]),
+        odd_mark: "alice",
+        clean_mark: "bob",
+    });
+
+    // The same, the layer applied with `route_layer`.
+    let users = policy(store, "me-route-layer")
+        .route(Route::get("/users/{id}").key("user:{id}").scope(tenant()))
+        .build()
+        .unwrap();
+    cases.push(Case {
+        name: "matched path: /users/me beside /users/{id}, route_layer",
+        app: Router::new()
+            .route(
+                "/users/me",
+                get(|h: HeaderMap| async move {
+                    json(serde_json::json!({"me": h["x-user"].to_str().unwrap()}))
+                }),
+            )
+            .route(
+                "/users/{id}",
+                get(|Path(id): Path<String>| async move { json(serde_json::json!({"id": id})) }),
+            )
+            .route_layer(CacheLayer::new(users)),
         odd: req("/users/me", &[("x-tenant-id", "acme"), ("x-user", "alice")]),
         clean: || req("/users/me", &[("x-tenant-id", "acme"), ("x-user", "bob")]),
         odd_mark: "alice",
@@ -600,5 +626,73 @@ async fn writes_invalidate_what_the_application_served(backend: Backend) {
             .await
             .1,
         "HIT"
+    );
+}
+
+/// A GET whose body comes as HTTP/2 DATA frames, with no `Content-Length`,
+/// over a real server and client: it bypasses, and a clean client gets its
+/// own page.
+async fn an_http2_get_body_is_never_reflected_to_another_client(backend: Backend) {
+    use http_body_util::{BodyExt, Empty, StreamBody};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let policy = policy(&backend.store, "h2")
+        .route(Route::get("/echo/{id}").key("echo:{id}"))
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route(
+            "/echo/{id}",
+            get(|body: Bytes| async move {
+                let body = String::from_utf8_lossy(&body).into_owned();
+                json(serde_json::json!({"body": body}))
+            }),
+        )
+        .layer(CacheLayer::new(policy));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::combinators::BoxBody<Bytes, std::io::Error>>();
+    let send = |body: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let body = match body {
+                Some(text) => {
+                    let frames = futures_util::stream::iter([Ok::<_, std::io::Error>(
+                        http_body::Frame::data(Bytes::from_static(text.as_bytes())),
+                    )]);
+                    StreamBody::new(frames).boxed()
+                }
+                None => Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            };
+            let request = Request::get(format!("http://{addr}/echo/1"))
+                .body(body)
+                .unwrap();
+            let response = client.request(request).await.unwrap();
+            assert_eq!(response.version(), axum::http::Version::HTTP_2);
+            let x_cache = response.headers()["x-cache"].to_str().unwrap().to_owned();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (x_cache, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let odd = send(Some("evil-frames")).await;
+    assert_eq!(
+        odd,
+        ("BYPASS".to_owned(), r#"{"body":"evil-frames"}"#.to_owned())
+    );
+    let clean = [send(None).await, send(None).await];
+    println!("HTTP/2 GET with DATA frames: odd {odd:?}, clean {clean:?}");
+    assert_eq!(
+        clean,
+        [
+            ("MISS".to_owned(), r#"{"body":""}"#.to_owned()),
+            ("HIT".to_owned(), r#"{"body":""}"#.to_owned()),
+        ]
     );
 }

@@ -150,9 +150,17 @@ impl InputRules {
         let mut hasher = Sha256::new();
         route(&mut hasher);
         // An absolute-form request names its scheme, which handlers read
-        // (`Uri::scheme`); origin-form names none.
-        let scheme = request.uri().scheme_str().unwrap_or("");
-        hash_field(&mut hasher, scheme.to_ascii_lowercase().as_bytes());
+        // (`Uri::scheme`); origin-form names none. One byte for the usual
+        // ones: the digest of a short key stays one SHA-256 block.
+        match request.uri().scheme() {
+            None => hasher.update([0]),
+            Some(scheme) if *scheme == http::uri::Scheme::HTTP => hasher.update([1]),
+            Some(scheme) if *scheme == http::uri::Scheme::HTTPS => hasher.update([2]),
+            Some(scheme) => {
+                hasher.update([3]);
+                hash_field(&mut hasher, scheme.as_str().to_ascii_lowercase().as_bytes());
+            }
+        }
         match key {
             CacheKey::Plain(key) => hash_field(&mut hasher, key.as_bytes()),
             CacheKey::Versioned {

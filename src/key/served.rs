@@ -25,24 +25,29 @@ pub(crate) enum Served {
 /// still agree on the route.
 pub(crate) fn shape(pattern: &str) -> String {
     let mut out = String::with_capacity(pattern.len());
+    write_shape(pattern, |piece| out.push_str(piece));
+    out
+}
+
+/// Feeds the shape of `pattern` to `out`, piece by piece.
+fn write_shape<'a>(pattern: &'a str, mut out: impl FnMut(&'a str)) {
     let mut rest = pattern;
     while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
+        out(&rest[..open]);
         let after = &rest[open + 1..];
         if let Some(escaped) = after.strip_prefix('{') {
-            out.push_str("{{");
+            out("{{");
             rest = escaped;
             continue;
         }
         let Some(close) = after.find('}') else {
-            out.push_str(&rest[open..]);
-            return out;
+            out(&rest[open..]);
+            return;
         };
-        out.push_str(if after.starts_with('*') { "{*}" } else { "{}" });
+        out(if after.starts_with('*') { "{*}" } else { "{}" });
         rest = &after[close + 1..];
     }
-    out.push_str(rest);
-    out
+    out(rest);
 }
 
 /// How the route the application matched for `extensions`' request relates
@@ -51,10 +56,30 @@ pub(crate) fn served_as(extensions: &Extensions, pattern_shape: &str) -> Served 
     let Some(matched) = matched_path(extensions) else {
         return Served::Unknown;
     };
-    let matched = shape(matched);
-    if matched == pattern_shape {
+    // Shaped on the stack: this runs on every request a router serves.
+    let mut buffer = [0u8; 256];
+    let mut len = 0;
+    let mut spilled: Option<String> = None;
+    write_shape(matched, |piece| match &mut spilled {
+        Some(out) => out.push_str(piece),
+        None if len + piece.len() <= buffer.len() => {
+            buffer[len..len + piece.len()].copy_from_slice(piece.as_bytes());
+            len += piece.len();
+        }
+        None => {
+            let mut out = String::from_utf8_lossy(&buffer[..len]).into_owned();
+            out.push_str(piece);
+            spilled = Some(out);
+        }
+    });
+    let matched = match &spilled {
+        Some(out) => out.as_bytes(),
+        None => &buffer[..len],
+    };
+    let pattern = pattern_shape.as_bytes();
+    if matched == pattern {
         Served::Same
-    } else if matched.len() > pattern_shape.len() && matched.ends_with(pattern_shape) {
+    } else if matched.len() > pattern.len() && matched.ends_with(pattern) {
         Served::Nested
     } else {
         Served::Other
@@ -160,6 +185,8 @@ mod tests {
         assert_eq!(shape("/users/me"), "/users/me");
         assert_eq!(shape("/a/{{x}}/{b}"), "/a/{{x}}/{}");
         assert_ne!(shape("/files/{*path}"), shape("/files/{path}"));
+        let long = format!("/{}/{{id}}", "a".repeat(300));
+        assert_eq!(shape(&long), format!("/{}/{{}}", "a".repeat(300)));
     }
 
     #[cfg(feature = "axum")]
@@ -181,6 +208,10 @@ mod tests {
             served_as(&with("/shops/{shop}/users/{id}"), &item),
             Served::Nested
         );
+        // Longer than the stack buffer.
+        let long = format!("/{}/users/{{id}}", "a".repeat(300));
+        assert_eq!(served_as(&with(&long), &item), Served::Nested);
+        assert_eq!(served_as(&with(&long), &shape(&long)), Served::Same);
     }
 
     /// A request as axum hands it to a layer on the route `pattern`.
