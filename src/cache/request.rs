@@ -155,8 +155,8 @@ impl Ctx {
     /// lookup is sent, then the handler answers.
     pub(crate) fn hedge_timer(&mut self) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
         let route = self.policy.route(self.route);
-        let budget = route.hedge_budget()?;
-        self.at_once = route.hedges_at_once();
+        let budget = route.hedge.budget()?;
+        self.at_once = route.hedge.at_once();
         let budget = if self.at_once { Duration::ZERO } else { budget };
         Some(Box::pin(tokio::time::sleep_until(
             tokio::time::Instant::from_std(self.started) + budget,
@@ -167,8 +167,8 @@ impl Ctx {
     /// feeds the streak of slow lookups).
     pub(crate) fn looked_up(&self) {
         let route = self.policy.route(self.route);
-        if route.hedge != crate::policy::Hedge::Off {
-            route.lookup_took(self.started.elapsed(), false);
+        if route.hedge.is_on() {
+            route.hedge.took(self.started.elapsed(), false);
         }
     }
 
@@ -179,11 +179,11 @@ impl Ctx {
         let (policy, route, started) = (self.policy.clone(), self.route, self.started);
         let counted = !self.at_once;
         if counted {
-            policy.route(route).lookup_ran_past();
+            policy.route(route).hedge.ran_past();
         }
         Box::pin(async move {
             let found = lookup.await;
-            policy.route(route).lookup_took(started.elapsed(), counted);
+            policy.route(route).hedge.took(started.elapsed(), counted);
             found
         })
     }
@@ -196,7 +196,10 @@ impl Ctx {
     /// The inner service answered: its time feeds the route's hedge.
     pub(crate) fn answered(&mut self) {
         if let Some(at) = self.called_at.take() {
-            self.policy.route(self.route).handler_took(at.elapsed());
+            self.policy
+                .route(self.route)
+                .hedge
+                .handler_took(at.elapsed());
         }
     }
 
