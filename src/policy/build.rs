@@ -244,107 +244,8 @@ impl PolicyBuilder {
         let mut routes = Vec::with_capacity(self.routes.len());
         let mut groups: Vec<Group> = Vec::new();
         for (index, route) in self.routes.into_iter().enumerate() {
-            let label = route.label();
-            validate_pattern(&route.pattern)?;
-            route.scope.validate()?;
-            if let Some(name) = &route.invalid_header {
-                return Err(ConfigError::InvalidHeaderName(name.clone()));
-            }
-            let params = pattern_params(&route.pattern);
-            if let Some((name, _)) = route.params.iter().find(|(n, _)| !params.contains(n)) {
-                return Err(ConfigError::UnknownParam {
-                    template: route.pattern.clone(),
-                    param: name.clone(),
-                });
-            }
-            let template = route
-                .key
-                .as_deref()
-                .ok_or_else(|| ConfigError::MissingKey {
-                    route: label.clone(),
-                })?;
-            let key = KeyTemplate::parse(template, &params, true)?.typed(&route.params);
-            if key.has(&Segment::Version) != route.version_group.is_some() {
-                return Err(ConfigError::VersionMismatch { route: label });
-            }
-            let ttl = route.ttl.unwrap_or(self.default_ttl);
-            if ttl.is_zero() {
-                return Err(ConfigError::ZeroTtl { route: label });
-            }
-            if !(0.0..=1.0).contains(&route.verify) {
-                return Err(ConfigError::VerifyRate {
-                    route: label,
-                    rate: route.verify.to_string(),
-                });
-            }
-            #[cfg(feature = "tier")]
-            if route.in_process.is_some_and(|bound| bound.is_zero()) {
-                return Err(ConfigError::InProcess {
-                    reason: format!("route `{label}` keeps entries in process for 0 s"),
-                });
-            }
-            if route.per_scope && route.version_group.is_none() {
-                return Err(ConfigError::GroupScope {
-                    group: String::new(),
-                    reason: format!("route `{label}` is per scope without `versioned_by`"),
-                });
-            }
-            let group = match &route.version_group {
-                Some(name) => {
-                    let template = KeyTemplate::parse(name, &params, false)?.typed(&route.params);
-                    let index = join_group(&mut groups, name, &route, ttl, &label)?;
-                    Some(GroupRef { index, template })
-                }
-                None => None,
-            };
-            if let Some(name) = route.unkeyed.iter().find(|n| !params.contains(n)) {
-                return Err(ConfigError::UnknownParam {
-                    template: route.pattern.clone(),
-                    param: name.clone(),
-                });
-            }
-            // Every param the route matches names its resource, unless the
-            // route says it does not: two resources never share a key.
-            let keyed = |param: &String| {
-                key.params().any(|p| p == param)
-                    || group
-                        .as_ref()
-                        .is_some_and(|g| g.template.params().any(|p| p == param))
-                    || route.unkeyed.contains(param)
-            };
-            if let Some(param) = params.iter().find(|p| !keyed(p)) {
-                return Err(ConfigError::UnkeyedParam {
-                    route: label,
-                    param: param.clone(),
-                });
-            }
-            let despite = Despite::parse(&route.despite).map_err(|directive| {
-                ConfigError::UnknownDirective {
-                    route: label.clone(),
-                    directive,
-                }
-            })?;
             table.insert(&Method::GET, &route.pattern, index)?;
-            routes.push(CompiledRoute {
-                id: route_id(&label),
-                label,
-                shape: shape(&route.pattern),
-                pattern: route.pattern,
-                key,
-                unkeyed: route.unkeyed,
-                despite,
-                group,
-                ttl,
-                stale_window: route.stale_window,
-                scope: route.scope,
-                public: route.public,
-                query: route.query,
-                vary: route.vary,
-                verify: route.verify,
-                hedge: HedgeTiming::new(route.hedge),
-                #[cfg(feature = "tier")]
-                in_process: route.in_process,
-            });
+            routes.push(compile_route(route, self.default_ttl, &mut groups)?);
         }
         let mut rule_table = RouteTable::default();
         let mut rules = Vec::with_capacity(self.rules.len());
@@ -390,6 +291,139 @@ impl PolicyBuilder {
             }),
         })
     }
+}
+
+/// Checks one route and compiles it, joining its version group.
+fn compile_route(
+    route: Route,
+    default_ttl: Duration,
+    groups: &mut Vec<Group>,
+) -> Result<CompiledRoute, ConfigError> {
+    let label = route.label();
+    let params = check_names(&route)?;
+    let template = route
+        .key
+        .as_deref()
+        .ok_or_else(|| ConfigError::MissingKey {
+            route: label.clone(),
+        })?;
+    let key = KeyTemplate::parse(template, &params, true)?.typed(&route.params);
+    if key.has(&Segment::Version) != route.version_group.is_some() {
+        return Err(ConfigError::VersionMismatch { route: label });
+    }
+    let ttl = route.ttl.unwrap_or(default_ttl);
+    check_settings(&route, &label, ttl)?;
+    let group = match &route.version_group {
+        Some(name) => {
+            let template = KeyTemplate::parse(name, &params, false)?.typed(&route.params);
+            let index = join_group(groups, name, &route, ttl, &label)?;
+            Some(GroupRef { index, template })
+        }
+        None => None,
+    };
+    check_keyed(&route, &label, &params, &key, group.as_ref())?;
+    let despite =
+        Despite::parse(&route.despite).map_err(|directive| ConfigError::UnknownDirective {
+            route: label.clone(),
+            directive,
+        })?;
+    Ok(CompiledRoute {
+        id: route_id(&label),
+        label,
+        shape: shape(&route.pattern),
+        pattern: route.pattern,
+        key,
+        unkeyed: route.unkeyed,
+        despite,
+        group,
+        ttl,
+        stale_window: route.stale_window,
+        scope: route.scope,
+        public: route.public,
+        query: route.query,
+        vary: route.vary,
+        verify: route.verify,
+        hedge: HedgeTiming::new(route.hedge),
+        #[cfg(feature = "tier")]
+        in_process: route.in_process,
+    })
+}
+
+/// The pattern, the scope's and `vary_by`'s header names and the typed
+/// params; the params the pattern binds.
+fn check_names(route: &Route) -> Result<Vec<String>, ConfigError> {
+    validate_pattern(&route.pattern)?;
+    route.scope.validate()?;
+    if let Some(name) = &route.invalid_header {
+        return Err(ConfigError::InvalidHeaderName(name.clone()));
+    }
+    let params = pattern_params(&route.pattern);
+    if let Some((name, _)) = route.params.iter().find(|(n, _)| !params.contains(n)) {
+        return Err(ConfigError::UnknownParam {
+            template: route.pattern.clone(),
+            param: name.clone(),
+        });
+    }
+    Ok(params)
+}
+
+/// The settings that cannot work: a zero TTL, a rate outside 0 to 1, a
+/// zero in-process bound, a per-scope route without a group.
+fn check_settings(route: &Route, label: &str, ttl: Duration) -> Result<(), ConfigError> {
+    if ttl.is_zero() {
+        return Err(ConfigError::ZeroTtl {
+            route: label.to_owned(),
+        });
+    }
+    if !(0.0..=1.0).contains(&route.verify) {
+        return Err(ConfigError::VerifyRate {
+            route: label.to_owned(),
+            rate: route.verify.to_string(),
+        });
+    }
+    #[cfg(feature = "tier")]
+    if route.in_process.is_some_and(|bound| bound.is_zero()) {
+        return Err(ConfigError::InProcess {
+            reason: format!("route `{label}` keeps entries in process for 0 s"),
+        });
+    }
+    if route.per_scope && route.version_group.is_none() {
+        return Err(ConfigError::GroupScope {
+            group: String::new(),
+            reason: format!("route `{label}` is per scope without `versioned_by`"),
+        });
+    }
+    Ok(())
+}
+
+/// Every param the route matches names its resource (in the key or the
+/// group), unless the route says it does not: two resources never share a
+/// key.
+fn check_keyed(
+    route: &Route,
+    label: &str,
+    params: &[String],
+    key: &KeyTemplate,
+    group: Option<&GroupRef>,
+) -> Result<(), ConfigError> {
+    if let Some(name) = route.unkeyed.iter().find(|n| !params.contains(n)) {
+        return Err(ConfigError::UnknownParam {
+            template: route.pattern.clone(),
+            param: name.clone(),
+        });
+    }
+    let keyed = |param: &String| {
+        key.params().any(|p| p == param)
+            || group.is_some_and(|g| g.template.params().any(|p| p == param))
+            || route.unkeyed.contains(param)
+    };
+    if let Some(param) = params.iter().find(|p| !keyed(p)) {
+        return Err(ConfigError::UnkeyedParam {
+            route: label.to_owned(),
+            param: param.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// `store` behind an in-process tier of `bounds`, which the store tells of
@@ -566,23 +600,38 @@ fn compile_rule<'r>(
         }
     }
     for name in &rule.bumps {
-        let index = groups.iter().position(|g| g.name == *name).ok_or_else(|| {
-            ConfigError::UnknownGroup {
-                rule: rule.route.clone(),
-                group: name.clone(),
-            }
-        })?;
-        let template = KeyTemplate::parse(name, &params, false)
-            .map_err(|err| match err {
-                ConfigError::UnknownParam { param, .. } => ConfigError::UnboundParam {
-                    rule: rule.route.clone(),
-                    target: name.clone(),
-                    param,
-                },
-                other => other,
-            })?
-            .typed(&groups[index].types);
-        compiled.bumps.push(GroupRef { index, template });
+        compiled
+            .bumps
+            .push(named_bump(rule, name, &params, groups)?);
     }
     Ok((methods, (compiled, pattern)))
+}
+
+/// The version key of group `name` that `rule` bumps, rendered from the
+/// rule's params (`params`).
+fn named_bump(
+    rule: &Rule,
+    name: &str,
+    params: &[String],
+    groups: &[Group],
+) -> Result<GroupRef, ConfigError> {
+    let index =
+        groups
+            .iter()
+            .position(|g| g.name == name)
+            .ok_or_else(|| ConfigError::UnknownGroup {
+                rule: rule.route.clone(),
+                group: name.to_owned(),
+            })?;
+    let template = KeyTemplate::parse(name, params, false)
+        .map_err(|err| match err {
+            ConfigError::UnknownParam { param, .. } => ConfigError::UnboundParam {
+                rule: rule.route.clone(),
+                target: name.to_owned(),
+                param,
+            },
+            other => other,
+        })?
+        .typed(&groups[index].types);
+    Ok(GroupRef { index, template })
 }
