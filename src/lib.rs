@@ -89,6 +89,7 @@
 
 mod background;
 pub mod cache;
+mod clock;
 mod coding;
 mod entry;
 mod error;
@@ -98,6 +99,7 @@ mod headers;
 pub mod invalidate;
 mod key;
 mod policy;
+mod reason;
 mod routes;
 mod stats;
 pub mod store;
@@ -116,7 +118,8 @@ pub use policy::{
     Policy, PolicyBuilder, Route, Rule, DEFAULT_LEASE_WAIT, DEFAULT_MAX_BODY_BYTES, HEDGE_FLOOR,
     HEDGE_STREAK,
 };
-pub use stats::{CacheStats, InvalidationStats, Reason, RouteStats};
+pub use reason::Reason;
+pub use stats::{CacheStats, InvalidationStats, RouteStats};
 #[cfg(feature = "tier")]
 pub use store::tier::{InProcess, DEFAULT_TIER_BYTES, DEFAULT_TIER_ENTRIES};
 

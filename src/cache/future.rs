@@ -14,7 +14,7 @@ use super::body::{to_bytes, ResponseBody};
 use super::request::{Call, Ctx, Next, Outcome};
 use crate::flight::Wait;
 
-use crate::stats::Reason;
+use crate::reason::Reason;
 use crate::store::{Lookup, StoreFuture};
 
 pin_project! {

@@ -18,8 +18,8 @@ use crate::entry::{Entry, Slot};
 use crate::flight::{Landed, Leader, Role};
 use crate::key::{Binding, BINDING_LEN};
 use crate::policy::Policy;
+use crate::reason::Reason;
 use crate::stats::telemetry::{warn_limited, Op};
-use crate::stats::Reason;
 use crate::store::{CacheKey, Lookup, Observed, StoreError, StoreFuture};
 use tracing::Instrument;
 
@@ -144,8 +144,8 @@ impl Ctx {
     /// When this request started, on the store's clock (the one clock of
     /// every process: see [`Store::clock_offset_ms`](crate::store::Store::clock_offset_ms)).
     pub(crate) fn now_ms(&self) -> u64 {
-        let local = crate::entry::unix_ms_at(self.started);
-        crate::entry::shifted(local, self.policy.store().clock_offset_ms())
+        let local = crate::clock::unix_ms_at(self.started);
+        crate::clock::shifted(local, self.policy.store().clock_offset_ms())
     }
 
     /// The timer after which a lookup still under way lets the handler
@@ -394,7 +394,7 @@ impl Ctx {
 
     /// The response of a hit on `entry`, at `now_ms`: the wall clock at the
     /// request's start, derived from the instant read then (see
-    /// [`unix_ms_at`](crate::entry::unix_ms_at)).
+    /// [`unix_ms_at`](crate::clock::unix_ms_at)).
     pub(crate) fn hit<B: Body>(&mut self, entry: Entry, now_ms: u64) -> Response<ResponseBody<B>> {
         let (ttl, age, stale) = (
             entry.remaining_ttl_s(now_ms),
@@ -1150,8 +1150,8 @@ impl Refresh {
                 &self.policy,
                 self.binding,
                 route.ttl,
-                crate::entry::shifted(
-                    crate::entry::unix_ms(),
+                crate::clock::shifted(
+                    crate::clock::unix_ms(),
                     self.policy.store().clock_offset_ms(),
                 ),
                 parts.status,

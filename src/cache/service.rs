@@ -13,7 +13,7 @@ use super::request::{Call, Ctx};
 use crate::invalidate::Invalidate;
 use crate::key::served::{strip_original_query, with_query};
 use crate::policy::Decision;
-use crate::stats::Reason;
+use crate::reason::Reason;
 
 /// Middleware that serves cached GET/HEAD routes from a store, fills it on
 /// a miss, and applies the invalidations of successful writes. See the

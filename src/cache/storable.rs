@@ -12,7 +12,7 @@ use crate::coding::etag_for;
 use crate::entry::Entry;
 use crate::key::Binding;
 use crate::policy::{Despite, Policy};
-use crate::stats::Reason;
+use crate::reason::Reason;
 
 /// Why a response with this head must not be stored, if it must not.
 /// `scoped` says whether the key is already scoped by a request header;

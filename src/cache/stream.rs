@@ -79,7 +79,7 @@ impl Filling {
         if self.started.elapsed() > store.tombstone_ttl() / 2 {
             return None;
         }
-        let now = crate::entry::shifted(crate::entry::unix_ms(), store.clock_offset_ms());
+        let now = crate::clock::shifted(crate::clock::unix_ms(), store.clock_offset_ms());
         let made = super::storable::entry_of(
             &self.policy,
             self.binding,

@@ -8,8 +8,8 @@ use http::{HeaderMap, HeaderName, Request};
 use sha2::{Digest, Sha256};
 
 use super::hash_field;
-use crate::stats::Reason;
-use crate::store::CacheKey;
+use super::CacheKey;
+use crate::reason::Reason;
 
 /// Headers through which proxies tell the application its public host,
 /// scheme, port or prefix, and which servers and frameworks honour: bound

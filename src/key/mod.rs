@@ -38,13 +38,14 @@ use http::{Extensions, HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 
 use crate::error::ConfigError;
-use crate::stats::Reason;
-use crate::store::{CacheKey, VersionKey};
+use crate::reason::Reason;
 
+mod cache_key;
 mod canonical;
 mod inputs;
 pub(crate) mod served;
 
+pub use cache_key::{CacheKey, VersionKey};
 pub use canonical::Canonical;
 pub(crate) use inputs::{Binding, InputRules, BINDING_LEN};
 

@@ -14,7 +14,8 @@ use crate::key::served::{served_as, stripped_prefix, Served};
 use crate::key::{
     hash_field, percent_decode, Binding, KeyTemplate, Params, QueryRule, Rendered, Segment,
 };
-use crate::stats::{CacheStats, Reason};
+use crate::reason::Reason;
+use crate::stats::CacheStats;
 use crate::store::{CacheKey, Invalidation, VersionKey};
 
 /// What a write that matches a rule owes.

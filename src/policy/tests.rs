@@ -7,7 +7,7 @@ use http::Request;
 use super::*;
 use crate::error::ConfigError;
 use crate::key::Scope;
-use crate::stats::Reason;
+use crate::reason::Reason;
 use crate::store::CacheKey;
 
 fn policy() -> Policy {

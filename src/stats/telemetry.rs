@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::stats::Reason;
+use crate::reason::Reason;
 
 /// The store operation an error or a span belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

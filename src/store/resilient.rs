@@ -544,23 +544,23 @@ impl Shared {
         let actions = invalidation
             .deletes()
             .iter()
-            .map(|key| (key, Action::Delete))
+            .map(|key| (key.as_str(), Action::Delete))
             .chain(
                 invalidation
                     .bumps()
                     .iter()
-                    .map(|b| (&b.key, Action::Bump(b.ttl))),
+                    .map(|b| (b.key(), Action::Bump(b.ttl()))),
             );
         let mut sent =
             Vec::with_capacity(invalidation.deletes().len() + invalidation.bumps().len());
         for (key, action) in actions {
             queue.next += 1;
             let seq = queue.next;
-            if let Some((old, _)) = queue.by_key.insert(key.clone(), (seq, action)) {
+            if let Some((old, _)) = queue.by_key.insert(key.to_owned(), (seq, action)) {
                 queue.order.remove(&old);
             }
-            queue.order.insert(seq, key.clone());
-            sent.push((key.clone(), seq));
+            queue.order.insert(seq, key.to_owned());
+            sent.push((key.to_owned(), seq));
         }
         if queue.by_key.len() > self.config.max_pending_keys {
             let hold = self.hold();
@@ -610,7 +610,8 @@ impl Shared {
         let keys = invalidation
             .deletes()
             .iter()
-            .chain(invalidation.bumps().iter().map(|b| &b.key));
+            .map(String::as_str)
+            .chain(invalidation.bumps().iter().map(|b| b.key()));
         for key in keys {
             if let Some(&(seq, _)) = queue.by_key.get(key) {
                 if seq <= mark {

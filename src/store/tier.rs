@@ -501,7 +501,7 @@ mod tests {
             http::HeaderMap::new(),
             body,
             Duration::from_secs(60),
-            crate::entry::unix_ms(),
+            crate::clock::unix_ms(),
         )
     }
 

@@ -212,13 +212,13 @@ async fn follow_shards(shared: std::sync::Weak<Shared>, mut conn: ClusterConnect
 /// there, taken as read halfway through the round trip).
 async fn measure_cluster_clock(conn: &mut ClusterConnection) -> Option<i64> {
     use redis::cluster_routing::{Route, SlotAddr};
-    let sent = crate::entry::unix_ms() as i64;
+    let sent = crate::clock::unix_ms() as i64;
     let route = SingleNodeRoutingInfo::SpecificNode(Route::new(0, SlotAddr::Master));
     let reply = conn
         .route_command(redis::cmd("TIME"), RoutingInfo::SingleNode(route))
         .await
         .ok()?;
-    let received = crate::entry::unix_ms() as i64;
+    let received = crate::clock::unix_ms() as i64;
     let (secs, micros): (i64, i64) = redis::from_redis_value(reply).ok()?;
     Some(secs * 1000 + micros / 1000 - (sent + received) / 2)
 }

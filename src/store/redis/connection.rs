@@ -221,9 +221,9 @@ struct Live {
 /// The server's clock against this process's: `TIME` on `conn`, the
 /// server's reading taken as made halfway through the round trip.
 pub(crate) async fn measure_clock<C: ConnectionLike>(conn: &mut C) -> Option<i64> {
-    let sent = crate::entry::unix_ms() as i64;
+    let sent = crate::clock::unix_ms() as i64;
     let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await.ok()?;
-    let received = crate::entry::unix_ms() as i64;
+    let received = crate::clock::unix_ms() as i64;
     Some(secs * 1000 + micros / 1000 - (sent + received) / 2)
 }
 
