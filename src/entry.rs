@@ -720,7 +720,7 @@ pub(crate) mod testing {
         request: &http::Request<B>,
         body: Bytes,
     ) -> Option<Bytes> {
-        match policy.decide(request) {
+        match policy.plan(request) {
             crate::policy::Decision::Cache { binding, .. } => Some(entry(binding, body).encode()),
             _ => None,
         }

@@ -242,23 +242,7 @@ where
                     _ => return Poll::Pending,
                 },
             };
-            match ctx.decide(found) {
-                Next::Serve(response, refresh) => {
-                    if let (Some(refresh), Some(call)) = (refresh, call.take()) {
-                        refresh.start(call);
-                    }
-                    (State::Done, Some(response))
-                }
-                Next::Join(wait) => (
-                    State::Join {
-                        wait,
-                        call: call.take(),
-                    },
-                    None,
-                ),
-                Next::AwaitFill(until) => (fill(FIRST_PAUSE, until, call.take()), None),
-                Next::Call => (State::Ready { call: call.take() }, None),
-            }
+            after_lookup(ctx.decide(found), call.take())
         }
         StateProj::Fill {
             sleep,
@@ -295,27 +279,16 @@ where
             ),
             Next::AwaitFill(_) | Next::Call => (State::Ready { call: call.take() }, None),
         },
-        StateProj::Hedge { lookup, call } => {
-            if let Some(pending) = call.as_mut() {
-                ready!(pending.service.poll_ready(cx))?;
-            }
-            match (call.take(), lookup.take()) {
-                (
-                    Some(Call {
-                        mut service,
-                        request,
-                    }),
-                    lookup,
-                ) => (
-                    State::Hedging {
-                        future: service.call(request),
-                        lookup,
-                    },
-                    None,
-                ),
-                (None, _) => (State::Done, None),
-            }
-        }
+        StateProj::Hedge { lookup, call } => match ready!(call_when_ready(call, cx))? {
+            Some(future) => (
+                State::Hedging {
+                    future,
+                    lookup: lookup.take(),
+                },
+                None,
+            ),
+            None => (State::Done, None),
+        },
         StateProj::Hedging { future, lookup } => {
             let response = ready!(future.poll(cx))?;
             match lookup.take() {
@@ -323,50 +296,17 @@ where
                 None => (State::Done, Some(response.map(ResponseBody::inner))),
             }
         }
-        StateProj::Ready { call } => {
-            if let Some(pending) = call.as_mut() {
-                ready!(pending.service.poll_ready(cx))?;
+        StateProj::Ready { call } => match ready!(call_when_ready(call, cx))? {
+            Some(future) => {
+                ctx.calling();
+                (State::Inner { future }, None)
             }
-            match call.take() {
-                Some(Call {
-                    mut service,
-                    request,
-                }) => {
-                    ctx.calling();
-                    (
-                        State::Inner {
-                            future: service.call(request),
-                        },
-                        None,
-                    )
-                }
-                None => (State::Done, None),
-            }
-        }
+            None => (State::Done, None),
+        },
         StateProj::Inner { future } => {
             let response = ready!(future.poll(cx))?;
             ctx.answered();
-            match ctx.storable(&response) {
-                Err(outcome) => {
-                    let response = response.map(ResponseBody::inner);
-                    (State::Done, Some(ctx.finish(response, outcome)))
-                }
-                Ok(()) => {
-                    let (parts, body) = response.into_parts();
-                    let collect = Collecting {
-                        parts,
-                        body: Box::pin(body),
-                        frames: VecDeque::new(),
-                        size: 0,
-                    };
-                    (
-                        State::Collect {
-                            collect: Some(collect),
-                        },
-                        None,
-                    )
-                }
-            }
+            after_handler(ctx, response)
         }
         StateProj::Collect { collect } => {
             let gave_up = match collect.as_mut() {
@@ -389,6 +329,74 @@ where
         StateProj::Done => panic!("ResponseFuture polled after completion"),
     };
     Poll::Ready(Ok(stepped))
+}
+
+/// Where a request goes once the lookup (or the flight it joined) said
+/// `next`: served, joining a flight, waiting for another process's fill,
+/// or on to the handler.
+fn after_lookup<F, S, ReqBody, ResBody>(
+    next: Next<ResBody>,
+    call: Option<Call<S, ReqBody>>,
+) -> Stepped<F, S, ReqBody, ResBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+{
+    match next {
+        Next::Serve(response, refresh) => {
+            if let (Some(refresh), Some(call)) = (refresh, call) {
+                refresh.start(call);
+            }
+            (State::Done, Some(response))
+        }
+        Next::Join(wait) => (State::Join { wait, call }, None),
+        Next::AwaitFill(until) => (fill(FIRST_PAUSE, until, call), None),
+        Next::Call => (State::Ready { call }, None),
+    }
+}
+
+/// Readies the inner service, then calls it with the request; `None` when
+/// the call was made already.
+fn call_when_ready<S, ReqBody>(
+    call: &mut Option<Call<S, ReqBody>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Option<S::Future>, S::Error>>
+where
+    S: Service<Request<ReqBody>>,
+{
+    if let Some(pending) = call.as_mut() {
+        ready!(pending.service.poll_ready(cx))?;
+    }
+    Poll::Ready(Ok(call.take().map(
+        |Call {
+             mut service,
+             request,
+         }| service.call(request),
+    )))
+}
+
+/// The handler answered: its response goes out as it is, or its body is
+/// read for the store.
+fn after_handler<F, S, ReqBody, ResBody: Body>(
+    ctx: &mut Ctx,
+    response: Response<ResBody>,
+) -> Stepped<F, S, ReqBody, ResBody> {
+    if let Err(outcome) = ctx.storable(&response) {
+        let response = response.map(ResponseBody::inner);
+        return (State::Done, Some(ctx.finish(response, outcome)));
+    }
+    let (parts, body) = response.into_parts();
+    let collect = Collecting {
+        parts,
+        body: Box::pin(body),
+        frames: VecDeque::new(),
+        size: 0,
+    };
+    let collect = Some(collect);
+    (State::Collect { collect }, None)
 }
 
 /// The first pause before looking an entry another process fills up

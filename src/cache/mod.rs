@@ -147,8 +147,11 @@
 //! `tracing` and counted in [`CacheStats`](crate::CacheStats).
 
 mod body;
+mod decide;
 mod future;
 mod layer;
+mod refresh;
+mod report;
 mod request;
 mod service;
 mod storable;

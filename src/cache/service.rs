@@ -57,7 +57,7 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let head = request.method() == Method::HEAD;
         let policy = self.inner.policy();
-        let decision = match policy.decide(&request) {
+        let decision = match policy.plan(&request) {
             // The key cannot cover a body: a GET or HEAD with one (whatever
             // its headers say) bypasses.
             Decision::Cache { route, .. } if !is_empty(request.body()) => Decision::Bypass {

@@ -161,7 +161,7 @@ impl Policy {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn key_for<B>(&self, request: &Request<B>) -> Option<CacheKey> {
-        match self.decide(request) {
+        match self.plan(request) {
             Decision::Cache { key, .. } => Some(key),
             _ => None,
         }

@@ -51,7 +51,7 @@ pub(crate) enum Decision {
 }
 
 impl Policy {
-    pub(crate) fn decide<B>(&self, request: &Request<B>) -> Decision {
+    pub(crate) fn plan<B>(&self, request: &Request<B>) -> Decision {
         let method = request.method();
         if method != Method::GET && method != Method::HEAD {
             return Decision::Pass;
@@ -228,7 +228,7 @@ impl Policy {
     /// request's scope, for a per-scope group), which is race-free and
     /// reaches every query variant.
     pub(crate) fn purge_for<B>(&self, request: &Request<B>) -> Option<(String, Invalidation)> {
-        let Decision::Cache { key, .. } = self.decide(request) else {
+        let Decision::Cache { key, .. } = self.plan(request) else {
             return None;
         };
         match key {

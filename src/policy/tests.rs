@@ -28,7 +28,7 @@ fn policy() -> Policy {
 }
 
 fn key_of(policy: &Policy, request: Request<()>) -> Option<CacheKey> {
-    match policy.decide(&request) {
+    match policy.plan(&request) {
         Decision::Cache { key, .. } => Some(key),
         _ => None,
     }
@@ -152,7 +152,7 @@ fn a_write_without_scope_bumps_every_scope_and_purges_nothing() {
 #[test]
 fn a_scope_that_reads_nothing_bypasses() {
     assert!(matches!(
-        tenant_policy().decide(&get("/persons/1")),
+        tenant_policy().plan(&get("/persons/1")),
         Decision::Bypass {
             reason: Reason::ScopeMissing,
             ..
@@ -257,9 +257,9 @@ fn per_scope_groups_need_one_scope() {
 #[test]
 fn unmatched_and_mutating_requests_pass() {
     let p = policy();
-    assert!(matches!(p.decide(&get("/other")), Decision::Pass));
+    assert!(matches!(p.plan(&get("/other")), Decision::Pass));
     let post = Request::post("/persons/1").body(()).unwrap();
-    assert!(matches!(p.decide(&post), Decision::Pass));
+    assert!(matches!(p.plan(&post), Decision::Pass));
 }
 
 #[test]
@@ -271,7 +271,7 @@ fn credentials_without_scope_bypass() {
             .body(())
             .unwrap();
         assert!(matches!(
-            p.decide(&req),
+            p.plan(&req),
             Decision::Bypass {
                 reason: Reason::Authorization,
                 ..
@@ -283,7 +283,7 @@ fn credentials_without_scope_bypass() {
 #[test]
 fn query_on_a_key_without_query_hash_bypasses() {
     assert!(matches!(
-        policy().decide(&get("/persons/1?x=1")),
+        policy().plan(&get("/persons/1?x=1")),
         Decision::Bypass {
             reason: Reason::Query,
             ..
@@ -334,7 +334,7 @@ fn templates_name_every_param_the_route_matches() {
     )
     .unwrap();
     // Never served for another org: the value is bound into the entry.
-    let decide = |uri: &str| match declared.decide(&get(uri)) {
+    let decide = |uri: &str| match declared.plan(&get(uri)) {
         Decision::Cache { key, binding, .. } => (key, binding),
         _ => panic!("cached"),
     };
@@ -386,7 +386,7 @@ fn two_routes_with_one_template_never_serve_each_other() {
         .route(Route::get("/products/{id}").key("item:{id}"))
         .build()
         .unwrap();
-    let decide = |uri: &str| match p.decide(&get(uri)) {
+    let decide = |uri: &str| match p.plan(&get(uri)) {
         Decision::Cache { key, binding, .. } => (key, binding),
         _ => panic!("cached"),
     };
@@ -484,7 +484,7 @@ mod hostile_input {
     }
 
     fn key_of(request: Request<()>) -> String {
-        match policy().decide(&request) {
+        match policy().plan(&request) {
             Decision::Cache { key, .. } => {
                 let text = format!("{key:?}");
                 assert!(
@@ -611,7 +611,7 @@ mod hostile_input {
             for side in [&a, &b] {
                 if reads_nothing(side) {
                     let bypassed = matches!(
-                        policy().decide(&request(side)),
+                        policy().plan(&request(side)),
                         Decision::Bypass { reason: Reason::ScopeMissing, .. }
                     );
                     prop_assert!(bypassed);
