@@ -217,33 +217,7 @@ where
             lookup,
             call,
             hedge,
-        } => {
-            let polled = {
-                let _span = ctx.span.enter();
-                lookup.as_mut().poll(cx)
-            };
-            let found = match polled {
-                Poll::Ready(found) => {
-                    ctx.looked_up();
-                    found
-                }
-                Poll::Pending => match hedge.as_mut().map(|h| h.as_mut().poll(cx)) {
-                    // Past the budget: the handler answers; the lookup goes on.
-                    Some(Poll::Ready(())) => {
-                        let going_on = std::mem::replace(lookup, Box::pin(std::future::pending()));
-                        return Poll::Ready(Ok((
-                            State::Hedge {
-                                lookup: Some(ctx.hedging(going_on)),
-                                call: call.take(),
-                            },
-                            None,
-                        )));
-                    }
-                    _ => return Poll::Pending,
-                },
-            };
-            after_lookup(ctx.decide(found), call.take())
-        }
+        } => ready!(poll_lookup(ctx, lookup, hedge, call, cx)),
         StateProj::Fill {
             sleep,
             lookup,
@@ -251,50 +225,26 @@ where
             until,
             call,
         } => {
-            if lookup.is_none() {
-                ready!(sleep.as_mut().poll(cx));
-                *lookup = ctx.look_again();
-            }
-            let next = match lookup.as_mut() {
-                Some(pending) => ctx.filled(ready!(pending.as_mut().poll(cx))),
-                None => Some(Next::Call),
-            };
-            match next {
-                Some(Next::Serve(response, _)) => (State::Done, Some(response)),
-                None if tokio::time::Instant::now() < *until => (
-                    fill((*pause * 2).min(LAST_PAUSE), *until, call.take()),
-                    None,
-                ),
-                _ => (State::Ready { call: call.take() }, None),
-            }
+            let next = ready!(poll_fill(ctx, sleep, lookup, cx));
+            after_fill(next, *pause, *until, call.take())
         }
-        StateProj::Join { wait, call } => match ctx.landed(ready!(wait.as_mut().poll(cx))) {
-            Next::Serve(response, _) => (State::Done, Some(response)),
-            Next::Join(next) => (
-                State::Join {
-                    wait: next,
-                    call: call.take(),
-                },
-                None,
-            ),
-            Next::AwaitFill(_) | Next::Call => (State::Ready { call: call.take() }, None),
-        },
+        StateProj::Join { wait, call } => {
+            after_join(ctx.landed(ready!(wait.as_mut().poll(cx))), call.take())
+        }
         StateProj::Hedge { lookup, call } => match ready!(call_when_ready(call, cx))? {
-            Some(future) => (
-                State::Hedging {
-                    future,
-                    lookup: lookup.take(),
-                },
-                None,
-            ),
+            Some(future) => {
+                let lookup = lookup.take();
+                (State::Hedging { future, lookup }, None)
+            }
             None => (State::Done, None),
         },
         StateProj::Hedging { future, lookup } => {
             let response = ready!(future.poll(cx))?;
-            match lookup.take() {
-                Some(lookup) => (State::Done, Some(ctx.hedged(response, lookup))),
-                None => (State::Done, Some(response.map(ResponseBody::inner))),
-            }
+            let response = match lookup.take() {
+                Some(lookup) => ctx.hedged(response, lookup),
+                None => response.map(ResponseBody::inner),
+            };
+            (State::Done, Some(response))
         }
         StateProj::Ready { call } => match ready!(call_when_ready(call, cx))? {
             Some(future) => {
@@ -308,23 +258,20 @@ where
             ctx.answered();
             after_handler(ctx, response)
         }
-        StateProj::Collect { collect } => {
-            let gave_up = match collect.as_mut() {
-                Some(reading) => ready!(read_capped(reading, ctx.body_cap(), cx)),
-                None => return Poll::Ready(Ok((State::Done, None))),
-            };
-            match collect.take() {
-                Some(done) => collected(ctx, done, gave_up),
-                None => (State::Done, None),
+        StateProj::Collect { collect } => match collect.as_mut() {
+            Some(reading) => {
+                let gave_up = ready!(read_capped(reading, ctx.body_cap(), cx));
+                let done = collect.take();
+                done.map_or((State::Done, None), |done| collected(ctx, done, gave_up))
             }
-        }
+            None => (State::Done, None),
+        },
         StateProj::Write { write, response } => {
-            let written = {
-                let _span = ctx.span.enter();
-                ready!(write.as_mut().poll(cx))
-            };
-            let response = response.take().map(|r| ctx.written(r, written));
-            (State::Done, response)
+            let written = ready!(ctx.in_span(|| write.as_mut().poll(cx)));
+            (
+                State::Done,
+                response.take().map(|r| ctx.written(r, written)),
+            )
         }
         StateProj::Done => panic!("ResponseFuture polled after completion"),
     };
@@ -355,6 +302,96 @@ where
         Next::Join(wait) => (State::Join { wait, call }, None),
         Next::AwaitFill(until) => (fill(FIRST_PAUSE, until, call), None),
         Next::Call => (State::Ready { call }, None),
+    }
+}
+
+/// Polls the store's lookup; once past the hedge budget, the handler
+/// answers while the lookup goes on.
+fn poll_lookup<F, S, ReqBody, ResBody>(
+    ctx: &mut Ctx,
+    lookup: &mut StoreFuture<Lookup>,
+    hedge: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    call: &mut Option<Call<S, ReqBody>>,
+    cx: &mut Context<'_>,
+) -> Poll<Stepped<F, S, ReqBody, ResBody>>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+{
+    let polled = {
+        let _span = ctx.span.enter();
+        lookup.as_mut().poll(cx)
+    };
+    match polled {
+        Poll::Ready(found) => {
+            ctx.looked_up();
+            Poll::Ready(after_lookup(ctx.decide(found), call.take()))
+        }
+        Poll::Pending => match hedge.as_mut().map(|h| h.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => {
+                let going_on = std::mem::replace(lookup, Box::pin(std::future::pending()));
+                let lookup = Some(ctx.hedging(going_on));
+                Poll::Ready((
+                    State::Hedge {
+                        lookup,
+                        call: call.take(),
+                    },
+                    None,
+                ))
+            }
+            _ => Poll::Pending,
+        },
+    }
+}
+
+/// Waits out the pause, then looks the entry another process fills up
+/// again.
+fn poll_fill<B: Body>(
+    ctx: &mut Ctx,
+    sleep: &mut Pin<Box<tokio::time::Sleep>>,
+    lookup: &mut Option<StoreFuture<Lookup>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Next<B>>> {
+    if lookup.is_none() {
+        ready!(sleep.as_mut().poll(cx));
+        *lookup = ctx.look_again();
+    }
+    Poll::Ready(match lookup.as_mut() {
+        Some(pending) => ctx.filled(ready!(pending.as_mut().poll(cx))),
+        None => Some(Next::Call),
+    })
+}
+
+/// Where a request goes once another process's fill was looked up again:
+/// served, waiting a longer pause (until `until`), or on to the handler.
+fn after_fill<F, S, ReqBody, ResBody: Body>(
+    next: Option<Next<ResBody>>,
+    pause: Duration,
+    until: tokio::time::Instant,
+    call: Option<Call<S, ReqBody>>,
+) -> Stepped<F, S, ReqBody, ResBody> {
+    match next {
+        Some(Next::Serve(response, _)) => (State::Done, Some(response)),
+        None if tokio::time::Instant::now() < until => {
+            (fill((pause * 2).min(LAST_PAUSE), until, call), None)
+        }
+        _ => (State::Ready { call }, None),
+    }
+}
+
+/// Where a request that joined a flight goes once it landed: served,
+/// joining the next flight, or on to the handler.
+fn after_join<F, S, ReqBody, ResBody: Body>(
+    next: Next<ResBody>,
+    call: Option<Call<S, ReqBody>>,
+) -> Stepped<F, S, ReqBody, ResBody> {
+    match next {
+        Next::Serve(response, _) => (State::Done, Some(response)),
+        Next::Join(wait) => (State::Join { wait, call }, None),
+        Next::AwaitFill(_) | Next::Call => (State::Ready { call }, None),
     }
 }
 

@@ -2,7 +2,7 @@
 //! fresh one against the handler.
 
 use super::storable::{collect_capped, entry_of, unstorable_reason};
-use crate::entry::Slot;
+use crate::entry::{Entry, Slot};
 use crate::flight::{Leader, Role};
 use crate::key::Binding;
 use crate::policy::Policy;
@@ -134,19 +134,9 @@ impl Refresh {
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
         ResBody: Body,
     {
-        // A check: one per entry at a time, and only of an entry it reads.
-        let mut stored = None;
-        if let Some(check) = &self.check {
-            let Role::Lead(leader) = self.policy.flights().enter(&self.key, &self.seen) else {
-                return;
-            };
-            self.leader = Some(leader);
-            match crate::entry::decode(check.raw.clone()) {
-                Slot::Entry(entry) => stored = Some(entry),
-                _ => return,
-            }
-        }
-        let route = self.policy.route(self.route);
+        let Some(stored) = self.enter_check() else {
+            return;
+        };
         if std::future::poll_fn(|cx| service.poll_ready(cx))
             .await
             .is_err()
@@ -156,6 +146,39 @@ impl Refresh {
         let Ok(response) = service.call(request).await else {
             return;
         };
+        let made = self.entry_from(response).await;
+        if let Some(stored) = &stored {
+            if self.same_as_stored(stored, &made) {
+                return;
+            }
+        }
+        match made {
+            Ok((_, encoded)) => self.write(encoded).await,
+            Err(reason) => self.policy.stats_ref().not_stored(self.route, reason),
+        }
+    }
+
+    /// For a check: the flight of the entry (one check per entry at a
+    /// time) and the entry as stored, `Some(None)` for a plain refresh;
+    /// `None` when the check must not run.
+    fn enter_check(&mut self) -> Option<Option<Entry>> {
+        let Some(check) = &self.check else {
+            return Some(None);
+        };
+        let Role::Lead(leader) = self.policy.flights().enter(&self.key, &self.seen) else {
+            return None;
+        };
+        self.leader = Some(leader);
+        match crate::entry::decode(check.raw.clone()) {
+            Slot::Entry(entry) => Some(Some(entry)),
+            _ => None,
+        }
+    }
+
+    /// The entry the handler's `response` makes, and its stored form; why
+    /// it may not be stored.
+    async fn entry_from<B: Body>(&self, response: Response<B>) -> Result<(Entry, Bytes), Reason> {
+        let route = self.policy.route(self.route);
         let refused = unstorable_reason(
             response.status(),
             response.headers(),
@@ -170,48 +193,46 @@ impl Refresh {
                 &parts.headers,
                 self.policy.per_response(),
             )));
-        let collected = match refused {
-            Some(reason) => Err(reason),
-            None => collect_capped(body, cap).await,
+        let body = match refused {
+            Some(reason) => return Err(reason),
+            None => collect_capped(body, cap).await?,
         };
-        let made = collected.and_then(|body| {
-            entry_of(
-                &self.policy,
-                self.binding,
-                route.ttl,
-                crate::clock::shifted(
-                    crate::clock::unix_ms(),
-                    self.policy.store().clock_offset_ms(),
-                ),
-                parts.status,
-                &mut parts.headers,
-                &body,
-            )
-        });
-        if let Some(stored) = &stored {
-            // A response that may not be stored differs from an entry that
-            // was: another status, a cookie, a body over the cap.
-            let same = match &made {
-                Ok((fresh, _)) => super::verify::same_response(stored, fresh),
-                Err(_) => false,
-            };
-            if self.policy.stats_ref().verified(self.route, !same) {
-                tracing::warn!(
-                    route = route.label,
-                    "a sampled hit differed from the handler's response: the entry was stale (a write no rule invalidates?); replacing it"
-                );
-            }
-            if same {
-                return;
-            }
+        let now = crate::clock::shifted(
+            crate::clock::unix_ms(),
+            self.policy.store().clock_offset_ms(),
+        );
+        entry_of(
+            &self.policy,
+            self.binding,
+            route.ttl,
+            now,
+            parts.status,
+            &mut parts.headers,
+            &body,
+        )
+    }
+
+    /// Whether a checked entry is what the handler answers now; a
+    /// difference is counted and logged.
+    fn same_as_stored(&self, stored: &Entry, made: &Result<(Entry, Bytes), Reason>) -> bool {
+        // A response that may not be stored differs from an entry that
+        // was: another status, a cookie, a body over the cap.
+        let same = match made {
+            Ok((fresh, _)) => super::verify::same_response(stored, fresh),
+            Err(_) => false,
+        };
+        if self.policy.stats_ref().verified(self.route, !same) {
+            tracing::warn!(
+                route = self.policy.route(self.route).label,
+                "a sampled hit differed from the handler's response: the entry was stale (a write no rule invalidates?); replacing it"
+            );
         }
-        let entry = match made {
-            Ok((_, encoded)) => encoded,
-            Err(reason) => {
-                self.policy.stats_ref().not_stored(self.route, reason);
-                return;
-            }
-        };
+        same
+    }
+
+    /// Writes the refreshed `entry` under the guards the lookup saw.
+    async fn write(&self, entry: Bytes) {
+        let route = self.policy.route(self.route);
         let span = store_span(Op::Store, &route.label);
         let started = Instant::now();
         let stored = self
@@ -222,17 +243,16 @@ impl Refresh {
             .await;
         let took = started.elapsed();
         span.record("duration_us", took.as_micros() as u64);
+        let stats = self.policy.stats_ref();
         match stored {
             Ok(true) => {
                 span.record("outcome", "stored");
-                self.policy.stats_ref().stored(self.route, took);
+                stats.stored(self.route, took);
                 tracing::debug!(route = route.label, "stale entry refreshed");
             }
             Ok(false) => {
                 span.record("outcome", "raced");
-                self.policy
-                    .stats_ref()
-                    .not_stored(self.route, Reason::Raced);
+                stats.not_stored(self.route, Reason::Raced);
                 tracing::debug!(
                     route = route.label,
                     "stale entry refresh raced an invalidation; not stored"
@@ -240,9 +260,7 @@ impl Refresh {
             }
             Err(err) => {
                 span.record("outcome", "error");
-                self.policy
-                    .stats_ref()
-                    .error(self.route, Op::Store, err.kind());
+                stats.error(self.route, Op::Store, err.kind());
                 warn_limited!(route = route.label, error = %err, "stale entry refresh not stored");
             }
         }

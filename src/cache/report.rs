@@ -1,27 +1,27 @@
 //! What a finished request reports: the `x-cache` and `cache-status`
 //! headers, the stats and the logs.
 
-use crate::flight::Leader;
-use crate::headers::{CACHE_STATUS, X_CACHE_NAME};
-use crate::stats::telemetry::Op;
-use crate::store::CacheKey;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::Response;
 
 use super::request::{Ctx, Outcome};
+use crate::flight::Leader;
+use crate::headers::{CACHE_STATUS, X_CACHE_NAME};
+use crate::stats::telemetry::Op;
+use crate::store::CacheKey;
 
 const CACHE_NAME: &str = "tower-redis-cache";
 
 impl Ctx {
-    /// Sets `x-cache` and `cache-status`, counts and logs the outcome.
-    pub(crate) fn finish<B>(&mut self, mut response: Response<B>, outcome: Outcome) -> Response<B> {
+    /// Tells the flight this request led, or joined, how it ended.
+    fn settle_flight(&mut self, outcome: &Outcome) {
         // Followers still waiting go to the inner service themselves; the
         // misses after them too, for a while, when the response itself
         // could not be stored.
         let led = self.leader.take().map(Leader::unshareable).is_some();
         if let (Some(key), Some(seen)) = (&self.key, &self.seen) {
-            match &outcome {
+            match outcome {
                 Outcome::NotStored(reason) if (led || self.passed) && reason.is_response() => {
                     self.policy.flights().unstorable(key, seen);
                 }
@@ -29,6 +29,11 @@ impl Ctx {
                 _ => {}
             }
         }
+    }
+
+    /// Sets `x-cache` and `cache-status`, counts and logs the outcome.
+    pub(crate) fn finish<B>(&mut self, mut response: Response<B>, outcome: Outcome) -> Response<B> {
+        self.settle_flight(&outcome);
         let stats = self.policy.stats_ref();
         let took = self.started.elapsed();
         let status = response.status().as_u16();
@@ -53,61 +58,6 @@ impl Ctx {
                 };
                 ("HIT", hit_status(ttl, detail))
             }
-            Outcome::Collapsed => {
-                stats.miss(self.route, took);
-                tracing::debug!(route, key = %key, "cache miss, collapsed into a flight under way");
-                (
-                    "MISS",
-                    Some(HeaderValue::from_static(
-                        "tower-redis-cache; fwd=uri-miss; collapsed",
-                    )),
-                )
-            }
-            Outcome::Stored => {
-                stats.miss(self.route, took);
-                tracing::debug!(route, key = %key, "cache miss, stored");
-                (
-                    "MISS",
-                    header_value(format_args!(
-                        "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; stored"
-                    )),
-                )
-            }
-            Outcome::Hedged => {
-                stats.miss(self.route, took);
-                tracing::debug!(route, key = %key, "cache lookup slow, the handler answered");
-                (
-                    "MISS",
-                    header_value(format_args!(
-                        "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; detail=hedged"
-                    )),
-                )
-            }
-            Outcome::Streamed => {
-                stats.miss(self.route, took);
-                tracing::debug!(route, key = %key, "cache miss, streamed");
-                (
-                    "MISS",
-                    header_value(format_args!(
-                        "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; detail=streamed"
-                    )),
-                )
-            }
-            Outcome::NotStored(reason) => {
-                stats.miss(self.route, took);
-                stats.not_stored(self.route, reason);
-                let reason = match self.passed {
-                    true => "hit-for-miss",
-                    false => reason.as_str(),
-                };
-                tracing::debug!(route, key = %key, reason, "cache miss, not stored");
-                (
-                    "MISS",
-                    header_value(format_args!(
-                        "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; detail={reason}"
-                    )),
-                )
-            }
             Outcome::Bypass(reason) => {
                 stats.bypass(self.route, reason);
                 let reason = reason.as_str();
@@ -116,6 +66,32 @@ impl Ctx {
                     "BYPASS",
                     header_value(format_args!("{CACHE_NAME}; fwd=bypass; detail={reason}")),
                 )
+            }
+            miss => {
+                stats.miss(self.route, took);
+                let (prefix, detail) = match miss {
+                    Outcome::NotStored(reason) => {
+                        stats.not_stored(self.route, reason);
+                        match self.passed {
+                            true => ("detail=", "hit-for-miss"),
+                            false => ("detail=", reason.as_str()),
+                        }
+                    }
+                    Outcome::Stored => ("", "stored"),
+                    Outcome::Hedged => ("detail=", "hedged"),
+                    Outcome::Streamed => ("detail=", "streamed"),
+                    _ => ("", "collapsed"),
+                };
+                tracing::debug!(route, key = %key, detail, "cache miss");
+                let value = match miss {
+                    Outcome::Collapsed => Some(HeaderValue::from_static(
+                        "tower-redis-cache; fwd=uri-miss; collapsed",
+                    )),
+                    _ => header_value(format_args!(
+                        "{CACHE_NAME}; fwd=uri-miss; fwd-status={status}; {prefix}{detail}"
+                    )),
+                };
+                ("MISS", value)
             }
         };
         let headers = response.headers_mut();

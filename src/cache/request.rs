@@ -144,6 +144,12 @@ impl Ctx {
         crate::clock::shifted(local, self.policy.store().clock_offset_ms())
     }
 
+    /// Runs `poll` inside the span of the store operation under way.
+    pub(crate) fn in_span<T>(&self, poll: impl FnOnce() -> T) -> T {
+        let _span = self.span.enter();
+        poll()
+    }
+
     /// The timer after which a lookup still under way lets the handler
     /// answer (see [`Route::hedge`](crate::Route::hedge)).
     /// While the store is slow for the route (see

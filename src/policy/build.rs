@@ -530,25 +530,10 @@ fn compile_rule<'r>(
         .ok_or_else(|| invalid("expected `METHOD /path`".to_owned()))?;
     let pattern = pattern.trim();
     validate_pattern(pattern)?;
-    if rule.purges.is_empty() && rule.bumps.is_empty() {
-        return Err(invalid("no purge or bump".to_owned()));
+    if let Some(reason) = rule_refusal(rule) {
+        return Err(invalid(reason.to_owned()));
     }
-    if rule.again_after == Some(Duration::ZERO) {
-        return Err(invalid(
-            "again_after(0) would invalidate twice at once; give the lag of the reads".to_owned(),
-        ));
-    }
-    let mut methods = Vec::new();
-    for method in method_list.split('|') {
-        let method = Method::from_bytes(method.trim().as_bytes())
-            .map_err(|_| invalid(format!("unknown method `{method}`")))?;
-        if method.is_safe() {
-            return Err(invalid(format!(
-                "{method} is a safe method: reads do not invalidate"
-            )));
-        }
-        methods.push(method);
-    }
+    let methods = rule_methods(method_list, &invalid)?;
     let params = pattern_params(pattern);
     let bound = |target: &str, template: &KeyTemplate| match template
         .params()
@@ -634,4 +619,34 @@ fn named_bump(
         })?
         .typed(&groups[index].types);
     Ok(GroupRef { index, template })
+}
+
+/// The methods of a rule (`PATCH|DELETE`): known, and not safe.
+fn rule_methods(
+    list: &str,
+    invalid: &impl Fn(String) -> ConfigError,
+) -> Result<Vec<Method>, ConfigError> {
+    let mut methods = Vec::new();
+    for method in list.split('|') {
+        let method = Method::from_bytes(method.trim().as_bytes())
+            .map_err(|_| invalid(format!("unknown method `{method}`")))?;
+        if method.is_safe() {
+            return Err(invalid(format!(
+                "{method} is a safe method: reads do not invalidate"
+            )));
+        }
+        methods.push(method);
+    }
+    Ok(methods)
+}
+
+/// Why a rule cannot work, beside its pattern and methods.
+fn rule_refusal(rule: &Rule) -> Option<&'static str> {
+    if rule.purges.is_empty() && rule.bumps.is_empty() {
+        return Some("no purge or bump");
+    }
+    if rule.again_after == Some(Duration::ZERO) {
+        return Some("again_after(0) would invalidate twice at once; give the lag of the reads");
+    }
+    None
 }
