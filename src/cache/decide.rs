@@ -67,10 +67,7 @@ impl Ctx {
                 headers.remove(name);
             }
         }
-        #[cfg(feature = "tier")]
-        let local = self.local.served;
-        #[cfg(not(feature = "tier"))]
-        let local = false;
+        let local = self.served_locally();
         self.finish(
             response,
             Outcome::Hit {
@@ -95,7 +92,6 @@ impl Ctx {
             }
         };
         if let Observed::Value(raw) = found.take_payload() {
-            #[cfg(feature = "tier")]
             let size = raw.len();
             // On a route that verifies, a sampled hit keeps the stored bytes
             // (a reference count, not a copy) for its check.
@@ -103,9 +99,10 @@ impl Ctx {
             if let Some(stored) = self.servable(raw) {
                 let now_ms = self.now_ms();
                 let stale = self.is_stale(&stored, now_ms);
-                #[cfg(feature = "tier")]
-                let keep = (!stale && self.local.generation.is_some())
-                    .then(|| (stored.clone(), stored.fresh_for(now_ms)));
+                let keep = match stale {
+                    true => None,
+                    false => self.to_keep(&stored, size, now_ms),
+                };
                 if let Some(entry) = self.representation(stored) {
                     let refresh = match (stale, sample) {
                         (true, _) => self.refresh(&found),
@@ -117,9 +114,8 @@ impl Ctx {
                     } else {
                         "hit"
                     });
-                    #[cfg(feature = "tier")]
-                    if let Some((entry, fresh_for)) = keep {
-                        self.fill_local(entry, size, fresh_for);
+                    if let Some(kept) = keep {
+                        self.keep(kept);
                     }
                     return Next::Serve(self.hit(entry, now_ms), refresh);
                 }

@@ -131,7 +131,6 @@ impl<F, S, ReqBody, ResBody: Body> ResponseFuture<F, S, ReqBody, ResBody> {
     }
 
     /// A response ready at once.
-    #[cfg(feature = "tier")]
     pub(crate) fn served(response: Response<ResponseBody<ResBody>>) -> Self {
         Self {
             kind: Kind::Served {

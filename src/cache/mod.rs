@@ -150,6 +150,7 @@ mod body;
 mod decide;
 mod future;
 mod layer;
+mod local;
 mod refresh;
 mod report;
 mod request;

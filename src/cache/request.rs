@@ -21,6 +21,7 @@ use crate::reason::Reason;
 use crate::stats::telemetry::{warn_limited, Op};
 use crate::store::{CacheKey, Lookup, StoreError, StoreFuture};
 
+use super::local::Local;
 use super::refresh::Refresh;
 use super::report::{store_span, KeyText};
 
@@ -97,19 +98,7 @@ pub(crate) struct Ctx {
     pub(crate) span: tracing::Span,
     /// On a route kept in process too: the tier's generation read before
     /// the store was asked; and whether the tier answered.
-    #[cfg(feature = "tier")]
     pub(super) local: Local,
-}
-
-/// Where a request on a route kept in process stands with the tier.
-#[cfg(feature = "tier")]
-#[derive(Default)]
-pub(super) struct Local {
-    pub(super) generation: Option<u64>,
-    pub(super) served: bool,
-    /// The entry this miss stored and its stored size, kept in process
-    /// once the store wrote it.
-    pub(super) stored: Option<(Entry, usize)>,
 }
 
 impl Ctx {
@@ -276,52 +265,7 @@ impl Ctx {
             accepts: Accepts::default(),
             body_cap,
             span: tracing::Span::none(),
-            #[cfg(feature = "tier")]
             local: Local::default(),
-        }
-    }
-
-    /// The response from the in-process tier, when the route uses it and
-    /// holds a servable entry for `key`; else `key` back, for the store.
-    /// Reads the tier's generation first, for the fill once the store
-    /// answered.
-    #[cfg(feature = "tier")]
-    pub(crate) fn local_hit<B: Body>(
-        &mut self,
-        key: CacheKey,
-    ) -> Result<Response<ResponseBody<B>>, CacheKey> {
-        let tier = match (self.policy.route(self.route).in_process, self.policy.tier()) {
-            (Some(_), Some(tier)) => tier,
-            _ => return Err(key),
-        };
-        self.local.generation = Some(tier.generation());
-        let found = tier
-            .get(&key, self.started)
-            .filter(|entry| entry.binding == self.binding)
-            .and_then(|entry| self.representation(entry));
-        match found {
-            Some(entry) => {
-                self.key = Some(key);
-                self.local.served = true;
-                Ok(self.hit(entry, self.now_ms()))
-            }
-            None => Err(key),
-        }
-    }
-
-    /// Keeps `entry` (`size` bytes stored), fresh for `fresh_for`, in the
-    /// in-process tier, unless an invalidation of its key or group arrived
-    /// since the lookup began.
-    #[cfg(feature = "tier")]
-    pub(super) fn fill_local(&self, entry: Entry, size: usize, fresh_for: Duration) {
-        let (Some(generation), Some(key), Some(tier)) =
-            (self.local.generation, &self.key, self.policy.tier())
-        else {
-            return;
-        };
-        if let Some(bound) = self.policy.route(self.route).in_process {
-            let until = self.started + bound.min(fresh_for);
-            tier.fill(key, entry, size, generation, until);
         }
     }
 
@@ -475,7 +419,6 @@ impl Ctx {
         })
     }
 
-    #[cfg_attr(not(feature = "tier"), allow(unused_variables))]
     pub(crate) fn write(
         &mut self,
         entry: &Entry,
@@ -488,12 +431,12 @@ impl Ctx {
             return Err(Reason::SlowMiss);
         }
         let ttl = self.ttl() + self.policy.route(self.route).stale_window;
+        if self.key.is_some() && self.seen.is_some() {
+            self.storing(entry, value.len());
+        }
+        let store = self.policy.store();
         match (&self.key, &self.seen) {
             (Some(key), Some(seen)) => {
-                #[cfg(feature = "tier")]
-                if self.local.generation.is_some() {
-                    self.local.stored = Some((entry.clone(), value.len()));
-                }
                 let write = store.store(key, seen, value, ttl);
                 self.write_started = Some(Instant::now());
                 self.start_span(Op::Store);
@@ -514,10 +457,7 @@ impl Ctx {
             .unwrap_or_default();
         let outcome = match written {
             Ok(true) => {
-                #[cfg(feature = "tier")]
-                if let Some((entry, size)) = self.local.stored.take() {
-                    self.fill_local(entry, size, self.ttl());
-                }
+                self.stored_locally();
                 self.end_span("stored", took);
                 self.policy.stats_ref().stored(self.route, took);
                 Outcome::Stored

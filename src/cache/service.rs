@@ -100,7 +100,6 @@ where
                     std::mem::replace(&mut self.inner, unreserved).into_parts();
                 drop(reserved);
                 let mut ctx = Ctx::looking_up(policy, route, head, binding, request.headers());
-                #[cfg(feature = "tier")]
                 let key = match ctx.local_hit(key) {
                     Ok(response) => return ResponseFuture::served(response),
                     Err(key) => key,
