@@ -9,6 +9,7 @@ use sha2::Digest;
 
 use super::compiled::{CompiledRoute, CompiledRule, Despite, Group, GroupRef};
 use super::hedge::HedgeTiming;
+use super::tier;
 use super::{
     Policy, PolicyInner, Route, Rule, DEFAULT_COMPRESS_OVER, DEFAULT_LEASE_WAIT,
     DEFAULT_MAX_BODY_BYTES,
@@ -36,8 +37,7 @@ pub struct PolicyBuilder {
     pub(super) routes: Vec<Route>,
     pub(super) rules: Vec<Rule>,
     pub(super) store: Option<Arc<dyn Store>>,
-    #[cfg(feature = "tier")]
-    pub(super) in_process: crate::store::tier::InProcess,
+    pub(super) in_process: tier::Bounds,
 }
 
 impl std::fmt::Debug for PolicyBuilder {
@@ -67,8 +67,7 @@ impl Policy {
             routes: Vec::new(),
             rules: Vec::new(),
             store: None,
-            #[cfg(feature = "tier")]
-            in_process: crate::store::tier::InProcess::new(),
+            in_process: tier::Bounds::default(),
         }
     }
 }
@@ -260,14 +259,8 @@ impl PolicyBuilder {
         let store = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         let longest = routes.iter().map(|r| r.ttl + r.stale_window).max();
         store.longest_entry_life(longest.unwrap_or(self.default_ttl));
-        #[cfg(feature = "tier")]
-        let (store, tier) = match routes.iter().any(|r| r.in_process.is_some()) {
-            true => {
-                let (store, tier) = tiered(store, self.in_process)?;
-                (store, Some(tier))
-            }
-            false => (store, None),
-        };
+        let in_process = routes.iter().any(|r| r.in_process.is_some());
+        let (store, tier) = tier::attach(store, self.in_process, in_process)?;
         Ok(Policy {
             inner: Arc::new(PolicyInner {
                 coding: self.coding,
@@ -286,7 +279,6 @@ impl PolicyBuilder {
                 stats,
                 flights: FlightTable::default(),
                 background: Default::default(),
-                #[cfg(feature = "tier")]
                 tier,
             }),
         })
@@ -344,7 +336,6 @@ fn compile_route(
         vary: route.vary,
         verify: route.verify,
         hedge: HedgeTiming::new(route.hedge),
-        #[cfg(feature = "tier")]
         in_process: route.in_process,
     })
 }
@@ -381,7 +372,6 @@ fn check_settings(route: &Route, label: &str, ttl: Duration) -> Result<(), Confi
             rate: route.verify.to_string(),
         });
     }
-    #[cfg(feature = "tier")]
     if route.in_process.is_some_and(|bound| bound.is_zero()) {
         return Err(ConfigError::InProcess {
             reason: format!("route `{label}` keeps entries in process for 0 s"),
@@ -424,34 +414,6 @@ fn check_keyed(
         });
     }
     Ok(())
-}
-
-/// `store` behind an in-process tier of `bounds`, which the store tells of
-/// every invalidation.
-#[cfg(feature = "tier")]
-fn tiered(
-    store: Arc<dyn Store>,
-    bounds: crate::store::tier::InProcess,
-) -> Result<(Arc<dyn Store>, crate::store::tier::Tier), ConfigError> {
-    if bounds.is_empty() {
-        return Err(ConfigError::InProcess {
-            reason: "the in-process tier holds no entry or no byte".to_owned(),
-        });
-    }
-    let tier = crate::store::tier::Tier::new(bounds);
-    if !tier.watch(&*store) {
-        return Err(ConfigError::InProcess {
-            reason: format!(
-                "the {} store does not report invalidations (a RedisStore over its own connection needs `subscribe_via`, and a channel)",
-                store.name()
-            ),
-        });
-    }
-    let store: Arc<dyn Store> = Arc::new(crate::store::tier::Tiered {
-        inner: store,
-        tier: tier.clone(),
-    });
-    Ok((store, tier))
 }
 
 /// Adds `route` to the group `name` (creating it), checking that per-scope

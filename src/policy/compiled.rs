@@ -64,7 +64,6 @@ pub(crate) struct CompiledRoute {
     pub(crate) verify: f64,
     pub(crate) hedge: HedgeTiming,
     /// The hard bound of the route's entries in the in-process tier.
-    #[cfg(feature = "tier")]
     pub(crate) in_process: Option<Duration>,
 }
 

@@ -21,6 +21,7 @@ mod route;
 mod rule;
 #[cfg(test)]
 mod tests;
+mod tier;
 
 pub use build::PolicyBuilder;
 pub(crate) use compiled::{CompiledRoute, Despite};
@@ -88,8 +89,7 @@ struct PolicyInner {
     stats: CacheStats,
     flights: FlightTable,
     background: crate::background::Background,
-    #[cfg(feature = "tier")]
-    tier: Option<crate::store::tier::Tier>,
+    tier: tier::Attached,
 }
 
 impl std::fmt::Debug for PolicyInner {
@@ -99,6 +99,7 @@ impl std::fmt::Debug for PolicyInner {
             .field("routes", &self.routes.len())
             .field("rules", &self.rules.len())
             .field("store", &self.store.name())
+            .field("tier", &self.tier)
             .finish()
     }
 }
@@ -169,12 +170,6 @@ impl Policy {
 
     pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
-    }
-
-    /// The in-process tier, when a route uses it.
-    #[cfg(feature = "tier")]
-    pub(crate) fn tier(&self) -> Option<&crate::store::tier::Tier> {
-        self.inner.tier.as_ref()
     }
 
     pub(crate) fn stats_ref(&self) -> &CacheStats {

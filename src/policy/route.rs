@@ -52,7 +52,6 @@ pub struct Route {
     pub(super) hedge: Hedge,
     pub(super) unkeyed: Vec<String>,
     pub(super) despite: Vec<String>,
-    #[cfg(feature = "tier")]
     pub(super) in_process: Option<Duration>,
 }
 
@@ -84,7 +83,6 @@ impl Route {
             hedge: Hedge::Off,
             unkeyed: Vec::new(),
             despite: Vec::new(),
-            #[cfg(feature = "tier")]
             in_process: None,
         }
     }
