@@ -114,10 +114,7 @@ pub use invalidate::InvalidateLayer;
 pub use key::{Canonical, Scope};
 #[cfg(feature = "compression")]
 pub use policy::DEFAULT_COMPRESS_OVER;
-pub use policy::{
-    Policy, PolicyBuilder, Route, Rule, DEFAULT_LEASE_WAIT, DEFAULT_MAX_BODY_BYTES, HEDGE_FLOOR,
-    HEDGE_STREAK,
-};
+pub use policy::{Policy, PolicyBuilder, Route, Rule, DEFAULT_LEASE_WAIT, DEFAULT_MAX_BODY_BYTES};
 pub use reason::Reason;
 pub use stats::{CacheStats, InvalidationStats, RouteStats};
 #[cfg(feature = "tier")]

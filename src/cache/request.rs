@@ -142,7 +142,7 @@ impl Ctx {
     /// The timer after which a lookup still under way lets the handler
     /// answer (see [`Route::hedge`](crate::Route::hedge)).
     /// While the store is slow for the route (see
-    /// [`HEDGE_STREAK`](crate::HEDGE_STREAK)), it runs out at once: the
+    /// two), it runs out at once: the
     /// lookup is sent, then the handler answers.
     pub(crate) fn hedge_timer(&mut self) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
         let route = self.policy.route(self.route);

@@ -17,12 +17,12 @@ pub(crate) enum Hedge {
 /// The shortest a derived hedge waits for a lookup: a healthy Redis on
 /// the same network answers well within it. Tokio's timers tick every
 /// millisecond, so a hedge fires 0 to 1 ms after its budget.
-pub const HEDGE_FLOOR: Duration = Duration::from_micros(500);
+pub(crate) const HEDGE_FLOOR: Duration = Duration::from_micros(500);
 
 /// After this many lookups in a row of a hedging route ran past its
 /// budget, the next ones hedge at once (the store is slow now, not one
 /// reply), until one finishes within the budget again.
-pub const HEDGE_STREAK: u32 = 2;
+pub(crate) const HEDGE_STREAK: u32 = 2;
 
 /// A route's hedging: its mode and the timings it learns.
 #[derive(Debug)]

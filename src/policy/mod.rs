@@ -26,7 +26,6 @@ mod tier;
 pub use build::PolicyBuilder;
 pub(crate) use compiled::{CompiledRoute, Despite};
 use compiled::{CompiledRule, Group};
-pub use hedge::{HEDGE_FLOOR, HEDGE_STREAK};
 pub(crate) use plan::{Decision, WriteInvalidation};
 pub use route::Route;
 pub use rule::Rule;

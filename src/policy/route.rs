@@ -6,8 +6,6 @@ use http::HeaderName;
 
 use super::hedge::Hedge;
 #[cfg(doc)]
-use super::hedge::{HEDGE_FLOOR, HEDGE_STREAK};
-#[cfg(doc)]
 use super::Rule;
 use crate::key::{Canonical, QueryRule, Scope};
 #[cfg(doc)]
@@ -290,7 +288,7 @@ impl Route {
 
     /// Never slower than no cache: a lookup still under way once it took
     /// as long as the route's handler does (a moving average of its misses,
-    /// at least [`HEDGE_FLOOR`]) lets the handler answer. The lookup goes
+    /// at least 0.5 ms) lets the handler answer. The lookup goes
     /// on: it is still counted (the breaker still opens on slow calls), and
     /// the handler's response is stored under what it read, in the
     /// background, when that guards a read made before the lookup ran
@@ -304,7 +302,7 @@ impl Route {
     /// Otherwise it is not stored. Such a response says `detail=hedged`.
     /// Off by default;
     /// before the route's first miss, the floor is the budget. Once
-    /// [`HEDGE_STREAK`] lookups in a row ran past the budget, the handler
+    /// two lookups in a row ran past the budget, the handler
     /// answers at once, the lookups still going on, until one of them
     /// finishes within the budget.
     pub fn hedge(mut self) -> Self {
