@@ -253,7 +253,7 @@ impl MemoryStore {
         let entry = match key {
             CacheKey::Plain(key) => match self.get(key) {
                 Observed::Absent => {
-                    let lease = crate::entry::lease();
+                    let lease = crate::store::tokens::lease();
                     self.insert(key.clone(), lease.clone(), self.lease_ttl);
                     Observed::Value(lease)
                 }

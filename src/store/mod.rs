@@ -36,6 +36,7 @@ mod redis;
 mod resilient;
 #[cfg(feature = "tier")]
 pub(crate) mod tier;
+pub(crate) mod tokens;
 #[cfg(feature = "tier")]
 mod watch;
 
@@ -193,7 +194,9 @@ impl Lookup {
     /// new versions, says nothing of a read made before it ran.
     pub(crate) fn guards_an_earlier_read(&self) -> bool {
         match self.versions.is_empty() {
-            true => matches!(&self.entry, Observed::Value(raw) if crate::entry::is_lease(raw)),
+            true => {
+                matches!(&self.entry, Observed::Value(raw) if crate::store::tokens::is_lease(raw))
+            }
             false => self.versions_current_at_call,
         }
     }
@@ -226,7 +229,7 @@ impl Invalidation {
         Self {
             deletes,
             bumps,
-            tombstone: crate::entry::tombstone(),
+            tombstone: crate::store::tokens::tombstone(),
         }
     }
 

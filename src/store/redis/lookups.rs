@@ -17,9 +17,9 @@ pub(super) async fn plain_lookup<C: ConnectionLike>(
     conn: &mut C,
     key: &str,
     lease_ttl: std::time::Duration,
-    minter: &crate::entry::Minter,
+    minter: &crate::store::tokens::Minter,
 ) -> Result<(Observed, bool), StoreError> {
-    let lease = crate::entry::lease_by(minter);
+    let lease = crate::store::tokens::lease_by(minter);
     let mut set = Cmd::with_capacity(7, key.len() + lease.len() + 32);
     set.arg("SET")
         .arg(key)
@@ -32,7 +32,7 @@ pub(super) async fn plain_lookup<C: ConnectionLike>(
         Ok(Value::BulkString(value)) => {
             // This store's own lease: a miss of this process left it (its
             // request went away), and nobody is filling the entry.
-            let foreign = crate::entry::is_lease_of_another(&value, minter);
+            let foreign = crate::store::tokens::is_lease_of_another(&value, minter);
             return Ok((Observed::Value(Bytes::from(value)), foreign));
         }
         Ok(Value::Nil) => Observed::Value(Bytes::copy_from_slice(&lease)),

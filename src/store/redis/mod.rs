@@ -92,7 +92,7 @@ struct Link<C> {
     lease_ttl: Duration,
     seen_versions: std::sync::Arc<SeenVersions>,
     /// What tells this store's leases from other processes'.
-    minter: crate::entry::Minter,
+    minter: crate::store::tokens::Minter,
     /// Whether invalidations go out one per cluster slot: known for a
     /// cluster source, learned from a `CROSSSLOT` for any other.
     split: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -244,7 +244,7 @@ impl<C: Connect> RedisStore<C> {
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
             lease_ttl: DEFAULT_LEASE_TTL,
             seen_versions: std::sync::Arc::default(),
-            minter: crate::entry::minter(),
+            minter: crate::store::tokens::minter(),
             channel: std::sync::Arc::from(DEFAULT_CHANNEL),
             subscribe_via: std::sync::Arc::from([]),
         };
