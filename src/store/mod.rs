@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub mod conformance;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
@@ -383,6 +384,14 @@ impl StoreError {
 /// Implementations must give the guarantees listed in the
 /// [module docs](self): conditional writes, versions that never repeat, and
 /// tombstones on delete.
+///
+/// # Writing a store
+///
+/// A store is an extension point: five methods are required (`name`,
+/// `lookup`, `store`, `invalidate`, `ping`); the others have defaults that
+/// fit a store in one place, and a store that wraps another forwards them.
+/// Run [`conformance::check`] in its tests: it fails, naming the rule, when
+/// the store would let the cache serve stale or foreign data.
 pub trait Store: Send + Sync + 'static {
     /// A short name for health output: `memory`, `redis`.
     fn name(&self) -> &'static str;
