@@ -68,13 +68,20 @@ fn cases(store: &Arc<dyn Store>, other_store: &Arc<dyn Store>) -> Vec<Case> {
     let mut cases = Vec::new();
 
     // `/users/me` beside `/users/{id}`; the policy names `/users/{id}`.
-    let users = policy(store, "me")
-        .route(Route::get("/users/{id}").key("user:{id}").scope(tenant()))
-        .build()
-        .unwrap();
-    cases.push(Case {
-        name: "matched path: /users/me beside /users/{id}",
-        app: Router::new()
+    // The layer on the router, then on the routes only.
+    for (namespace, name, route_layer) in [
+        ("me", "matched path: /users/me beside /users/{id}", false),
+        (
+            "me-route-layer",
+            "matched path: /users/me beside /users/{id}, route_layer",
+            true,
+        ),
+    ] {
+        let users = policy(store, namespace)
+            .route(Route::get("/users/{id}").key("user:{id}").scope(tenant()))
+            .build()
+            .unwrap();
+        let app = Router::new()
             .route(
                 "/users/me",
                 get(|h: HeaderMap| async move {
@@ -84,38 +91,20 @@ fn cases(store: &Arc<dyn Store>, other_store: &Arc<dyn Store>) -> Vec<Case> {
             .route(
                 "/users/{id}",
                 get(|Path(id): Path<String>| async move { json(serde_json::json!({"id": id})) }),
-            )
-            .layer(CacheLayer::new(users)),
-        odd: req("/users/me", &[("x-tenant-id", "acme"), ("x-user", "alice")]),
-        clean: || req("/users/me", &[("x-tenant-id", "acme"), ("x-user", "bob")]),
-        odd_mark: "alice",
-        clean_mark: "bob",
-    });
-
-    // The same, the layer applied with `route_layer`.
-    let users = policy(store, "me-route-layer")
-        .route(Route::get("/users/{id}").key("user:{id}").scope(tenant()))
-        .build()
-        .unwrap();
-    cases.push(Case {
-        name: "matched path: /users/me beside /users/{id}, route_layer",
-        app: Router::new()
-            .route(
-                "/users/me",
-                get(|h: HeaderMap| async move {
-                    json(serde_json::json!({"me": h["x-user"].to_str().unwrap()}))
-                }),
-            )
-            .route(
-                "/users/{id}",
-                get(|Path(id): Path<String>| async move { json(serde_json::json!({"id": id})) }),
-            )
-            .route_layer(CacheLayer::new(users)),
-        odd: req("/users/me", &[("x-tenant-id", "acme"), ("x-user", "alice")]),
-        clean: || req("/users/me", &[("x-tenant-id", "acme"), ("x-user", "bob")]),
-        odd_mark: "alice",
-        clean_mark: "bob",
-    });
+            );
+        let app = match route_layer {
+            true => app.route_layer(CacheLayer::new(users)),
+            false => app.layer(CacheLayer::new(users)),
+        };
+        cases.push(Case {
+            name,
+            app,
+            odd: req("/users/me", &[("x-tenant-id", "acme"), ("x-user", "alice")]),
+            clean: || req("/users/me", &[("x-tenant-id", "acme"), ("x-user", "bob")]),
+            odd_mark: "alice",
+            clean_mark: "bob",
+        });
+    }
 
     // The cached router nested under `/shops/{shop}`.
     let shops = policy(store, "nest")
