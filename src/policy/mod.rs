@@ -14,6 +14,7 @@ use crate::stats::CacheStats;
 use crate::store::{CacheKey, Store};
 
 mod build;
+mod compile_rule;
 mod compiled;
 mod hedge;
 mod plan;
