@@ -17,7 +17,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::Request;
 use redis::aio::ConnectionLike;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
-use tower_redis_cache::store::{CacheKey, RedisStore, Store};
+use tower_redis_cache::store::{CacheKey, RedisSource, RedisStore, Store};
 use tower_redis_cache::{Policy, Route, Scope};
 
 /// Answers every `MGET` with version "1" for each version key and an entry
@@ -101,7 +101,9 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("list lookup, tenants");
     for tenants in [100, 4_000, 10_000, 40_000] {
         let conn = Versions::default();
-        let store = RedisStore::new(conn.clone());
+        let store = RedisStore::builder(RedisSource::connection(conn.clone()))
+            .build()
+            .unwrap();
         let keys = keys(&store, tenants);
         // Versions learnt once, as a process that served every tenant.
         runtime.block_on(async {

@@ -24,7 +24,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tower_redis_cache::store::RedisStore;
+use tower_redis_cache::store::{RedisSource, RedisStore};
 use tower_redis_cache::{CacheLayer, Policy, Route, Rule};
 
 /// Articles by slug.
@@ -35,7 +35,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seeds = std::env::var("REDIS_CLUSTER_URLS")
         .map_err(|_| "set REDIS_CLUSTER_URLS to the cluster's seed nodes")?;
     // Fails here, with the reason, when no seed answers.
-    let store = RedisStore::cluster_connect(seeds.split(',')).await?;
+    let store = RedisStore::builder(RedisSource::cluster(seeds.split(','))).build()?;
+    store.connect().await?;
     let policy = Policy::builder()
         .store(store)
         .route(

@@ -54,7 +54,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tower_redis_cache::store::{RedisStore, Store};
+use tower_redis_cache::store::{RedisSource, RedisStore, Store};
 use tower_redis_cache::{CacheHandle, CacheLayer, HandleError, Policy, Route, Rule, Scope};
 
 /// The tenant a bearer token belongs to, set by the auth middleware.
@@ -871,16 +871,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         var("REDIS_URL"),
     ) {
         (Some(seeds), _, _) => {
-            let store = RedisStore::cluster(list(&seeds))?.deadline(deadline);
+            let store = RedisStore::builder(RedisSource::cluster(list(&seeds)))
+                .deadline(deadline)
+                .build()?;
             (Some(Arc::new(store)), "redis cluster")
         }
         (None, Some(sentinels), _) => {
             let master = env("REDIS_SENTINEL_MASTER", "mymaster");
-            let store = RedisStore::sentinel(&master, list(&sentinels))?.deadline(deadline);
+            let store = RedisStore::builder(RedisSource::sentinel(&master, list(&sentinels)))
+                .deadline(deadline)
+                .build()?;
             (Some(Arc::new(store)), "redis sentinel")
         }
         (None, None, Some(url)) => {
-            let store = RedisStore::open(&url)?.deadline(deadline);
+            let store = RedisStore::builder(&url).deadline(deadline).build()?;
             (Some(Arc::new(store)), "redis")
         }
         (None, None, None) => (None, "memory"),

@@ -40,7 +40,8 @@ type Projects = Arc<Mutex<HashMap<String, Vec<String>>>>;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     // Fails here, with the reason, when Redis is unreachable or refuses us.
-    let store = RedisStore::connect(&url).await?;
+    let store = RedisStore::builder(&url).build()?;
+    store.connect().await?;
     let tenant = || Scope::new().extension(|ext| ext.get::<Tenant>().map(|t| t.0.clone()));
     let policy = Policy::builder()
         .store(store)

@@ -103,7 +103,7 @@ pub(crate) fn headers_len(headers: &HeaderMap) -> usize {
 
 /// Headers a hit adds to the stored ones: `content-length`, `age`,
 /// `x-cache`, `cache-status`.
-const ADDED_HEADERS: usize = 4;
+pub(crate) const ADDED_HEADERS: usize = 4;
 
 /// The most headers a stored response may have.
 pub(crate) const MAX_HEADERS: usize = u16::MAX as usize;
@@ -223,47 +223,6 @@ impl Entry {
         Some(self)
     }
 
-    /// A copy to answer with: its header map has room for the headers a
-    /// hit adds (a clone's would grow, reallocating, on the first insert).
-    #[cfg(feature = "tier")]
-    pub(crate) fn to_serve(&self) -> Self {
-        let mut headers = HeaderMap::with_capacity(self.headers.len() + ADDED_HEADERS);
-        for (name, value) in &self.headers {
-            headers.append(name.clone(), value.clone());
-        }
-        Self {
-            binding: self.binding,
-            coding: self.coding,
-            status: self.status,
-            headers,
-            body: self.body.clone(),
-            stored_at_ms: self.stored_at_ms,
-            ttl_s: self.ttl_s,
-        }
-    }
-
-    /// The same entry in buffers of its own: clones of it share no
-    /// reference count with clones of `self` (a thread's own copy).
-    #[cfg(feature = "tier")]
-    pub(crate) fn deep_copy(&self) -> Self {
-        let mut headers = HeaderMap::with_capacity(self.headers.len());
-        for (name, value) in &self.headers {
-            let mut copy =
-                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-            copy.set_sensitive(value.is_sensitive());
-            headers.append(name.clone(), copy);
-        }
-        Self {
-            binding: self.binding,
-            coding: self.coding,
-            status: self.status,
-            headers,
-            body: Bytes::copy_from_slice(&self.body),
-            stored_at_ms: self.stored_at_ms,
-            ttl_s: self.ttl_s,
-        }
-    }
-
     /// Seconds left at `now_ms` (see [`unix_ms`](crate::clock::unix_ms)) before the entry goes
     /// stale, negative once it has.
     pub(crate) fn remaining_ttl_s(&self, now_ms: u64) -> i64 {
@@ -276,13 +235,7 @@ impl Entry {
         now_ms >= self.fresh_until_ms()
     }
 
-    /// How long the entry stays fresh after `now_ms`.
-    #[cfg_attr(not(feature = "tier"), allow(dead_code))]
-    pub(crate) fn fresh_for(&self, now_ms: u64) -> Duration {
-        Duration::from_millis(self.fresh_until_ms().saturating_sub(now_ms))
-    }
-
-    fn fresh_until_ms(&self) -> u64 {
+    pub(crate) fn fresh_until_ms(&self) -> u64 {
         self.stored_at_ms + u64::from(self.ttl_s) * 1000
     }
 

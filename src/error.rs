@@ -68,6 +68,18 @@ pub enum ConfigError {
         /// Why it cannot work.
         reason: String,
     },
+    /// A [`ReplayConfig`](crate::store::ReplayConfig) value that cannot
+    /// work.
+    Replay {
+        /// Why it cannot work.
+        reason: String,
+    },
+    /// A Redis address or client that cannot work (a URL that does not
+    /// parse, a Sentinel or cluster client that cannot be built).
+    RedisSource {
+        /// Why it cannot work.
+        reason: String,
+    },
     /// A host given to [`PolicyBuilder::hosts`](crate::PolicyBuilder::hosts)
     /// that is not a valid `host[:port]`.
     InvalidHost(String),
@@ -167,6 +179,8 @@ impl fmt::Display for ConfigError {
             Self::InvalidHeaderName(name) => write!(f, "`{name}` is not a valid header name"),
             Self::InvalidHost(host) => write!(f, "`{host}` is not a valid host[:port]"),
             Self::Breaker { reason } => write!(f, "circuit breaker: {reason}"),
+            Self::Replay { reason } => write!(f, "invalidation replay queue: {reason}"),
+            Self::RedisSource { reason } => write!(f, "redis source: {reason}"),
             Self::InProcess { reason } => write!(f, "in-process tier: {reason}"),
             Self::InvalidRule { rule, reason } => write!(f, "invalid rule `{rule}`: {reason}"),
             Self::UnknownRoute { rule, route } => write!(

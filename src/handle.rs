@@ -227,14 +227,7 @@ impl CacheHandle {
 
     /// The in-process tier's state, when a route uses it.
     pub fn in_process(&self) -> Option<InProcessHealth> {
-        #[cfg(feature = "tier")]
-        if let Some(tier) = self.policy.tier() {
-            return Some(InProcessHealth {
-                live: tier.is_live(),
-                entries: tier.len(),
-            });
-        }
-        None
+        self.policy.in_process_health()
     }
 
     /// The version groups of the policy, and whether each is per scope.

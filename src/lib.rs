@@ -27,7 +27,7 @@
 //! async fn update_person() -> Json<serde_json::Value> { Json(serde_json::json!({"id": 1})) }
 //!
 //! let policy = Policy::builder()
-//!     // .store(RedisStore::open("redis://127.0.0.1/")?) — in-process memory store by default
+//!     // .store(RedisStore::builder("redis://127.0.0.1/").build()?) — the memory store by default
 //!     .route(Route::get("/persons/{id}").key("person:{id}").ttl(Duration::from_secs(300)))
 //!     .route(
 //!         Route::get("/persons")

@@ -230,7 +230,13 @@ async fn a_failover_that_loses_the_purge_serves_no_pre_write_data() {
     db.set("1", 1);
     // A write budget for a loaded machine: replicas confirm within half a
     // try (here 1 s) or the write is reported unconfirmed.
-    let store = || cluster.store().write_deadline(Duration::from_secs(4));
+    let store = || {
+        let builder = cluster.store_builder();
+        builder
+            .write_deadline(Duration::from_secs(4))
+            .build()
+            .unwrap()
+    };
     let (writer, _) = app(Arc::new(store()), db.clone());
     let (reader, _) = app(Arc::new(store()), db.clone());
     let uris = ["/persons/1", "/persons?limit=5"];

@@ -15,8 +15,8 @@ use common::http::http;
 use common::{get_req, method_req, revision, router, send, send_reading, Db};
 use tokio::time::Instant;
 use tower_redis_cache::store::{
-    BreakerConfig, CacheKey, Circuit, Invalidation, Lookup, MemoryStore, Resilient, Store,
-    StoreFuture,
+    BreakerConfig, CacheKey, Circuit, Invalidation, Lookup, MemoryStore, ReplayConfig, Resilient,
+    Store, StoreFuture,
 };
 use tower_redis_cache::{CacheLayer, Policy, Route, Rule};
 
@@ -151,7 +151,7 @@ async fn a_slow_store_never_makes_a_hedged_route_slower_than_no_cache() {
     // as the probe would too, so the circuit stays open past the test and
     // is read once the hedged lookups still under way have ended.
     let breaker = BreakerConfig::default().open_for(Duration::from_secs(3600));
-    let store = Resilient::new(slow(), breaker);
+    let store = Resilient::new(slow(), breaker, ReplayConfig::default()).unwrap();
     let (_, _) = reads(&app(Arc::new(store.clone()), db.clone(), true), &db).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -286,11 +286,12 @@ async fn a_hedged_list_read_stores_only_under_versions_current_before_its_handle
     let db = Db::default();
     db.set("1", 1);
     let open = |url: &str| {
-        let store = tower_redis_cache::store::RedisStore::open(url)
-            .unwrap()
+        let store = tower_redis_cache::store::RedisStore::builder(url)
             .deadline(common::TEST_DEADLINE)
             .write_deadline(common::TEST_DEADLINE)
-            .breaker(common::test_breaker());
+            .breaker(common::test_breaker())
+            .build()
+            .unwrap();
         Arc::new(store) as Arc<dyn Store>
     };
     let a = app(

@@ -98,7 +98,9 @@ fn two_processes(server: &common::RedisServer, db: &Db) -> (axum::Router, axum::
     db.set("1", 1);
     db.read_delay_us.store(200_000, Ordering::Relaxed);
     let process = || {
-        let store = tower_redis_cache::store::RedisStore::open(&server.url()).unwrap();
+        let store = tower_redis_cache::store::RedisStore::builder(server.url())
+            .build()
+            .unwrap();
         app(std::sync::Arc::new(store), db.clone()).0
     };
     (process(), process())

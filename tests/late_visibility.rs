@@ -126,5 +126,5 @@ async fn again_after_removes_what_a_lagging_read_stored_memory() {
 #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
 async fn again_after_removes_what_a_lagging_read_stored_redis() {
     let server = RedisServer::start();
-    check(|| Arc::new(RedisStore::open(&server.url()).unwrap())).await;
+    check(|| Arc::new(RedisStore::builder(server.url()).build().unwrap())).await;
 }

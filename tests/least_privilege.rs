@@ -19,8 +19,8 @@ use tower_redis_cache::store::{RedisStore, Store, StoreError};
 /// then a hit) for the item and the list; returns (hits, stale reads).
 async fn writes_seen_across_processes(url: &str) -> (usize, usize, [Arc<dyn Store>; 2]) {
     let stores: [Arc<dyn Store>; 2] = [
-        Arc::new(RedisStore::connect(url).await.expect("the user connects")),
-        Arc::new(RedisStore::connect(url).await.expect("the user connects")),
+        Arc::new(common::connected(url).await.expect("the user connects")),
+        Arc::new(common::connected(url).await.expect("the user connects")),
     ];
     writes_seen_through(stores).await
 }
@@ -98,7 +98,7 @@ async fn a_missing_permission_is_named_at_start_up() {
         .filter(|rule| rule != "+script|load")
         .collect();
     create_user(server.port, "partial", &rules, &[]);
-    let err = RedisStore::connect(&user_url(server.port, "partial"))
+    let err = common::connected(&user_url(server.port, "partial"))
         .await
         .expect_err("SCRIPT LOAD is denied");
     assert!(matches!(err, StoreError::Denied(_)), "{err:?}");
@@ -126,7 +126,11 @@ async fn a_cluster_user_without_the_strengthening_commands_still_caches() {
     }
     let store = || -> Arc<dyn Store> {
         let urls = cluster.ports.iter().map(|port| user_url(*port, "narrow"));
-        Arc::new(RedisStore::cluster(urls).unwrap())
+        Arc::new(
+            RedisStore::builder(tower_redis_cache::store::RedisSource::cluster(urls))
+                .build()
+                .unwrap(),
+        )
     };
     let (hits, stale, stores) = writes_seen_through([store(), store()]).await;
     eprintln!("cluster, no MYID/SHARDS/WAIT: 80 reads after 20 writes, {hits} hits, {stale} stale");

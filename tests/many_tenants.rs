@@ -62,7 +62,8 @@ async fn commands_per_lookup(server: &RedisServer, store: RedisStore) -> f64 {
 #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
 async fn ten_thousand_tenants_keep_one_command_per_list_lookup() {
     let server = RedisServer::start();
-    let per_lookup = commands_per_lookup(&server, RedisStore::open(&server.url()).unwrap()).await;
+    let per_lookup =
+        commands_per_lookup(&server, RedisStore::builder(server.url()).build().unwrap()).await;
     eprintln!("{TENANTS} tenants, default memory: {per_lookup:.3} commands per list lookup");
     assert_eq!(per_lookup, 1.0);
 }
@@ -73,9 +74,10 @@ async fn ten_thousand_tenants_keep_one_command_per_list_lookup() {
 #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
 async fn a_smaller_memory_costs_only_the_groups_it_forgot() {
     let server = RedisServer::start();
-    let store = RedisStore::open(&server.url())
-        .unwrap()
-        .remembered_versions(TENANTS);
+    let store = RedisStore::builder(server.url())
+        .remembered_versions(TENANTS)
+        .build()
+        .unwrap();
     let per_lookup = commands_per_lookup(&server, store).await;
     eprintln!(
         "{TENANTS} tenants, memory of {TENANTS} keys: {per_lookup:.3} commands per list lookup"

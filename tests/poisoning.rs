@@ -345,10 +345,11 @@ async fn a_policy_that_names_its_hosts_bypasses_the_others(backend: Backend) {
 async fn no_odd_input_crosses_processes() {
     let server = common::RedisServer::start();
     let process = || {
-        let store = tower_redis_cache::store::RedisStore::open(&server.url())
-            .unwrap()
+        let store = tower_redis_cache::store::RedisStore::builder(server.url())
             .deadline(common::TEST_DEADLINE)
-            .breaker(common::test_breaker());
+            .breaker(common::test_breaker())
+            .build()
+            .unwrap();
         app(Arc::new(store), Policy::builder())
     };
     let (a, b) = (process(), process());

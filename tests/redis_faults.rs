@@ -27,9 +27,10 @@ async fn until_hit(app: &axum::Router, body: &str) -> bool {
 
 fn redis_app(server: &RedisServer, db: Db) -> axum::Router {
     let store: Arc<dyn Store> = Arc::new(
-        RedisStore::open(&server.url())
-            .unwrap()
-            .deadline(common::TEST_DEADLINE),
+        RedisStore::builder(server.url())
+            .deadline(common::TEST_DEADLINE)
+            .build()
+            .unwrap(),
     );
     app(store, db).0
 }
@@ -70,7 +71,8 @@ async fn redis_stopped_and_restarted_the_handler_answers_and_caching_resumes() {
 #[tokio::test]
 async fn a_building_layer_needs_no_running_redis() {
     // Nothing listens on port 1.
-    let store: Arc<dyn Store> = Arc::new(RedisStore::open("redis://127.0.0.1:1/").unwrap());
+    let store: Arc<dyn Store> =
+        Arc::new(RedisStore::builder("redis://127.0.0.1:1/").build().unwrap());
     let db = Db::default();
     db.set("1", 1);
     let (app, cache) = app(store, db);
@@ -141,15 +143,15 @@ async fn wrong_types(app: &axum::Router, raw: &mut impl redis::aio::ConnectionLi
 }
 
 fn guarded_store(server: &RedisServer) -> RedisStore {
-    RedisStore::open(&server.url())
-        .unwrap()
+    RedisStore::builder(server.url())
         .deadline(Duration::from_millis(50))
         .breaker(
             BreakerConfig::default()
                 .failure_threshold(3)
-                .unwrap()
                 .open_for(Duration::from_millis(300)),
         )
+        .build()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -262,9 +264,10 @@ async fn out_of_memory_writes_fail_without_stale_reads() {
     let db = Db::default();
     db.set("1", 1);
     db.set("2", 1);
-    let store = RedisStore::open(&server.url())
-        .unwrap()
-        .deadline(common::TEST_DEADLINE);
+    let store = RedisStore::builder(server.url())
+        .deadline(common::TEST_DEADLINE)
+        .build()
+        .unwrap();
     let (app, cache) = app(Arc::new(store.clone()), db.clone());
     send(&app, get_req("/persons/1")).await;
     assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
@@ -323,10 +326,11 @@ async fn a_wrong_password_opens_the_circuit_and_health_says_why() {
     let server = RedisServer::start();
     require_password(&server, "s3cret").await;
     let url = format!("redis://:wrong@127.0.0.1:{}/0", server.port);
-    let store = RedisStore::open(&url)
-        .unwrap()
+    let store = RedisStore::builder(&url)
         .deadline(common::TEST_DEADLINE)
-        .breaker(BreakerConfig::default().failure_threshold(3).unwrap());
+        .breaker(BreakerConfig::default().failure_threshold(3))
+        .build()
+        .unwrap();
     let db = Db::default();
     db.set("1", 1);
     let (app, policy) = app(Arc::new(store), db);
@@ -352,19 +356,19 @@ async fn a_wrong_password_opens_the_circuit_and_health_says_why() {
 #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
 async fn connect_fails_fast_with_the_reason_and_succeeds_on_a_running_server() {
     let server = RedisServer::start();
-    assert!(RedisStore::connect(&server.url()).await.is_ok());
+    assert!(common::connected(&server.url()).await.is_ok());
     require_password(&server, "s3cret").await;
     let wrong = format!("redis://:wrong@127.0.0.1:{}/0", server.port);
-    let denied = RedisStore::connect(&wrong).await.unwrap_err();
+    let denied = common::connected(&wrong).await.unwrap_err();
     assert!(matches!(denied, StoreError::Denied(_)), "{denied}");
     let right = format!("redis://:s3cret@127.0.0.1:{}/0", server.port);
-    assert!(RedisStore::connect(&right).await.is_ok());
+    assert!(common::connected(&right).await.is_ok());
     let nobody = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let refused = RedisStore::connect(&format!("redis://127.0.0.1:{nobody}/0"))
+    let refused = common::connected(&format!("redis://127.0.0.1:{nobody}/0"))
         .await
         .unwrap_err();
     assert!(matches!(refused, StoreError::Unreachable(_)), "{refused}");
@@ -505,9 +509,10 @@ async fn the_store_connects_as_the_urls_user_on_its_database() {
     require_password(&server, "other").await;
     let url = format!("redis://app:app-s3cret@127.0.0.1:{}/3", server.port);
     let store: Arc<dyn Store> = Arc::new(
-        RedisStore::open(&url)
-            .unwrap()
-            .deadline(common::TEST_DEADLINE),
+        RedisStore::builder(&url)
+            .deadline(common::TEST_DEADLINE)
+            .build()
+            .unwrap(),
     );
     let db = Db::default();
     db.set("1", 1);

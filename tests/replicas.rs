@@ -53,7 +53,7 @@ async fn a_master_demoted_in_place_is_noticed_within_the_bound() {
     synced(b.port).await;
     let db = Db::default();
     db.set("1", 1);
-    let store: Arc<dyn Store> = Arc::new(RedisStore::open(&a.url()).unwrap());
+    let store: Arc<dyn Store> = Arc::new(RedisStore::builder(a.url()).build().unwrap());
     let (app, _) = app(store, db.clone());
     let list = "/persons?limit=5";
     send(&app, get_req(list)).await;
@@ -133,7 +133,14 @@ async fn a_sentinel_failover_mid_run_leaves_every_answer_correct() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let store = || -> Arc<dyn Store> {
-        Arc::new(RedisStore::sentinel("mymaster", [sentinel.url()]).unwrap())
+        Arc::new(
+            RedisStore::builder(tower_redis_cache::store::RedisSource::sentinel(
+                "mymaster",
+                [sentinel.url()],
+            ))
+            .build()
+            .unwrap(),
+        )
     };
     let db = Db::default();
     db.set("1", 0);

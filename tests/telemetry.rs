@@ -91,13 +91,10 @@ async fn a_store_failing_on_every_request_warns_once_per_interval() {
         .local_addr()
         .unwrap()
         .port();
-    let store = RedisStore::open(&format!("redis://127.0.0.1:{port}"))
-        .unwrap()
-        .breaker(
-            BreakerConfig::default()
-                .failure_threshold(u32::MAX)
-                .unwrap(),
-        );
+    let store = RedisStore::builder(format!("redis://127.0.0.1:{port}"))
+        .breaker(BreakerConfig::default().failure_threshold(u32::MAX))
+        .build()
+        .unwrap();
     let db = Db::default();
     db.set("1", 1);
     let (router, policy) = app(Arc::new(store), db);

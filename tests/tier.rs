@@ -18,7 +18,7 @@ use common::{
 };
 use tower::ServiceExt;
 use tower_redis_cache::store::{
-    CacheKey, Invalidation, Lookup, RedisStore, Store, StoreFuture, WatchTask, Watcher,
+    CacheKey, Invalidation, Lookup, RedisSource, RedisStore, Store, StoreFuture, WatchTask, Watcher,
 };
 use tower_redis_cache::{CacheLayer, ConfigError, Policy, Route, Rule};
 
@@ -412,10 +412,11 @@ async fn an_unpublished_write_is_seen_once_the_bound_passed() {
     db.set("1", 1);
     let bound = Duration::from_millis(300);
     let silent: Arc<dyn Store> = Arc::new(
-        RedisStore::open(&server.url())
-            .unwrap()
+        RedisStore::builder(server.url())
             .deadline(TEST_DEADLINE)
-            .channel(""),
+            .channel("")
+            .build()
+            .unwrap(),
     );
     let silent_writer = router(db.clone()).layer(CacheLayer::new(
         Policy::builder()
@@ -426,9 +427,10 @@ async fn an_unpublished_write_is_seen_once_the_bound_passed() {
             .unwrap(),
     ));
     let store = Arc::new(
-        RedisStore::open(&server.url())
-            .unwrap()
-            .deadline(TEST_DEADLINE),
+        RedisStore::builder(server.url())
+            .deadline(TEST_DEADLINE)
+            .build()
+            .unwrap(),
     );
     let reader = Process::new(store, &db, bound).await;
     reader.get("/persons/1").await;
@@ -457,13 +459,27 @@ async fn an_unpublished_write_is_seen_once_the_bound_passed() {
 async fn a_tier_needs_a_store_that_publishes() {
     let server = RedisServer::start();
     let conn = server.raw().await;
-    let err = policy(Arc::new(RedisStore::new(conn.clone())), BOUND).unwrap_err();
+    let err = policy(
+        Arc::new(
+            RedisStore::builder(RedisSource::connection(conn.clone()))
+                .build()
+                .unwrap(),
+        ),
+        BOUND,
+    )
+    .unwrap_err();
     assert!(matches!(err, ConfigError::InProcess { .. }), "{err}");
     assert!(err.to_string().contains("subscribe_via"), "{err}");
     let client = redis::Client::open(server.url()).unwrap();
-    let store = RedisStore::new(conn).subscribe_via([client]);
+    let store = RedisStore::builder(RedisSource::connection(conn))
+        .subscribe_via([client])
+        .build()
+        .unwrap();
     assert!(policy(Arc::new(store), BOUND).is_ok());
-    let silent = RedisStore::open(&server.url()).unwrap().channel("");
+    let silent = RedisStore::builder(server.url())
+        .channel("")
+        .build()
+        .unwrap();
     assert!(policy(Arc::new(silent), BOUND).is_err());
     let zero = policy(
         Arc::new(tower_redis_cache::store::MemoryStore::new()),

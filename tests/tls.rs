@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{app, get_req, send, Db};
-use tower_redis_cache::store::{RedisStore, StoreError};
+use tower_redis_cache::store::StoreError;
 
 struct TlsRedis {
     port: u16,
@@ -80,17 +80,17 @@ async fn rediss_urls_connect_over_tls_and_cache() {
     // A self-signed certificate: `#insecure` skips its verification (a
     // real deployment passes its CA instead).
     let url = format!("rediss://127.0.0.1:{}/0#insecure", server.port);
-    let store = RedisStore::connect(&url).await.expect("TLS connection");
+    let store = common::connected(&url).await.expect("TLS connection");
     let db = Db::default();
     db.set("1", 1);
-    let (app, _) = app(Arc::new(store.deadline(common::TEST_DEADLINE)), db.clone());
+    let (app, _) = app(Arc::new(store), db.clone());
     assert_eq!(send(&app, get_req("/persons/1")).await.1, "MISS");
     assert_eq!(send(&app, get_req("/persons/1")).await.1, "HIT");
     assert_eq!(db.calls(), 1);
 
     // Plain text to a TLS-only port fails at start-up, with a reason.
     let plain = format!("redis://127.0.0.1:{}/0", server.port);
-    let refused = RedisStore::connect(&plain).await.unwrap_err();
+    let refused = common::connected(&plain).await.unwrap_err();
     assert!(
         matches!(refused, StoreError::Unreachable(_) | StoreError::Timeout),
         "{refused}"

@@ -17,7 +17,7 @@ use tower_redis_cache::store::{RedisStore, Store};
 
 /// A process: its own store over `url`, the shared database.
 fn process(url: &str, db: &Db) -> axum::Router {
-    let store: Arc<dyn Store> = Arc::new(RedisStore::open(url).unwrap());
+    let store: Arc<dyn Store> = Arc::new(RedisStore::builder(url).build().unwrap());
     app(store, db.clone()).0
 }
 
@@ -264,7 +264,7 @@ async fn a_restart_that_reloads_a_snapshot_serves_nothing_from_before() {
 #[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
 async fn a_miss_in_flight_across_a_restart_does_not_store() {
     let mut server = RedisServer::start();
-    let store = RedisStore::open(&server.url()).unwrap();
+    let store = RedisStore::builder(server.url()).build().unwrap();
     let db = Db::default();
     db.set("1", 1);
     let (app, policy) = app(Arc::new(store.clone()), db);

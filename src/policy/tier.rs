@@ -61,6 +61,22 @@ impl super::Policy {
     pub(crate) fn tier(&self) -> Option<&crate::store::tier::Tier> {
         self.inner.tier.tier.as_ref()
     }
+
+    /// The tier's state, when a route keeps entries there.
+    pub(crate) fn in_process_health(&self) -> Option<crate::InProcessHealth> {
+        self.tier().map(|tier| crate::InProcessHealth {
+            live: tier.is_live(),
+            entries: tier.len(),
+        })
+    }
+}
+
+#[cfg(not(feature = "tier"))]
+impl super::Policy {
+    /// Without the feature: no tier.
+    pub(crate) fn in_process_health(&self) -> Option<crate::InProcessHealth> {
+        None
+    }
 }
 
 #[cfg(feature = "tier")]

@@ -43,8 +43,7 @@ pub struct MemoryStore {
     max_bytes: usize,
     tombstone_ttl: Duration,
     lease_ttl: Duration,
-    /// The tiers told of each invalidation (feature `tier`).
-    #[cfg(feature = "tier")]
+    /// The tiers told of each invalidation.
     watchers: Arc<Mutex<Vec<crate::store::Watcher>>>,
 }
 
@@ -114,7 +113,6 @@ impl MemoryStore {
             max_bytes,
             tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
             lease_ttl: super::DEFAULT_LEASE_TTL,
-            #[cfg(feature = "tier")]
             watchers: Arc::default(),
         }
     }
@@ -379,7 +377,6 @@ impl Store for MemoryStore {
 
     fn invalidate(&self, invalidation: &Invalidation) -> StoreFuture<()> {
         self.invalidate_now(invalidation);
-        #[cfg(feature = "tier")]
         {
             let keys = || {
                 let deletes = invalidation.deletes().iter().map(String::as_str);
@@ -392,7 +389,6 @@ impl Store for MemoryStore {
     }
 
     /// Every tier over this store hears each invalidation as it is applied.
-    #[cfg(feature = "tier")]
     fn watch(&self, watcher: crate::store::Watcher) -> Option<crate::store::WatchTask> {
         watcher.live();
         let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());

@@ -23,7 +23,6 @@
 //! - **Deletes leave a tombstone** for [`Store::tombstone_ttl`], so that a
 //!   read which saw the key absent cannot store over the delete.
 
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
@@ -31,6 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 pub mod conformance;
+mod error;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
@@ -38,19 +38,19 @@ mod resilient;
 #[cfg(feature = "tier")]
 pub(crate) mod tier;
 pub(crate) mod tokens;
-#[cfg(feature = "tier")]
 mod watch;
 
 pub use crate::key::{CacheKey, VersionKey};
+pub use error::StoreError;
 pub use memory::MemoryStore;
 #[cfg(feature = "cluster")]
 pub use redis::ClusterSource;
 #[cfg(feature = "redis")]
 pub use redis::{
-    Connect, Reconnecting, RedisStore, DEFAULT_CHANNEL, DEFAULT_DEADLINE, DEFAULT_WRITE_DEADLINE,
+    Connect, Reconnecting, RedisSource, RedisStore, RedisStoreBuilder, DEFAULT_CHANNEL,
+    DEFAULT_DEADLINE, DEFAULT_WRITE_DEADLINE,
 };
-pub use resilient::{BreakerConfig, Circuit, Resilient, StoreHealth};
-#[cfg(feature = "tier")]
+pub use resilient::{BreakerConfig, Circuit, ReplayConfig, Resilient, StoreHealth};
 pub use watch::{WatchTask, Watcher};
 
 /// The future every store operation returns.
@@ -303,82 +303,6 @@ impl Invalidation {
     }
 }
 
-/// Why a store operation failed. The layers turn every one of them into a
-/// miss or a skipped write, never into an error response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// The operation did not finish within the deadline.
-    Timeout,
-    /// The store could not be reached (refused, dropped, reset).
-    Unreachable(String),
-    /// The store answered with an error that may pass (out of memory,
-    /// busy…): an invalidation that failed so is queued for replay.
-    Backend(String),
-    /// The store refused the credentials or a permission (`WRONGPASS`,
-    /// `NOAUTH`, `NOPERM`, whose message names the command): nothing works
-    /// until the configuration is fixed.
-    /// Counts towards opening the circuit, like an unreachable store.
-    Denied(String),
-    /// The store refused the command itself (`CROSSSLOT`, `WRONGTYPE`,
-    /// `NOSCRIPT`…): sending it again cannot succeed, so an invalidation
-    /// that failed so is not queued for replay (it would block the cache
-    /// for ever); it is counted and logged.
-    Rejected(String),
-    /// An invalidation reached the master, but not every replica of it
-    /// acknowledged it in time (a cluster's `WAIT`): a failover now could
-    /// lose it, so it is queued for replay like one that failed.
-    Unconfirmed(String),
-    /// The circuit breaker is open: the store was not tried.
-    CircuitOpen,
-    /// Invalidations are waiting for replay, or were lost; the cache is not
-    /// used until they are applied (or the entries they guard expired).
-    PendingInvalidations,
-}
-
-impl fmt::Display for StoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Timeout => write!(f, "store operation timed out"),
-            Self::Unreachable(msg) => write!(f, "store unreachable: {msg}"),
-            Self::Backend(msg) => write!(f, "store error: {msg}"),
-            Self::Denied(msg) => {
-                write!(f, "store denied access (credentials or permissions): {msg}")
-            }
-            Self::Rejected(msg) => write!(f, "store refused the command: {msg}"),
-            Self::Unconfirmed(msg) => write!(f, "invalidation not confirmed by replicas: {msg}"),
-            Self::CircuitOpen => write!(f, "store circuit open; not tried"),
-            Self::PendingInvalidations => write!(f, "invalidations not yet applied"),
-        }
-    }
-}
-
-impl std::error::Error for StoreError {}
-
-impl StoreError {
-    /// A short label for the kind of error, as metrics and logs name it:
-    /// `timeout`, `unreachable`, `backend`, `denied`, `rejected`,
-    /// `unconfirmed`, `circuit-open` or `pending-invalidations`.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Timeout => "timeout",
-            Self::Unreachable(_) => "unreachable",
-            Self::Backend(_) => "backend",
-            Self::Denied(_) => "denied",
-            Self::Rejected(_) => "rejected",
-            Self::Unconfirmed(_) => "unconfirmed",
-            Self::CircuitOpen => "circuit-open",
-            Self::PendingInvalidations => "pending-invalidations",
-        }
-    }
-
-    /// Whether the same operation may succeed later: what an invalidation
-    /// queue should keep.
-    pub fn is_transient(&self) -> bool {
-        !matches!(self, Self::Rejected(_))
-    }
-}
-
 /// A place to keep cache entries.
 ///
 /// Implementations must give the guarantees listed in the
@@ -455,7 +379,6 @@ pub trait Store: Send + Sync + 'static {
     /// returned, which the tier spawns. `None`: this store cannot, so no
     /// route may use the tier over it. A store that wraps another
     /// forwards this call to it.
-    #[cfg(feature = "tier")]
     fn watch(&self, watcher: Watcher) -> Option<WatchTask> {
         let _ = watcher;
         None
@@ -509,7 +432,6 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         (**self).parts(invalidation)
     }
 
-    #[cfg(feature = "tier")]
     fn watch(&self, watcher: Watcher) -> Option<WatchTask> {
         (**self).watch(watcher)
     }
@@ -635,24 +557,5 @@ mod tests {
         assert!(parts
             .iter()
             .all(|p| p.tombstone() == invalidation.tombstone()));
-    }
-
-    #[test]
-    fn every_error_kind_has_a_label() {
-        let errors = [
-            StoreError::Timeout,
-            StoreError::Unreachable(String::new()),
-            StoreError::Backend(String::new()),
-            StoreError::Denied(String::new()),
-            StoreError::Rejected(String::new()),
-            StoreError::CircuitOpen,
-            StoreError::PendingInvalidations,
-        ];
-        for err in &errors {
-            assert!(
-                crate::stats::telemetry::ERROR_KINDS.contains(&err.kind()),
-                "{err}"
-            );
-        }
     }
 }

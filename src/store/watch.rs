@@ -1,5 +1,10 @@
-//! How a store tells an in-process tier about invalidations (feature
-//! `tier`): the store reports, the tier listens.
+//! How a store tells an in-process tier about invalidations: the store
+//! reports, the tier listens. Part of the [`Store`](super::Store) contract
+//! in every build, so that a store is written the same way with or without
+//! the `tier` feature; only the tier (feature `tier`) makes watchers.
+
+// Without the tier nothing makes a watcher.
+#![cfg_attr(not(feature = "tier"), allow(dead_code))]
 
 use std::future::Future;
 use std::pin::Pin;

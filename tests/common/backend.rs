@@ -31,10 +31,11 @@ impl Backend {
     /// least-privilege user.
     pub fn redis() -> Self {
         let server = RedisServer::start();
-        let store = RedisStore::open(&server.cache_user_url())
-            .unwrap()
+        let store = RedisStore::builder(server.cache_user_url())
             .deadline(TEST_DEADLINE)
-            .breaker(test_breaker());
+            .breaker(test_breaker())
+            .build()
+            .unwrap();
         Self {
             store: Arc::new(store),
             server: Some(server),
@@ -58,10 +59,11 @@ impl Backend {
     pub fn another_store(&self) -> Arc<dyn Store> {
         match (&self.server, &self.cluster) {
             (Some(server), _) => Arc::new(
-                RedisStore::open(&server.cache_user_url())
-                    .unwrap()
+                RedisStore::builder(server.cache_user_url())
                     .deadline(TEST_DEADLINE)
-                    .breaker(test_breaker()),
+                    .breaker(test_breaker())
+                    .build()
+                    .unwrap(),
             ),
             (None, Some(cluster)) => Arc::new(cluster.store()),
             (None, None) => self.store.clone(),
@@ -121,6 +123,17 @@ macro_rules! backend_tests {
     };
 }
 
+/// A store over `url`, connected and pinged: the error names what is wrong
+/// (an address, a password, a permission).
+#[allow(dead_code)]
+pub async fn connected(url: &str) -> Result<RedisStore, tower_redis_cache::store::StoreError> {
+    let store = RedisStore::builder(url)
+        .deadline(TEST_DEADLINE)
+        .build()
+        .expect("a valid url");
+    store.connect().await.map(|()| store)
+}
+
 /// Generous, so that a loaded CI machine does not turn slow writes into
 /// misses; the deadline itself is not what these tests check.
 pub const TEST_DEADLINE: Duration = Duration::from_secs(2);
@@ -130,7 +143,5 @@ pub const TEST_DEADLINE: Duration = Duration::from_secs(2);
 /// lookups on one runtime thread) does not open the circuit mid-test. The
 /// suites that test the breaker set their own.
 pub fn test_breaker() -> BreakerConfig {
-    BreakerConfig::default()
-        .slow_calls(TEST_DEADLINE / 4, 50, 20)
-        .unwrap()
+    BreakerConfig::default().slow_calls(TEST_DEADLINE / 4, 50, 20)
 }

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use tower_redis_cache::store::RedisStore;
+use tower_redis_cache::store::{ClusterSource, RedisSource, RedisStore, RedisStoreBuilder};
 
 use super::backend::{test_breaker, TEST_DEADLINE};
 
@@ -435,15 +435,19 @@ impl RedisCluster {
 
     /// A store over the cluster, logged in as the README's
     /// least-privilege user.
-    pub fn store(&self) -> RedisStore<tower_redis_cache::store::ClusterSource> {
+    pub fn store(&self) -> RedisStore<ClusterSource> {
+        self.store_builder().build().unwrap()
+    }
+
+    /// The builder of [`Self::store`], for a test that changes a setting.
+    pub fn store_builder(&self) -> RedisStoreBuilder<ClusterSource> {
         let acl = readme_acl();
         for port in &self.ports {
             // A node killed by the test is made the user when it was up.
             let _ = try_create_user(*port, CACHE_USER, &acl, &["~*"]);
         }
         let urls = self.ports.iter().map(|port| user_url(*port, CACHE_USER));
-        RedisStore::cluster(urls)
-            .unwrap()
+        RedisStore::builder(RedisSource::cluster(urls))
             .deadline(TEST_DEADLINE)
             .breaker(test_breaker())
     }

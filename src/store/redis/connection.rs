@@ -3,7 +3,7 @@
 //!
 //! Every command goes over a redis-rs connection: a
 //! [`MultiplexedConnection`] made by [`Reconnecting`] (what
-//! `RedisStore::open` uses), a cluster connection (`ClusterSource`), or one
+//! a URL, a client or Sentinel gives), a cluster connection (`ClusterSource`), or one
 //! the user brings. On the first two, the lookups of concurrent requests
 //! go out as one pipeline (see `batch.rs`), so many lookups cost Redis one
 //! read.
@@ -142,7 +142,7 @@ const WRITE_BOUNDARY: usize = 64 * 1024;
 /// round trips, and entries are stamped with the epoch they were written
 /// under, so none written before a restart that reloads old data, a
 /// failover or a full resync is served after it. One connection attempt
-/// runs at a time. What [`RedisStore::open`](super::RedisStore::open) uses.
+/// runs at a time. What [`RedisSource::url`](super::RedisSource::url) and Sentinel give.
 #[derive(Clone)]
 pub struct Reconnecting {
     // One allocation shared by every clone: each operation clones this.

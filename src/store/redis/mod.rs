@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 mod batch;
+mod builder;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod connection;
@@ -25,6 +26,7 @@ mod subscription;
 #[cfg(test)]
 mod tests;
 
+pub use builder::{RedisSource, RedisStoreBuilder};
 #[cfg(feature = "cluster")]
 pub use cluster::ClusterSource;
 pub use connection::{Connect, Reconnecting};
@@ -36,11 +38,8 @@ use self::lookups::{
     looked_up, plain_lookup, seen_args, stamp, versioned_lookup, EntryKey, SeenVersions,
 };
 use self::scripts::{apply, millis, STORE};
-use super::resilient::{BreakerConfig, Resilient, StoreHealth};
-use super::{
-    CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture, DEFAULT_LEASE_TTL,
-    DEFAULT_TOMBSTONE_TTL,
-};
+use super::resilient::{Resilient, StoreHealth};
+use super::{CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture};
 
 /// How long [`RedisStore::connect`] tries before it gives up.
 const CONNECT_BUDGET: Duration = Duration::from_secs(5);
@@ -52,9 +51,10 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
 /// write waits for it and a missed one leaves stale data.
 pub const DEFAULT_WRITE_DEADLINE: Duration = Duration::from_secs(1);
 
-/// A store in Redis, over one cloneable connection.
+/// A store in Redis, over one cloneable connection; made with
+/// [`RedisStore::builder`].
 ///
-/// With [`RedisStore::open`] the connection is a [`Reconnecting`]: one
+/// Over one node or Sentinel the connection is a [`Reconnecting`]: one
 /// multiplexed connection shared by every request, replaced when it breaks,
 /// opened lazily (building the store needs no running Redis), and aware of
 /// the server's lifetime. Every operation has a deadline ([`DEFAULT_DEADLINE`] unless set);
@@ -64,7 +64,7 @@ pub const DEFAULT_WRITE_DEADLINE: Duration = Duration::from_secs(1);
 /// NX PX ttl GET` (plain keys: the entry, or a lease of this miss when the
 /// key is empty; Redis 7.0 or later) or one `MGET` (versioned keys);
 /// writes and invalidations are one `EVALSHA` each. No command scans the
-/// keyspace. On the connections `open` and `cluster` make, the lookups of
+/// keyspace. Over one node, Sentinel or a cluster, the lookups of
 /// concurrent requests go out as one pipeline (one write, and one read in
 /// Redis, for many lookups); each request still waits for its own reply
 /// only.
@@ -73,9 +73,10 @@ pub const DEFAULT_WRITE_DEADLINE: Duration = Duration::from_secs(1);
 /// use std::time::Duration;
 /// use tower_redis_cache::store::RedisStore;
 ///
-/// let store = RedisStore::open("redis://127.0.0.1:6379/0")?
-///     .deadline(Duration::from_millis(50));
-/// # Ok::<(), tower_redis_cache::store::StoreError>(())
+/// let store = RedisStore::builder("redis://127.0.0.1:6379/0")
+///     .deadline(Duration::from_millis(50))
+///     .build()?;
+/// # Ok::<(), tower_redis_cache::ConfigError>(())
 /// ```
 #[derive(Clone)]
 pub struct RedisStore<C = Reconnecting> {
@@ -114,112 +115,30 @@ impl<C> std::fmt::Debug for RedisStore<C> {
 }
 
 impl RedisStore<Reconnecting> {
-    /// A store for the Redis at `url`, connecting on first use and again
-    /// whenever the connection breaks. Each connection reads the server's
-    /// `run_id` and loads the scripts first: entries written before a
-    /// restart that reloaded old data, or before a failover, are never
-    /// served after it.
-    ///
-    /// Fails only when the URL does not parse. Must be called within a Tokio
-    /// runtime.
-    pub fn open(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(backend)?;
-        let subscribe_via = client.clone();
-        Ok(Self::new(Reconnecting::new(
-            connection::Target::Server(client),
-            Duration::from_secs(1),
-            scripts::scripts(),
-        ))
-        .subscribe_via([subscribe_via]))
-    }
-}
-
-#[cfg(feature = "sentinel")]
-impl RedisStore<Reconnecting> {
-    /// A store for the master that the Sentinels at `sentinels`
-    /// (`redis://host:26379` URLs) monitor as `master`: each connection asks
-    /// them for the current master and checks that it is one. After a
-    /// failover, the old master's connection breaks (or its epoch changes
-    /// within a second, when it is demoted in place) and the next one goes
-    /// to the new master, whose epoch serves nothing written before the
-    /// failover. Nothing is connected before first use; see
-    /// [`RedisStore::sentinel_connect`] to fail fast at start-up.
+    /// The builder of a store over `source`: a URL or a `redis::Client`
+    /// (one node), or a [`RedisSource`] (Sentinel, a cluster, a connection
+    /// you bring).
     ///
     /// ```no_run
-    /// use tower_redis_cache::store::RedisStore;
+    /// use tower_redis_cache::store::{RedisSource, RedisStore};
     ///
-    /// let store = RedisStore::sentinel("mymaster", ["redis://10.0.0.1:26379"])?;
-    /// # Ok::<(), tower_redis_cache::store::StoreError>(())
+    /// let one_node = RedisStore::builder("redis://127.0.0.1:6379/0").build()?;
+    /// let cluster = RedisStore::builder(RedisSource::cluster(["redis://10.0.0.1:7000"])).build()?;
+    /// # Ok::<(), tower_redis_cache::ConfigError>(())
     /// ```
-    pub fn sentinel<I, S>(master: &str, sentinels: I) -> Result<Self, StoreError>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let urls: Vec<String> = sentinels
-            .into_iter()
-            .map(|s| s.as_ref().to_owned())
-            .collect();
-        let client = redis::sentinel::SentinelClient::build(
-            urls,
-            // A `String` without TLS, `impl AsRef<str>` with `tls-rustls`.
-            String::from(master),
-            None,
-            redis::sentinel::SentinelServerType::Master,
-        )
-        .map_err(backend)?;
-        Ok(Self::from_sentinel_client(client))
-    }
-
-    /// A store over a Sentinel client you built (credentials or TLS for
-    /// the master, for the Sentinels). Give [`RedisStore::subscribe_via`]
-    /// the servers for an in-process tier.
-    pub fn from_sentinel_client(client: redis::sentinel::SentinelClient) -> Self {
-        Self::new(Reconnecting::new(
-            connection::Target::Sentinel(tokio::sync::Mutex::new(client)),
-            Duration::from_secs(1),
-            scripts::scripts(),
-        ))
-    }
-
-    /// Like [`RedisStore::sentinel`], then connects and pings, so that a
-    /// wrong address, name or permission fails at start-up with the reason.
-    pub async fn sentinel_connect<I, S>(master: &str, sentinels: I) -> Result<Self, StoreError>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let store = Self::sentinel(master, sentinels)?;
-        store.connected().await?;
-        Ok(store)
-    }
-}
-
-impl RedisStore<Reconnecting> {
-    /// Like [`RedisStore::open`], then connects and pings once, so that a
-    /// wrong address, password or permission fails at start-up with a clear
-    /// error instead of turning every request into a miss. Later outages
-    /// are handled as always (misses, never errors).
-    ///
-    /// ```no_run
-    /// # async fn run() -> Result<(), tower_redis_cache::store::StoreError> {
-    /// use tower_redis_cache::store::RedisStore;
-    ///
-    /// let store = RedisStore::connect("redis://cache:s3cret@10.0.0.5:6379/0").await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let store = Self::open(url)?;
-        store.connected().await?;
-        Ok(store)
+    pub fn builder<C: Connect>(source: impl Into<RedisSource<C>>) -> RedisStoreBuilder<C> {
+        RedisStoreBuilder::new(source.into())
     }
 }
 
 impl<C: Connect> RedisStore<C> {
-    /// Pings until the store answers, or fails with the reason. The read
-    /// deadline is for requests: at start-up the first connection
-    /// (handshake, scripts, cluster topology) may take longer than one.
-    pub(crate) async fn connected(&self) -> Result<(), StoreError> {
+    /// Connects and pings now, trying for up to 5 s, so that a wrong
+    /// address, password, Sentinel name or permission fails at start-up
+    /// with the reason instead of turning every request into a miss. Later
+    /// outages are handled as always (misses, never errors). The read
+    /// deadline is for requests: the first connection (handshake, scripts,
+    /// cluster topology) may take longer than one.
+    pub async fn connect(&self) -> Result<(), StoreError> {
         let until = tokio::time::Instant::now() + CONNECT_BUDGET;
         loop {
             match self.inner.get_ref().ping().await {
@@ -228,92 +147,6 @@ impl<C: Connect> RedisStore<C> {
                 Err(err) => return Err(err),
             }
         }
-    }
-
-    /// A store over `conn`: a `MultiplexedConnection`, a `ConnectionManager`
-    /// or any other cloneable async connection (for an ACL user, a database
-    /// number, TLS settings), or a [`Reconnecting`]. Only
-    /// [`RedisStore::open`]'s connection knows the server's `run_id`: over
-    /// another, a restart that reloads old data is not detected.
-    pub fn new(conn: C) -> Self {
-        let link = Link {
-            split: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(conn.is_cluster())),
-            source: conn,
-            deadline: DEFAULT_DEADLINE,
-            write_deadline: DEFAULT_WRITE_DEADLINE,
-            tombstone_ttl: DEFAULT_TOMBSTONE_TTL,
-            lease_ttl: DEFAULT_LEASE_TTL,
-            seen_versions: std::sync::Arc::default(),
-            minter: crate::store::tokens::minter(),
-            channel: std::sync::Arc::from(DEFAULT_CHANNEL),
-            subscribe_via: std::sync::Arc::from([]),
-        };
-        Self {
-            inner: Resilient::new(link, BreakerConfig::default()),
-        }
-    }
-
-    /// The circuit breaker and invalidation queue thresholds.
-    pub fn breaker(self, config: BreakerConfig) -> Self {
-        Self {
-            inner: Resilient::new(self.inner.into_inner(), config),
-        }
-    }
-
-    /// The deadline for one read or entry write (default 100 ms).
-    pub fn deadline(mut self, deadline: Duration) -> Self {
-        self.inner.get_mut().deadline = deadline;
-        self
-    }
-
-    /// The budget of a write's invalidation (default 1 s): it is tried
-    /// twice within it (the second time on a fresh connection when the
-    /// first one dropped), and it is sent even while the circuit is open.
-    pub fn write_deadline(mut self, deadline: Duration) -> Self {
-        self.inner.get_mut().write_deadline = deadline;
-        self
-    }
-
-    /// How long a delete's tombstone lives (default 5 minutes).
-    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
-        self.inner.get_mut().tombstone_ttl = ttl;
-        self
-    }
-
-    /// How many version keys this store remembers the values of (default
-    /// 100 000): a list hit is one `MGET` when its groups' versions are
-    /// remembered, two commands when not. With a group per tenant, give
-    /// at least the number of tenants whose lists are read; the groups read
-    /// least are forgotten first.
-    pub fn remembered_versions(mut self, groups: usize) -> Self {
-        self.inner.get_mut().seen_versions = std::sync::Arc::new(SeenVersions::new(groups));
-        self
-    }
-
-    /// How long a miss's lease lives (default 60 s): a miss whose handler
-    /// takes longer is not stored.
-    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
-        self.inner.get_mut().lease_ttl = ttl;
-        self
-    }
-
-    /// The Pub/Sub channel every invalidation is published on, for the
-    /// in-process tiers of every process (default [`DEFAULT_CHANNEL`]).
-    /// Every process over one Redis must use the same; an empty name
-    /// publishes nothing (then no process may use an in-process tier).
-    pub fn channel(mut self, channel: &str) -> Self {
-        self.inner.get_mut().channel = std::sync::Arc::from(channel);
-        self
-    }
-
-    /// The servers an in-process tier subscribes to invalidations through,
-    /// tried in turn (for a cluster, any of its nodes: messages reach them
-    /// all). Set by [`RedisStore::open`] and [`RedisStore::cluster`]; give
-    /// them for a store made with [`RedisStore::new`] or
-    /// [`RedisStore::from_cluster_client`] whose routes use the tier.
-    pub fn subscribe_via(mut self, clients: impl IntoIterator<Item = redis::Client>) -> Self {
-        self.inner.get_mut().subscribe_via = clients.into_iter().collect();
-        self
     }
 }
 
@@ -650,18 +483,13 @@ impl<C: Connect> Store for RedisStore<C> {
     }
 
     /// Subscribes to the store's channel, when it publishes and knows a
-    /// server to subscribe through.
-    #[cfg(feature = "tier")]
+    /// server to subscribe through (feature `tier`; `None` without it).
     fn watch(&self, watcher: crate::store::Watcher) -> Option<crate::store::WatchTask> {
         let link = self.inner.get_ref();
         if link.channel.is_empty() || link.subscribe_via.is_empty() {
             return None;
         }
-        Some(subscription::task(
-            link.subscribe_via.clone(),
-            link.channel.clone(),
-            watcher,
-        ))
+        subscription::task(link.subscribe_via.clone(), link.channel.clone(), watcher)
     }
 
     fn health(&self) -> StoreHealth {

@@ -20,7 +20,6 @@ use futures_core::Stream;
 use redis::aio::{PubSubSink, PubSubStream};
 
 use crate::stats::telemetry::warn_limited;
-#[cfg(feature = "tier")]
 use crate::store::{WatchTask, Watcher};
 
 /// The channel invalidations are published on unless set otherwise.
@@ -48,6 +47,12 @@ pub(crate) fn published_keys(payload: &[u8]) -> impl Iterator<Item = &str> {
     })
 }
 
+/// Without the tier, nothing subscribes.
+#[cfg(not(feature = "tier"))]
+pub(crate) fn task(_: Arc<[redis::Client]>, _: Arc<str>, _: Watcher) -> Option<WatchTask> {
+    None
+}
+
 /// The task that keeps `watcher` told, over a subscription to `channel`
 /// on one of `clients` (tried in turn), until the tier is gone.
 #[cfg(feature = "tier")]
@@ -55,8 +60,8 @@ pub(crate) fn task(
     clients: Arc<[redis::Client]>,
     channel: Arc<str>,
     watcher: Watcher,
-) -> WatchTask {
-    Box::pin(async move {
+) -> Option<WatchTask> {
+    Some(Box::pin(async move {
         let mut turn = 0;
         while watcher.wanted() && !clients.is_empty() {
             let client = &clients[turn % clients.len()];
@@ -98,7 +103,7 @@ pub(crate) fn task(
             }
             tokio::time::sleep(RETRY_AFTER).await;
         }
-    })
+    }))
 }
 
 /// What woke the listener.

@@ -15,6 +15,13 @@ use super::scripts::{ENSURE_VERSIONS, INVALIDATE, STORE};
 use super::*;
 use crate::{CacheLayer, InvalidateLayer, Policy, Route, Rule};
 
+/// A store over `conn`, with the default settings.
+fn over<C: Connect>(conn: C) -> RedisStore<C> {
+    RedisStore::builder(RedisSource::connection(conn))
+        .build()
+        .expect("default settings")
+}
+
 fn policy(store: impl Store) -> Policy {
     Policy::builder()
         .store(store)
@@ -77,7 +84,7 @@ fn service<C: ConnectionLike + Clone + Send + Sync + 'static>(
             .insert("content-type", "application/json".parse().unwrap());
         Ok::<_, Infallible>(response)
     });
-    CacheLayer::new(policy(RedisStore::new(conn))).layer(handler)
+    CacheLayer::new(policy(over(conn))).layer(handler)
 }
 
 fn list_key_parts() -> (String, String) {
@@ -96,7 +103,7 @@ fn list_key_parts() -> (String, String) {
 #[test]
 fn a_lookup_future_fits_the_allocators_thread_cache() {
     const THREAD_CACHE_MAX: usize = 1024;
-    let store = RedisStore::new(Recorder::default());
+    let store = over(Recorder::default());
     let link = store.inner.get_ref();
     let plain = CacheKey::Plain("app:person:42".to_owned());
     let versioned = CacheKey::Versioned {
@@ -171,7 +178,7 @@ async fn a_cluster_batch_is_one_pipeline_per_slot() {
     const N: usize = 32;
     const SLOTS: usize = 4;
     let recorder = Recorder::default();
-    let store = RedisStore::new(super::batch::Batched::new(recorder.clone(), true));
+    let store = over(super::batch::Batched::new(recorder.clone(), true));
     let key = |id: usize| CacheKey::Plain(format!("{{tag{}}}:item:{id}", id % SLOTS));
     // All runnable at once, as after one poll of many sockets.
     let local = tokio::task::LocalSet::new();
@@ -462,14 +469,15 @@ impl ConnectionLike for Hang {
 
 #[tokio::test]
 async fn a_dropped_probe_never_leaves_the_circuit_half_open() {
-    let store = RedisStore::new(Hang)
+    let store = RedisStore::builder(RedisSource::connection(Hang))
         .deadline(Duration::from_millis(5))
         .breaker(
-            BreakerConfig::default()
+            crate::store::BreakerConfig::default()
                 .failure_threshold(1)
-                .unwrap()
                 .open_for(Duration::from_millis(20)),
-        );
+        )
+        .build()
+        .unwrap();
     let key = CacheKey::Plain("k".into());
     assert_eq!(store.lookup(&key).await, Err(StoreError::Timeout));
     assert_eq!(store.lookup(&key).await, Err(StoreError::CircuitOpen));
@@ -513,7 +521,7 @@ async fn an_invalidation_through_the_layer_is_one_evalsha() {
     let handler = tower::service_fn(|_req: Request<Empty<Bytes>>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     });
-    let policy = policy(RedisStore::new(recorder.clone()));
+    let policy = policy(over(recorder.clone()));
     let service = InvalidateLayer::new(policy.clone()).layer(handler);
     let response = service
         .oneshot(
@@ -546,7 +554,7 @@ async fn a_write_through_the_cache_layer_is_one_evalsha() {
     let handler = tower::service_fn(|_req: Request<Empty<Bytes>>| async {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     });
-    let policy = policy(RedisStore::new(recorder.clone()));
+    let policy = policy(over(recorder.clone()));
     // Both layers of one policy stacked: only the outer invalidates.
     let service =
         InvalidateLayer::new(policy.clone()).layer(CacheLayer::new(policy.clone()).layer(handler));
@@ -572,7 +580,7 @@ async fn a_failed_mutation_sends_nothing() {
         *response.status_mut() = StatusCode::BAD_REQUEST;
         Ok::<_, Infallible>(response)
     });
-    let service = CacheLayer::new(policy(RedisStore::new(recorder.clone()))).layer(handler);
+    let service = CacheLayer::new(policy(over(recorder.clone()))).layer(handler);
     service
         .oneshot(
             Request::post("/persons")

@@ -10,21 +10,22 @@ use crate::error::ConfigError;
 use crate::stats::telemetry::{self, CircuitGauge};
 use crate::store::StoreError;
 
-/// Thresholds of the circuit breaker and the invalidation queue: by-value
-/// setters from [`BreakerConfig::default`]; a value that cannot work (a
-/// zero window, threshold or batch) is a [`ConfigError`].
+/// The circuit breaker's thresholds: by-value setters from
+/// [`BreakerConfig::default`], checked where the store is built
+/// ([`RedisStoreBuilder::build`](crate::store::RedisStoreBuilder::build),
+/// [`Resilient::new`](crate::store::Resilient::new)): a value that cannot
+/// work (a zero threshold or window, a share over 100 %) is a
+/// [`ConfigError::Breaker`] there.
 ///
 /// ```
 /// use std::time::Duration;
 /// use tower_redis_cache::store::BreakerConfig;
 ///
 /// let config = BreakerConfig::default()
-///     .failure_threshold(3)?
-///     .slow_calls(Duration::from_millis(50), 50, 20)?
+///     .failure_threshold(3)
+///     .slow_calls(Duration::from_millis(50), 50, 20)
 ///     .open_for(Duration::from_secs(2));
-/// assert!(BreakerConfig::default().replay_batch(0).is_err());
 /// # let _ = config;
-/// # Ok::<(), tower_redis_cache::ConfigError>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
@@ -41,16 +42,6 @@ pub struct BreakerConfig {
     pub(super) slow_call_percent: u8,
     /// How many recent calls the slow-call rate is taken over (default 20).
     pub(super) window: usize,
-    /// Most distinct keys kept for replay (default 10 000).
-    pub(super) max_pending_keys: usize,
-    /// Most keys one replay sends, so one lookup's work stays bounded
-    /// (default 64).
-    pub(super) replay_batch: usize,
-    /// When the queue overflows, invalidations were lost: the cache is not
-    /// served from for this long at most (default 1 h). A policy lowers it
-    /// to its longest entry life (TTL plus stale window), past which no
-    /// entry the lost invalidations should have removed can remain.
-    pub(super) overflow_hold: Duration,
 }
 
 impl Default for BreakerConfig {
@@ -61,23 +52,15 @@ impl Default for BreakerConfig {
             slow_call: Duration::from_millis(25),
             slow_call_percent: 50,
             window: 20,
-            max_pending_keys: 10_000,
-            replay_batch: 64,
-            overflow_hold: Duration::from_secs(3600),
         }
     }
 }
 
 impl BreakerConfig {
     /// Sets the consecutive failures that open the circuit (at least 1).
-    pub fn failure_threshold(mut self, failures: u32) -> Result<Self, ConfigError> {
-        if failures == 0 {
-            return Err(breaker(
-                "a failure threshold of 0 opens the circuit on every call",
-            ));
-        }
+    pub fn failure_threshold(mut self, failures: u32) -> Self {
         self.failure_threshold = failures;
-        Ok(self)
+        self
     }
 
     /// Sets how long the circuit stays open before a probe.
@@ -89,58 +72,30 @@ impl BreakerConfig {
     /// Sets what counts as a slow call and the share of them, in percent
     /// (1 to 100) of the last `window` calls (at least 1), that opens the
     /// circuit.
-    pub fn slow_calls(
-        mut self,
-        slow_call: Duration,
-        percent: u8,
-        window: usize,
-    ) -> Result<Self, ConfigError> {
-        if !(1..=100).contains(&percent) {
-            return Err(breaker("the slow-call share is a percentage from 1 to 100"));
-        }
-        if window == 0 {
-            return Err(breaker(
-                "a slow-call window of 0 calls opens the circuit on every call",
-            ));
-        }
+    pub fn slow_calls(mut self, slow_call: Duration, percent: u8, window: usize) -> Self {
         self.slow_call = slow_call;
         self.slow_call_percent = percent;
         self.window = window;
-        Ok(self)
-    }
-
-    /// Sets the most distinct keys kept for replay (at least 1).
-    pub fn max_pending_keys(mut self, keys: usize) -> Result<Self, ConfigError> {
-        if keys == 0 {
-            return Err(breaker(
-                "a replay queue of 0 keys loses every failed invalidation",
-            ));
-        }
-        self.max_pending_keys = keys;
-        Ok(self)
-    }
-
-    /// Sets the most keys one replay sends (at least 1).
-    pub fn replay_batch(mut self, keys: usize) -> Result<Self, ConfigError> {
-        if keys == 0 {
-            return Err(breaker(
-                "a replay batch of 0 keys never empties the queue, so the cache stays off",
-            ));
-        }
-        self.replay_batch = keys;
-        Ok(self)
-    }
-
-    /// Sets the longest the cache stays off after the queue overflowed.
-    pub fn overflow_hold(mut self, hold: Duration) -> Self {
-        self.overflow_hold = hold;
         self
     }
-}
 
-fn breaker(reason: &str) -> ConfigError {
-    ConfigError::Breaker {
-        reason: reason.to_owned(),
+    /// Refuses the values that cannot work.
+    pub(super) fn check(&self) -> Result<(), ConfigError> {
+        let refuse = |reason: &str| {
+            Err(ConfigError::Breaker {
+                reason: reason.to_owned(),
+            })
+        };
+        if self.failure_threshold == 0 {
+            return refuse("a failure threshold of 0 opens the circuit on every call");
+        }
+        if !(1..=100).contains(&self.slow_call_percent) {
+            return refuse("the slow-call share is a percentage from 1 to 100");
+        }
+        if self.window == 0 {
+            return refuse("a slow-call window of 0 calls opens the circuit on every call");
+        }
+        Ok(())
     }
 }
 

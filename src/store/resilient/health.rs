@@ -18,7 +18,7 @@ pub struct StoreHealth {
     pub failures: u64,
     /// The server's persistence when the store could read it (`none`,
     /// `rdb`, `aof`, `rdb+aof`). With persistence, a restart reloads old
-    /// data; `RedisStore::open` never serves entries written before it.
+    /// data; a `RedisStore` over a URL or Sentinel never serves entries written before it.
     pub persistence: Option<&'static str>,
     /// A guarantee the store cannot keep, and why: e.g. a Redis user that
     /// may not run `INFO` (see the README's least-privilege section).

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{CacheKey, Invalidation, Lookup, Store, StoreError, StoreFuture};
+use crate::error::ConfigError;
 
 mod breaker;
 mod health;
@@ -32,6 +33,7 @@ use breaker::Breaker;
 pub use breaker::{BreakerConfig, Circuit};
 pub use health::StoreHealth;
 use replay::Queue;
+pub use replay::ReplayConfig;
 
 /// A store behind a circuit breaker and an invalidation replay queue;
 /// `RedisStore` wears one. The rules it keeps:
@@ -49,10 +51,11 @@ use replay::Queue;
 ///   its future is dropped.
 ///
 /// ```
-/// use tower_redis_cache::store::{BreakerConfig, MemoryStore, Resilient, Store};
+/// use tower_redis_cache::store::{BreakerConfig, MemoryStore, ReplayConfig, Resilient, Store};
 ///
-/// let store = Resilient::new(MemoryStore::new(), BreakerConfig::default());
+/// let store = Resilient::new(MemoryStore::new(), BreakerConfig::default(), ReplayConfig::default())?;
 /// assert_eq!(store.name(), "memory");
+/// # Ok::<(), tower_redis_cache::ConfigError>(())
 /// ```
 #[derive(Debug, Clone)]
 pub struct Resilient<S> {
@@ -63,6 +66,7 @@ pub struct Resilient<S> {
 #[derive(Debug)]
 struct Shared {
     config: BreakerConfig,
+    replay: ReplayConfig,
     breaker: Mutex<Breaker>,
     queue: Mutex<Queue>,
     /// What the locked state says, for the path of every lookup: the
@@ -95,25 +99,23 @@ impl<S> Resilient<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
-
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn into_inner(self) -> S {
-        self.inner
-    }
 }
 
 impl<S: Store + Clone> Resilient<S> {
-    /// `inner` behind a breaker and a replay queue configured by `config`.
-    pub fn new(inner: S, config: BreakerConfig) -> Self {
-        Self {
+    /// `inner` behind a breaker and a replay queue with these settings;
+    /// fails when either holds a value that cannot work.
+    pub fn new(
+        inner: S,
+        breaker: BreakerConfig,
+        replay: ReplayConfig,
+    ) -> Result<Self, ConfigError> {
+        breaker.check()?;
+        replay.check()?;
+        Ok(Self {
             inner,
             shared: Arc::new(Shared {
-                config,
+                config: breaker,
+                replay,
                 breaker: Mutex::default(),
                 queue: Mutex::default(),
                 closed: AtomicBool::new(true),
@@ -124,7 +126,7 @@ impl<S: Store + Clone> Resilient<S> {
                 operations: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
             }),
-        }
+        })
     }
 }
 
@@ -228,7 +230,6 @@ impl<S: Store + Clone> Store for Resilient<S> {
         self.inner.tombstone_ttl()
     }
 
-    #[cfg(feature = "tier")]
     fn watch(&self, watcher: crate::store::Watcher) -> Option<crate::store::WatchTask> {
         self.inner.watch(watcher)
     }

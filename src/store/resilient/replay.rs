@@ -6,8 +6,87 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{lock, Admit, Resilient, Shared};
+use crate::error::ConfigError;
 use crate::stats::telemetry::{self, warn_limited, Op};
 use crate::store::{Invalidation, Store, StoreFuture, VersionKey};
+
+/// The invalidation replay queue's bounds: by-value setters from
+/// [`ReplayConfig::default`], checked where the store is built
+/// ([`RedisStoreBuilder::build`](crate::store::RedisStoreBuilder::build),
+/// [`Resilient::new`](crate::store::Resilient::new)): a zero queue or batch
+/// is a [`ConfigError::Replay`] there.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_redis_cache::store::ReplayConfig;
+///
+/// let config = ReplayConfig::default()
+///     .max_pending_keys(50_000)
+///     .batch(128)
+///     .overflow_hold(Duration::from_secs(600));
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayConfig {
+    /// Most distinct keys kept for replay (default 10 000).
+    pub(super) max_pending_keys: usize,
+    /// Most keys one replay sends, so one lookup's work stays bounded
+    /// (default 64).
+    pub(super) batch: usize,
+    /// When the queue overflows, invalidations were lost: the cache is not
+    /// served from for this long at most (default 1 h). A policy lowers it
+    /// to its longest entry life (TTL plus stale window), past which no
+    /// entry the lost invalidations should have removed can remain.
+    pub(super) overflow_hold: Duration,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            max_pending_keys: 10_000,
+            batch: 64,
+            overflow_hold: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl ReplayConfig {
+    /// Sets the most distinct keys kept for replay (at least 1).
+    pub fn max_pending_keys(mut self, keys: usize) -> Self {
+        self.max_pending_keys = keys;
+        self
+    }
+
+    /// Sets the most keys one replay sends (at least 1).
+    pub fn batch(mut self, keys: usize) -> Self {
+        self.batch = keys;
+        self
+    }
+
+    /// Sets the longest the cache stays off after the queue overflowed.
+    pub fn overflow_hold(mut self, hold: Duration) -> Self {
+        self.overflow_hold = hold;
+        self
+    }
+
+    /// Refuses the values that cannot work.
+    pub(super) fn check(&self) -> Result<(), ConfigError> {
+        let refuse = |reason: &str| {
+            Err(ConfigError::Replay {
+                reason: reason.to_owned(),
+            })
+        };
+        if self.max_pending_keys == 0 {
+            return refuse("a replay queue of 0 keys loses every failed invalidation");
+        }
+        if self.batch == 0 {
+            return refuse(
+                "a replay batch of 0 keys never empties the queue, so the cache stays off",
+            );
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Action {
@@ -145,7 +224,7 @@ impl Shared {
             queue.order.insert(seq, key.to_owned());
             sent.push((key.to_owned(), seq));
         }
-        if queue.by_key.len() > self.config.max_pending_keys {
+        if queue.by_key.len() > self.replay.max_pending_keys {
             let hold = self.hold();
             tracing::error!(?hold, "invalidation queue overflowed; serving nothing from the cache until entries that may be stale expired");
             queue.by_key.clear();
@@ -160,8 +239,8 @@ impl Shared {
     /// How long the cache stays off after lost invalidations.
     pub(super) fn hold(&self) -> Duration {
         match self.entry_life_ms.load(Ordering::Relaxed) {
-            0 => self.config.overflow_hold,
-            life => self.config.overflow_hold.min(Duration::from_millis(life)),
+            0 => self.replay.overflow_hold,
+            life => self.replay.overflow_hold.min(Duration::from_millis(life)),
         }
     }
 
@@ -170,7 +249,7 @@ impl Shared {
     pub(super) fn batch(&self) -> Option<(Invalidation, Sent)> {
         let queue = lock(&self.queue);
         let (mut deletes, mut bumps, mut sent) = (Vec::new(), Vec::new(), Vec::new());
-        for (seq, key) in queue.order.iter().take(self.config.replay_batch) {
+        for (seq, key) in queue.order.iter().take(self.replay.batch) {
             match queue.by_key.get(key) {
                 Some((_, Action::Delete)) => deletes.push(key.clone()),
                 Some((_, Action::Bump(ttl))) => bumps.push(VersionKey::new(key.clone(), *ttl)),

@@ -10,29 +10,40 @@ use crate::error::ConfigError;
 
 #[test]
 fn values_that_cannot_work_are_config_errors() {
-    let default = BreakerConfig::default();
-    let zero_window = default.slow_calls(Duration::from_millis(10), 50, 0);
-    assert!(matches!(zero_window, Err(ConfigError::Breaker { .. })));
-    assert!(default.replay_batch(0).is_err());
-    assert!(default.failure_threshold(0).is_err());
-    assert!(default.max_pending_keys(0).is_err());
-    assert!(default
-        .slow_calls(Duration::from_millis(10), 0, 20)
-        .is_err());
-    assert!(default
-        .slow_calls(Duration::from_millis(10), 101, 20)
-        .is_err());
-    let set = default
-        .replay_batch(1)
-        .unwrap()
-        .slow_calls(Duration::ZERO, 100, 1)
-        .unwrap();
-    assert_eq!(
-        (set.replay_batch, set.window, set.slow_call_percent),
-        (1, 1, 100)
-    );
-    let err = default.replay_batch(0).unwrap_err().to_string();
+    let check = |breaker: BreakerConfig, replay: ReplayConfig| {
+        Resilient::new(MemoryStore::new(), breaker, replay).map(|_| ())
+    };
+    let (breaker, replay) = (BreakerConfig::default(), ReplayConfig::default());
+    assert_eq!(check(breaker, replay), Ok(()));
+    let zero_window = breaker.slow_calls(Duration::from_millis(10), 50, 0);
+    assert!(matches!(
+        check(zero_window, replay),
+        Err(ConfigError::Breaker { .. })
+    ));
+    assert!(check(breaker.failure_threshold(0), replay).is_err());
+    for share in [0, 101] {
+        let refused = check(
+            breaker.slow_calls(Duration::from_millis(10), share, 20),
+            replay,
+        );
+        assert!(
+            matches!(refused, Err(ConfigError::Breaker { .. })),
+            "{share}"
+        );
+    }
+    assert!(matches!(
+        check(breaker, replay.max_pending_keys(0)),
+        Err(ConfigError::Replay { .. })
+    ));
+    let err = check(breaker, replay.batch(0)).unwrap_err().to_string();
     assert!(err.contains("replay batch"), "{err}");
+    let edge = (
+        breaker
+            .slow_calls(Duration::ZERO, 100, 1)
+            .failure_threshold(1),
+        replay.batch(1).max_pending_keys(1),
+    );
+    assert_eq!(check(edge.0, edge.1), Ok(()));
 }
 use crate::store::{MemoryStore, Observed};
 
@@ -131,8 +142,13 @@ fn deletes(keys: &[&str]) -> Invalidation {
 }
 
 fn resilient(config: BreakerConfig) -> (Resilient<Faulty>, Faulty) {
+    resilient_with(config, ReplayConfig::default())
+}
+
+fn resilient_with(breaker: BreakerConfig, replay: ReplayConfig) -> (Resilient<Faulty>, Faulty) {
     let faulty = Faulty::new();
-    (Resilient::new(faulty.clone(), config), faulty)
+    let store = Resilient::new(faulty.clone(), breaker, replay).expect("valid settings");
+    (store, faulty)
 }
 
 /// A store whose invalidations go out one part per deleted key, and
@@ -187,7 +203,9 @@ async fn each_part_of_an_invalidation_is_queued_on_its_own() {
             failing: "b",
         },
         BreakerConfig::default(),
-    );
+        ReplayConfig::default(),
+    )
+    .unwrap();
     assert!(store.invalidate(&deletes(&["a", "b", "c"])).await.is_err());
     assert_eq!(
         lock(&store.shared.queue)
@@ -202,7 +220,7 @@ async fn each_part_of_an_invalidation_is_queued_on_its_own() {
 
 #[tokio::test]
 async fn refused_credentials_open_the_circuit() {
-    let config = BreakerConfig::default().failure_threshold(3).unwrap();
+    let config = BreakerConfig::default().failure_threshold(3);
     let (store, faulty) = resilient(config);
     faulty.set(Mode::Refuse(StoreError::Denied));
     for _ in 0..3 {
@@ -236,7 +254,6 @@ async fn a_refused_invalidation_is_not_queued_and_never_holds_the_cache_off() {
 async fn opens_after_consecutive_failures_and_refuses_reads_without_trying() {
     let config = BreakerConfig::default()
         .failure_threshold(3)
-        .unwrap()
         .open_for(Duration::from_millis(50));
     let (store, faulty) = resilient(config);
     faulty.set(Mode::Down);
@@ -262,7 +279,6 @@ async fn opens_after_consecutive_failures_and_refuses_reads_without_trying() {
 async fn opens_on_slow_calls_that_succeed() {
     let config = BreakerConfig::default()
         .slow_calls(Duration::from_millis(10), 50, 4)
-        .unwrap()
         .open_for(Duration::from_secs(60));
     let (store, faulty) = resilient(config);
     faulty.set(Mode::Slow(Duration::from_millis(20)));
@@ -275,9 +291,7 @@ async fn opens_on_slow_calls_that_succeed() {
 
 #[tokio::test]
 async fn fast_calls_keep_it_closed() {
-    let config = BreakerConfig::default()
-        .slow_calls(Duration::from_millis(10), 50, 4)
-        .unwrap();
+    let config = BreakerConfig::default().slow_calls(Duration::from_millis(10), 50, 4);
     let (store, _) = resilient(config);
     for _ in 0..20 {
         assert!(store.lookup(&key("a")).await.is_ok());
@@ -291,7 +305,6 @@ async fn fast_calls_skipped_past_the_lock_still_fill_the_slow_call_window() {
     // the rate must come out as if each had been counted.
     let config = BreakerConfig::default()
         .slow_calls(Duration::from_millis(10), 50, 8)
-        .unwrap()
         .open_for(Duration::from_secs(60));
     let (store, faulty) = resilient(config);
     for _ in 0..30 {
@@ -305,7 +318,7 @@ async fn fast_calls_skipped_past_the_lock_still_fill_the_slow_call_window() {
     assert!(store.lookup(&key("a")).await.is_ok());
     assert_eq!(store.health().circuit, Circuit::Open, "4 slow of 8");
     // A failure after fast calls counts too.
-    let config = BreakerConfig::default().failure_threshold(2).unwrap();
+    let config = BreakerConfig::default().failure_threshold(2);
     let (store, faulty) = resilient(config);
     for _ in 0..30 {
         assert!(store.lookup(&key("a")).await.is_ok());
@@ -322,7 +335,6 @@ async fn fast_calls_skipped_past_the_lock_still_fill_the_slow_call_window() {
 async fn opened(open_for: Duration) -> (Resilient<Faulty>, Faulty) {
     let config = BreakerConfig::default()
         .failure_threshold(1)
-        .unwrap()
         .open_for(open_for);
     let (store, faulty) = resilient(config);
     faulty.set(Mode::Down);
@@ -367,11 +379,8 @@ async fn invalidations_go_through_an_open_circuit() {
 async fn failed_invalidations_replay_in_bounded_batches_before_any_read() {
     let config = BreakerConfig::default()
         .failure_threshold(100)
-        .unwrap()
-        .replay_batch(2)
-        .unwrap()
         .open_for(Duration::from_millis(20));
-    let (store, faulty) = resilient(config);
+    let (store, faulty) = resilient_with(config, ReplayConfig::default().batch(2));
     let entry = crate::entry::testing::encode(Bytes::from_static(b"{}"));
     let seen = store.lookup(&key("k0")).await.unwrap();
     assert!(store
@@ -424,8 +433,8 @@ async fn a_process_without_reads_still_replays() {
 
 #[tokio::test]
 async fn an_overflow_holds_the_cache_off_for_the_longest_entry_life_only() {
-    let config = BreakerConfig::default().max_pending_keys(2).unwrap();
-    let (store, faulty) = resilient(config);
+    let replay = ReplayConfig::default().max_pending_keys(2);
+    let (store, faulty) = resilient_with(BreakerConfig::default(), replay);
     store.longest_entry_life(Duration::from_millis(50));
     faulty.set(Mode::Down);
     assert!(store.invalidate(&deletes(&["a", "b", "c"])).await.is_err());

@@ -217,7 +217,7 @@ where
     S::Future: Send + 'static,
 {
     use http_body_util::BodyExt;
-    use tower_redis_cache::store::{MemoryStore, RedisStore};
+    use tower_redis_cache::store::{MemoryStore, RedisSource, RedisStore};
     use tower_redis_cache::{CacheLayer, Policy, Route};
     let tier = |route: Route| match mode {
         "ours-tier" => route.in_process(Duration::from_secs(1)),
@@ -235,11 +235,11 @@ where
         "ours-memory" => builder.store(MemoryStore::new()),
         "ours-cluster" => {
             let seeds = url.expect("cluster seed URLs, comma separated");
-            builder.store(RedisStore::cluster(seeds.split(',')).expect("cluster seeds"))
+            builder.store(RedisStore::builder(RedisSource::cluster(seeds.split(','))).build().expect("cluster seeds"))
         }
         _ => {
             let url = url.unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
-            builder.store(RedisStore::open(&url).expect("redis url"))
+            builder.store(RedisStore::builder(&url).build().expect("redis url"))
         }
     };
     let layer = CacheLayer::new(builder.build().expect("policy"));
