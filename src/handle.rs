@@ -225,6 +225,34 @@ impl CacheHandle {
         }
     }
 
+    /// Waits, for at most `within`, until no invalidation waits for replay
+    /// (the ones the store did not confirm, replayed in the background), and
+    /// returns how many keys still wait (0: every write's invalidation is
+    /// applied). What a server calls on shutdown once its requests in
+    /// flight have answered, so that its last writes' invalidations are not
+    /// lost with the process.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use tower_redis_cache::{Policy, Route};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_redis_cache::ConfigError> {
+    /// # let policy = Policy::builder().route(Route::get("/a").key("a")).build()?;
+    /// let left = policy.handle().drain(Duration::from_secs(10)).await;
+    /// assert_eq!(left, 0);
+    /// # Ok(()) }
+    /// ```
+    pub async fn drain(&self, within: std::time::Duration) -> usize {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            let pending = self.policy.store().health().pending_invalidations;
+            if pending == 0 || tokio::time::Instant::now() >= until {
+                return pending;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// The in-process tier's state, when a route uses it.
     pub fn in_process(&self) -> Option<InProcessHealth> {
         self.policy.in_process_health()

@@ -660,3 +660,65 @@ fn item_stats_when(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A rolling deploy stops a process with SIGTERM while a write is in
+/// flight and Redis is not answering: the write still gets its response,
+/// and the process replays the write's unconfirmed invalidation before it
+/// exits, so another process started after it never serves the entry the
+/// write replaced.
+#[test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+fn a_sigterm_finishes_writes_in_flight_and_replays_their_invalidations() {
+    let redis = RedisServer::start();
+    let db = std::env::temp_dir().join(format!("persons-drain-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&db);
+    let vars = [
+        ("REDIS_URL", redis.url()),
+        ("PERSONS_DB", db.display().to_string()),
+        ("PERSONS_DRAIN_SECONDS", "20".to_owned()),
+    ];
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut old = start_env(&vars);
+    let before = get(&old, "/persons/1", ACME).body;
+    assert_eq!(get(&old, "/persons/1", ACME).x_cache(), "HIT");
+
+    // Redis stops answering; a write starts; the process is told to stop
+    // while the write waits for its invalidation.
+    redis.pause();
+    let write = std::thread::scope(|scope| {
+        let write = scope.spawn(|| {
+            http(
+                &old,
+                "PATCH",
+                "/persons/1",
+                Some(ACME),
+                Some(r#"{"name":"Renamed In Flight"}"#),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        old.terminate();
+        write.join().expect("the write got a response")
+    });
+    assert_eq!(write.status, 200, "{}", write.body);
+    assert!(write.body.contains("Renamed In Flight"), "{}", write.body);
+    // Its invalidation could not be confirmed: the process waits for Redis.
+    assert_eq!(old.exited_within(Duration::from_secs(1)), None);
+    redis.resume();
+    let status = old.exited_within(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exits cleanly once the invalidation is replayed: {status:?}"
+    );
+
+    // The next process over the same Redis and database reads the write.
+    let new = start_env(&vars);
+    let after = get(&new, "/persons/1", ACME);
+    assert_eq!(after.status, 200);
+    assert!(
+        after.body.contains("Renamed In Flight"),
+        "served the pre-write entry {before} as {}: {}",
+        after.x_cache(),
+        after.body
+    );
+    let _ = std::fs::remove_file(&db);
+}

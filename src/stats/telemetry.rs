@@ -37,12 +37,13 @@ impl Op {
 }
 
 #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) const ERROR_KINDS: [&str; 7] = [
+pub(crate) const ERROR_KINDS: [&str; 8] = [
     "timeout",
     "unreachable",
     "backend",
     "denied",
     "rejected",
+    "unconfirmed",
     "circuit-open",
     "pending-invalidations",
 ];

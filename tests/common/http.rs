@@ -20,6 +20,33 @@ impl Drop for Server {
     }
 }
 
+impl Server {
+    /// Sends SIGTERM, as an orchestrator does to stop a pod.
+    #[allow(dead_code)]
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// The exit status, once the process exited within `within`.
+    #[allow(dead_code)]
+    pub fn exited_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let until = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// Builds the example `name` (`cargo test` builds examples only as test
 /// harnesses) in this test's profile, and returns its path.
 pub fn example_binary(name: &str) -> PathBuf {
