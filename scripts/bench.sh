@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-4000}
-cargo build --release --example persons --example load >/dev/null 2>&1
+cargo build --release --example persons -p tower-redis-cache-load >/dev/null 2>&1
 BIN=target/release/examples
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -33,7 +33,7 @@ start_server MEMORY
 ITEM=/persons/1
 LIST='/persons?limit=20&name=Ana&sort=-name'
 
-load() { "$BIN/load" --requests "$REQUESTS" "$@"; }
+load() { target/release/load --requests "$REQUESTS" "$@"; }
 row() { # label, load args...
   local out; out=$(load "${@:2}")
   printf '| %-34s | %s |\n' "$1" "$(echo "$out" | sed -E 's/requests=[0-9]+ //; s/ seen=.*//')"

@@ -4,7 +4,7 @@
 //! Run with (the persons example listening):
 //!
 //! ```sh
-//! cargo run --release --example load -- --addr 127.0.0.1:3000 \
+//! cargo run --release -p tower-redis-cache-load -- --addr 127.0.0.1:3000 \
 //!     --path /persons/1 --requests 5000 --concurrency 16
 //! ```
 //!
