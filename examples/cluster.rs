@@ -3,10 +3,11 @@
 //! still one command, on the node that owns the entry.
 //!
 //! Run, with the cluster's seed nodes (see the README for a loopback
-//! cluster of three masters):
-//! `REDIS_CLUSTER_URLS=redis://127.0.0.1:7000,redis://127.0.0.1:7001 cargo run --example cluster`, then
+//! cluster of three masters; `REDIS_CLUSTER_URLS` is required):
 //!
 //! ```sh
+//! REDIS_CLUSTER_URLS=redis://127.0.0.1:7000,redis://127.0.0.1:7001 cargo run --release --example cluster
+//! # then, from another shell:
 //! curl -i localhost:3000/articles/hello                  # x-cache: MISS
 //! curl -i localhost:3000/articles/hello                  # x-cache: HIT
 //! curl -i -X PUT localhost:3000/articles/hello -d 'Hi!'  # purges it, bumps the index

@@ -1,8 +1,10 @@
 //! An axum app cached in this process: the memory store, no Redis.
 //!
-//! Run: `cargo run --example memory_store`, then
+//! Run:
 //!
 //! ```sh
+//! cargo run --release --example memory_store
+//! # then, from another shell:
 //! curl -i localhost:3000/notes/1                   # x-cache: MISS
 //! curl -i localhost:3000/notes/1                   # x-cache: HIT
 //! curl -i -X PUT localhost:3000/notes/1 -d 'new'   # purges /notes/1, bumps the list

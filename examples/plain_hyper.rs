@@ -1,9 +1,11 @@
 //! The cache on a plain tower service served by hyper: no axum. The layers
 //! match paths themselves, so any `Service<Request<B>>` can be cached.
 //!
-//! Run: `cargo run --example plain_hyper`, then
+//! Run:
 //!
 //! ```sh
+//! cargo run --release --example plain_hyper
+//! # then, from another shell:
 //! curl -i localhost:3000/prices/EUR                  # x-cache: MISS
 //! curl -i localhost:3000/prices/EUR                  # x-cache: HIT
 //! curl -i -X POST localhost:3000/prices/EUR -d 1.10  # purges it

@@ -1,10 +1,12 @@
 //! Redis, one cache for many tenants: each tenant's entries are keyed by
 //! its scope, and a tenant's write invalidates that tenant's pages only.
 //!
-//! Run (a redis-server 7.0 or later on localhost):
-//! `REDIS_URL=redis://127.0.0.1:6379/0 cargo run --example redis_tenants`, then
+//! Run (a redis-server 7.0 or later on localhost; `REDIS_URL` defaults to
+//! `redis://127.0.0.1:6379/0`):
 //!
 //! ```sh
+//! REDIS_URL=redis://127.0.0.1:6379/0 cargo run --release --example redis_tenants
+//! # then, from another shell:
 //! curl -i -H 'authorization: Bearer acme' localhost:3000/projects      # MISS, then HIT
 //! curl -i -H 'authorization: Bearer globex' localhost:3000/projects    # MISS: another tenant
 //! curl -i -X POST -H 'authorization: Bearer acme' localhost:3000/projects -d 'launch'

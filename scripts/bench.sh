@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REQUESTS=${REQUESTS:-4000}
-cargo build --release --example persons -p tower-redis-cache-load >/dev/null 2>&1
+cargo build --release --example persons >/dev/null 2>&1
+cargo build --release -p tower-redis-cache-load >/dev/null 2>&1
 BIN=target/release/examples
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -174,8 +174,8 @@ impl CacheHandle {
     /// [`CacheLayer`](crate::CacheLayer) of this policy), so that the
     /// entries they key are filled; one at a time, so the handler sees no
     /// burst. Entries are bound to the host and forwarded headers of the
-    /// request that stored them (see the README's table of what the key
-    /// covers): give the warm requests the `Host` your clients send.
+    /// request that stored them (see [what the key covers](https://github.com/tower-redis-cache/tower-redis-cache/blob/main/docs/key.md)):
+    /// give the warm requests the `Host` your clients send.
     pub async fn warm<S, B, ResBody, I>(&self, mut service: S, requests: I) -> WarmReport
     where
         S: Service<Request<B>, Response = Response<ResBody>>,

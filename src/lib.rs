@@ -13,8 +13,12 @@
 //! - **one Redis command per hit** and per write; no `KEYS`, `SCAN` or
 //!   pattern deletes.
 //!
-//! Each guarantee's bound, the features and every option are in the
-//! [README](https://github.com/tower-redis-cache/tower-redis-cache#readme).
+//! Each guarantee's bound is in the
+//! [README](https://github.com/tower-redis-cache/tower-redis-cache#readme);
+//! every option with its default in
+//! [configuration](https://github.com/tower-redis-cache/tower-redis-cache/blob/main/docs/configuration.md), and how to deploy, operate and
+//! size it in [deploying](https://github.com/tower-redis-cache/tower-redis-cache/blob/main/docs/deploying.md), [operating](https://github.com/tower-redis-cache/tower-redis-cache/blob/main/docs/operating.md)
+//! and [capacity](https://github.com/tower-redis-cache/tower-redis-cache/blob/main/docs/capacity.md).
 //!
 //!
 //! ```
@@ -74,7 +78,8 @@
 //! # Examples
 //!
 //! Runnable, one topic each, in the repository's `examples/` (run with
-//! `cargo run --example <name>`): `memory_store` (axum, the memory store),
+//! `cargo run --release --example <name>`; `examples/README.md` says what
+//! each shows): `memory_store` (axum, the memory store),
 //! `redis_tenants` (Redis, a tenant scope, invalidation rules),
 //! `plain_hyper` (a tower service on hyper, no axum), `cluster` (a Redis
 //! Cluster) and `persons` (a full API over SQLite, with metrics and the
@@ -124,3 +129,18 @@ pub use store::tier::{InProcess, DEFAULT_TIER_BYTES, DEFAULT_TIER_ENTRIES};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// The guides' examples, compiled as doctests.
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../docs/configuration.md")]
+    struct Configuration;
+    #[doc = include_str!("../docs/deploying.md")]
+    struct Deploying;
+    #[doc = include_str!("../docs/operating.md")]
+    struct Operating;
+    #[doc = include_str!("../docs/key.md")]
+    struct Key;
+    #[doc = include_str!("../docs/capacity.md")]
+    struct Capacity;
+}

@@ -63,7 +63,7 @@
 //! rewrite the method or path (`X-HTTP-Method-Override`, `X-Original-URL`…),
 //! a host outside [`PolicyBuilder::hosts`](crate::PolicyBuilder::hosts).
 //! Query parameters the key drops are removed from the request the handler
-//! gets. See the README's table of what the key covers.
+//! gets. See [what the key covers](https://github.com/tower-redis-cache/tower-redis-cache/blob/main/docs/key.md).
 //!
 //! # Hits, misses, bypasses
 //!

@@ -6,8 +6,8 @@
 //!
 //! # What the key covers
 //!
-//! What each input a handler can read does to the cache (the README holds
-//! the same table). Inputs marked "bound" are not in the key string: each
+//! What each input a handler can read does to the cache (`docs/key.md`
+//! holds the same table). Inputs marked "bound" are not in the key string: each
 //! entry carries a digest of its key and of them ([`inputs::Binding`]),
 //! checked on every hit.
 //!

@@ -107,8 +107,8 @@ impl PolicyBuilder {
     /// The hosts this application serves (`api.example.com`,
     /// `api.example.com:8443`): a request for any other host bypasses the
     /// cache (reason `host`). Without this, any host is served, and each
-    /// entry is bound to the host it was stored for (see the README's
-    /// table of what the key covers).
+    /// entry is bound to the host it was stored for (see
+    /// [what the key covers](https://github.com/tower-redis-cache/tower-redis-cache/blob/main/docs/key.md)).
     pub fn hosts<I, S>(mut self, hosts: I) -> Self
     where
         I: IntoIterator<Item = S>,

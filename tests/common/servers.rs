@@ -1,5 +1,5 @@
 //! Real servers for the tests: a `redis-server` per test, Sentinel, a
-//! loopback cluster (with replicas), the README's ACL user, a delaying TCP
+//! loopback cluster (with replicas), the ACL user of docs/deploying.md, a delaying TCP
 //! proxy, free ports.
 
 use std::net::TcpListener;
@@ -101,7 +101,7 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// The URL of the README's least-privilege user, made on this server
+    /// The URL of the least-privilege user of docs/deploying.md, made on this server
     /// with its key pattern widened to every test namespace.
     pub fn cache_user_url(&self) -> String {
         create_user(self.port, CACHE_USER, &readme_acl(), &["~*"]);
@@ -239,17 +239,17 @@ impl Drop for Sentinel {
     }
 }
 
-/// The user the README's `ACL SETUSER` line makes.
+/// The user the `ACL SETUSER` line of docs/deploying.md makes.
 pub const CACHE_USER: &str = "cache";
 
-/// The rules of the README's `ACL SETUSER cache …` line: what the tests run
-/// as, so that the README cannot name less than the cache needs.
+/// The rules of the `ACL SETUSER cache …` line in docs/deploying.md: what the tests run
+/// as, so that the docs cannot name less than the cache needs.
 pub fn readme_acl() -> Vec<String> {
-    let readme = include_str!("../../README.md");
+    let readme = include_str!("../../docs/deploying.md");
     let line = readme
         .lines()
         .find(|line| line.starts_with("ACL SETUSER cache "))
-        .expect("the README names the cache's ACL user");
+        .expect("docs/deploying.md names the cache's ACL user");
     line.split_whitespace().skip(3).map(str::to_owned).collect()
 }
 
@@ -433,7 +433,7 @@ impl RedisCluster {
             .collect()
     }
 
-    /// A store over the cluster, logged in as the README's
+    /// A store over the cluster, logged in as docs/deploying.md's
     /// least-privilege user.
     pub fn store(&self) -> RedisStore<ClusterSource> {
         self.store_builder().build().unwrap()

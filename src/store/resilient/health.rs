@@ -21,6 +21,7 @@ pub struct StoreHealth {
     /// data; a `RedisStore` over a URL or Sentinel never serves entries written before it.
     pub persistence: Option<&'static str>,
     /// A guarantee the store cannot keep, and why: e.g. a Redis user that
-    /// may not run `INFO` (see the README's least-privilege section).
+    /// may not run `INFO` (see the least-privilege section of
+    /// [deploying](https://github.com/tower-redis-cache/tower-redis-cache/blob/main/docs/deploying.md#least-privilege)).
     pub degraded: Option<&'static str>,
 }
