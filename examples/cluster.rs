@@ -1,8 +1,8 @@
 //! A Redis Cluster behind the cache (feature `cluster`). Keys are laid out
 //! so that a version key and every entry under it share one slot: a hit is
-//! still one command, on the node that owns the entry.
+//! still one round trip, to the node that owns the entry.
 //!
-//! Run, with the cluster's seed nodes (see the README for a loopback
+//! Run, with the cluster's seed nodes (see `docs/deploying.md` for a loopback
 //! cluster of three masters; `REDIS_CLUSTER_URLS` is required):
 //!
 //! ```sh

@@ -1,3 +1,6 @@
+//! The response body of a cached route: a stored body, the handler's body
+//! passed through, or the handler's body copied into the entry as it streams.
+
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};

@@ -1,3 +1,6 @@
+//! The response future of a cached route: a short state machine (lookup,
+//! flight, handler, fill) whose every outcome is decided in `decide.rs`.
+
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;

@@ -1,3 +1,5 @@
+//! The [`CacheLayer`]: wraps a service in [`Cache`] with one policy.
+
 use tower_layer::Layer;
 
 use super::service::Cache;

@@ -1,3 +1,7 @@
+//! The response future of a write: the handler's answer, then the
+//! invalidation it owes, sent before the response (and still sent when the
+//! future is dropped once the handler ran).
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};

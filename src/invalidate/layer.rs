@@ -1,3 +1,6 @@
+//! The [`InvalidateLayer`] and its service: writes matched against the
+//! policy's rules.
+
 use std::task::{Context, Poll};
 
 use http::{Request, Response};

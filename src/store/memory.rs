@@ -1,3 +1,6 @@
+//! The in-process store: the default without Redis, and the fast path of
+//! tests; the same guarantees as Redis within one process.
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
