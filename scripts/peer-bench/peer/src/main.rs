@@ -2,7 +2,9 @@
 //! tower-http-cache (Redis or memory backend), behind hitbox (hitbox-tower with
 //! the hitbox-redis or hitbox-moka backend), or, built with the `ours`
 //! feature, behind tower-redis-cache (Redis or memory store).
-//! Usage: peer-harness <nocache|thc-redis|thc-memory|hbx-redis|hbx-memory|ours-redis|ours-memory|ours-tier|ours-cluster> <port> [redis_url | cluster_urls]
+//! Usage: peer-harness <nocache|thc-redis|thc-memory|hbx-redis|hbx-memory|arc-memory|ours-redis|ours-memory|ours-tier|ours-cluster> <port> [redis_url | cluster_urls]
+//! (`arc-memory`: axum-response-cache 0.4, which takes axum's request and
+//! response types only: the same handler, as an axum service.)
 //! (`ours-tier`: tower-redis-cache over Redis with its in-process tier;
 //! `ours-cluster`: over a Redis Cluster, whose seed URLs the third argument
 //! lists, comma separated.)
@@ -111,6 +113,7 @@ async fn main() {
             )
         }
         "hbx-memory" | "hbx-redis" => hbx(&mode, args.get(3).cloned()),
+        "arc-memory" => arc(),
         "ours-memory" | "ours-redis" | "ours-tier" | "ours-cluster" => ours(&mode, args.get(3).cloned(), base),
         other => panic!("unknown mode {other}"),
     };
@@ -148,6 +151,27 @@ async fn main() {
             let _ = conn.await;
         });
     }
+}
+
+/// axum-response-cache on the same handler, kept 300 s: the layer wants
+/// axum's `Request<Body>` and `axum::response::Response`, so the handler
+/// runs as an axum service (its body boxed into axum's `Body`), and hyper's
+/// request body becomes an axum `Body` on the way in.
+fn arc() -> Svc {
+    use http_body_util::BodyExt;
+    let inner = tower::service_fn(|req: Request<axum::body::Body>| async move {
+        let response = handler(req).await?;
+        Ok::<_, Infallible>(response.map(axum::body::Body::new))
+    });
+    let cached = ServiceBuilder::new()
+        .layer(axum_response_cache::CacheLayer::with_lifespan(Duration::from_secs(300)))
+        .service(inner);
+    BoxCloneService::new(
+        cached
+            .map_request(|req: Request<hyper::body::Incoming>| req.map(axum::body::Body::new))
+            .map_response(|r: axum::response::Response| r.map(|b| b.map_err(|x| E(x.to_string())).boxed_unsync()))
+            .map_err(|x: Infallible| -> E { match x {} }),
+    )
 }
 
 /// hitbox on the same handler: GET /item and GET /list (request predicates:
