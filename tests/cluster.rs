@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{app, get_req, method_req, revision, send, Db, RedisCluster};
+use common::{app, get_req, method_req, revision, send, send_reading, Db, RedisCluster};
 
 /// Calls of `command` on every node since the last reset.
 fn calls(cluster: &RedisCluster, command: &str) -> Vec<u64> {
@@ -343,4 +343,96 @@ async fn a_failover_that_loses_the_purge_serves_no_pre_write_data() {
     }
     eprintln!("failover that lost the purge: {reads} reads, {stale} stale");
     assert_eq!(stale, 0);
+}
+
+/// Two processes (two stores) over a 3-master cluster with a replica each,
+/// a writer on one and readers on the other, while every node's client
+/// connections are killed every 400 ms (`CLIENT KILL TYPE normal`: the
+/// servers and the replication links stay up). A cluster recovers like one
+/// node: no write answers `invalidation-pending` (its retry goes over a
+/// fresh connection within the write's budget), and no read started after
+/// a write returned shows older data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn connection_kills_leave_no_write_pending() {
+    let cluster = RedisCluster::start_with_replicas();
+    let db = Db::default();
+    db.set("1", 0);
+    let (writer, _) = app(Arc::new(cluster.store()), db.clone());
+    let (reader, _) = app(Arc::new(cluster.store()), db.clone());
+    // Both processes serve before the faults start: connections are up.
+    send(&writer, method_req("PATCH", "/persons/1")).await;
+    send(&reader, get_req("/persons/1")).await;
+    let committed = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let ports = cluster.ports.clone();
+    let killer = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut kills = 0;
+            while !done.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(400));
+                for port in &ports {
+                    cli(
+                        *port,
+                        &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"],
+                    );
+                }
+                kills += 1;
+            }
+            kills
+        })
+    };
+    let mut readers = Vec::new();
+    for uri in ["/persons/1", "/persons?limit=10"] {
+        let (reader, committed, done) = (reader.clone(), committed.clone(), done.clone());
+        readers.push(tokio::spawn(async move {
+            let (mut reads, mut stale) = (0u64, 0u64);
+            while !done.load(Ordering::SeqCst) {
+                let floor = committed.load(Ordering::SeqCst);
+                let (status, _, body) = send(&reader, get_req(uri)).await;
+                assert_eq!(status, StatusCode::OK, "{body}");
+                reads += 1;
+                stale += u64::from(revision(uri, &body) < floor);
+                tokio::task::yield_now().await;
+            }
+            (reads, stale)
+        }));
+    }
+    let (mut writes, mut pending) = (0u64, Vec::new());
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        let request = method_req("PATCH", "/persons/1");
+        let (status, cache_status, _) = send_reading(&writer, request, "cache-status").await;
+        assert_eq!(status, StatusCode::OK);
+        writes += 1;
+        if cache_status.contains("invalidation-pending") {
+            pending.push(cache_status);
+        }
+        let revision = db.revisions.lock().unwrap()["1"];
+        committed.fetch_max(revision, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    done.store(true, Ordering::SeqCst);
+    let kills = killer.join().unwrap();
+    let (mut reads, mut stale) = (0, 0);
+    for reader in readers {
+        let (r, s) = reader.await.unwrap();
+        reads += r;
+        stale += s;
+    }
+    eprintln!(
+        "cluster, CLIENT KILL every 0.4 s ({kills} rounds): {writes} writes, {} pending, {reads} reads, {stale} stale",
+        pending.len()
+    );
+    assert!(
+        kills >= 10 && writes >= 50 && reads >= 100,
+        "{kills} {writes} {reads}"
+    );
+    assert_eq!(
+        pending,
+        Vec::<String>::new(),
+        "writes answered invalidation-pending"
+    );
+    assert_eq!(stale, 0, "no read older than a completed write");
 }

@@ -62,7 +62,7 @@
 //! # A failed invalidation
 //!
 //! The write's response waits for its invalidation, within the store's
-//! write budget (`RedisStore::write_deadline`, 1 s: two tries, sent even
+//! write budget (`RedisStore::write_deadline`, 1 s: up to three tries, sent even
 //! while the read circuit is open), and says how it went in `cache-status`:
 //! `detail=invalidated`, or `detail=invalidation-pending` when the store
 //! could not be reached. A pending invalidation is logged, counted, queued

@@ -144,7 +144,7 @@ impl RedisSource<ClusterSource> {
             .max_retry_wait(25)
             .connection_timeout(super::cluster::CONNECT_TIMEOUT)
             // Each operation has the store's own deadline (reads 100 ms,
-            // invalidations 1 s in two tries); the client's must not cut a
+            // invalidations 1 s in up to three tries); the client's must not cut a
             // write's try short.
             .response_timeout(DEFAULT_WRITE_DEADLINE / 2)
             .build();
@@ -271,9 +271,11 @@ impl<C: Connect> RedisStoreBuilder<C> {
     }
 
     /// The budget of a write's invalidation (default
-    /// [`DEFAULT_WRITE_DEADLINE`], 1 s): it is tried twice within it (the
-    /// second time on a fresh connection when the first one dropped), and
-    /// it is sent even while the circuit is open.
+    /// [`DEFAULT_WRITE_DEADLINE`], 1 s): it is tried up to three times
+    /// within it (again over a fresh connection on any failure that may
+    /// pass: a dropped connection, a cluster client between connections or
+    /// slot maps, replicas slow to acknowledge), and it is sent even while
+    /// the circuit is open.
     pub fn write_deadline(mut self, deadline: Duration) -> Self {
         self.write_deadline = deadline;
         self

@@ -44,6 +44,13 @@ use super::{CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFu
 /// How long [`RedisStore::connect`] tries before it gives up.
 const CONNECT_BUDGET: Duration = Duration::from_secs(5);
 
+/// How many times a write's invalidation is tried within its budget.
+const WRITE_TRIES: usize = 3;
+
+/// The pause before an invalidation is tried again: time for a cluster
+/// client to reconnect or refresh its slots.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
+
 /// Default deadline for one Redis read or entry write.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(100);
 
@@ -151,9 +158,9 @@ impl<C: Connect> RedisStore<C> {
 }
 
 impl<C: Connect> Link<C> {
-    /// `invalidation` as one script call, tried twice within the write
-    /// deadline: a dropped or stalled connection fails the first, and the
-    /// second goes over a fresh one.
+    /// `invalidation` as one script call, tried up to three times within
+    /// the write deadline: a dropped or stalled connection fails a try, and
+    /// the next goes over a fresh one.
     fn send(&self, invalidation: Invalidation) -> StoreFuture<()> {
         let (source, budget, tombstone_ttl) =
             (self.source.clone(), self.write_deadline, self.tombstone_ttl);
@@ -180,16 +187,27 @@ impl<C: Connect> Link<C> {
                     on_connection(&source, deadline, apply).await
                 }
             };
-            let first = send(budget / 2, invalidation.clone()).await;
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            match first {
-                // The first send may still land late: the second carries a
-                // tombstone of its own.
-                Err(StoreError::Unreachable(_) | StoreError::Timeout) if !left.is_zero() => {
-                    send(left, invalidation.reissued()).await
+            // Tried again, over a fresh connection, on any failure that
+            // may pass (a dropped connection, a cluster client between
+            // connections, a `MOVED` while its slot map catches up, a
+            // replica slow to acknowledge): each try after the first carries
+            // a tombstone of its own, since an earlier one may still land.
+            let mut result = send(budget / 2, invalidation.clone()).await;
+            for try_number in 1..WRITE_TRIES {
+                match &result {
+                    Err(err) if err.is_transient() => {}
+                    _ => break,
                 }
-                other => other,
+                tokio::time::sleep(RETRY_PAUSE).await;
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                // The last try gets what is left; the others share it.
+                let share = left / (WRITE_TRIES - try_number) as u32;
+                result = send(share, invalidation.reissued()).await;
             }
+            result
         })
     }
 
