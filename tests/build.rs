@@ -9,6 +9,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(redis_missing)");
     println!("cargo::rustc-check-cfg=cfg(faketime_missing)");
+    println!("cargo::rustc-check-cfg=cfg(prometheus_missing)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=REQUIRE_REDIS");
     let dirs: Vec<PathBuf> = env::var_os("PATH")
@@ -27,6 +28,13 @@ fn main() {
         println!("cargo::rustc-cfg=faketime_missing");
         println!(
             "cargo::warning=faketime is not on PATH: the clock-skew test is reported as ignored"
+        );
+    }
+    // A real Prometheus evaluates the dashboard's queries.
+    if !on_path("prometheus") && !required {
+        println!("cargo::rustc-cfg=prometheus_missing");
+        println!(
+            "cargo::warning=prometheus is not on PATH: the dashboard test is reported as ignored"
         );
     }
     if !found && !required {

@@ -722,3 +722,145 @@ fn a_sigterm_finishes_writes_in_flight_and_replays_their_invalidations() {
     );
     let _ = std::fs::remove_file(&db);
 }
+
+/// `GET path` on `addr` over HTTP/1.1: (status, body).
+fn get_from(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+    // Prometheus answers in chunks: keep the JSON only.
+    let body = match (body.find('{'), body.rfind('}')) {
+        (Some(start), Some(end)) => body[start..=end].to_owned(),
+        _ => body.to_owned(),
+    };
+    (status, body)
+}
+
+/// A real Prometheus (Debian's package) scrapes the persons example, with
+/// the admin token, while it serves a healthy mix of hits, misses and
+/// writes and nothing bypasses; every query of every dashboard panel is
+/// valid PromQL, and the panels an operator opens first show data.
+#[test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+#[cfg_attr(prometheus_missing, ignore = "prometheus is not on PATH")]
+fn every_dashboard_panel_runs_on_a_real_prometheus() {
+    let redis = RedisServer::start();
+    let server = start(&redis.url());
+    let dir = std::env::temp_dir().join(format!("persons-prometheus-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n\
+             - job_name: persons\n  \
+               authorization: {{credentials: test-admin}}\n  \
+               static_configs: [{{targets: ['{}']}}]\n",
+            server.addr
+        ),
+    )
+    .unwrap();
+    let prometheus_addr = format!("127.0.0.1:{}", common::free_port());
+    let mut prometheus = std::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={prometheus_addr}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus starts");
+    let ready = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        std::net::TcpStream::connect(&prometheus_addr).is_ok()
+            && get_from(&prometheus_addr, "/-/ready").0 == 200
+    });
+    assert!(ready, "prometheus did not get ready");
+
+    // Healthy traffic for a few scrapes: misses, hits, writes; no bypass.
+    let started = std::time::Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        for path in ["/persons/1", "/persons/2", "/persons?limit=5"] {
+            assert_eq!(get(&server, path, ACME).status, 200);
+        }
+        if round % 10 == 0 {
+            let body = format!(r#"{{"name":"Round {round}"}}"#);
+            let write = http(&server, "PATCH", "/persons/2", Some(ACME), Some(&body));
+            assert_eq!(write.status, 200, "{}", write.body);
+        }
+        round += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let dashboard = include_str!("../dashboards/tower-redis-cache.json");
+    let json: serde_json::Value = serde_json::from_str(dashboard).unwrap();
+    // The panels an operator opens first: on a healthy deployment each
+    // shows data.
+    let first = [
+        "Hit ratio per route",
+        "Requests per route by outcome",
+        "Hit latency (p50, p99)",
+        "Miss latency (p50, p99)",
+        "Circuit breaker",
+        "Invalidations: applied, failed, skipped, unscoped",
+        "Invalidations queued for replay",
+    ];
+    let mut empty_first = Vec::new();
+    for panel in json["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap_or("");
+        let mut shows_data = false;
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "20s");
+            let encoded: String = expr
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            let (status, body) =
+                get_from(&prometheus_addr, &format!("/api/v1/query?query={encoded}"));
+            let reply: serde_json::Value = serde_json::from_str(&body)
+                .unwrap_or_else(|_| panic!("{title}: {expr}: not JSON: {body}"));
+            assert_eq!(
+                (status, reply["status"].as_str()),
+                (200, Some("success")),
+                "{title}: {expr}: {body}"
+            );
+            let results = reply["data"]["result"].as_array().unwrap();
+            shows_data |= results
+                .iter()
+                .any(|r| r["value"][1].as_str().is_some_and(|v| v != "NaN"));
+        }
+        if first.contains(&title) && !shows_data {
+            empty_first.push(title.to_owned());
+        }
+    }
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        empty_first,
+        Vec::<String>::new(),
+        "panels without data on a healthy deployment"
+    );
+}
