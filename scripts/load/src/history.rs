@@ -43,7 +43,11 @@ struct Options {
 fn indices(value: &str) -> Result<Vec<usize>, String> {
     value
         .split(',')
-        .map(|i| i.trim().parse().map_err(|_| format!("`{i}`: a process index")))
+        .map(|i| {
+            i.trim()
+                .parse()
+                .map_err(|_| format!("`{i}`: a process index"))
+        })
         .collect()
 }
 
@@ -153,7 +157,11 @@ impl Conn {
         stream.read_exact(&mut body).await?;
         Ok(Reply {
             status,
-            detail: if detail.is_empty() { "-".into() } else { detail },
+            detail: if detail.is_empty() {
+                "-".into()
+            } else {
+                detail
+            },
             body: String::from_utf8_lossy(&body).into_owned(),
         })
     }
@@ -167,15 +175,22 @@ fn versions(body: &str) -> Vec<(u64, u64)> {
     while let Some(at) = rest.find("\"id\":") {
         rest = &rest[at + 5..];
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        let Ok(id) = digits.parse::<u64>() else { continue };
-        let Some(name_at) = rest.find("\"name\":\"") else { break };
+        let Ok(id) = digits.parse::<u64>() else {
+            continue;
+        };
+        let Some(name_at) = rest.find("\"name\":\"") else {
+            break;
+        };
         // An address's or a phone's id has no name before the next id.
         if rest.find("\"id\":").is_some_and(|next| next < name_at) {
             continue;
         }
         let name = &rest[name_at + 8..];
         let name = &name[..name.find('"').unwrap_or(0)];
-        let version = name.strip_prefix('v').and_then(|v| v.parse().ok()).unwrap_or(0);
+        let version = name
+            .strip_prefix('v')
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         out.push((id, version));
         rest = &rest[name_at..];
     }
@@ -246,7 +261,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tasks.push(tokio::spawn(async move {
             let proc = o.readers[r % o.readers.len()];
             let addr = o.procs[proc].clone();
-            let mut conn = Conn { addr: addr.clone(), stream: None };
+            let mut conn = Conn {
+                addr: addr.clone(),
+                stream: None,
+            };
             let mut random = Random(0x9E37_79B9_7F4A_7C15 ^ (r as u64 + 1) * 0x2545_F491);
             while !done.load(Ordering::Relaxed) {
                 let list = (random.next() % 1000) as f64 / 1000.0 < o.list_share;
@@ -265,9 +283,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         let seen = if seen.is_empty() {
                             "-".to_owned()
                         } else {
-                            seen.iter().map(|(i, v)| format!("{i}:{v}")).collect::<Vec<_>>().join(";")
+                            seen.iter()
+                                .map(|(i, v)| format!("{i}:{v}"))
+                                .collect::<Vec<_>>()
+                                .join(";")
                         };
-                        format!("R {proc} {key} {start} {end} {} {} {seen}", r.status, r.detail)
+                        format!(
+                            "R {proc} {key} {start} {end} {} {} {seen}",
+                            r.status, r.detail
+                        )
                     }
                     Err(_) => format!("R {proc} {key} {start} {end} 0 - -"),
                 };
@@ -298,6 +322,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let _ = task.await;
     }
     let count = writer.await??;
-    println!("history: {count} operations in {} s to {}", o.seconds, o.out);
+    println!(
+        "history: {count} operations in {} s to {}",
+        o.seconds, o.out
+    );
     Ok(())
 }

@@ -161,6 +161,73 @@ struct Shared {
     checking: std::sync::atomic::AtomicBool,
     /// The server's clock against this process's, in milliseconds.
     clock: std::sync::atomic::AtomicI64,
+    /// The replicas the master is known to have: what an invalidation
+    /// waits for.
+    replicas: Mutex<Replicas>,
+}
+
+/// The replicas connected to the master, as `INFO replication` says. A
+/// drop is believed only once it lasted [`REPLICA_LOSS_CHECKS`] reads: a
+/// master whose replica was just promoted by a failover still answers as
+/// a master for a moment, and an invalidation it takes then is lost when
+/// it is demoted; waiting for the replica it had makes that invalidation
+/// unconfirmed (pending, replayed on the new master) instead.
+#[derive(Debug, Default)]
+struct Replicas {
+    expected: usize,
+    /// Consecutive reads that found fewer.
+    fewer: u32,
+}
+
+/// Reads (one per [`EPOCH_CHECK`]) that must find fewer replicas before
+/// invalidations stop waiting for the ones that left.
+const REPLICA_LOSS_CHECKS: u32 = 3;
+
+impl Replicas {
+    /// One reading of the connected replicas; a new connection trusts its
+    /// first.
+    fn read(&mut self, connected: usize, fresh: bool) {
+        if fresh || connected >= self.expected {
+            *self = Self {
+                expected: connected,
+                fewer: 0,
+            };
+            return;
+        }
+        self.fewer += 1;
+        if self.fewer >= REPLICA_LOSS_CHECKS {
+            *self = Self {
+                expected: connected,
+                fewer: 0,
+            };
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Forgets the live connection of `generation`: the next operation makes
+/// a new one.
+fn drop_live(shared: &Shared, generation: u64) {
+    let mut current = lock(&shared.live);
+    if current.as_ref().is_some_and(|l| l.generation == generation) {
+        *current = None;
+    }
+}
+
+/// The `connected_slaves` of the reply to `INFO replication` (second of
+/// `replies`).
+fn connected_replicas(replies: &[redis::Value]) -> Option<usize> {
+    let text = match replies.get(1)? {
+        redis::Value::BulkString(info) => String::from_utf8_lossy(info).into_owned(),
+        redis::Value::VerbatimString { text, .. } => text.clone(),
+        _ => return None,
+    };
+    text.lines()
+        .find_map(|line| line.strip_prefix("connected_slaves:"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 impl std::fmt::Debug for Reconnecting {
@@ -211,6 +278,8 @@ struct Attempt {
 #[derive(Clone)]
 struct Live {
     conn: Batched<MultiplexedConnection>,
+    /// The server it is connected to (`host:port`).
+    server: String,
     epoch: Epoch,
     generation: u64,
     persistence: Option<&'static str>,
@@ -330,6 +399,7 @@ impl Reconnecting {
                 setup_timeout: connect_timeout * 3,
                 checking: std::sync::atomic::AtomicBool::new(false),
                 clock: std::sync::atomic::AtomicI64::new(0),
+                replicas: Mutex::default(),
             }),
         }
     }
@@ -348,11 +418,9 @@ impl Reconnecting {
     /// an epoch: see [`NO_EPOCH`].
     async fn establish(&self) -> Result<Live, StoreError> {
         let setup = async {
-            let mut conn = self
-                .inner
-                .target
-                .client()
-                .await?
+            let client = self.inner.target.client().await?;
+            let server = client.get_connection_info().addr().to_string();
+            let mut conn = client
                 .get_multiplexed_async_connection_with_config(&self.inner.config)
                 .await?;
             let mut setup = redis::pipe();
@@ -363,9 +431,9 @@ impl Reconnecting {
                 setup.cmd("SCRIPT").arg("LOAD").arg(script);
             }
             let replies: Vec<redis::Value> = setup.query_async(&mut conn).await?;
-            Ok::<_, redis::RedisError>((conn, replies))
+            Ok::<_, redis::RedisError>((conn, server, replies))
         };
-        let (mut conn, mut replies) =
+        let (mut conn, server, mut replies) =
             match tokio::time::timeout(self.inner.setup_timeout, setup).await {
                 Ok(done) => done.map_err(backend)?,
                 Err(_) => return Err(StoreError::Timeout),
@@ -379,6 +447,8 @@ impl Reconnecting {
                 "Sentinel named a server that is not a master (yet)".to_owned(),
             ));
         }
+        let connected = connected_replicas(&replies).unwrap_or(0);
+        lock(&self.inner.replicas).read(connected, true);
         let epoch = match read_epoch(replies)? {
             Some(epoch) => epoch,
             None => {
@@ -398,6 +468,7 @@ impl Reconnecting {
         self.inner.clock.store(clock, Ordering::Relaxed);
         Ok(Live {
             conn: Batched::new(conn, false),
+            server,
             generation: 0,
             persistence,
             degraded: epoch.is_empty().then_some(NO_EPOCH),
@@ -466,6 +537,26 @@ async fn check_epochs(shared: std::sync::Weak<Shared>) {
         let Ok(Ok(replies)) = replies else {
             continue;
         };
+        if let Some(connected) = connected_replicas(&replies) {
+            lock(&shared.replicas).read(connected, false);
+        }
+        if shared.target.needs_master() {
+            // Sentinel may have promoted another server while this one still
+            // answers as a master (its demotion comes later): move now.
+            let named = tokio::time::timeout(shared.setup_timeout, shared.target.client()).await;
+            if let Ok(Ok(client)) = named {
+                let named = client.get_connection_info().addr().to_string();
+                if named != live.server {
+                    tracing::warn!(
+                        from = %live.server,
+                        to = %named,
+                        "Sentinel names another master: reconnecting"
+                    );
+                    drop_live(&shared, live.generation);
+                    continue;
+                }
+            }
+        }
         if let Ok(Some(clock)) =
             tokio::time::timeout(shared.setup_timeout, measure_clock(&mut live.conn)).await
         {
@@ -477,13 +568,7 @@ async fn check_epochs(shared: std::sync::Weak<Shared>) {
                     "the Redis server's epoch changed under a live connection (a demotion \
                      or a failover): entries written before it are no longer served"
                 );
-                let mut current = shared.live.lock().unwrap_or_else(|e| e.into_inner());
-                if current
-                    .as_ref()
-                    .is_some_and(|l| l.generation == live.generation)
-                {
-                    *current = None;
-                }
+                drop_live(&shared, live.generation);
             }
             _ => {}
         }
@@ -551,10 +636,58 @@ impl sealed::Source for Reconnecting {
         self.inner.clock.load(Ordering::Relaxed)
     }
 
+    /// The replicas the master had (see [`Replicas`]).
+    fn replicas(&self, _slot: u16) -> usize {
+        lock(&self.inner.replicas).expected
+    }
+
     fn broken(&self, generation: u64) {
         let mut live = self.inner.live.lock().unwrap_or_else(|e| e.into_inner());
         if live.as_ref().is_some_and(|l| l.generation == generation) {
             *live = None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_lost_is_believed_only_after_three_reads() {
+        let mut replicas = Replicas::default();
+        replicas.read(1, true);
+        assert_eq!(replicas.expected, 1);
+        // A failover promotes the replica: the master sees none for a moment.
+        replicas.read(0, false);
+        replicas.read(0, false);
+        assert_eq!(replicas.expected, 1, "invalidations still wait for it");
+        replicas.read(1, false);
+        replicas.read(0, false);
+        replicas.read(0, false);
+        assert_eq!(replicas.expected, 1, "the count of lower reads restarts");
+        replicas.read(0, false);
+        assert_eq!(
+            replicas.expected, 0,
+            "gone for three reads: no longer waited for"
+        );
+        replicas.read(2, false);
+        assert_eq!(replicas.expected, 2, "a new replica counts at once");
+        replicas.read(0, true);
+        assert_eq!(
+            replicas.expected, 0,
+            "a new connection trusts its first read"
+        );
+    }
+
+    #[test]
+    fn connected_replicas_are_read_from_info_replication() {
+        let info = |text: &str| redis::Value::BulkString(text.as_bytes().to_vec());
+        let replies = [
+            info("# Server"),
+            info("role:master\r\nconnected_slaves:2\r\n"),
+        ];
+        assert_eq!(connected_replicas(&replies), Some(2));
+        assert_eq!(connected_replicas(&replies[..1]), None);
     }
 }

@@ -170,7 +170,8 @@ impl<C: Connect> Link<C> {
             let send = |deadline: Duration, invalidation: Invalidation| {
                 let (source, channel) = (source.clone(), channel.clone());
                 async move {
-                    let confirm = invalidation.slot().map_or(0, |slot| source.replicas(slot));
+                    // Keys in several slots (one node): its one master's.
+                    let confirm = source.replicas(invalidation.slot().unwrap_or(0));
                     // Half the try: the pipeline still answers within it.
                     let within = deadline / 2;
                     let apply = |mut conn: C::Conn, _| async move {
