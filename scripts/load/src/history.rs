@@ -265,7 +265,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 addr: addr.clone(),
                 stream: None,
             };
-            let mut random = Random(0x9E37_79B9_7F4A_7C15 ^ (r as u64 + 1) * 0x2545_F491);
+            let mut random = Random(0x9E37_79B9_7F4A_7C15 ^ ((r as u64 + 1) * 0x2545_F491));
             while !done.load(Ordering::Relaxed) {
                 let list = (random.next() % 1000) as f64 / 1000.0 < o.list_share;
                 let (key, path) = if list {
