@@ -550,7 +550,11 @@ pub struct ClusterNode {
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         for index in 0..self.children.len() {
-            self.signal(index, "-CONT");
+            // A node that already exited (a start that failed, to be tried
+            // again) has no process left to resume.
+            if !self.exited(index) {
+                self.signal(index, "-CONT");
+            }
             self.kill(index);
         }
         for port in &self.ports {
