@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use common::{app, get_req, method_req, revision, send, Db, RedisServer};
+use common::{app, get_req, method_req, revision, send, send_reading, Db, RedisServer};
 use tower_redis_cache::store::{RedisStore, Store};
 
 /// Runs `args` on the server at `port` as the default user.
@@ -68,8 +68,15 @@ async fn a_master_demoted_in_place_is_noticed_within_the_bound() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
+    // A lost its only replica when B was promoted: when the store had read
+    // B online (its first read of A may come before B's sync ends), the
+    // purge A took cannot be confirmed and the write says
+    // `invalidation-pending`; either way it is the reads below that count.
     let status = response.headers()["cache-status"].to_str().unwrap();
-    assert!(status.contains("detail=invalidated"), "{status}");
+    assert!(
+        status.contains("detail=invalidated") || status.contains("detail=invalidation-pending"),
+        "{status}"
+    );
     command(a.port, &["REPLICAOF", "127.0.0.1", &b.port.to_string()]).await;
     synced(a.port).await;
     let demoted = tokio::time::Instant::now();
@@ -158,44 +165,69 @@ async fn a_sentinel_failover_mid_run_leaves_every_answer_correct() {
     for uri in uris {
         let (reader, committed, done) = (reader.clone(), committed.clone(), done.clone());
         readers.push(tokio::spawn(async move {
-            let (mut reads, mut stale) = (0u64, 0u64);
+            let (mut reads, mut stale) = (0u64, Vec::new());
             while !done.load(Ordering::SeqCst) {
                 let floor = committed.load(Ordering::SeqCst);
+                let began = tokio::time::Instant::now();
                 let (code, _, body) = send(&reader, get_req(uri)).await;
                 assert_eq!(code, StatusCode::OK, "{uri}: {body}");
                 reads += 1;
-                stale += u64::from(revision(uri, &body) < floor);
+                if revision(uri, &body) < floor {
+                    stale.push(began);
+                }
             }
             (reads, stale)
         }));
     }
     let started = tokio::time::Instant::now();
-    let mut failed_over = false;
+    let mut failed_over = None;
     while started.elapsed() < Duration::from_secs(5) {
-        if !failed_over && started.elapsed() > Duration::from_secs(1) {
+        if failed_over.is_none() && started.elapsed() > Duration::from_secs(1) {
             let ok = command(sentinel.port, &["SENTINEL", "FAILOVER", "mymaster"]).await;
             assert_eq!(ok, redis::Value::Okay);
-            failed_over = true;
+            failed_over = Some(tokio::time::Instant::now());
         }
-        let (status, _, _) = send(&writer, method_req("PATCH", "/persons/1")).await;
+        let write = method_req("PATCH", "/persons/1");
+        let (status, cache_status, _) = send_reading(&writer, write, "cache-status").await;
         assert_eq!(status, StatusCode::OK);
-        committed.fetch_max(db.revisions.lock().unwrap()["1"], Ordering::SeqCst);
+        // Only a write that answered `invalidated` binds the readers: one
+        // that answered `invalidation-pending` is the documented exception.
+        if cache_status.contains("detail=invalidated") {
+            committed.fetch_max(db.revisions.lock().unwrap()["1"], Ordering::SeqCst);
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     done.store(true, Ordering::SeqCst);
-    let (mut reads, mut stale) = (0, 0);
+    let (mut reads, mut stale) = (0, Vec::new());
     for reader in readers {
         let (r, s) = reader.await.unwrap();
         reads += r;
-        stale += s;
+        stale.extend(s);
     }
     assert_eq!(
         named_master(sentinel.port).await,
         Some(replica.port),
         "failed over"
     );
-    eprintln!("sentinel failover mid-run: {reads} reads on the other process, {stale} stale");
-    assert_eq!(stale, 0);
+    // Each process asks Sentinel every second: one still on the old master
+    // moves within that (plus Sentinel's own second to promote).
+    let failed_over = failed_over.expect("the failover ran");
+    let bound = Duration::from_secs(2);
+    let late: Vec<Duration> = stale
+        .iter()
+        .filter(|at| **at > failed_over + bound || **at < failed_over)
+        .map(|at| at.duration_since(failed_over))
+        .collect();
+    eprintln!(
+        "sentinel failover mid-run: {reads} reads on the other process, {} stale within {bound:?} of the failover, {} outside",
+        stale.len() - late.len(),
+        late.len()
+    );
+    assert_eq!(
+        late,
+        Vec::<Duration>::new(),
+        "stale reads outside the failover's bound"
+    );
 
     // The new master serves hits, with the last write.
     let last = db.revisions.lock().unwrap()["1"];

@@ -11,10 +11,13 @@
 //!     --readers 1 --items 40 --seconds 10 --out history.txt
 //! ```
 //!
-//! One line per operation: `W|R <process> <key> <start_us> <end_us> <status>
+//! A first line `T <unix_us>`: when the clock below started. Then one line
+//! per operation: `W|R <process> <key> <start_us> <end_us> <status>
 //! <detail> <versions>`, where key is `i<id>` (an item) or `l` (the list),
 //! versions `id:version` pairs joined by `;` (`-` when none). Status 0: no
-//! response (the process was down or the connection cut).
+//! response (the process was down, the connection cut, or 3 s passed; a
+//! person whose write got none is written no more: it may still commit
+//! after a later one).
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -96,6 +99,9 @@ fn options() -> Result<Options, String> {
     Ok(o)
 }
 
+/// The longest one request may take: past it, no response (status 0).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// One response: status, the cache's `detail=`, the body.
 struct Reply {
     status: u16,
@@ -112,6 +118,16 @@ struct Conn {
 
 impl Conn {
     async fn send(&mut self, request: &str) -> std::io::Result<Reply> {
+        match tokio::time::timeout(REQUEST_TIMEOUT, self.send_now(request)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.stream = None;
+                Err(std::io::ErrorKind::TimedOut.into())
+            }
+        }
+    }
+
+    async fn send_now(&mut self, request: &str) -> std::io::Result<Reply> {
         if self.stream.is_none() {
             let stream = TcpStream::connect(&self.addr).await?;
             stream.set_nodelay(true)?;
@@ -127,7 +143,8 @@ impl Conn {
     async fn exchange(&mut self, request: &str) -> std::io::Result<Reply> {
         let stream = self.stream.as_mut().expect("connected");
         stream.get_mut().write_all(request.as_bytes()).await?;
-        let (mut status, mut length, mut detail) = (0u16, 0usize, String::new());
+        let (mut status, mut length, mut detail) = (0u16, None::<usize>, String::new());
+        let mut close = false;
         let mut line = String::new();
         loop {
             line.clear();
@@ -138,23 +155,36 @@ impl Conn {
             if text.is_empty() {
                 break;
             }
-            if let Some(rest) = text.strip_prefix("HTTP/1.1 ") {
-                status = rest.get(..3).and_then(|s| s.parse().ok()).unwrap_or(0);
+            if let Some(rest) = text.strip_prefix("HTTP/1.") {
+                status = rest.get(2..5).and_then(|s| s.parse().ok()).unwrap_or(0);
             } else if let Some((name, value)) = text.split_once(':') {
                 let value = value.trim();
                 if name.eq_ignore_ascii_case("content-length") {
-                    length = value.parse().unwrap_or(0);
+                    length = value.parse().ok();
+                } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                    // Only bodies of a known length are read: anything else
+                    // would put this connection out of step.
+                    return Err(std::io::ErrorKind::InvalidData.into());
+                } else if name.eq_ignore_ascii_case("connection") {
+                    close |= value.eq_ignore_ascii_case("close");
                 } else if name.eq_ignore_ascii_case("cache-status") && detail.is_empty() {
                     detail = value
-                        .split(';')
+                        .split([';', ','])
                         .find_map(|part| part.trim().strip_prefix("detail="))
+                        .and_then(|d| d.split_whitespace().next())
                         .unwrap_or("-")
                         .to_owned();
                 }
             }
         }
+        let Some(length) = length else {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        };
         let mut body = vec![0; length];
         stream.read_exact(&mut body).await?;
+        if close {
+            self.stream = None;
+        }
         Ok(Reply {
             status,
             detail: if detail.is_empty() {
@@ -217,6 +247,9 @@ fn get(path: &str, addr: &str, token: &str) -> String {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let o = Arc::new(options()?);
     let started = Instant::now();
+    let started_unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
     let us = move || started.elapsed().as_micros() as u64;
     let done = Arc::new(AtomicBool::new(false));
     let (lines, mut out) = mpsc::unbounded_channel::<String>();
@@ -229,10 +262,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut conn = Conn { addr: addr.clone(), stream: None };
             let ids: Vec<u64> = (1..=o.items).filter(|id| (id - 1) as usize % o.write_tasks == w).collect();
             let mut next_version = vec![1u64; ids.len()];
+            // A write left without a response may still commit after a
+            // later one: its person is written no more.
+            let mut retired = vec![false; ids.len()];
             let mut turn = 0;
-            while !done.load(Ordering::Relaxed) && !ids.is_empty() {
+            while !done.load(Ordering::Relaxed) && retired.iter().any(|r| !r) {
                 let slot = turn % ids.len();
                 turn += 1;
+                if retired[slot] {
+                    continue;
+                }
                 let (id, version) = (ids[slot], next_version[slot]);
                 next_version[slot] += 1;
                 let body = format!(r#"{{"name":"v{version}"}}"#);
@@ -249,7 +288,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     Err(_) => (0, "-"),
                 };
                 let _ = lines.send(format!("W {proc} i{id} {start} {end} {status} {detail} {id}:{version}"));
-                if reply.is_err() {
+                if let Err(err) = &reply {
+                    if err.kind() == std::io::ErrorKind::TimedOut {
+                        retired[slot] = true;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 tokio::time::sleep(o.write_pause).await;
@@ -307,6 +349,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let path = o.out.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
             let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+            // The clock every start and end below counts from.
+            writeln!(file, "T {started_unix_us}")?;
             let mut count = 0;
             while let Some(line) = out.blocking_recv() {
                 writeln!(file, "{line}")?;

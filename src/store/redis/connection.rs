@@ -217,17 +217,20 @@ fn drop_live(shared: &Shared, generation: u64) {
     }
 }
 
-/// The `connected_slaves` of the reply to `INFO replication` (second of
-/// `replies`).
+/// The replicas the reply to `INFO replication` (second of `replies`)
+/// lists as `state=online`: the ones that can acknowledge a `WAIT` (one
+/// still in its first sync cannot).
 fn connected_replicas(replies: &[redis::Value]) -> Option<usize> {
     let text = match replies.get(1)? {
         redis::Value::BulkString(info) => String::from_utf8_lossy(info).into_owned(),
         redis::Value::VerbatimString { text, .. } => text.clone(),
         _ => return None,
     };
-    text.lines()
-        .find_map(|line| line.strip_prefix("connected_slaves:"))
-        .and_then(|n| n.trim().parse().ok())
+    text.contains("role:").then(|| {
+        text.lines()
+            .filter(|line| line.starts_with("slave") && line.contains("state=online"))
+            .count()
+    })
 }
 
 impl std::fmt::Debug for Reconnecting {
@@ -685,9 +688,14 @@ mod tests {
         let info = |text: &str| redis::Value::BulkString(text.as_bytes().to_vec());
         let replies = [
             info("# Server"),
-            info("role:master\r\nconnected_slaves:2\r\n"),
+            info(concat!(
+                "role:master\r\nconnected_slaves:3\r\n",
+                "slave0:ip=127.0.0.1,port=7001,state=online,offset=10,lag=0\r\n",
+                "slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\n",
+                "slave2:ip=127.0.0.1,port=7003,state=online,offset=10,lag=1\r\n",
+            )),
         ];
-        assert_eq!(connected_replicas(&replies), Some(2));
+        assert_eq!(connected_replicas(&replies), Some(2), "online ones only");
         assert_eq!(connected_replicas(&replies[..1]), None);
     }
 }
