@@ -199,14 +199,20 @@ impl<C: Connect> Link<C> {
                     Err(err) if err.is_transient() => {}
                     _ => break,
                 }
-                tokio::time::sleep(RETRY_PAUSE).await;
+                // The second try goes at once, as it always did (over a slow
+                // link it must not lose a moment); a third, after a pause
+                // for a cluster client to reconnect or refresh its slots.
+                if try_number > 1 {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
                 let left = until.saturating_duration_since(tokio::time::Instant::now());
                 if left.is_zero() {
                     break;
                 }
-                // The last try gets what is left; the others share it.
-                let share = left / (WRITE_TRIES - try_number) as u32;
-                result = send(share, invalidation.reissued()).await;
+                // Each later try may use all that is left: a slow link needs
+                // it; a try that fails fast (a dropped connection, `MOVED`)
+                // leaves time for the next.
+                result = send(left, invalidation.reissued()).await;
             }
             result
         })
