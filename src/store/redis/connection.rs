@@ -187,19 +187,11 @@ impl Replicas {
     /// One reading of the connected replicas; a new connection trusts its
     /// first.
     fn read(&mut self, connected: usize, fresh: bool) {
-        if fresh || connected >= self.expected {
-            *self = Self {
-                expected: connected,
-                fewer: 0,
-            };
-            return;
-        }
-        self.fewer += 1;
-        if self.fewer >= REPLICA_LOSS_CHECKS {
-            *self = Self {
-                expected: connected,
-                fewer: 0,
-            };
+        let fewer = !fresh && connected < self.expected;
+        self.fewer = if fewer { self.fewer + 1 } else { 0 };
+        if !fewer || self.fewer >= REPLICA_LOSS_CHECKS {
+            self.expected = connected;
+            self.fewer = 0;
         }
     }
 }
