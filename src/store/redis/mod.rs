@@ -21,6 +21,7 @@ mod cluster;
 mod connection;
 mod errors;
 mod lookups;
+mod replicas;
 mod scripts;
 mod subscription;
 #[cfg(test)]
