@@ -197,6 +197,9 @@ impl<C: Connect> Link<C> {
             let mut result = send(budget / 2, invalidation.clone()).await;
             for try_number in 1..WRITE_TRIES {
                 match &result {
+                    // A slow link: one more try at most, as sends queued
+                    // behind each other there only slow the next writes.
+                    Err(StoreError::Timeout) if try_number > 1 => break,
                     Err(err) if err.is_transient() => {}
                     _ => break,
                 }
