@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use tower::{Layer, ServiceExt};
 mod support;
 use support::handler;
-use tower_redis_cache::{CacheLayer, Policy, Route};
+use tower_redis_cache::{CacheLayer, Policy, Route, Rule};
 
 fn policy(ttl: Duration) -> Policy {
     Policy::builder()
@@ -94,14 +94,21 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    for (label, rate) in [("off", 0.0), ("every hit", 1.0)] {
+    // With write probes on too (they run after writes, never on a hit).
+    for (label, rate, probes) in [
+        ("off", 0.0, 0.0),
+        ("every hit", 1.0, 0.0),
+        ("0.001, write probes on", 0.001, 1.0),
+    ] {
         let policy = Policy::builder()
+            .probe_writes(probes)
             .route(
                 Route::get("/persons/{id}")
                     .key("person:{id}")
                     .ttl(Duration::from_secs(3600))
                     .verify(rate),
             )
+            .on(Rule::new("PATCH /persons/{id}").purge("GET /persons/{id}"))
             .build()
             .unwrap();
         let cached = CacheLayer::new(policy).layer(handler());

@@ -51,6 +51,15 @@ pub enum ConfigError {
         /// The rate as given.
         rate: String,
     },
+    /// A write-probe rate ([`Rule::probe`](crate::Rule::probe),
+    /// [`PolicyBuilder::probe_writes`](crate::PolicyBuilder::probe_writes))
+    /// that is not a number from 0 to 1.
+    ProbeRate {
+        /// The rule, as `PATCH /persons/{id}`.
+        rule: String,
+        /// The rate as given.
+        rate: String,
+    },
     /// A TTL of zero, which would store entries that can never be served.
     ZeroTtl {
         /// The route, as `GET /persons/{id}`.
@@ -170,6 +179,10 @@ impl fmt::Display for ConfigError {
             Self::VerifyRate { route, rate } => write!(
                 f,
                 "route `{route}` verifies at rate {rate}: a rate is a number from 0 to 1"
+            ),
+            Self::ProbeRate { rule, rate } => write!(
+                f,
+                "rule `{rule}` probes writes at rate {rate}: a rate is a number from 0 to 1"
             ),
             Self::InvalidNamespace(ns) => write!(
                 f,

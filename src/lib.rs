@@ -106,6 +106,7 @@ mod key;
 mod policy;
 mod reason;
 mod routes;
+mod sampling;
 mod stats;
 pub mod store;
 
@@ -121,7 +122,7 @@ pub use key::{Canonical, Scope};
 pub use policy::DEFAULT_COMPRESS_OVER;
 pub use policy::{Policy, PolicyBuilder, Route, Rule, DEFAULT_LEASE_WAIT, DEFAULT_MAX_BODY_BYTES};
 pub use reason::Reason;
-pub use stats::{CacheStats, InvalidationStats, RouteStats};
+pub use stats::{CacheStats, InvalidationStats, ProbeCounts, ProbeStats, RouteStats};
 #[cfg(feature = "tier")]
 pub use store::tier::{InProcess, DEFAULT_TIER_BYTES, DEFAULT_TIER_ENTRIES};
 

@@ -754,7 +754,13 @@ fn get_from(addr: &str, path: &str) -> (u16, String) {
 #[cfg_attr(prometheus_missing, ignore = "prometheus is not on PATH")]
 fn every_dashboard_panel_runs_on_a_real_prometheus() {
     let redis = RedisServer::start();
-    let server = start(&redis.url());
+    // Every write probed and a tenth of the hits checked, so that the
+    // consistency panels have data within the test.
+    let server = start_env(&[
+        ("REDIS_URL", &redis.url()),
+        ("CACHE_PROBE_RATE", "1"),
+        ("CACHE_VERIFY_RATE", "0.1"),
+    ]);
     let dir = std::env::temp_dir().join(format!("persons-prometheus-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -818,6 +824,8 @@ fn every_dashboard_panel_runs_on_a_real_prometheus() {
         "Circuit breaker",
         "Invalidations: applied, failed, skipped, unscoped",
         "Invalidations queued for replay",
+        "Writes consistent within 1 s / 10 s (nines, last hour)",
+        "Stale hits found (nines, last hour)",
     ];
     let mut empty_first = Vec::new();
     for panel in json["panels"].as_array().unwrap() {
@@ -850,6 +858,15 @@ fn every_dashboard_panel_runs_on_a_real_prometheus() {
             shows_data |= results
                 .iter()
                 .any(|r| r["value"][1].as_str().is_some_and(|v| v != "NaN"));
+            // Nines are proven by checks: a healthy run shows more than 0
+            // (the 10 s probes come after the test's 8 s).
+            if title.contains("nines") {
+                let nines: Vec<f64> = results
+                    .iter()
+                    .filter_map(|r| r["value"][1].as_str()?.parse().ok())
+                    .collect();
+                assert!(nines.iter().any(|n| *n > 0.5), "{title}: {expr}: {body}");
+            }
         }
         if first.contains(&title) && !shows_data {
             empty_first.push(title.to_owned());

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::time::Duration;
 use tower_redis_cache::{CacheHandle, HandleError};
 
 use crate::api::{bad_request, ApiError, ApiResult};
@@ -69,6 +70,13 @@ pub(crate) async fn cache_stats(State(app): State<App>) -> Json<Value> {
                 "mean_hit_us": r.mean_hit_latency.as_micros() as u64,
                 "mean_miss_us": r.mean_miss_latency.as_micros() as u64,
                 "verified": r.verified, "verify_mismatches": r.verify_mismatches,
+                "verify_match_ratio": r.verify_match_ratio,
+                "mismatch_staleness": r.mismatch_staleness.iter()
+                    .map(|(bound, n)| json!({
+                        "le_seconds": (*bound != Duration::MAX).then_some(bound.as_secs()),
+                        "count": n,
+                    }))
+                    .collect::<Vec<_>>(),
                 "last_mismatch_unix_ms": r.last_mismatch
                     .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
                     .map(|since| since.as_millis() as u64),
@@ -76,12 +84,18 @@ pub(crate) async fn cache_stats(State(app): State<App>) -> Json<Value> {
         })
         .collect();
     let inv = stats.invalidations();
+    let probes = stats.probes();
+    let window = |c: tower_redis_cache::ProbeCounts| json!({"consistent": c.consistent, "stale": c.stale, "unread": c.unread});
     Json(json!({
         "cache": "on",
         "routes": routes,
         "invalidations": {
             "applied": inv.applied, "failed": inv.failed,
             "skipped": inv.skipped, "unscoped": inv.unscoped,
+        },
+        "write_probes": {
+            "after_1s": window(probes.after_1s),
+            "after_10s": window(probes.after_10s),
         },
     }))
 }

@@ -22,6 +22,9 @@ pub(crate) fn from_env() -> Result<Option<(Policy, &'static str)>, Box<dyn std::
     let verify_rate: f64 = env("CACHE_VERIFY_RATE", "0.001")
         .parse()
         .map_err(|_| "CACHE_VERIFY_RATE: a number from 0 to 1")?;
+    let probe_rate: f64 = env("CACHE_PROBE_RATE", "0.01")
+        .parse()
+        .map_err(|_| "CACHE_PROBE_RATE: a number from 0 to 1")?;
     let in_process = Some(env_u64("CACHE_IN_PROCESS_MS", 0))
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis);
@@ -31,6 +34,7 @@ pub(crate) fn from_env() -> Result<Option<(Policy, &'static str)>, Box<dyn std::
         list_ttl: Duration::from_secs(env_u64("CACHE_TTL_LIST_SECONDS", 60)),
         in_process,
         verify_rate,
+        probe_rate,
         hedge: env("CACHE_HEDGE", "off").eq_ignore_ascii_case("on"),
         store,
     })?;
@@ -78,6 +82,7 @@ struct Settings {
     list_ttl: Duration,
     in_process: Option<Duration>,
     verify_rate: f64,
+    probe_rate: f64,
     hedge: bool,
     store: Option<Arc<dyn Store>>,
 }
@@ -86,7 +91,8 @@ struct Settings {
 /// groups, and what each write invalidates.
 fn policy(settings: Settings) -> Result<Policy, tower_redis_cache::ConfigError> {
     // A share of the hits checked against the handler (the handlers only
-    // read); hedging when asked for; the in-process tier when asked for,
+    // read), and of the writes probed 1 s and 10 s later; hedging when
+    // asked for; the in-process tier when asked for,
     // each route's entries also kept in this process for at most `bound`.
     let local = |route: Route| {
         let route = route.verify(settings.verify_rate);
@@ -103,6 +109,7 @@ fn policy(settings: Settings) -> Result<Policy, tower_redis_cache::ConfigError> 
     };
     let mut policy = Policy::builder()
         .namespace(&settings.namespace)
+        .probe_writes(settings.probe_rate)
         .route(local(
             Route::get("/persons/{id}")
                 .key("person:{id}")

@@ -29,6 +29,8 @@
 //! in-process tier), `CACHE_VERIFY_RATE` (0.001: the share of hits also
 //! checked against the handler in the background, which counts and heals
 //! entries a write outside the API left stale; 0 turns it off),
+//! `CACHE_PROBE_RATE` (0.01: the share of writes whose invalidation is
+//! read back 1 s and 10 s later; 0 turns it off),
 //! `PERSONS_TOKENS` (`token=tenant,…`; demo
 //! tokens when unset), `PERSONS_ADMIN_TOKEN` (the admin endpoints' bearer
 //! token; generated and printed when unset), `PERSONS_DB` (a SQLite file; in
@@ -121,6 +123,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                 0.5, 1.0,
             ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("tower_redis_cache_verify_stale_seconds".into()),
+            &[1.0, 10.0, 60.0, 600.0, 3600.0],
         )?
         .install_recorder()?;
     let addr = env("PERSONS_ADDR", "127.0.0.1:3000");

@@ -41,7 +41,7 @@ impl Ctx {
     /// is sampled and the process has a place for one more check.
     pub(super) fn sample(&self) -> Option<super::verify::Slot> {
         let rate = self.policy.route(self.route).verify;
-        if rate <= 0.0 || !super::verify::sampled(rate) {
+        if rate <= 0.0 || !crate::sampling::sampled(rate) {
             return None;
         }
         super::verify::Slot::take()
@@ -221,7 +221,15 @@ impl Refresh {
             Ok((fresh, _)) => super::verify::same_response(stored, fresh),
             Err(_) => false,
         };
-        if self.policy.stats_ref().verified(self.route, !same) {
+        // How long the entry had been stored: at most how long it was stale.
+        let stale_for = (!same).then(|| {
+            let now = crate::clock::shifted(
+                crate::clock::unix_ms(),
+                self.policy.store().clock_offset_ms(),
+            );
+            std::time::Duration::from_millis(now.saturating_sub(stored.stored_at_ms))
+        });
+        if self.policy.stats_ref().verified(self.route, stale_for) {
             tracing::warn!(
                 route = self.policy.route(self.route).label,
                 "a sampled hit differed from the handler's response: the entry was stale (a write no rule invalidates?); replacing it"

@@ -65,23 +65,45 @@ pub(crate) struct Owed {
     /// [`WriteInvalidation::on_drop`]).
     on_drop: Option<Invalidation>,
     again: Option<Duration>,
+    probe: Probing,
+}
+
+/// Whether a write is probed once its invalidation is confirmed
+/// ([`Rule::probe`](crate::Rule::probe)), and when its handler was called
+/// (on the store's clock).
+#[derive(Clone, Copy, Default)]
+struct Probing {
+    rate: f64,
+    began_ms: u64,
 }
 
 impl Owed {
     pub(crate) fn new(write: WriteInvalidation, policy: Policy) -> Self {
+        let began_ms = match write.probe > 0.0 {
+            true => {
+                crate::clock::shifted(crate::clock::unix_ms(), policy.store().clock_offset_ms())
+            }
+            false => 0,
+        };
         Self {
             owed: Some((write.invalidation, policy)),
             on_drop: write.on_drop,
             again: write.again,
+            probe: Probing {
+                rate: write.probe,
+                began_ms,
+            },
         }
     }
 
-    /// What the write owes once its handler answered.
-    fn paid(invalidation: Invalidation, policy: Policy, again: Option<Duration>) -> Self {
+    /// What the write owes once its handler answered (what it owed on
+    /// drop no longer counts).
+    fn paid(&self, invalidation: Invalidation, policy: Policy) -> Self {
         Self {
             owed: Some((invalidation, policy)),
             on_drop: None,
-            again,
+            again: self.again,
+            probe: self.probe,
         }
     }
 
@@ -155,6 +177,7 @@ impl<F, B> ResponseFuture<F, B> {
             owed: None,
             on_drop: None,
             again: None,
+            probe: Probing::default(),
         });
         Self {
             state: State::Inner { future, owed },
@@ -178,7 +201,6 @@ where
                         // The handler may have committed before it failed.
                         Err(err) => return Poll::Ready(Err(err)),
                     };
-                    let again = owed.again;
                     let Some((invalidation, policy)) = owed.settle() else {
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response));
@@ -193,17 +215,19 @@ where
                         return Poll::Ready(Ok(response));
                     }
                     let apply = policy.store().invalidate(&invalidation);
+                    let keys = invalidation.deletes().len() + invalidation.bumps().len();
+                    let paid = owed.paid(invalidation, policy);
                     let span = tracing::debug_span!(
                         "cache.store",
                         op = Op::Invalidate.as_str(),
-                        keys = invalidation.deletes().len() + invalidation.bumps().len(),
+                        keys,
                         outcome = tracing::field::Empty,
                         duration_us = tracing::field::Empty,
                     );
                     this.state.set(State::Invalidating {
                         apply,
                         response: Some(response),
-                        owed: Owed::paid(invalidation, policy, again),
+                        owed: paid,
                         span,
                         started: Instant::now(),
                     });
@@ -232,7 +256,11 @@ where
                     };
                     if let Some((invalidation, policy)) = owed.settle() {
                         owed.schedule_again(&invalidation, &policy);
+                        let probed = applied.is_ok() && crate::sampling::sampled(owed.probe.rate);
                         record(&policy, &invalidation, applied);
+                        if probed {
+                            super::probe::start(policy, &invalidation, owed.probe.began_ms);
+                        }
                     }
                     let response = response.take();
                     this.state.set(State::Done);

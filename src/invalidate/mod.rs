@@ -73,6 +73,7 @@
 
 mod future;
 mod layer;
+mod probe;
 
 pub use future::ResponseFuture;
 pub use layer::{Invalidate, InvalidateLayer};

@@ -39,6 +39,7 @@ pub struct PolicyBuilder {
     pub(super) rules: Vec<Rule>,
     pub(super) store: Option<Arc<dyn Store>>,
     pub(super) in_process: tier::Bounds,
+    pub(super) probe_writes: f64,
 }
 
 impl std::fmt::Debug for PolicyBuilder {
@@ -69,6 +70,7 @@ impl Policy {
             rules: Vec::new(),
             store: None,
             in_process: tier::Bounds::default(),
+            probe_writes: 0.0,
         }
     }
 }
@@ -141,6 +143,17 @@ impl PolicyBuilder {
     /// store is shared by every layer and handle made from the policy.
     pub fn store(mut self, store: impl Store) -> Self {
         self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Probes `rate` (0 to 1, default 0: off) of the writes of every rule
+    /// without a rate of its own ([`Rule::probe`](crate::Rule::probe)):
+    /// about 1 s and 10 s after a sampled write's invalidation, the store
+    /// is read again to check that it no longer serves what the write
+    /// replaced. A rate outside 0 to 1 fails `build` with
+    /// [`ConfigError::ProbeRate`].
+    pub fn probe_writes(mut self, rate: f64) -> Self {
+        self.probe_writes = rate;
         self
     }
 
@@ -250,7 +263,7 @@ impl PolicyBuilder {
         let mut rule_table = RouteTable::default();
         let mut rules = Vec::with_capacity(self.rules.len());
         for (index, rule) in self.rules.iter().enumerate() {
-            let (methods, compiled) = compile_rule(rule, &routes, &groups)?;
+            let (methods, compiled) = compile_rule(rule, &routes, &groups, self.probe_writes)?;
             for method in &methods {
                 rule_table.insert(method, compiled.1, index)?;
             }

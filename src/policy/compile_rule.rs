@@ -18,6 +18,7 @@ pub(super) fn compile_rule<'r>(
     rule: &'r Rule,
     routes: &[CompiledRoute],
     groups: &[Group],
+    probe_writes: f64,
 ) -> Result<(Vec<Method>, (CompiledRule, &'r str)), ConfigError> {
     let invalid = |reason: String| ConfigError::InvalidRule {
         rule: rule.route.clone(),
@@ -50,6 +51,7 @@ pub(super) fn compile_rule<'r>(
         purges: Vec::new(),
         bumps: Vec::new(),
         again_after: rule.again_after,
+        probe: probe_rate(rule.probe.unwrap_or(probe_writes), &rule.route)?,
     };
     for target in &rule.purges {
         let wanted = target.strip_prefix("GET ").unwrap_or(target).trim();
@@ -89,6 +91,17 @@ pub(super) fn compile_rule<'r>(
             .push(named_bump(rule, name, &params, groups)?);
     }
     Ok((methods, (compiled, pattern)))
+}
+
+/// A probe rate checked: a number from 0 to 1.
+pub(super) fn probe_rate(rate: f64, rule: &str) -> Result<f64, ConfigError> {
+    match (0.0..=1.0).contains(&rate) {
+        true => Ok(rate),
+        false => Err(ConfigError::ProbeRate {
+            rule: rule.to_owned(),
+            rate: rate.to_string(),
+        }),
+    }
 }
 
 /// The version key of group `name` that `rule` bumps, rendered from the

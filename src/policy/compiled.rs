@@ -111,4 +111,6 @@ pub(super) struct CompiledRule {
     pub(super) bumps: Vec<GroupRef>,
     /// When to invalidate again, for reads that see writes late.
     pub(super) again_after: Option<Duration>,
+    /// The share of writes probed after their invalidation (0: none).
+    pub(super) probe: f64,
 }

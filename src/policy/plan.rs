@@ -32,6 +32,8 @@ pub(crate) struct WriteInvalidation {
     pub(crate) complete: bool,
     /// When to invalidate again ([`Rule::again_after`]).
     pub(crate) again: Option<Duration>,
+    /// The share of writes probed ([`Rule::probe`]).
+    pub(crate) probe: f64,
 }
 
 /// What the cache layer does with one request.
@@ -220,6 +222,7 @@ impl Policy {
             on_drop,
             complete,
             again: rule.again_after,
+            probe: rule.probe,
         })
     }
 

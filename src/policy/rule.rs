@@ -33,6 +33,7 @@ pub struct Rule {
     pub(super) purges: Vec<String>,
     pub(super) bumps: Vec<String>,
     pub(super) again_after: Option<Duration>,
+    pub(super) probe: Option<f64>,
 }
 
 impl Rule {
@@ -44,7 +45,34 @@ impl Rule {
             purges: Vec::new(),
             bumps: Vec::new(),
             again_after: None,
+            probe: None,
         }
+    }
+
+    /// Probes `rate` (0 to 1) of this rule's writes, overriding
+    /// [`PolicyBuilder::probe_writes`](crate::PolicyBuilder::probe_writes):
+    /// about 1 s and again 10 s after the store confirmed a sampled write's
+    /// invalidation, a task reads every key it purged or bumped, writing
+    /// nothing, and checks that the store no longer serves what the write
+    /// replaced (no entry stored before the invalidation at a purged key;
+    /// no bumped version below the one the bump made). Counted in
+    /// [`CacheStats::probes`](crate::CacheStats::probes) and the metric
+    /// `tower_redis_cache_write_probes_total`; each stale probe is logged
+    /// at WARN with its key and timing. The write does not wait for it;
+    /// a probe costs one `GET` per key at each check, off every request's
+    /// path.
+    ///
+    /// ```
+    /// use tower_redis_cache::Rule;
+    ///
+    /// let rule = Rule::new("PATCH /persons/{id}")
+    ///     .purge("GET /persons/{id}")
+    ///     .probe(0.01);
+    /// # let _ = rule;
+    /// ```
+    pub fn probe(mut self, rate: f64) -> Self {
+        self.probe = Some(rate);
+        self
     }
 
     /// Invalidates a second time `delay` after the first (a "delayed

@@ -41,12 +41,61 @@ struct Counters {
     verify_mismatches: AtomicU64,
 }
 
-/// A route's last verification mismatch, and the gate of its warnings.
+/// A route's verification mismatches: the last one, how stale each entry
+/// found was, and the gate of their warnings.
 #[derive(Debug)]
 struct Mismatches {
     /// Milliseconds since the Unix epoch; 0 for never.
     last_ms: AtomicU64,
+    /// Mismatches by the age of the entry found, per [`STALENESS_BOUNDS`].
+    staleness: [AtomicU64; STALENESS_BOUNDS.len()],
     warn: telemetry::WarnGate,
+}
+
+/// The upper bounds of the buckets [`RouteStats::mismatch_staleness`]
+/// counts in; the last takes every age.
+pub(crate) const STALENESS_BOUNDS: [Duration; 6] = [
+    Duration::from_secs(1),
+    Duration::from_secs(10),
+    Duration::from_secs(60),
+    Duration::from_secs(600),
+    Duration::from_secs(3600),
+    Duration::MAX,
+];
+
+/// How one write probe ([`Rule::probe`](crate::Rule::probe)) check ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Probed {
+    /// The store no longer serves what the write replaced.
+    Consistent,
+    /// It still does.
+    Stale,
+    /// The store could not be read.
+    Unread,
+}
+
+/// The write probes of one check time (1 s or 10 s after the write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ProbeCounts {
+    /// Checks that found the store no longer serving what the write
+    /// replaced.
+    pub consistent: u64,
+    /// Checks that found it still serving it (each logged at WARN).
+    pub stale: u64,
+    /// Checks that could not read the store.
+    pub unread: u64,
+}
+
+/// Counts of the write probes ([`Rule::probe`](crate::Rule::probe)), by
+/// when they checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ProbeStats {
+    /// Checked about 1 s after the write's invalidation.
+    pub after_1s: ProbeCounts,
+    /// Checked about 10 s after it.
+    pub after_10s: ProbeCounts,
 }
 
 /// Counters for every route of a policy. Cheap to clone; all clones share
@@ -56,6 +105,7 @@ pub struct CacheStats {
     labels: Arc<[String]>,
     counters: Arc<[Counters]>,
     invalidations: Arc<InvalidationCounters>,
+    probes: Arc<[[AtomicU64; 3]; 2]>,
     mismatches: Arc<[Mismatches]>,
     metrics: Arc<telemetry::Routes>,
 }
@@ -120,6 +170,14 @@ pub struct RouteStats {
     pub verify_mismatches: u64,
     /// When the last mismatch was found.
     pub last_mismatch: Option<SystemTime>,
+    /// Of the verified hits, the share whose entry matched the handler's
+    /// response; `None` before the first.
+    pub verify_match_ratio: Option<f64>,
+    /// The mismatches by how long the entry found had been stored (an
+    /// upper bound of how long it had been stale), as (bucket upper bound,
+    /// count): 1 s, 10 s, 1 min, 10 min, 1 h, then every age
+    /// (`Duration::MAX`).
+    pub mismatch_staleness: Vec<(Duration, u64)>,
 }
 
 impl CacheStats {
@@ -133,12 +191,34 @@ impl CacheStats {
                 .iter()
                 .map(|_| Mismatches {
                     last_ms: AtomicU64::new(0),
+                    staleness: Default::default(),
                     warn: telemetry::WarnGate::new(),
                 })
                 .collect(),
             labels: labels.into(),
             counters,
             invalidations: Arc::default(),
+            probes: Arc::default(),
+        }
+    }
+
+    /// A write probe's check `window` (0: after 1 s, 1: after 10 s) ended
+    /// as `outcome`.
+    pub(crate) fn probed(&self, window: usize, outcome: Probed) {
+        self.probes[window][outcome as usize].fetch_add(1, Ordering::Relaxed);
+        telemetry::probed(window, outcome);
+    }
+
+    /// The write probes so far ([`Rule::probe`](crate::Rule::probe)).
+    pub fn probes(&self) -> ProbeStats {
+        let counts = |window: &[AtomicU64; 3]| ProbeCounts {
+            consistent: window[Probed::Consistent as usize].load(Ordering::Relaxed),
+            stale: window[Probed::Stale as usize].load(Ordering::Relaxed),
+            unread: window[Probed::Unread as usize].load(Ordering::Relaxed),
+        };
+        ProbeStats {
+            after_1s: counts(&self.probes[0]),
+            after_10s: counts(&self.probes[1]),
         }
     }
 
@@ -216,18 +296,23 @@ impl CacheStats {
         telemetry::store_error(op, kind);
     }
 
-    /// A hit checked against the handler; `mismatch` when they differed.
-    /// True when a warning about it may be logged (once per route every
-    /// 10 s).
-    pub(crate) fn verified(&self, route: usize, mismatch: bool) -> bool {
+    /// A hit checked against the handler; `stale_for` when they differed:
+    /// how long the entry had been stored. True when a warning about it
+    /// may be logged (once per route every 10 s).
+    pub(crate) fn verified(&self, route: usize, stale_for: Option<Duration>) -> bool {
         let c = self.counters(route);
         c.verified.fetch_add(1, Ordering::Relaxed);
-        self.metrics.verified(route, mismatch);
-        if !mismatch {
+        self.metrics.verified(route, stale_for);
+        let Some(stale_for) = stale_for else {
             return false;
-        }
+        };
         c.verify_mismatches.fetch_add(1, Ordering::Relaxed);
         let state = &self.mismatches[route];
+        let bucket = STALENESS_BOUNDS
+            .iter()
+            .position(|bound| stale_for <= *bound)
+            .unwrap_or(STALENESS_BOUNDS.len() - 1);
+        state.staleness[bucket].fetch_add(1, Ordering::Relaxed);
         state
             .last_ms
             .store(crate::clock::unix_ms(), Ordering::Relaxed);
@@ -280,6 +365,8 @@ impl CacheStats {
                     verified: sum(&|c| &c.verified),
                     verify_mismatches: sum(&|c| &c.verify_mismatches),
                     last_mismatch: None,
+                    verify_match_ratio: None,
+                    mismatch_staleness: Vec::new(),
                 }
             })
             .zip(self.mismatches.iter())
@@ -287,6 +374,16 @@ impl CacheStats {
                 let last_ms = mismatches.last_ms.load(Ordering::Relaxed);
                 stats.last_mismatch =
                     (last_ms > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(last_ms));
+                stats.verify_match_ratio = (stats.verified > 0).then(|| {
+                    stats.verified.saturating_sub(stats.verify_mismatches) as f64
+                        / stats.verified as f64
+                });
+                stats.mismatch_staleness = mismatches
+                    .staleness
+                    .iter()
+                    .zip(STALENESS_BOUNDS)
+                    .map(|(n, bound)| (bound, n.load(Ordering::Relaxed)))
+                    .collect();
                 stats
             })
             .collect()

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use super::Probed;
 use crate::reason::Reason;
 
 /// The store operation an error or a span belongs to.
@@ -117,6 +118,7 @@ mod imp {
         store_seconds: Histogram,
         verified: Counter,
         verify_mismatches: Counter,
+        verify_stale_seconds: Histogram,
     }
 
     impl Route {
@@ -132,7 +134,8 @@ mod imp {
                     miss_seconds: metrics::histogram!("tower_redis_cache_miss_duration_seconds", "route" => route.clone()),
                     store_seconds: metrics::histogram!("tower_redis_cache_store_duration_seconds", "route" => route.clone()),
                     verified: metrics::counter!("tower_redis_cache_verified_total", "route" => route.clone()),
-                    verify_mismatches: metrics::counter!("tower_redis_cache_verify_mismatches_total", "route" => route),
+                    verify_mismatches: metrics::counter!("tower_redis_cache_verify_mismatches_total", "route" => route.clone()),
+                    verify_stale_seconds: metrics::histogram!("tower_redis_cache_verify_stale_seconds", "route" => route),
                 }
             })
         }
@@ -182,11 +185,12 @@ mod imp {
             h.store_seconds.record(took.as_secs_f64());
         }
 
-        pub(crate) fn verified(&self, route: usize, mismatch: bool) {
+        pub(crate) fn verified(&self, route: usize, stale_for: Option<Duration>) {
             let h = self.routes[route].handles();
             h.verified.increment(1);
-            if mismatch {
+            if let Some(stale_for) = stale_for {
                 h.verify_mismatches.increment(1);
+                h.verify_stale_seconds.record(stale_for.as_secs_f64());
             }
         }
 
@@ -207,6 +211,7 @@ mod imp {
     struct Global {
         errors: [[Counter; ERROR_KINDS.len()]; Op::ALL.len()],
         invalidations: [Counter; Invalidated::ALL.len()],
+        probes: [[Counter; 3]; 2],
         circuit: Gauge,
         pending: Gauge,
     }
@@ -223,6 +228,11 @@ mod imp {
                 }),
                 invalidations: Invalidated::ALL.map(|outcome| {
                     metrics::counter!("tower_redis_cache_invalidations_total", "outcome" => outcome.as_str())
+                }),
+                probes: ["1s", "10s"].map(|after| {
+                    ["consistent", "stale", "unread"].map(|outcome| {
+                        metrics::counter!("tower_redis_cache_write_probes_total", "after" => after, "outcome" => outcome)
+                    })
                 }),
                 circuit: metrics::gauge!("tower_redis_cache_circuit_state"),
                 pending: metrics::gauge!("tower_redis_cache_pending_invalidations"),
@@ -243,6 +253,10 @@ mod imp {
         global().circuit.set(state as u8 as f64);
     }
 
+    pub(crate) fn probed(window: usize, outcome: Probed) {
+        global().probes[window][outcome as usize].increment(1);
+    }
+
     pub(crate) fn pending_invalidations(keys: usize) {
         global().pending.set(keys as f64);
     }
@@ -259,6 +273,15 @@ mod imp {
             describe_counter!(
                 "tower_redis_cache_verify_mismatches_total",
                 "Checked hits whose entry differed from the handler's response, by route."
+            );
+            describe_histogram!(
+                "tower_redis_cache_verify_stale_seconds",
+                Unit::Seconds,
+                "How long a checked hit's entry that differed from the handler's response had been stored, by route."
+            );
+            describe_counter!(
+                "tower_redis_cache_write_probes_total",
+                "Write probes (Rule::probe): checks about 1 s and 10 s after a write's invalidation, by when and outcome."
             );
             describe_counter!(
                 "tower_redis_cache_hits_total",
@@ -335,7 +358,7 @@ mod imp {
         #[inline]
         pub(crate) fn stored(&self, _: usize, _: Duration) {}
         #[inline]
-        pub(crate) fn verified(&self, _: usize, _: bool) {}
+        pub(crate) fn verified(&self, _: usize, _: Option<Duration>) {}
         #[inline]
         pub(crate) fn bypass(&self, _: usize, _: Reason) {}
         #[inline]
@@ -349,10 +372,12 @@ mod imp {
     #[inline]
     pub(crate) fn circuit(_: CircuitGauge) {}
     #[inline]
+    pub(crate) fn probed(_: usize, _: Probed) {}
+    #[inline]
     pub(crate) fn pending_invalidations(_: usize) {}
 }
 
-pub(crate) use imp::{circuit, invalidation, pending_invalidations, store_error, Routes};
+pub(crate) use imp::{circuit, invalidation, pending_invalidations, probed, store_error, Routes};
 
 /// How often a repeated warning is let through.
 pub(crate) const WARN_EVERY: Duration = Duration::from_secs(10);

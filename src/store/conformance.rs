@@ -41,6 +41,7 @@ pub async fn check(store: &dyn Store, prefix: &str) {
     a_missing_entry_serves_nothing_and_a_write_lands(store, &layout).await;
     an_invalidation_refuses_an_earlier_write(store, &layout).await;
     a_bump_moves_to_a_new_version(store, &layout).await;
+    a_peek_writes_nothing_and_reads_what_a_lookup_serves(store, &layout).await;
     assert!(store.ping().await.is_ok(), "the store answers a ping");
 }
 
@@ -87,6 +88,41 @@ async fn an_invalidation_refuses_an_earlier_write(store: &dyn Store, layout: &La
     assert!(
         !serves_an_entry(&mut after),
         "nothing written before the invalidation is served after it"
+    );
+}
+
+async fn a_peek_writes_nothing_and_reads_what_a_lookup_serves(store: &dyn Store, layout: &Layout) {
+    let key = layout.entry("conformance:peeked", "");
+    let peek = |what: &'static str| {
+        let read = store.peek(std::slice::from_ref(&key));
+        async move {
+            match read {
+                Some(read) => Some(read.await.unwrap_or_else(|err| panic!("{what}: {err}"))),
+                None => None,
+            }
+        }
+    };
+    // A store that cannot peek has its writes left unprobed.
+    let Some(first) = peek("a peek of a missing key").await else {
+        return;
+    };
+    assert_eq!(first, [Observed::Absent], "a missing key peeks absent");
+    assert_eq!(
+        peek("a second peek").await,
+        Some(vec![Observed::Absent]),
+        "a peek writes nothing (a lookup's lease would show here)"
+    );
+    let plain = CacheKey::Plain(key.clone());
+    let seen = look_up(store, &plain, "a lookup before the write").await;
+    let value = entry(b"{\"peeked\":1}");
+    assert_eq!(
+        store.store(&plain, &seen, value.clone(), TTL).await,
+        Ok(true)
+    );
+    assert_eq!(
+        peek("a peek after the write").await,
+        Some(vec![Observed::Value(value)]),
+        "a peek reads the entry as a lookup serves it"
     );
 }
 

@@ -404,6 +404,11 @@ impl Store for MemoryStore {
         Box::pin(async { Ok(()) })
     }
 
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Observed>>> {
+        let seen = keys.iter().map(|key| self.get(key)).collect();
+        Some(Box::pin(async move { Ok(seen) }))
+    }
+
     fn tombstone_ttl(&self) -> Duration {
         self.tombstone_ttl
     }

@@ -383,6 +383,17 @@ pub trait Store: Send + Sync + 'static {
         let _ = watcher;
         None
     }
+
+    /// Reads what each of `keys` holds, writing nothing (a lookup may
+    /// write a lease), for the write probes
+    /// ([`Rule::probe`](crate::Rule::probe)): an entry as a lookup would
+    /// serve it (one written under another server lifetime reads absent),
+    /// anything else as it is. `None`: this store cannot, and no write is
+    /// probed over it. A store that wraps another forwards this call.
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Observed>>> {
+        let _ = keys;
+        None
+    }
 }
 
 impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
@@ -434,6 +445,10 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
 
     fn watch(&self, watcher: Watcher) -> Option<WatchTask> {
         (**self).watch(watcher)
+    }
+
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Observed>>> {
+        (**self).peek(keys)
     }
 }
 

@@ -289,7 +289,7 @@ pub(super) fn stamp(value: &[u8], epoch: &Epoch) -> Bytes {
 /// server restarted with old data, or failed over), nor an unstamped entry
 /// when the epoch is known (a process without epochs wrote it); guards
 /// (leases, tombstones) as they are.
-fn unstamp(raw: &Observed, epoch: &Epoch) -> Observed {
+pub(super) fn unstamp(raw: &Observed, epoch: &Epoch) -> Observed {
     let Observed::Value(bytes) = raw else {
         return raw.clone();
     };

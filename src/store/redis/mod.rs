@@ -36,7 +36,7 @@ pub use subscription::DEFAULT_CHANNEL;
 use self::connection::Epoch;
 use self::errors::backend;
 use self::lookups::{
-    looked_up, plain_lookup, seen_args, stamp, versioned_lookup, EntryKey, SeenVersions,
+    looked_up, plain_lookup, seen_args, stamp, unstamp, versioned_lookup, EntryKey, SeenVersions,
 };
 use self::scripts::{apply, millis, STORE};
 use super::resilient::{Resilient, StoreHealth};
@@ -458,6 +458,31 @@ impl<C: Connect> Store for Link<C> {
         self.tombstone_ttl
     }
 
+    /// A `GET` per key, each on a connection handle of its own (on a
+    /// cluster, each key's entry is judged by the node that answered).
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Observed>>> {
+        let reads = keys
+            .iter()
+            .map(|key| {
+                let (source, deadline, key) = (self.source.clone(), self.deadline, key.clone());
+                Box::pin(async move {
+                    on_connection(&source, deadline, |mut conn, epoch| async move {
+                        let mut get = redis::cmd("GET");
+                        get.arg(&key);
+                        let raw: Option<Vec<u8>> =
+                            get.query_async(&mut conn).await.map_err(backend)?;
+                        let raw = raw.map_or(Observed::Absent, |v| Observed::Value(v.into()));
+                        Ok(unstamp(&raw, &C::served_by(&conn).unwrap_or(epoch)))
+                    })
+                    .await
+                }) as StoreFuture<Observed>
+            })
+            .collect();
+        Some(Box::pin(async move {
+            super::all(reads).await.into_iter().collect()
+        }))
+    }
+
     fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
         if !self.split.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
@@ -496,6 +521,10 @@ impl<C: Connect> Store for RedisStore<C> {
 
     fn parts(&self, invalidation: &Invalidation) -> Option<Vec<Invalidation>> {
         self.inner.parts(invalidation)
+    }
+
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Observed>>> {
+        self.inner.peek(keys)
     }
 
     fn tombstone_ttl(&self) -> Duration {

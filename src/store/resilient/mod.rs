@@ -234,6 +234,10 @@ impl<S: Store + Clone> Store for Resilient<S> {
         self.inner.watch(watcher)
     }
 
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<crate::store::Observed>>> {
+        self.inner.peek(keys)
+    }
+
     fn clock_offset_ms(&self) -> i64 {
         self.inner.clock_offset_ms()
     }

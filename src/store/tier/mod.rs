@@ -470,6 +470,12 @@ impl Store for Tiered {
     fn watch(&self, watcher: Watcher) -> Option<WatchTask> {
         self.inner.watch(watcher)
     }
+
+    /// What the shared store holds: a write probe checks what every
+    /// process reads from.
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<crate::store::Observed>>> {
+        self.inner.peek(keys)
+    }
 }
 
 /// The copies of an entry only the tier makes.
