@@ -121,7 +121,7 @@ pub use key::{Canonical, Scope};
 #[cfg(feature = "compression")]
 pub use policy::DEFAULT_COMPRESS_OVER;
 pub use policy::{Policy, PolicyBuilder, Route, Rule, DEFAULT_LEASE_WAIT, DEFAULT_MAX_BODY_BYTES};
-pub use reason::Reason;
+pub use reason::{HandlerCall, Reason};
 pub use stats::{CacheStats, InvalidationStats, ProbeCounts, ProbeStats, RouteStats};
 #[cfg(feature = "tier")]
 pub use store::tier::{InProcess, DEFAULT_TIER_BYTES, DEFAULT_TIER_ENTRIES};

@@ -1,5 +1,6 @@
 //! Why a request on a cached route did not use the cache: the one list of
-//! reasons, shared by the key, the layers, the stats and `cache-status`.
+//! reasons, shared by the key, the layers, the stats and `cache-status`;
+//! and why a cached route's handler was called.
 
 /// Why a response on a cached route was not served from, or stored into,
 /// the cache.
@@ -136,5 +137,105 @@ impl Reason {
     /// Position in [`Reason::ALL`], which lists the variants in declaration order.
     pub(crate) fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// Why a cached route's handler was called: every call is counted once,
+/// with one of these, in [`RouteStats::handler_calls`](crate::RouteStats)
+/// and `tower_redis_cache_handler_calls_total{route, reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HandlerCall {
+    /// Nothing servable was stored: this request fills the entry.
+    Miss,
+    /// The request did not use the cache, for this reason (the lookup
+    /// failed or timed out, the circuit is open, a scope read nothing…).
+    Bypass(Reason),
+    /// The entry's responses could not be stored lately: the miss went to
+    /// the handler without waiting for another (hit-for-miss).
+    HitForMiss,
+    /// A HEAD miss: it neither fills the entry nor waits for a fill.
+    HeadMiss,
+    /// Another process was filling the entry and did not finish within
+    /// [`PolicyBuilder::lease_wait`](crate::PolicyBuilder::lease_wait).
+    LeaseWaitOver,
+    /// The fill this request waited on in this process gave a response
+    /// that could not be shared.
+    Unshareable,
+    /// The lookup ran past the route's hedge budget
+    /// ([`Route::hedge`](crate::Route::hedge)).
+    Hedged,
+    /// A stale entry's background refresh
+    /// ([`Route::stale_while_revalidate`](crate::Route::stale_while_revalidate)).
+    Refresh,
+    /// A sampled hit's background check ([`Route::verify`](crate::Route::verify)).
+    Verify,
+}
+
+impl HandlerCall {
+    /// The calls that are not bypasses, after [`Reason::ALL`] in the
+    /// counters.
+    const OWN: [HandlerCall; 8] = [
+        HandlerCall::Miss,
+        HandlerCall::HitForMiss,
+        HandlerCall::HeadMiss,
+        HandlerCall::LeaseWaitOver,
+        HandlerCall::Unshareable,
+        HandlerCall::Hedged,
+        HandlerCall::Refresh,
+        HandlerCall::Verify,
+    ];
+
+    /// How many counters the calls take: one per bypass reason, one per
+    /// other kind.
+    pub(crate) const COUNT: usize = Reason::ALL.len() + Self::OWN.len();
+
+    /// The call counted at `index` (see [`index`](Self::index)).
+    pub(crate) fn at(index: usize) -> Self {
+        match Reason::ALL.get(index) {
+            Some(reason) => HandlerCall::Bypass(*reason),
+            None => Self::OWN[index - Reason::ALL.len()],
+        }
+    }
+
+    /// Where the call is counted: a bypass at its reason's place, the
+    /// others after every reason.
+    pub(crate) fn index(self) -> usize {
+        match self {
+            HandlerCall::Bypass(reason) => reason.index(),
+            own => Reason::ALL.len() + Self::OWN.iter().position(|c| *c == own).unwrap_or_default(),
+        }
+    }
+
+    /// The call as a short token: `miss`, `hit-for-miss`, `head-miss`,
+    /// `lease-wait-over`, `unshareable`, `hedged`, `refresh`, `verify`, or a
+    /// bypass's reason (`store-error`, `circuit-open`…).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerCall::Miss => "miss",
+            HandlerCall::Bypass(reason) => reason.as_str(),
+            HandlerCall::HitForMiss => "hit-for-miss",
+            HandlerCall::HeadMiss => "head-miss",
+            HandlerCall::LeaseWaitOver => "lease-wait-over",
+            HandlerCall::Unshareable => "unshareable",
+            HandlerCall::Hedged => "hedged",
+            HandlerCall::Refresh => "refresh",
+            HandlerCall::Verify => "verify",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_handler_call_has_its_own_counter() {
+        let all: Vec<HandlerCall> = (0..HandlerCall::COUNT).map(HandlerCall::at).collect();
+        for (index, call) in all.iter().enumerate() {
+            assert_eq!(call.index(), index, "{call:?}");
+        }
+        let tokens: std::collections::HashSet<&str> = all.iter().map(|c| c.as_str()).collect();
+        assert_eq!(tokens.len(), all.len(), "each call has a token of its own");
     }
 }

@@ -488,7 +488,7 @@ async fn etags_and_conditional_gets(backend: Backend) {
 async fn stale_entries_are_served_while_one_refresh_runs(backend: Backend) {
     let db = Db::default();
     db.set("1", 1);
-    let (app, _) = app(backend.store, db.clone());
+    let (app, policy) = app(backend.store, db.clone());
     assert_eq!(send(&app, get_req("/swr/1")).await.1, "MISS");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     db.set("1", 2);
@@ -511,6 +511,14 @@ async fn stale_entries_are_served_while_one_refresh_runs(backend: Backend) {
         "refreshed"
     );
     assert_eq!(db.calls(), 2);
+    let calls = policy.stats().route("GET /swr/{id}").unwrap().handler_calls;
+    assert_eq!(
+        calls,
+        [
+            (tower_redis_cache::HandlerCall::Miss, 1),
+            (tower_redis_cache::HandlerCall::Refresh, 1)
+        ]
+    );
 }
 
 async fn stale_entries_are_never_served_past_the_window_or_after_a_write(backend: Backend) {

@@ -11,6 +11,19 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use common::{app, get_req, send, Backend, Db};
 use tokio::time::Instant;
+use tower_redis_cache::{HandlerCall, Policy};
+
+const ITEM: &str = "GET /persons/{id}";
+
+/// The route's handler calls by why, as (token, count).
+fn calls(policy: &Policy, route: &str) -> Vec<(&'static str, u64)> {
+    let stats = policy.stats().route(route).unwrap();
+    stats
+        .handler_calls
+        .iter()
+        .map(|(why, n)| (why.as_str(), *n))
+        .collect()
+}
 
 /// `n` concurrent GETs of `uri`; each one's (status, cache-status, time).
 async fn burst(
@@ -56,7 +69,7 @@ async fn unstorable_responses_do_not_make_bursts_wait(backend: Backend) {
     let db = Db::default();
     db.read_delay_us
         .store(HANDLER.as_micros() as u64, Ordering::Relaxed);
-    let (app, _) = app(backend.store.clone(), db.clone());
+    let (app, policy) = app(backend.store.clone(), db.clone());
     let mut p50s = Vec::new();
     for round in 0..3 {
         let calls = db.calls();
@@ -88,20 +101,61 @@ async fn unstorable_responses_do_not_make_bursts_wait(backend: Backend) {
     assert!(status.contains("stored"), "{status}");
     let (_, x_cache, _) = send(&app, get_req("/persons/404")).await;
     assert_eq!(x_cache, "HIT");
+    // Every call with its reason: the first burst's leader (a miss), its
+    // followers (the leader's 404 could not be shared), the next bursts
+    // and the storable answer that ended them (hit-for-miss).
+    assert_eq!(
+        calls(&policy, ITEM),
+        [("miss", 1), ("hit-for-miss", 129), ("unshareable", 63)]
+    );
 }
 
-backend_tests!(unstorable_responses_do_not_make_bursts_wait);
+/// A warm key under bursts of 64 concurrent readers: no handler call
+/// beyond the one that filled it; a request the cache may not serve is
+/// counted with its reason.
+async fn a_warm_key_calls_no_handler(backend: Backend) {
+    let db = Db::default();
+    db.set("1", 1);
+    let (app, policy) = app(backend.store.clone(), db.clone());
+    assert_eq!(send(&app, get_req("/persons/1")).await.1, "MISS");
+    for _ in 0..5 {
+        let answers = burst(&app, "/persons/1", 64).await;
+        assert!(answers
+            .iter()
+            .all(|(status, cache, _)| *status == StatusCode::OK && cache.contains("hit")));
+    }
+    assert_eq!(db.calls(), 1);
+    assert_eq!(calls(&policy, ITEM), [("miss", 1)]);
+    let with_auth = axum::http::Request::get("/persons/1")
+        .header("authorization", "Bearer x")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    assert_eq!(send(&app, with_auth).await.0, StatusCode::OK);
+    assert_eq!(calls(&policy, ITEM), [("authorization", 1), ("miss", 1)]);
+    assert_eq!(
+        policy.stats().route(ITEM).unwrap().handler_calls[0].0,
+        HandlerCall::Bypass(tower_redis_cache::Reason::Authorization)
+    );
+}
+
+backend_tests!(
+    unstorable_responses_do_not_make_bursts_wait,
+    a_warm_key_calls_no_handler,
+);
 
 /// Two stacks (two processes) over `server`, reading person 1 from `db`
 /// in 200 ms.
-fn two_processes(server: &common::RedisServer, db: &Db) -> (axum::Router, axum::Router) {
+fn two_processes(
+    server: &common::RedisServer,
+    db: &Db,
+) -> ((axum::Router, Policy), (axum::Router, Policy)) {
     db.set("1", 1);
     db.read_delay_us.store(200_000, Ordering::Relaxed);
     let process = || {
         let store = tower_redis_cache::store::RedisStore::builder(server.url())
             .build()
             .unwrap();
-        app(std::sync::Arc::new(store), db.clone()).0
+        app(std::sync::Arc::new(store), db.clone())
     };
     (process(), process())
 }
@@ -115,7 +169,7 @@ fn two_processes(server: &common::RedisServer, db: &Db) -> (axum::Router, axum::
 async fn a_cold_key_costs_one_handler_call_across_processes() {
     let server = common::RedisServer::start();
     let db = Db::default();
-    let (a, b) = two_processes(&server, &db);
+    let ((a, on_a_stats), (b, on_b_stats)) = two_processes(&server, &db);
     let (on_a, on_b) = tokio::join!(burst(&a, "/persons/1", 32), burst(&b, "/persons/1", 32));
     let answers: Vec<_> = on_a.into_iter().chain(on_b).collect();
     assert!(answers.iter().all(|(status, ..)| *status == StatusCode::OK));
@@ -125,6 +179,9 @@ async fn a_cold_key_costs_one_handler_call_across_processes() {
         db.calls()
     );
     assert_eq!(db.calls(), 1);
+    let mut both = calls(&on_a_stats, ITEM);
+    both.extend(calls(&on_b_stats, ITEM));
+    assert_eq!(both, [("miss", 1)]);
 }
 
 /// The lease holder's request is dropped mid-handler (its client went
@@ -135,7 +192,7 @@ async fn a_cold_key_costs_one_handler_call_across_processes() {
 async fn a_lease_holder_that_went_away_costs_at_most_the_wait() {
     let server = common::RedisServer::start();
     let db = Db::default();
-    let (a, b) = two_processes(&server, &db);
+    let ((a, on_a), (b, on_b)) = two_processes(&server, &db);
     let dropped = tokio::time::timeout(
         Duration::from_millis(50),
         tower::ServiceExt::oneshot(a.clone(), get_req("/persons/1")),
@@ -151,6 +208,8 @@ async fn a_lease_holder_that_went_away_costs_at_most_the_wait() {
         db.calls()
     );
     assert_eq!(db.calls(), 2, "A's (dropped) and one on B");
+    assert_eq!(calls(&on_a, ITEM), [("miss", 1)]);
+    assert_eq!(calls(&on_b, ITEM), [("lease-wait-over", 1)]);
     let (_, x_cache, _) = send(&b, get_req("/persons/1")).await;
     assert_eq!(x_cache, "HIT", "B filled the entry");
 }

@@ -826,6 +826,7 @@ fn every_dashboard_panel_runs_on_a_real_prometheus() {
         "Invalidations queued for replay",
         "Writes consistent within 1 s / 10 s (nines, last hour)",
         "Stale hits found (nines, last hour)",
+        "Handler calls by reason",
     ];
     let mut empty_first = Vec::new();
     for panel in json["panels"].as_array().unwrap() {

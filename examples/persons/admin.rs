@@ -63,10 +63,16 @@ pub(crate) async fn cache_stats(State(app): State<App>) -> Json<Value> {
                 .iter()
                 .map(|(reason, n)| (reason.as_str().to_owned(), json!(n)))
                 .collect();
+            let calls: serde_json::Map<String, Value> = r
+                .handler_calls
+                .iter()
+                .map(|(why, n)| (why.as_str().to_owned(), json!(n)))
+                .collect();
             json!({
                 "route": r.route, "hits": r.hits, "in_process_hits": r.in_process_hits,
                 "misses": r.misses, "stores": r.stores,
-                "errors": r.errors, "skips": skips, "hit_rate": r.hit_rate,
+                "errors": r.errors, "skips": skips, "handler_calls": calls,
+                "hit_rate": r.hit_rate,
                 "mean_hit_us": r.mean_hit_latency.as_micros() as u64,
                 "mean_miss_us": r.mean_miss_latency.as_micros() as u64,
                 "verified": r.verified, "verify_mismatches": r.verify_mismatches,

@@ -182,7 +182,10 @@ impl Ctx {
                     None => Next::Call,
                 }
             }
-            Some(Landed::Unshareable) => Next::Call,
+            Some(Landed::Unshareable) => {
+                self.why = Some(crate::reason::HandlerCall::Unshareable);
+                Next::Call
+            }
             None => match self.rejoin() {
                 Some(wait) => Next::Join(wait),
                 None => Next::Call,

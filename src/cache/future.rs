@@ -228,13 +228,16 @@ where
             call,
         } => {
             let next = ready!(poll_fill(ctx, sleep, lookup, cx));
-            after_fill(next, *pause, *until, call.take())
+            after_fill(ctx, next, *pause, *until, call.take())
         }
         StateProj::Join { wait, call } => {
             after_join(ctx.landed(ready!(wait.as_mut().poll(cx))), call.take())
         }
         StateProj::Hedge { lookup, call } => match ready!(call_when_ready(call, cx))? {
             Some(future) => {
+                ctx.policy
+                    .stats_ref()
+                    .handler_called(ctx.route, crate::reason::HandlerCall::Hedged);
                 let lookup = lookup.take();
                 (State::Hedging { future, lookup }, None)
             }
@@ -370,6 +373,7 @@ fn poll_fill<B: Body>(
 /// Where a request goes once another process's fill was looked up again:
 /// served, waiting a longer pause (until `until`), or on to the handler.
 fn after_fill<F, S, ReqBody, ResBody: Body>(
+    ctx: &mut Ctx,
     next: Option<Next<ResBody>>,
     pause: Duration,
     until: tokio::time::Instant,
@@ -380,7 +384,11 @@ fn after_fill<F, S, ReqBody, ResBody: Body>(
         None if tokio::time::Instant::now() < until => {
             (fill((pause * 2).min(LAST_PAUSE), until, call), None)
         }
-        _ => (State::Ready { call }, None),
+        None => {
+            ctx.why = Some(crate::reason::HandlerCall::LeaseWaitOver);
+            (State::Ready { call }, None)
+        }
+        Some(_) => (State::Ready { call }, None),
     }
 }
 

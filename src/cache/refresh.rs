@@ -6,7 +6,7 @@ use crate::entry::{Entry, Slot};
 use crate::flight::{Leader, Role};
 use crate::key::Binding;
 use crate::policy::Policy;
-use crate::reason::Reason;
+use crate::reason::{HandlerCall, Reason};
 use crate::stats::telemetry::{warn_limited, Op};
 use crate::store::{CacheKey, Lookup};
 use bytes::Bytes;
@@ -143,6 +143,11 @@ impl Refresh {
         {
             return;
         }
+        let why = match self.check {
+            Some(_) => HandlerCall::Verify,
+            None => HandlerCall::Refresh,
+        };
+        self.policy.stats_ref().handler_called(self.route, why);
         let Ok(response) = service.call(request).await else {
             return;
         };

@@ -17,7 +17,7 @@ use crate::entry::Entry;
 use crate::flight::Leader;
 use crate::key::{Binding, BINDING_LEN};
 use crate::policy::Policy;
-use crate::reason::Reason;
+use crate::reason::{HandlerCall, Reason};
 use crate::stats::telemetry::{warn_limited, Op};
 use crate::store::{CacheKey, Lookup, StoreError, StoreFuture};
 
@@ -86,6 +86,9 @@ pub(crate) struct Ctx {
     pub(super) at_once: bool,
     /// When the inner service was called, on a miss.
     pub(super) called_at: Option<Instant>,
+    /// Why the handler is called, when the request's other state does not
+    /// tell (see [`calling`](Self::calling)).
+    pub(super) why: Option<HandlerCall>,
     pub(super) if_none_match: Option<HeaderValue>,
     /// What an entry must be bound to, to be served to this request.
     pub(super) binding: Binding,
@@ -179,9 +182,17 @@ impl Ctx {
         })
     }
 
-    /// The inner service is called now.
+    /// The inner service is called now: counted with why.
     pub(crate) fn calling(&mut self) {
         self.called_at = Some(Instant::now());
+        let why = match (self.bypass, self.why) {
+            (Some(reason), _) => HandlerCall::Bypass(reason),
+            (None, Some(why)) => why,
+            (None, None) if self.passed => HandlerCall::HitForMiss,
+            (None, None) if self.head => HandlerCall::HeadMiss,
+            (None, None) => HandlerCall::Miss,
+        };
+        self.policy.stats_ref().handler_called(self.route, why);
     }
 
     /// The inner service answered: its time feeds the route's hedge.
@@ -260,6 +271,7 @@ impl Ctx {
             passed: false,
             at_once: false,
             called_at: None,
+            why: None,
             if_none_match: None,
             binding: [0; BINDING_LEN],
             accepts: Accepts::default(),

@@ -69,6 +69,8 @@ where
         match decision {
             Decision::Pass => ResponseFuture::pass(self.inner.call(request)),
             Decision::Bypass { route, reason } => {
+                let why = crate::reason::HandlerCall::Bypass(reason);
+                policy.stats_ref().handler_called(route, why);
                 let ctx = Ctx::bypassing(policy, route, head, reason);
                 ResponseFuture::bypass(self.inner.call(request), ctx)
             }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::entry::Slot;
 use crate::policy::Policy;
 use crate::stats::Probed;
-use crate::store::{Invalidation, Observed, StoreFuture};
+use crate::store::{Invalidation, Observed, Peeked, StoreFuture};
 
 /// When a probed write is checked, after its invalidation was confirmed.
 pub(crate) const AFTER: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(10)];
@@ -37,8 +37,9 @@ pub(crate) fn start(policy: Policy, invalidation: &Invalidation, began_ms: u64) 
         .cloned()
         .chain(invalidation.bumps().iter().map(|b| b.key().to_owned()))
         .collect();
-    // The bumped versions right after the write: no later read may find
-    // less (a lost bump brings back every entry it orphaned).
+    // The bumped versions right after the write: no later read on the same
+    // server lifetime may find less (a lost bump brings back every entry
+    // it orphaned).
     let Some(now) = policy.store().peek(&keys) else {
         return;
     };
@@ -56,16 +57,25 @@ pub(crate) fn start(policy: Policy, invalidation: &Invalidation, began_ms: u64) 
 enum Stale {
     /// A purged key holds an entry stored this long before the write began.
     Entry { before_write_ms: u64 },
-    /// A bumped version reads below the value the bump made.
+    /// A bumped version reads below the value the bump made, on the same
+    /// server lifetime: the entries the bump orphaned are served again.
     Version { read: u64, bumped: u64 },
 }
 
+/// A bumped version key right after the write: its value and the server
+/// lifetime that holds it.
+type Floor = Option<(u64, bytes::Bytes)>;
+
 impl Probe {
-    async fn run(self, now: StoreFuture<Vec<Observed>>) {
+    async fn run(self, now: StoreFuture<Vec<Peeked>>) {
         let started = Instant::now();
         let stats = self.policy.stats_ref().clone();
-        let floors: Vec<Option<u64>> = match now.await {
-            Ok(seen) => seen.iter().skip(self.purges).map(version).collect(),
+        let floors: Vec<Floor> = match now.await {
+            Ok(seen) => seen
+                .iter()
+                .skip(self.purges)
+                .map(|p| version(&p.value).map(|v| (v, p.origin.clone())))
+                .collect(),
             Err(_) => {
                 for window in 0..AFTER.len() {
                     stats.probed(window, Probed::Unread);
@@ -98,21 +108,19 @@ impl Probe {
     }
 
     /// The first key where `seen` holds what the write replaced.
-    fn first_stale<'k>(
-        &'k self,
-        floors: &[Option<u64>],
-        seen: &[Observed],
-    ) -> Option<(&'k str, Stale)> {
+    fn first_stale<'k>(&'k self, floors: &[Floor], seen: &[Peeked]) -> Option<(&'k str, Stale)> {
         let purged = self.keys.iter().zip(seen).take(self.purges);
         for (key, seen) in purged {
-            if let Some(stale) = stale_entry(seen, self.began_ms) {
+            if let Some(stale) = stale_entry(&seen.value, self.began_ms) {
                 return Some((key, stale));
             }
         }
         let bumped = self.keys.iter().zip(seen).skip(self.purges).zip(floors);
         for ((key, seen), floor) in bumped {
-            match (version(seen), floor) {
-                (Some(read), Some(bumped)) if read < *bumped => {
+            match (version(&seen.value), floor) {
+                (Some(read), Some((bumped, origin)))
+                    if read < *bumped && seen.origin == *origin =>
+                {
                     return Some((
                         key,
                         Stale::Version {
@@ -121,7 +129,9 @@ impl Probe {
                         },
                     ))
                 }
-                // Absent: the next lookup creates it above every value used.
+                // Absent: the next lookup creates it above every value
+                // used. Under another server lifetime (a restart, a
+                // failover): nothing stored before it is served.
                 _ => {}
             }
         }

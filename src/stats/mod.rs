@@ -10,7 +10,7 @@ pub(crate) mod telemetry;
 
 use telemetry::{Invalidated, Op};
 
-use crate::reason::Reason;
+use crate::reason::{HandlerCall, Reason};
 
 /// Each route's counters are kept in this many copies, one per group of
 /// threads, each on its own cache lines: threads serving hits at once do
@@ -39,6 +39,7 @@ struct Counters {
     miss_nanos: AtomicU64,
     verified: AtomicU64,
     verify_mismatches: AtomicU64,
+    calls: [AtomicU64; HandlerCall::COUNT],
 }
 
 /// A route's verification mismatches: the last one, how stale each entry
@@ -158,6 +159,9 @@ pub struct RouteStats {
     pub errors: u64,
     /// Responses neither served from nor stored into the cache, by reason.
     pub skips: Vec<(Reason, u64)>,
+    /// Calls of the route's handler, by why each was made (the kinds
+    /// never seen left out).
+    pub handler_calls: Vec<(HandlerCall, u64)>,
     /// `hits / (hits + misses)`, 0 when there was no lookup.
     pub hit_rate: f64,
     /// Mean time to answer a hit.
@@ -319,6 +323,12 @@ impl CacheStats {
         state.warn.pass().is_some()
     }
 
+    /// The route's handler was called, for `why`.
+    pub(crate) fn handler_called(&self, route: usize, why: HandlerCall) {
+        self.counters(route).calls[why.index()].fetch_add(1, Ordering::Relaxed);
+        self.metrics.handler_called(route, why);
+    }
+
     /// A request that did not use the cache.
     pub(crate) fn bypass(&self, route: usize, reason: Reason) {
         self.counters(route).skips[reason.index()].fetch_add(1, Ordering::Relaxed);
@@ -353,6 +363,10 @@ impl CacheStats {
                     skips: Reason::ALL
                         .iter()
                         .map(|r| (*r, sum(&|c| &c.skips[r.index()])))
+                        .filter(|(_, n)| *n > 0)
+                        .collect(),
+                    handler_calls: (0..HandlerCall::COUNT)
+                        .map(|i| (HandlerCall::at(i), sum(&|c| &c.calls[i])))
                         .filter(|(_, n)| *n > 0)
                         .collect(),
                     hit_rate: if hits + misses == 0 {

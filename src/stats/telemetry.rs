@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::Probed;
-use crate::reason::Reason;
+use crate::reason::{HandlerCall, Reason};
 
 /// The store operation an error or a span belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +106,7 @@ mod imp {
         handles: OnceLock<Handles>,
         bypass: [OnceLock<Counter>; Reason::ALL.len()],
         not_stored: [OnceLock<Counter>; Reason::ALL.len()],
+        calls: [OnceLock<Counter>; HandlerCall::COUNT],
     }
 
     #[derive(Debug)]
@@ -162,6 +163,7 @@ mod imp {
                     handles: OnceLock::new(),
                     bypass: std::array::from_fn(|_| OnceLock::new()),
                     not_stored: std::array::from_fn(|_| OnceLock::new()),
+                    calls: std::array::from_fn(|_| OnceLock::new()),
                 })
                 .collect();
             Self { routes }
@@ -192,6 +194,16 @@ mod imp {
                 h.verify_mismatches.increment(1);
                 h.verify_stale_seconds.record(stale_for.as_secs_f64());
             }
+        }
+
+        pub(crate) fn handler_called(&self, route: usize, why: HandlerCall) {
+            let r = &self.routes[route];
+            r.calls[why.index()]
+                .get_or_init(|| {
+                    describe();
+                    metrics::counter!("tower_redis_cache_handler_calls_total", "route" => r.label.clone(), "reason" => why.as_str())
+                })
+                .increment(1);
         }
 
         pub(crate) fn bypass(&self, route: usize, reason: Reason) {
@@ -284,6 +296,10 @@ mod imp {
                 "Write probes (Rule::probe): checks about 1 s and 10 s after a write's invalidation, by when and outcome."
             );
             describe_counter!(
+                "tower_redis_cache_handler_calls_total",
+                "Calls of a cached route's handler, by route and why each was made."
+            );
+            describe_counter!(
                 "tower_redis_cache_hits_total",
                 "Responses served from the cache, by route."
             );
@@ -359,6 +375,8 @@ mod imp {
         pub(crate) fn stored(&self, _: usize, _: Duration) {}
         #[inline]
         pub(crate) fn verified(&self, _: usize, _: Option<Duration>) {}
+        #[inline]
+        pub(crate) fn handler_called(&self, _: usize, _: HandlerCall) {}
         #[inline]
         pub(crate) fn bypass(&self, _: usize, _: Reason) {}
         #[inline]

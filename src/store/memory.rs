@@ -404,8 +404,11 @@ impl Store for MemoryStore {
         Box::pin(async { Ok(()) })
     }
 
-    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Observed>>> {
-        let seen = keys.iter().map(|key| self.get(key)).collect();
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<crate::store::Peeked>>> {
+        let seen = keys
+            .iter()
+            .map(|key| crate::store::Peeked::new(self.get(key), Bytes::new()))
+            .collect();
         Some(Box::pin(async move { Ok(seen) }))
     }
 

@@ -76,6 +76,26 @@ pub enum Observed {
     WrongType,
 }
 
+/// What [`Store::peek`] read at one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Peeked {
+    /// The value as a lookup would serve it.
+    pub value: Observed,
+    /// The server lifetime that answered (a server's epoch, a cluster
+    /// node's id); empty when the store has none. Two reads of a key under
+    /// one origin saw one history.
+    pub origin: Bytes,
+}
+
+impl Peeked {
+    /// What a store read at a key, under `origin`. For store
+    /// implementations.
+    pub fn new(value: Observed, origin: Bytes) -> Self {
+        Self { value, origin }
+    }
+}
+
 /// The result of [`Store::lookup`]; it is handed back to [`Store::store`] so
 /// the write happens only if nothing changed in between.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -388,9 +408,10 @@ pub trait Store: Send + Sync + 'static {
     /// write a lease), for the write probes
     /// ([`Rule::probe`](crate::Rule::probe)): an entry as a lookup would
     /// serve it (one written under another server lifetime reads absent),
-    /// anything else as it is. `None`: this store cannot, and no write is
-    /// probed over it. A store that wraps another forwards this call.
-    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Observed>>> {
+    /// anything else as it is, each with the server lifetime that
+    /// answered. `None`: this store cannot, and no write is probed over
+    /// it. A store that wraps another forwards this call.
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Peeked>>> {
         let _ = keys;
         None
     }
@@ -447,7 +468,7 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         (**self).watch(watcher)
     }
 
-    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Observed>>> {
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Peeked>>> {
         (**self).peek(keys)
     }
 }

@@ -33,7 +33,9 @@ fn options() -> Result<(String, Vec<(u16, String)>), String> {
         match flag.as_str() {
             "--control" => control = value,
             "--listen" => pairs.push((
-                value.parse().map_err(|_| format!("--listen {value}: a port"))?,
+                value
+                    .parse()
+                    .map_err(|_| format!("--listen {value}: a port"))?,
                 String::new(),
             )),
             "--to" => match pairs.last_mut() {

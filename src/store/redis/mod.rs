@@ -40,7 +40,7 @@ use self::lookups::{
 };
 use self::scripts::{apply, millis, STORE};
 use super::resilient::{Resilient, StoreHealth};
-use super::{CacheKey, Invalidation, Lookup, Observed, Store, StoreError, StoreFuture};
+use super::{CacheKey, Invalidation, Lookup, Observed, Peeked, Store, StoreError, StoreFuture};
 
 /// How long [`RedisStore::connect`] tries before it gives up.
 const CONNECT_BUDGET: Duration = Duration::from_secs(5);
@@ -460,7 +460,7 @@ impl<C: Connect> Store for Link<C> {
 
     /// A `GET` per key, each on a connection handle of its own (on a
     /// cluster, each key's entry is judged by the node that answered).
-    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Observed>>> {
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Peeked>>> {
         let reads = keys
             .iter()
             .map(|key| {
@@ -472,10 +472,11 @@ impl<C: Connect> Store for Link<C> {
                         let raw: Option<Vec<u8>> =
                             get.query_async(&mut conn).await.map_err(backend)?;
                         let raw = raw.map_or(Observed::Absent, |v| Observed::Value(v.into()));
-                        Ok(unstamp(&raw, &C::served_by(&conn).unwrap_or(epoch)))
+                        let origin = C::served_by(&conn).unwrap_or(epoch);
+                        Ok(Peeked::new(unstamp(&raw, &origin), origin))
                     })
                     .await
-                }) as StoreFuture<Observed>
+                }) as StoreFuture<Peeked>
             })
             .collect();
         Some(Box::pin(async move {
@@ -523,7 +524,7 @@ impl<C: Connect> Store for RedisStore<C> {
         self.inner.parts(invalidation)
     }
 
-    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Observed>>> {
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<Peeked>>> {
         self.inner.peek(keys)
     }
 

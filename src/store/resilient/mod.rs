@@ -234,7 +234,7 @@ impl<S: Store + Clone> Store for Resilient<S> {
         self.inner.watch(watcher)
     }
 
-    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<crate::store::Observed>>> {
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<crate::store::Peeked>>> {
         self.inner.peek(keys)
     }
 

@@ -473,7 +473,7 @@ impl Store for Tiered {
 
     /// What the shared store holds: a write probe checks what every
     /// process reads from.
-    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<crate::store::Observed>>> {
+    fn peek(&self, keys: &[String]) -> Option<StoreFuture<Vec<crate::store::Peeked>>> {
         self.inner.peek(keys)
     }
 }
