@@ -10,6 +10,13 @@ use crate::policy::Policy;
 use crate::stats::Probed;
 use crate::store::{Invalidation, Observed, Peeked, StoreFuture};
 
+/// How much earlier than the write an entry must have been stored to be
+/// stale: processes read the store's clock through their own offset
+/// estimates, each off by up to half a round trip (tens of milliseconds
+/// over a slow link), so an entry another process stored just after the
+/// invalidation may carry a time a little before the write began.
+const CLOCK_SLACK_MS: u64 = 100;
+
 /// When a probed write is checked, after its invalidation was confirmed.
 pub(crate) const AFTER: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(10)];
 
@@ -139,14 +146,15 @@ impl Probe {
     }
 }
 
-/// An entry at a purged key stored before the write began (a tombstone, a
-/// lease, nothing, or an entry stored since are all fine).
+/// An entry at a purged key stored before the write began, by more than
+/// [`CLOCK_SLACK_MS`] (a tombstone, a lease, nothing, or an entry stored
+/// since are all fine).
 fn stale_entry(seen: &Observed, began_ms: u64) -> Option<Stale> {
     let Observed::Value(raw) = seen else {
         return None;
     };
     match crate::entry::decode(raw.clone()) {
-        Slot::Entry(entry) if entry.stored_at_ms < began_ms => Some(Stale::Entry {
+        Slot::Entry(entry) if entry.stored_at_ms + CLOCK_SLACK_MS < began_ms => Some(Stale::Entry {
             before_write_ms: began_ms - entry.stored_at_ms,
         }),
         _ => None,
@@ -180,11 +188,13 @@ mod tests {
             Observed::Value(entry.encode())
         };
         assert_eq!(
-            stale_entry(&entry(900), 1_000),
+            stale_entry(&entry(800), 1_000),
             Some(Stale::Entry {
-                before_write_ms: 100
+                before_write_ms: 200
             })
         );
+        // Within the clock slack of the processes' offsets: not judged.
+        assert_eq!(stale_entry(&entry(900), 1_000), None);
         assert_eq!(stale_entry(&entry(1_000), 1_000), None);
         assert_eq!(stale_entry(&Observed::Absent, 1_000), None);
         let tombstone = crate::store::tokens::tombstone();

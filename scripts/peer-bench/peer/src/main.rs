@@ -15,7 +15,9 @@
 //! serving hits. Allocations are counted only between a connection that
 //! sends `count` and one that sends `quiet` (counting costs an atomic add
 //! per allocation, shared by every thread: never on while throughput is
-//! measured).
+//! measured). Ours modes add a third word: the handler's calls by why
+//! each was made (`miss:1,store-error:12`, tower-redis-cache's
+//! `RouteStats::handler_calls` summed over its routes; `-` when none).
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -46,6 +48,30 @@ fn body() -> Bytes {
 }
 
 static HANDLER_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// The counters of tower-redis-cache's policy, in ours modes.
+#[cfg(feature = "ours")]
+static OURS: std::sync::OnceLock<tower_redis_cache::CacheStats> = std::sync::OnceLock::new();
+
+/// Ours modes: the handler's calls by why, summed over the routes.
+fn reasons() -> String {
+    #[cfg(feature = "ours")]
+    if let Some(stats) = OURS.get() {
+        let mut sums: Vec<(&'static str, u64)> = Vec::new();
+        for route in stats.snapshot() {
+            for (why, n) in route.handler_calls {
+                match sums.iter_mut().find(|(w, _)| *w == why.as_str()) {
+                    Some((_, total)) => *total += n,
+                    None => sums.push((why.as_str(), n)),
+                }
+            }
+        }
+        if !sums.is_empty() {
+            return sums.iter().map(|(w, n)| format!("{w}:{n}")).collect::<Vec<_>>().join(",");
+        }
+    }
+    "-".to_owned()
+}
 
 /// The system allocator, counting allocations once asked to.
 struct Counting;
@@ -133,9 +159,10 @@ async fn main() {
                     }
                 }
                 let count = format!(
-                    "{} {}",
+                    "{} {} {}",
                     HANDLER_CALLS.load(Ordering::Relaxed),
-                    ALLOCATIONS.load(Ordering::Relaxed)
+                    ALLOCATIONS.load(Ordering::Relaxed),
+                    reasons()
                 );
                 let _ = stream.write_all(count.as_bytes()).await;
             }
@@ -266,7 +293,9 @@ where
             builder.store(RedisStore::builder(&url).build().expect("redis url"))
         }
     };
-    let layer = CacheLayer::new(builder.build().expect("policy"));
+    let policy = builder.build().expect("policy");
+    let _ = OURS.set(policy.stats());
+    let layer = CacheLayer::new(policy);
     BoxCloneService::new(
         ServiceBuilder::new().layer(layer).service(base)
             .map_response(|r| r.map(|b| b.map_err(|x: Infallible| -> E { match x {} }).boxed_unsync()))
