@@ -148,6 +148,11 @@ impl Reason {
 pub enum HandlerCall {
     /// Nothing servable was stored: this request fills the entry.
     Miss,
+    /// The key held an entry bound to other request inputs (another
+    /// `Host`, another value of a [`Route::vary_by`](crate::Route::vary_by)
+    /// header): one variant per key at a time, so requests that alternate
+    /// between two variants replace each other's entry.
+    OtherVariant,
     /// The request did not use the cache, for this reason (the lookup
     /// failed or timed out, the circuit is open, a scope read nothing…).
     Bypass(Reason),
@@ -175,8 +180,9 @@ pub enum HandlerCall {
 impl HandlerCall {
     /// The calls that are not bypasses, after [`Reason::ALL`] in the
     /// counters.
-    const OWN: [HandlerCall; 8] = [
+    const OWN: [HandlerCall; 9] = [
         HandlerCall::Miss,
+        HandlerCall::OtherVariant,
         HandlerCall::HitForMiss,
         HandlerCall::HeadMiss,
         HandlerCall::LeaseWaitOver,
@@ -207,12 +213,13 @@ impl HandlerCall {
         }
     }
 
-    /// The call as a short token: `miss`, `hit-for-miss`, `head-miss`,
+    /// The call as a short token: `miss`, `other-variant`, `hit-for-miss`, `head-miss`,
     /// `lease-wait-over`, `unshareable`, `hedged`, `refresh`, `verify`, or a
     /// bypass's reason (`store-error`, `circuit-open`…).
     pub fn as_str(self) -> &'static str {
         match self {
             HandlerCall::Miss => "miss",
+            HandlerCall::OtherVariant => "other-variant",
             HandlerCall::Bypass(reason) => reason.as_str(),
             HandlerCall::HitForMiss => "hit-for-miss",
             HandlerCall::HeadMiss => "head-miss",

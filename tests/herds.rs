@@ -136,6 +136,21 @@ async fn a_warm_key_calls_no_handler(backend: Backend) {
         policy.stats().route(ITEM).unwrap().handler_calls[0].0,
         HandlerCall::Bypass(tower_redis_cache::Reason::Authorization)
     );
+    // Another `Host` on the same key: the entry is bound to the first
+    // one's, so this request calls the handler, counted as such, and its
+    // entry replaces the first (one variant per key).
+    let other_host = || {
+        axum::http::Request::get("/persons/1")
+            .header("host", "b.example")
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+    assert_eq!(send(&app, other_host()).await.1, "MISS");
+    assert_eq!(send(&app, other_host()).await.1, "HIT");
+    assert_eq!(
+        calls(&policy, ITEM),
+        [("authorization", 1), ("miss", 1), ("other-variant", 1)]
+    );
 }
 
 backend_tests!(

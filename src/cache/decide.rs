@@ -27,12 +27,14 @@ impl Ctx {
     }
 
     /// The entry in `raw`, when it is one bound to this request: an entry
-    /// stored for another key or other request inputs is a miss.
-    pub(super) fn servable(&self, raw: Bytes) -> Option<Entry> {
+    /// stored for another key or other request inputs is a miss (and the
+    /// handler call it costs says so).
+    pub(super) fn servable(&mut self, raw: Bytes) -> Option<Entry> {
         match crate::entry::decode(raw) {
             Slot::Entry(entry) if entry.binding == self.binding => Some(entry),
             Slot::Entry(_) => {
                 tracing::debug!(route = self.label(), key = %self.key_text(), "entry bound to other request inputs; a miss");
+                self.why = Some(crate::reason::HandlerCall::OtherVariant);
                 None
             }
             _ => None,

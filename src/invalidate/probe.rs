@@ -154,9 +154,11 @@ fn stale_entry(seen: &Observed, began_ms: u64) -> Option<Stale> {
         return None;
     };
     match crate::entry::decode(raw.clone()) {
-        Slot::Entry(entry) if entry.stored_at_ms + CLOCK_SLACK_MS < began_ms => Some(Stale::Entry {
-            before_write_ms: began_ms - entry.stored_at_ms,
-        }),
+        Slot::Entry(entry) if entry.stored_at_ms + CLOCK_SLACK_MS < began_ms => {
+            Some(Stale::Entry {
+                before_write_ms: began_ms - entry.stored_at_ms,
+            })
+        }
         _ => None,
     }
 }

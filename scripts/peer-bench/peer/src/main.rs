@@ -257,7 +257,7 @@ fn hbx(mode: &str, url: Option<String>) -> Svc {
 }
 
 /// tower-redis-cache on the same handler: `/item`, kept 300 s under the key
-/// `app:item`, and `/list`, a versioned route (group `list`) as list
+/// `<mode>:item`, and `/list`, a versioned route (group `list`) as list
 /// endpoints use. `ours-tier` keeps both in process too, for at most 1 s;
 /// `ours-cluster` stores them on a Redis Cluster.
 #[cfg(feature = "ours")]
@@ -274,7 +274,12 @@ where
         "ours-tier" => route.in_process(Duration::from_secs(1)),
         _ => route,
     };
+    // Each mode its own namespace: entries are bound to the request's
+    // `Host`, which names each mode's port, so two modes over one Redis
+    // sharing `app:item` would replace each other's entry every round
+    // (handler calls counted as `other-variant`).
     let builder = Policy::builder()
+        .namespace(mode)
         .route(tier(Route::get("/item").key("item").ttl(Duration::from_secs(300))))
         .route(tier(
             Route::get("/list")
