@@ -83,7 +83,13 @@ fn app(store: Arc<dyn Store>, db: Db, hedge: bool) -> axum::Router {
 }
 
 fn app_and_policy(store: Arc<dyn Store>, db: Db, hedge: bool) -> (axum::Router, Policy) {
-    let hedged = |route: Route| if hedge { route.hedge() } else { route };
+    let hedged = |route: Route| {
+        if hedge {
+            route.hedge()
+        } else {
+            route.no_hedge()
+        }
+    };
     let policy = Policy::builder()
         .store(store)
         .route(hedged(
@@ -149,6 +155,37 @@ async fn a_slow_store_never_makes_a_hedged_route_slower_than_no_cache() {
     );
     assert_eq!(plain_hedged, 0);
     assert_eq!(hedged, 200, "every lookup ran past the budget");
+    // Within the budget: the route learns that every lookup takes 50 ms,
+    // hedges within its budget meanwhile (one in 20 requests at most, none
+    // in the first 32 lookups), then waits for the lookups.
+    let budget = Policy::builder()
+        .store(Arc::new(slow()))
+        .route(
+            Route::get("/persons/{id}")
+                .key("person:{id}")
+                .ttl(Duration::from_secs(60))
+                .hedge_within_budget(),
+        )
+        .on(Rule::new("PATCH /persons/{id}").purge("GET /persons/{id}"))
+        .build()
+        .unwrap();
+    let within = router(db.clone()).layer(CacheLayer::new(budget.clone()));
+    let (_, budget_hedged) = reads(&within, &db).await;
+    let calls = budget
+        .stats()
+        .route("GET /persons/{id}")
+        .unwrap()
+        .handler_calls;
+    let from_hedges: u64 = calls
+        .iter()
+        .filter(|(why, _)| *why == tower_redis_cache::HandlerCall::Hedged)
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(from_hedges as usize, budget_hedged);
+    assert!(
+        budget_hedged <= 200 / 20,
+        "{budget_hedged} hedged within the budget"
+    );
     let calls = policy
         .stats()
         .route("GET /persons/{id}")
@@ -219,14 +256,22 @@ fn the_persons_example_over_a_slow_redis() {
     ));
     let slow = format!("redis://127.0.0.1:{slow}/");
     let (off, _) = persons_reads(&slow, &[("CACHE", "off")]);
-    let (cached, _) = persons_reads(&slow, &[]);
+    let (never, never_hedged) = persons_reads(&slow, &[]);
+    let (cached, budget_hedged) = persons_reads(&slow, &[("CACHE_HEDGE", "budget")]);
     let (hedged_p99, hedged) = persons_reads(&slow, &[("CACHE_HEDGE", "on")]);
     eprintln!(
-        "persons, Redis replies +50 ms, 300 reads: p99 {off:?} with CACHE=off, {cached:?} cached, \
+        "persons, Redis replies +50 ms, 300 reads: p99 {off:?} with CACHE=off, {never:?} as \
+         shipped, {cached:?} with CACHE_HEDGE=budget ({budget_hedged} hedged), \
          {hedged_p99:?} with CACHE_HEDGE=on ({hedged} hedged); goal <= 2 x off + 2 ms = {:?}",
         off * 2 + Duration::from_millis(2)
     );
+    assert_eq!(never_hedged, 0);
     assert!(hedged > 0, "no lookup ran past the budget");
+    // The budget: at most 1 in 20 reads, and none before 20 requests.
+    assert!(
+        budget_hedged <= 300 / 20,
+        "{budget_hedged} hedged within the budget"
+    );
 }
 
 /// A hedged miss whose lookup runs after a write's invalidation (it was

@@ -481,6 +481,64 @@ async fn concurrent_lookups_go_out_in_few_batches_and_each_gets_its_own_reply() 
     );
 }
 
+/// Sequential requests over one node cost one round trip each, upkeep
+/// included: the store's periodic re-reads (the server's epoch, its clock,
+/// its replica count, every second) ride in the pipeline of a request's
+/// command, so over 2.5 s of writes and hits Redis reads exactly one
+/// batch per request.
+#[tokio::test]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn sequential_requests_cost_one_round_trip_each_upkeep_included() {
+    const ROUNDS: u64 = 20;
+    let server = RedisServer::start();
+    let mut raw = server.raw().await;
+    let db = Db::default();
+    db.set("1", 1);
+    db.set("2", 2);
+    let app = redis_app(&server, db.clone());
+    // Connected, scripts loaded, /persons/2 stored.
+    assert_eq!(
+        send(&app, method_req("PATCH", "/persons/1")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(send(&app, get_req("/persons/2")).await.1, "MISS");
+    assert_eq!(send(&app, get_req("/persons/2")).await.1, "HIT");
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let began = std::time::Instant::now();
+    for round in 0..ROUNDS {
+        let (status, detail, _) =
+            common::send_reading(&app, method_req("PATCH", "/persons/1"), "cache-status").await;
+        assert_eq!(status, StatusCode::OK, "round {round}");
+        assert!(
+            detail.contains("detail=invalidated"),
+            "round {round}: {detail}"
+        );
+        assert_eq!(
+            send(&app, get_req("/persons/2")).await.1,
+            "HIT",
+            "round {round}"
+        );
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let took = began.elapsed();
+    let reads: u64 = info_field(&mut raw, "stats", "total_reads_processed")
+        .await
+        .parse()
+        .unwrap();
+    let upkeep = info_field(&mut raw, "commandstats", "cmdstat_time").await;
+    assert!(
+        took > Duration::from_secs(2),
+        "the rounds span at least two upkeeps, one a second ({took:?})"
+    );
+    assert!(!upkeep.is_empty(), "the clock was read meanwhile");
+    // One read per write and per hit; the last one is this INFO.
+    assert_eq!(reads - 1, 2 * ROUNDS, "upkeep: {upkeep}");
+}
+
 /// The line of `CLIENT LIST` for the connection of `user`.
 async fn connection_of(raw: &mut redis::aio::MultiplexedConnection, user: &str) -> Option<String> {
     let clients: String = redis::cmd("CLIENT")

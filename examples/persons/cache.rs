@@ -35,7 +35,12 @@ pub(crate) fn from_env() -> Result<Option<(Policy, &'static str)>, Box<dyn std::
         in_process,
         verify_rate,
         probe_rate,
-        hedge: env("CACHE_HEDGE", "off").eq_ignore_ascii_case("on"),
+        hedge: match env("CACHE_HEDGE", "off").to_ascii_lowercase().as_str() {
+            "budget" => Hedging::Budget,
+            "on" => Hedging::On,
+            "off" => Hedging::Off,
+            _ => return Err("CACHE_HEDGE: budget, on or off".into()),
+        },
         store,
     })?;
     Ok(Some((policy, store_name)))
@@ -59,7 +64,21 @@ fn store_from_env() -> Result<Named, tower_redis_cache::ConfigError> {
     } else if let Some(sentinels) = var("REDIS_SENTINEL_URLS") {
         let master = env("REDIS_SENTINEL_MASTER", "mymaster");
         let source = RedisSource::sentinel(&master, list(&sentinels));
-        let store = RedisStore::builder(source).deadline(deadline).build()?;
+        let mut builder = RedisStore::builder(source).deadline(deadline);
+        // The in-process tier hears invalidations through any server of
+        // the master's replication group (a message published on the
+        // master reaches its replicas too), tried in turn.
+        if let Some(urls) = var("REDIS_SUBSCRIBE_URLS") {
+            let clients = list(&urls)
+                .into_iter()
+                .map(redis::Client::open)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| tower_redis_cache::ConfigError::RedisSource {
+                    reason: format!("REDIS_SUBSCRIBE_URLS: {err}"),
+                })?;
+            builder = builder.subscribe_via(clients);
+        }
+        let store = builder.build()?;
         return Ok((Some(Arc::new(store)), "redis sentinel"));
     } else if let Some(url) = var("REDIS_URL") {
         Arc::new(RedisStore::builder(url).deadline(deadline).build()?)
@@ -83,20 +102,35 @@ struct Settings {
     in_process: Option<Duration>,
     verify_rate: f64,
     probe_rate: f64,
-    hedge: bool,
+    hedge: Hedging,
     store: Option<Arc<dyn Store>>,
+}
+
+/// `CACHE_HEDGE`: how a slow lookup lets the handler answer.
+#[derive(Clone, Copy)]
+enum Hedging {
+    /// After the later of the lookups' p95 and the handler's time, for at
+    /// most 5% of a route's requests.
+    Budget,
+    /// Every request whose lookup takes longer than the handler does.
+    On,
+    Off,
 }
 
 /// The cache configuration: tenant-scoped items and per-tenant list
 /// groups, and what each write invalidates.
 fn policy(settings: Settings) -> Result<Policy, tower_redis_cache::ConfigError> {
     // A share of the hits checked against the handler (the handlers only
-    // read), and of the writes probed 1 s and 10 s later; hedging when
-    // asked for; the in-process tier when asked for,
+    // read), and of the writes probed 1 s and 10 s later; hedging as
+    // asked for (off unless told); the in-process tier when asked for,
     // each route's entries also kept in this process for at most `bound`.
     let local = |route: Route| {
         let route = route.verify(settings.verify_rate);
-        let route = if settings.hedge { route.hedge() } else { route };
+        let route = match settings.hedge {
+            Hedging::Budget => route.hedge_within_budget(),
+            Hedging::On => route.hedge(),
+            Hedging::Off => route,
+        };
         match settings.in_process {
             Some(bound) => route.in_process(bound),
             None => route,

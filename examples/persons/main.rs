@@ -20,8 +20,12 @@
 //! Environment (all optional): `PERSONS_ADDR` (127.0.0.1:3000), `REDIS_URL`,
 //! `REDIS_CLUSTER_URLS` (cluster seeds; wins over `REDIS_URL`),
 //! `REDIS_SENTINEL_URLS` and `REDIS_SENTINEL_MASTER` (`mymaster`: the
-//! master Sentinel names; wins over `REDIS_URL`), `CACHE_HEDGE=on` (a
-//! lookup slower than the handler lets the handler answer),
+//! master Sentinel names; wins over `REDIS_URL`), `REDIS_SUBSCRIBE_URLS`
+//! (with Sentinel and `CACHE_IN_PROCESS_MS`: the servers of the master's
+//! replication group the tier hears invalidations through), `CACHE_HEDGE` (`off`;
+//! `budget`: a lookup slower than the later of the lookups' p95 and the
+//! handler's time lets the handler answer, for at most 5% of a route's
+//! requests; `on`: every lookup slower than the handler),
 //! `CACHE=on|off` (on), `CACHE_TTL_PERSON_SECONDS` (300),
 //! `CACHE_TTL_LIST_SECONDS` (60), `CACHE_NAMESPACE` (app),
 //! `CACHE_REDIS_TIMEOUT_MS` (100), `CACHE_IN_PROCESS_MS` (off; with a

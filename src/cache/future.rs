@@ -336,6 +336,11 @@ where
             Poll::Ready(after_lookup(ctx.decide(found), call.take()))
         }
         Poll::Pending => match hedge.as_mut().map(|h| h.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) if !ctx.admit_hedge() => {
+                // No hedge left to spend: the lookup is waited for.
+                *hedge = None;
+                Poll::Pending
+            }
             Some(Poll::Ready(())) => {
                 let going_on = std::mem::replace(lookup, Box::pin(std::future::pending()));
                 let lookup = Some(ctx.hedging(going_on));

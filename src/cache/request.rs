@@ -149,12 +149,20 @@ impl Ctx {
     /// lookup is sent, then the handler answers.
     pub(crate) fn hedge_timer(&mut self) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
         let route = self.policy.route(self.route);
+        route.hedge.requested();
         let budget = route.hedge.budget()?;
         self.at_once = route.hedge.at_once();
         let budget = if self.at_once { Duration::ZERO } else { budget };
         Some(Box::pin(tokio::time::sleep_until(
             tokio::time::Instant::from_std(self.started) + budget,
         )))
+    }
+
+    /// The hedge ran out: whether the handler may answer now (a route
+    /// hedging within a budget spends one of its hedges, and has none
+    /// left past 5% of its requests: the lookup is then waited for).
+    pub(crate) fn admit_hedge(&self) -> bool {
+        self.policy.route(self.route).hedge.admit()
     }
 
     /// This request's lookup ended now (on a hedging route: its time

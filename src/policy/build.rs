@@ -9,7 +9,7 @@ use sha2::Digest;
 
 use super::compile_rule::compile_rule;
 use super::compiled::{CompiledRoute, Despite, Group, GroupRef};
-use super::hedge::HedgeTiming;
+use super::hedge::{Hedge, HedgeTiming};
 use super::tier;
 use super::{
     Policy, PolicyInner, Route, Rule, DEFAULT_COMPRESS_OVER, DEFAULT_LEASE_WAIT,
@@ -40,6 +40,7 @@ pub struct PolicyBuilder {
     pub(super) store: Option<Arc<dyn Store>>,
     pub(super) in_process: tier::Bounds,
     pub(super) probe_writes: f64,
+    pub(super) hedge_by_default: bool,
 }
 
 impl std::fmt::Debug for PolicyBuilder {
@@ -71,6 +72,7 @@ impl Policy {
             store: None,
             in_process: tier::Bounds::default(),
             probe_writes: 0.0,
+            hedge_by_default: false,
         }
     }
 }
@@ -204,6 +206,13 @@ impl PolicyBuilder {
         self
     }
 
+    /// Routes that set no hedging of their own hedge within a budget, as
+    /// [`Route::hedge_within_budget`] does (by default they do not hedge).
+    pub fn hedge_within_budget(mut self) -> Self {
+        self.hedge_by_default = true;
+        self
+    }
+
     /// The TTL of routes that set none (default 60 s).
     pub fn default_ttl(mut self, ttl: Duration) -> Self {
         self.default_ttl = ttl;
@@ -258,7 +267,12 @@ impl PolicyBuilder {
         let mut groups: Vec<Group> = Vec::new();
         for (index, route) in self.routes.into_iter().enumerate() {
             table.insert(&Method::GET, &route.pattern, index)?;
-            routes.push(compile_route(route, self.default_ttl, &mut groups)?);
+            routes.push(compile_route(
+                route,
+                self.default_ttl,
+                self.hedge_by_default,
+                &mut groups,
+            )?);
         }
         let mut rule_table = RouteTable::default();
         let mut rules = Vec::with_capacity(self.rules.len());
@@ -303,6 +317,7 @@ impl PolicyBuilder {
 fn compile_route(
     route: Route,
     default_ttl: Duration,
+    hedge_by_default: bool,
     groups: &mut Vec<Group>,
 ) -> Result<CompiledRoute, ConfigError> {
     let label = route.label();
@@ -349,7 +364,10 @@ fn compile_route(
         query: route.query,
         vary: route.vary,
         verify: route.verify,
-        hedge: HedgeTiming::new(route.hedge),
+        hedge: HedgeTiming::new(route.hedge.unwrap_or(match hedge_by_default {
+            true => Hedge::Budgeted,
+            false => Hedge::Off,
+        })),
         in_process: route.in_process,
     })
 }

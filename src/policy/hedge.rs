@@ -8,11 +8,30 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Hedge {
     Off,
+    /// Within a budget: after the later of the route's lookup p95 and its
+    /// handler's time, at least [`HEDGE_FLOOR`], for at most
+    /// [`HEDGE_SHARE_MILLI`] of the route's requests.
+    Budgeted,
     /// After the route's handler time (a moving average), at least
     /// [`HEDGE_FLOOR`].
     Derived,
     After(Duration),
 }
+
+/// The share of a route's requests a budgeted hedge may send to the
+/// handler, in thousandths: 5%, as "The Tail at Scale" hedges after the
+/// p95. Each request earns this much of a token; a hedge spends one.
+pub(crate) const HEDGE_SHARE_MILLI: u64 = 50;
+
+/// The most tokens a route saves up, in thousandths: ten hedges in a row
+/// (a stall's first requests) before the 5% applies. A route starts with
+/// none: its first hedge comes after 20 requests.
+const HEDGE_BURST_MILLI: u64 = 10_000;
+
+/// The lookups a route times before its p95 is trusted: until then a
+/// budgeted hedge waits for the lookup (the first lookups of a process,
+/// which connect, are no measure of the store).
+const LEARNING_LOOKUPS: u32 = 32;
 
 /// The shortest a derived hedge waits for a lookup: a healthy Redis on
 /// the same network answers well within it. Tokio's timers tick every
@@ -33,6 +52,13 @@ pub(crate) struct HedgeTiming {
     handler_us: AtomicU64,
     /// How many lookups in a row ran past the hedge budget.
     slow_lookups: AtomicU32,
+    /// An estimate of the p95 of the route's lookups, in nanoseconds
+    /// (0: none measured yet).
+    lookup_p95_ns: AtomicU64,
+    /// Hedges the route may still make, in thousandths ([`Hedge::Budgeted`]).
+    tokens: AtomicU64,
+    /// Lookups timed so far, up to [`LEARNING_LOOKUPS`].
+    timed: AtomicU32,
 }
 
 impl HedgeTiming {
@@ -41,6 +67,9 @@ impl HedgeTiming {
             mode,
             handler_us: AtomicU64::new(0),
             slow_lookups: AtomicU32::new(0),
+            lookup_p95_ns: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+            timed: AtomicU32::new(0),
         }
     }
 
@@ -59,7 +88,51 @@ impl HedgeTiming {
                 let us = self.handler_us.load(Relaxed);
                 Some(Duration::from_micros(us).max(HEDGE_FLOOR))
             }
+            Hedge::Budgeted if self.timed.load(Relaxed) < LEARNING_LOOKUPS => None,
+            Hedge::Budgeted => {
+                let handler = Duration::from_micros(self.handler_us.load(Relaxed));
+                let p95 = Duration::from_nanos(self.lookup_p95_ns.load(Relaxed));
+                Some(handler.max(p95).max(HEDGE_FLOOR))
+            }
         }
+    }
+
+    /// A request of the route looks its entry up: on a budgeted route it
+    /// earns its share of a hedge.
+    pub(crate) fn requested(&self) {
+        if self.mode == Hedge::Budgeted {
+            let _ = self.tokens.fetch_update(Relaxed, Relaxed, |t| {
+                (t < HEDGE_BURST_MILLI).then(|| (t + HEDGE_SHARE_MILLI).min(HEDGE_BURST_MILLI))
+            });
+        }
+    }
+
+    /// Whether a lookup that ran past the budget may let the handler
+    /// answer now: always, but on a budgeted route only while it has a
+    /// hedge to spend (it spends it).
+    pub(crate) fn admit(&self) -> bool {
+        self.mode != Hedge::Budgeted
+            || self
+                .tokens
+                .fetch_update(Relaxed, Relaxed, |t| t.checked_sub(1000))
+                .is_ok()
+    }
+
+    /// Moves the p95 estimate towards a lookup that took `took`: up by
+    /// 19 steps when it was slower, down by one when not, so it settles
+    /// where 5% are slower (a step is 1/16 of the estimate).
+    fn observe(&self, took: Duration) {
+        if self.timed.load(Relaxed) < LEARNING_LOOKUPS {
+            self.timed.fetch_add(1, Relaxed);
+        }
+        let sample = took.as_nanos().min(u64::MAX as u128) as u64;
+        let q = self.lookup_p95_ns.load(Relaxed);
+        let next = match q {
+            0 => sample.max(1),
+            q if sample > q => q.saturating_add((q / 16).max(20) * 19 / 20),
+            q => q.saturating_sub((q / 16).max(20) / 20).max(1),
+        };
+        self.lookup_p95_ns.store(next, Relaxed);
     }
 
     /// A lookup of this (hedging) route ran past its budget.
@@ -72,6 +145,7 @@ impl HedgeTiming {
     /// A lookup of this (hedging) route finished `took` after its request
     /// started; `counted`: as slow already, when it ran past the budget.
     pub(crate) fn took(&self, took: Duration, counted: bool) {
+        self.observe(took);
         match self.budget() {
             Some(budget) if took > budget && !counted => self.ran_past(),
             Some(budget) if took > budget => {}
@@ -135,5 +209,45 @@ mod tests {
             plain.hedge.took(slow, false);
         }
         assert!(!plain.hedge.at_once());
+    }
+
+    #[test]
+    fn a_budget_learns_the_p95_then_spends_one_hedge_per_twenty_requests() {
+        let timing = HedgeTiming::new(Hedge::Budgeted);
+        // Learning: no budget until 32 lookups are timed.
+        for i in 0..LEARNING_LOOKUPS {
+            assert_eq!(timing.budget(), None, "lookup {i}");
+            timing.requested();
+            // 95 quick lookups in 100, 5 slow.
+            let took = if i % 20 == 0 { 10_000 } else { 1_000 };
+            timing.took(Duration::from_micros(took), false);
+        }
+        for i in 0..20_000u64 {
+            let took = if i % 20 == 0 { 10_000 } else { 1_000 };
+            timing.took(Duration::from_micros(took), false);
+        }
+        // The p95 settles between the quick and the slow lookups.
+        let budget = timing.budget().unwrap();
+        assert!(
+            budget > Duration::from_micros(1_000) && budget < Duration::from_micros(10_000),
+            "{budget:?}"
+        );
+        // The 32 requests so far earned one hedge and a part: one admitted.
+        assert!(timing.admit());
+        assert!(!timing.admit());
+        // Then one per 20 requests.
+        let mut admitted = 0;
+        for _ in 0..400 {
+            timing.requested();
+            admitted += usize::from(timing.admit());
+        }
+        assert_eq!(admitted, 20);
+        // Saved up to 10 at most.
+        for _ in 0..1_000 {
+            timing.requested();
+        }
+        assert_eq!((0..20).filter(|_| timing.admit()).count(), 10);
+        // Other modes are never refused.
+        assert!(HedgeTiming::new(Hedge::Derived).admit());
     }
 }

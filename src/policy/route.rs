@@ -47,7 +47,8 @@ pub struct Route {
     pub(super) vary: Vec<HeaderName>,
     pub(super) invalid_header: Option<String>,
     pub(super) verify: f64,
-    pub(super) hedge: Hedge,
+    /// `None`: the policy's default (see [`PolicyBuilder::hedge_within_budget`](crate::PolicyBuilder::hedge_within_budget)).
+    pub(super) hedge: Option<Hedge>,
     pub(super) unkeyed: Vec<String>,
     pub(super) despite: Vec<String>,
     pub(super) in_process: Option<Duration>,
@@ -78,7 +79,7 @@ impl Route {
             vary: Vec::new(),
             invalid_header: None,
             verify: 0.0,
-            hedge: Hedge::Off,
+            hedge: None,
             unkeyed: Vec::new(),
             despite: Vec::new(),
             in_process: None,
@@ -300,19 +301,45 @@ impl Route {
     ///   write).
     ///
     /// Otherwise it is not stored. Such a response says `detail=hedged`.
-    /// Off by default;
-    /// before the route's first miss, the floor is the budget. Once
+    /// Before the route's first miss, the floor is the budget. Once
     /// two lookups in a row ran past the budget, the handler
     /// answers at once, the lookups still going on, until one of them
     /// finishes within the budget.
+    ///
+    /// Every request may hedge this way, however slow the store is: for
+    /// routes whose handler the database can serve at every request. Off
+    /// by default (see [`hedge_within_budget`](Self::hedge_within_budget)
+    /// for a bounded one, and docs/operating.md for what each costs).
     pub fn hedge(mut self) -> Self {
-        self.hedge = Hedge::Derived;
+        self.hedge = Some(Hedge::Derived);
         self
     }
 
     /// Like [`hedge`](Self::hedge), with a fixed budget for the lookup.
     pub fn hedge_after(mut self, budget: Duration) -> Self {
-        self.hedge = Hedge::After(budget);
+        self.hedge = Some(Hedge::After(budget));
+        self
+    }
+
+    /// Hedges within a budget: a lookup still under way after the later of
+    /// the route's own lookups' p95 and its handler's usual time (at least
+    /// 0.5 ms) lets the handler answer, as [`hedge`](Self::hedge) does,
+    /// for at most 5% of the route's requests (each earns 1/20 of a
+    /// hedge, 10 saved at most; none until the route has timed 32
+    /// lookups). A stall's first requests are answered by the handler; a
+    /// store steadily slower than the handler is not hedged once the p95
+    /// has moved there, so it never sends more than 5% of the route's
+    /// reads to the database.
+    pub fn hedge_within_budget(mut self) -> Self {
+        self.hedge = Some(Hedge::Budgeted);
+        self
+    }
+
+    /// Never hedges: a lookup is waited for up to the store's deadline,
+    /// whatever the policy's default (see
+    /// [`PolicyBuilder::hedge_within_budget`](crate::PolicyBuilder::hedge_within_budget)).
+    pub fn no_hedge(mut self) -> Self {
+        self.hedge = Some(Hedge::Off);
         self
     }
 

@@ -25,6 +25,13 @@
 //!
 //! On a cluster a pipeline must stay in one slot: a batch goes out as one
 //! pipeline per slot its commands name, all at once.
+//!
+//! The store's upkeep (the server's epoch, clock and replica count, read
+//! again every second) rides: [`Batched::ride`] hands its commands to the
+//! next batch or pipeline that goes out anyway, and sends them on their
+//! own only when none does within its wait (an idle connection, where no
+//! request is there to wait behind them). Sequential requests then cost
+//! one round trip each, upkeep included.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -84,6 +91,24 @@ struct Shared<C> {
     /// The user may not run `CLUSTER MYID`: replies carry no node.
     node_denied: std::sync::atomic::AtomicBool,
     queue: Mutex<Vec<Queued>>,
+    /// Commands that go out with the next batch or pipeline, never one of
+    /// their own (see [`Batched::ride`]); one server's connection only.
+    rider: Mutex<Option<Rider>>,
+}
+
+/// Commands riding with the next batch, and where their replies go.
+struct Rider {
+    cmds: Vec<Cmd>,
+    reply: oneshot::Sender<Result<Carried, RedisError>>,
+}
+
+/// A rider's replies, with when the pipeline that carried them went out
+/// and when its replies were read (Unix milliseconds, this process's
+/// clock): `TIME` among them is read as taken halfway between.
+pub(crate) struct Carried {
+    pub(crate) values: Vec<Value>,
+    pub(crate) sent_ms: i64,
+    pub(crate) received_ms: i64,
 }
 
 /// A command waiting for the next flush, with where its reply goes (and,
@@ -109,6 +134,7 @@ impl<C> Batched<C> {
                 in_flight: AtomicUsize::new(0),
                 node_denied: std::sync::atomic::AtomicBool::new(false),
                 queue: Mutex::new(Vec::new()),
+                rider: Mutex::new(None),
             }),
             served_by: by_slot.then(Arc::default),
         }
@@ -149,6 +175,47 @@ impl<C> Shared<C> {
     fn queue(&self) -> MutexGuard<'_, Vec<Queued>> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The rider waiting for a pipeline, taken (one server only).
+    fn take_rider(&self) -> Option<Rider> {
+        if self.by_slot {
+            return None;
+        }
+        self.rider.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Appends `rider`'s commands to `pipe`.
+fn board(pipe: &mut redis::Pipeline, rider: &Option<Rider>) {
+    for cmd in rider.iter().flat_map(|rider| &rider.cmds) {
+        pipe.add_command(cmd.clone());
+    }
+}
+
+/// Hands a rider the replies after `own` in `answered`, the pipeline's
+/// outcome; what is left is the pipeline's own.
+fn alight(
+    rider: Option<Rider>,
+    answered: &mut Result<Vec<Value>, RedisError>,
+    own: usize,
+    sent_ms: i64,
+) {
+    let Some(Rider { reply, .. }) = rider else {
+        return;
+    };
+    let carried = match answered {
+        Ok(values) if values.len() > own => Ok(Carried {
+            values: values.split_off(own),
+            sent_ms,
+            received_ms: crate::clock::unix_ms() as i64,
+        }),
+        Ok(_) => Err(RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "pipeline answered with the wrong number of replies",
+        ))),
+        Err(err) => Err(err.clone()),
+    };
+    let _ = reply.send(carried);
 }
 
 /// Sends what is queued and answers each. While an earlier batch is
@@ -233,7 +300,11 @@ async fn send<C: Pipelines>(shared: &Shared<C>, queued: Vec<Queued>, slot: Optio
     if ask_node {
         pipe.cmd("CLUSTER").arg("MYID");
     }
-    let expected = replies.len() + usize::from(ask_node);
+    let rider = shared.take_rider();
+    board(&mut pipe, &rider);
+    let own = replies.len() + usize::from(ask_node);
+    let expected = own + rider.as_ref().map_or(0, |rider| rider.cmds.len());
+    let sent_ms = crate::clock::unix_ms() as i64;
     // No lock is held while Redis answers: the next batch may go out
     // meanwhile.
     let mut conn = shared.conn.clone();
@@ -249,6 +320,8 @@ async fn send<C: Pipelines>(shared: &Shared<C>, queued: Vec<Queued>, slot: Optio
             Err(_) => Err(io_error(std::io::ErrorKind::TimedOut)),
         }
     };
+    let mut answered = answered;
+    alight(rider, &mut answered, own, sent_ms);
     match answered {
         Ok(mut values) => {
             let node = if ask_node {
@@ -377,6 +450,40 @@ impl<C: Pipelines> Batched<C> {
     }
 }
 
+impl<C: Pipelines> Batched<C> {
+    /// Sends `cmds` with the next batch or pipeline that goes out on this
+    /// connection; when none does within `wait`, on their own. Their
+    /// replies, with the carrying pipeline's times. For the store's
+    /// upkeep, one rider at a time (a newer one replaces the older, whose
+    /// caller gets an error); on one server's connection only.
+    pub(crate) async fn ride(&self, cmds: Vec<Cmd>, wait: Duration) -> Result<Carried, RedisError> {
+        let (reply, mut answer) = oneshot::channel();
+        let count = cmds.len();
+        *self.shared.rider.lock().unwrap_or_else(|e| e.into_inner()) = Some(Rider { cmds, reply });
+        let gone = || io_error(std::io::ErrorKind::BrokenPipe);
+        if let Ok(carried) = tokio::time::timeout(wait, &mut answer).await {
+            return carried.unwrap_or_else(|_| Err(gone()));
+        }
+        // Nothing went out: the rider goes alone, unless a pipeline took it
+        // just now.
+        let Some(rider) = self.shared.take_rider() else {
+            return answer.await.unwrap_or_else(|_| Err(gone()));
+        };
+        let mut pipe = redis::Pipeline::with_capacity(count);
+        for cmd in rider.cmds {
+            pipe.add_command(cmd);
+        }
+        let sent_ms = crate::clock::unix_ms() as i64;
+        let mut conn = self.shared.conn.clone();
+        let values = conn.req_packed_commands(&pipe, 0, count).await?;
+        Ok(Carried {
+            values,
+            sent_ms,
+            received_ms: crate::clock::unix_ms() as i64,
+        })
+    }
+}
+
 impl<C: Pipelines> ConnectionLike for Batched<C> {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         self.send(cmd.clone())
@@ -389,7 +496,28 @@ impl<C: Pipelines> ConnectionLike for Batched<C> {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         let mut conn = self.shared.conn.clone();
-        Box::pin(async move { conn.req_packed_commands(cmd, offset, count).await })
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            // A transaction's replies come as one: nothing rides with it.
+            let rider = match cmd.is_transaction() {
+                true => None,
+                false => shared.take_rider(),
+            };
+            let Some(rider) = rider else {
+                return conn.req_packed_commands(cmd, offset, count).await;
+            };
+            let mut pipe = redis::Pipeline::with_capacity(cmd.len() + rider.cmds.len());
+            for own in cmd.cmd_iter() {
+                pipe.add_command(own.clone());
+            }
+            let rider = Some(rider);
+            board(&mut pipe, &rider);
+            let sent_ms = crate::clock::unix_ms() as i64;
+            let expected = pipe.len();
+            let mut answered = conn.req_packed_commands(&pipe, 0, expected).await;
+            alight(rider, &mut answered, cmd.len(), sent_ms);
+            answered
+        })
     }
 
     fn get_db(&self) -> i64 {

@@ -241,8 +241,14 @@ struct Live {
 /// server's reading taken as made halfway through the round trip.
 pub(crate) async fn measure_clock<C: ConnectionLike>(conn: &mut C) -> Option<i64> {
     let sent = crate::clock::unix_ms() as i64;
-    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(conn).await.ok()?;
-    let received = crate::clock::unix_ms() as i64;
+    let time = redis::cmd("TIME").query_async(conn).await.ok()?;
+    clock_of(time, sent, crate::clock::unix_ms() as i64)
+}
+
+/// The server's clock against this process's from its reply to `TIME`,
+/// sent at `sent` and answered at `received` (Unix ms, this process's).
+fn clock_of(time: redis::Value, sent: i64, received: i64) -> Option<i64> {
+    let (secs, micros): (i64, i64) = redis::from_redis_value(time).ok()?;
     Some(secs * 1000 + micros / 1000 - (sent + received) / 2)
 }
 
@@ -458,13 +464,16 @@ impl Reconnecting {
 /// before it for longer than this.
 pub(crate) const EPOCH_CHECK: Duration = Duration::from_secs(1);
 
-/// Reads the live connection's epoch every [`EPOCH_CHECK`] while the
-/// store exists; a connection whose server's epoch changed is replaced,
-/// and the next one reads the new epoch. List lookups (`MGET`) never meet
-/// the `READONLY` that tells item lookups of a demotion.
+/// Reads the live connection's epoch, clock and replica count again at
+/// least every [`EPOCH_CHECK`] while the store exists; a connection whose
+/// server's epoch changed is replaced, and the next one reads the new
+/// epoch. List lookups (`MGET`) never meet the `READONLY` that tells item
+/// lookups of a demotion. The reads ride in the pipeline of a request's
+/// command when one goes out within half the period (so a busy
+/// connection spends no round trip of its own on them), else alone.
 async fn check_epochs(shared: std::sync::Weak<Shared>) {
     loop {
-        tokio::time::sleep(EPOCH_CHECK).await;
+        tokio::time::sleep(EPOCH_CHECK / 2).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
@@ -473,20 +482,30 @@ async fn check_epochs(shared: std::sync::Weak<Shared>) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let Some(mut live) = live.filter(|live| !live.epoch.is_empty()) else {
+        let Some(live) = live.filter(|live| !live.epoch.is_empty()) else {
             continue;
         };
-        let mut read = redis::pipe();
-        read.ignore_errors();
-        read.cmd("INFO").arg("server");
-        read.cmd("INFO").arg("replication");
-        let replies = tokio::time::timeout(shared.setup_timeout, async {
-            read.query_async::<Vec<redis::Value>>(&mut live.conn).await
-        })
+        let mut upkeep = vec![redis::cmd("INFO"), redis::cmd("INFO"), redis::cmd("TIME")];
+        upkeep[0].arg("server");
+        upkeep[1].arg("replication");
+        let conn = live.conn.clone();
+        // The store is not kept alive while the rider waits.
+        let setup_timeout = shared.setup_timeout;
+        let weak = Arc::downgrade(&shared);
+        drop(shared);
+        let carried = tokio::time::timeout(
+            EPOCH_CHECK / 2 + setup_timeout,
+            conn.ride(upkeep, EPOCH_CHECK / 2),
+        )
         .await;
-        let Ok(Ok(replies)) = replies else {
+        let Ok(Ok(carried)) = carried else {
             continue;
         };
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        let mut replies = carried.values;
+        let time = (replies.len() == 3).then(|| replies.pop()).flatten();
         if let Some(connected) = connected_replicas(&replies) {
             lock(&shared.replicas).read(connected, false);
         }
@@ -507,8 +526,8 @@ async fn check_epochs(shared: std::sync::Weak<Shared>) {
                 }
             }
         }
-        if let Ok(Some(clock)) =
-            tokio::time::timeout(shared.setup_timeout, measure_clock(&mut live.conn)).await
+        if let Some(clock) =
+            time.and_then(|time| clock_of(time, carried.sent_ms, carried.received_ms))
         {
             shared.clock.store(clock, Ordering::Relaxed);
         }
