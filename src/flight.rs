@@ -25,6 +25,9 @@ pub(crate) enum Landed {
     /// The leader's response cannot be shared (not storable): each waiting
     /// request calls the inner service itself.
     Unshareable,
+    /// The leader's response streams: each waiting request reads it as it
+    /// comes (see `fanout.rs`); the entry, once stored, replaces it.
+    Streaming(std::sync::Arc<crate::fanout::Tee>),
 }
 
 /// What a follower waits for: how the flight landed, or `None` when the
@@ -131,6 +134,12 @@ impl FlightTable {
 }
 
 impl Leader {
+    /// Hands the streamed response to every follower, now and until the
+    /// flight lands.
+    pub(crate) fn stream(&self, tee: std::sync::Arc<crate::fanout::Tee>) {
+        self.sender.send_replace(Some(Landed::Streaming(tee)));
+    }
+
     /// Hands the stored form of the response to every follower.
     pub(crate) fn share(self, entry: Bytes) {
         self.sender.send_replace(Some(Landed::Entry(entry)));

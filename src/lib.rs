@@ -98,6 +98,7 @@ mod clock;
 mod coding;
 mod entry;
 mod error;
+mod fanout;
 mod flight;
 mod handle;
 mod headers;

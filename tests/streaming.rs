@@ -232,7 +232,176 @@ async fn a_stream_the_client_dropped_stores_nothing(backend: Backend) {
     assert_eq!(x_cache, "MISS", "a cut body was stored");
 }
 
+/// A handler streaming `CHUNKS` chunks `apart`, counting its calls and the
+/// chunks it produced so far.
+#[derive(Default)]
+struct Producer {
+    calls: AtomicUsize,
+    produced: AtomicUsize,
+}
+
+fn app_streaming(backend: &Backend, producer: Arc<Producer>, apart: Duration) -> Router {
+    let handler = move || {
+        let producer = producer.clone();
+        async move {
+            producer.calls.fetch_add(1, Ordering::SeqCst);
+            let chunks = futures_util::stream::unfold(0, move |i| {
+                let producer = producer.clone();
+                async move {
+                    if i > CHUNKS {
+                        return None;
+                    }
+                    if i > 0 {
+                        tokio::time::sleep(apart).await;
+                    }
+                    producer.produced.fetch_add(1, Ordering::SeqCst);
+                    let chunk = match i {
+                        0 => "[".to_owned(),
+                        i if i == CHUNKS => format!("{}]", i - 1),
+                        i => format!("{},", i - 1),
+                    };
+                    Some((Ok::<_, std::io::Error>(chunk), i + 1))
+                }
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from_stream(chunks))
+                .unwrap()
+        }
+    };
+    let policy = Policy::builder()
+        .store(backend.store.clone())
+        .route(
+            Route::get("/export/{n}")
+                .key("export:{n}")
+                .ttl(Duration::from_secs(60)),
+        )
+        .build()
+        .unwrap();
+    Router::new()
+        .route("/export/{n}", get(handler))
+        .layer(CacheLayer::new(policy))
+}
+
+/// Eight readers arriving 20 ms apart on a cold key whose handler streams
+/// for 2 s: one handler call; the seven that joined its flight get the
+/// leader's body as it comes (their first chunk while the handler has
+/// most of its body still to produce), each body whole. First-chunk times
+/// are printed, never asserted.
+async fn followers_of_a_streamed_miss_read_it_as_it_comes(backend: Backend) {
+    const READERS: usize = 8;
+    let producer = Arc::new(Producer::default());
+    backend.store.ping().await.unwrap();
+    let app = app_streaming(&backend, producer.clone(), Duration::from_millis(200));
+    let started = Instant::now();
+    let readers: Vec<_> = (0..READERS)
+        .map(|i| {
+            let (app, producer) = (app.clone(), producer.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20) * i as u32).await;
+                let response = tower::ServiceExt::oneshot(app, export_req(1))
+                    .await
+                    .unwrap();
+                let status = response
+                    .headers()
+                    .get("cache-status")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let mut body = response.into_body();
+                let (mut all, mut first) = (Vec::new(), None);
+                while let Some(frame) = body.frame().await {
+                    if let Ok(data) = frame.unwrap().into_data() {
+                        first.get_or_insert_with(|| {
+                            (started.elapsed(), producer.produced.load(Ordering::SeqCst))
+                        });
+                        all.extend_from_slice(&data);
+                    }
+                }
+                (status, first.unwrap(), String::from_utf8(all).unwrap())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for reader in readers {
+        answers.push(reader.await.unwrap());
+    }
+    assert_eq!(producer.calls.load(Ordering::SeqCst), 1, "one handler call");
+    let leader = answers
+        .iter()
+        .position(|(status, ..)| status.contains("detail=streamed"))
+        .expect("a leader");
+    let leader_first = answers[leader].1 .0;
+    let mut lags = Vec::new();
+    for (i, (status, (first, produced), body)) in answers.iter().enumerate() {
+        assert_eq!(*body, whole(), "reader {i}: {status}");
+        if i != leader {
+            assert!(status.contains("collapsed"), "reader {i}: {status}");
+            assert!(
+                *produced < CHUNKS,
+                "reader {i} got its first chunk only once {produced} of {} were produced",
+                CHUNKS + 1
+            );
+            lags.push(first.saturating_sub(leader_first.max(Duration::from_millis(20) * i as u32)));
+        }
+    }
+    eprintln!(
+        "streamed miss, {READERS} readers 20 ms apart, 2 s body: followers' first chunk \
+         {lags:?} after the later of the leader's first chunk and their arrival"
+    );
+}
+
+/// A leader whose client goes away mid-stream cuts its followers' bodies
+/// with an error (never a short body that looks whole), and nothing is
+/// stored: the next read is a miss.
+async fn a_cut_stream_cuts_its_followers_too(backend: Backend) {
+    let producer = Arc::new(Producer::default());
+    backend.store.ping().await.unwrap();
+    let app = app_streaming(&backend, producer.clone(), Duration::from_millis(50));
+    let leader = tower::ServiceExt::oneshot(app.clone(), export_req(2))
+        .await
+        .unwrap();
+    let mut leader = leader.into_body();
+    leader.frame().await.unwrap().unwrap();
+    let mut followers = Vec::new();
+    for _ in 0..3 {
+        let response = tower::ServiceExt::oneshot(app.clone(), export_req(2))
+            .await
+            .unwrap();
+        let status = response.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(status.contains("collapsed"), "{status}");
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap();
+        followers.push(body);
+    }
+    leader.frame().await.unwrap().unwrap();
+    drop(leader);
+    for mut body in followers {
+        let ended = loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(err)) => break Some(err.to_string()),
+                None => break None,
+            }
+        };
+        let err = ended.expect("a follower's body ended as if whole");
+        assert!(err.contains("cut"), "{err}");
+    }
+    assert_eq!(producer.calls.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, x_cache, body) = send(&app, export_req(2)).await;
+    assert_eq!(
+        (x_cache.as_str(), body),
+        ("MISS", whole()),
+        "a cut body was stored"
+    );
+}
+
 backend_tests!(
     a_streamed_miss_reaches_the_client_as_it_comes,
     a_stream_the_client_dropped_stores_nothing,
+    followers_of_a_streamed_miss_read_it_as_it_comes,
+    a_cut_stream_cuts_its_followers_too,
 );

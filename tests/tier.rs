@@ -636,3 +636,95 @@ async fn a_frozen_redis_drops_the_tier() {
     server.resume();
     reader.wait_live().await;
 }
+
+/// Subscribers of `channel` on the server behind `server`.
+async fn subscribers(server: &RedisServer) -> i64 {
+    let (_, count): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(tower_redis_cache::store::DEFAULT_CHANNEL)
+        .query_async(&mut server.raw().await)
+        .await
+        .unwrap();
+    count
+}
+
+/// Reads `/persons/1` on `process` until it shows `revision` (at most
+/// `within`); whether it did.
+async fn shows(process: &Process, revision_wanted: u64, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    while Instant::now() < until {
+        let (_, _, body) = process.get("/persons/1").await;
+        if revision("/persons/1", &body) == revision_wanted {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// A master and its replica, the tier given both (the replica first): it
+/// subscribes on the master, since a replica never hears what its master
+/// publishes, and another process's write reaches it well before the
+/// route's bound. When the two swap roles (a failover), the subscription
+/// moves to the new master and the tier is live again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_tier_subscribes_on_the_master_and_follows_it() {
+    let (first, second) = (RedisServer::start(), RedisServer::start());
+    let replicaof = |of: Option<&RedisServer>| {
+        let mut cmd = redis::cmd("REPLICAOF");
+        match of {
+            Some(master) => cmd.arg("127.0.0.1").arg(master.port),
+            None => cmd.arg("NO").arg("ONE"),
+        };
+        cmd
+    };
+    let _: () = replicaof(Some(&first))
+        .query_async(&mut second.raw().await)
+        .await
+        .unwrap();
+    let client = |server: &RedisServer| redis::Client::open(server.url()).unwrap();
+    let reader_store = RedisStore::builder(first.url())
+        .subscribe_via([client(&second), client(&first)])
+        .build()
+        .unwrap();
+    let db = Db::default();
+    db.set("1", 1);
+    let reader = Process::new(Arc::new(reader_store), &db, BOUND).await;
+    assert_eq!(
+        (subscribers(&first).await, subscribers(&second).await),
+        (1, 0)
+    );
+    let writer = Process::new(
+        Arc::new(RedisStore::builder(first.url()).build().unwrap()),
+        &db,
+        BOUND,
+    )
+    .await;
+    reader.get("/persons/1").await;
+    let (_, status, _) = reader.get("/persons/1").await;
+    assert!(status.contains("in-process"), "{status}");
+    writer.patch("/persons/1").await;
+    assert!(
+        shows(&reader, 2, BOUND / 2).await,
+        "the write reached the reader's tier only through its bound"
+    );
+
+    // The roles swap: the subscription leaves the server that is now a
+    // replica for the new master.
+    let _: () = replicaof(None)
+        .query_async(&mut second.raw().await)
+        .await
+        .unwrap();
+    let _: () = replicaof(Some(&second))
+        .query_async(&mut first.raw().await)
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    while subscribers(&second).await == 0 {
+        assert!(Instant::now() < until, "the subscription never moved");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(subscribers(&first).await, 0);
+    reader.wait_live().await;
+}

@@ -65,9 +65,10 @@ fn store_from_env() -> Result<Named, tower_redis_cache::ConfigError> {
         let master = env("REDIS_SENTINEL_MASTER", "mymaster");
         let source = RedisSource::sentinel(&master, list(&sentinels));
         let mut builder = RedisStore::builder(source).deadline(deadline);
-        // The in-process tier hears invalidations through any server of
-        // the master's replication group (a message published on the
-        // master reaches its replicas too), tried in turn.
+        // The in-process tier hears invalidations on the master only (a
+        // replica never hears what its master publishes): given the whole
+        // replication group, it subscribes on whichever is the master and
+        // follows it through failovers.
         if let Some(urls) = var("REDIS_SUBSCRIBE_URLS") {
             let clients = list(&urls)
                 .into_iter()

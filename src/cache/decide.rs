@@ -188,6 +188,25 @@ impl Ctx {
                 self.why = Some(crate::reason::HandlerCall::Unshareable);
                 Next::Call
             }
+            Some(Landed::Streaming(tee)) if !tee.bound_to(&self.binding) => {
+                self.why = Some(crate::reason::HandlerCall::OtherVariant);
+                Next::Call
+            }
+            // The leader's body streams: read as it comes, from its start
+            // (gone past the cap: the handler answers this one).
+            Some(Landed::Streaming(tee)) => match tee.reader() {
+                Some(reader) => {
+                    let (status, headers) = tee.head();
+                    let mut response = Response::new(ResponseBody::fanned(reader));
+                    *response.status_mut() = status;
+                    *response.headers_mut() = headers;
+                    Next::Serve(self.finish(response, Outcome::Collapsed), None)
+                }
+                None => {
+                    self.why = Some(crate::reason::HandlerCall::Unshareable);
+                    Next::Call
+                }
+            },
             None => match self.rejoin() {
                 Some(wait) => Next::Join(wait),
                 None => Next::Call,

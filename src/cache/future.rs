@@ -549,7 +549,9 @@ where
                             filling.keep(data);
                         }
                     }
-                    ResponseBody::teeing(frames, body, filling)
+                    let read = frames.iter().filter_map(|f| f.data_ref().cloned());
+                    let tee = filling.fan_out(&parts, read);
+                    ResponseBody::teeing(frames, body, filling, tee)
                 }
                 None => ResponseBody::prefixed(frames, None, body),
             };

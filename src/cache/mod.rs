@@ -160,7 +160,7 @@ mod stream;
 mod verify;
 
 pub use crate::headers::X_CACHE;
-pub use body::ResponseBody;
+pub use body::{BodyError, ResponseBody};
 pub use future::ResponseFuture;
 pub use layer::CacheLayer;
 pub use service::Cache;

@@ -250,7 +250,9 @@ impl Ctx {
         };
         let (parts, body) = response.into_parts();
         let body = match filling {
-            Some(filling) => ResponseBody::teeing(Default::default(), Box::pin(body), filling),
+            Some(filling) => {
+                ResponseBody::teeing(Default::default(), Box::pin(body), filling, None)
+            }
             None => ResponseBody::inner(body),
         };
         self.finish(Response::from_parts(parts, body), Outcome::Hedged)

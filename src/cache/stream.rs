@@ -7,8 +7,9 @@
 //! the entry, stored when the body ends, has its ETag for every hit. A
 //! body that runs over the cap, ends with trailers or fails is not stored,
 //! and neither is one whose client went away before its end. Misses of this
-//! process waiting on the flight get the entry when it is stored, or call
-//! the inner service themselves when it is not.
+//! process waiting on the flight read the body as it comes (see
+//! `fanout.rs`), or, for a body in a coding, get the entry when it is
+//! stored, or call the inner service themselves when it is not.
 
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,30 @@ pub(crate) struct Filling {
 }
 
 impl Filling {
+    /// The followers' end of this streamed body, announced to the flight
+    /// this request leads (`data`: what was read already). `None` when it
+    /// leads none, or when the body is in a coding, which a follower may
+    /// not accept (they then wait for the entry, as before).
+    pub(crate) fn fan_out(
+        &self,
+        parts: &http::response::Parts,
+        read: impl Iterator<Item = Bytes>,
+    ) -> Option<crate::fanout::TeeWriter> {
+        let leader = self.leader.as_ref()?;
+        if parts.headers.contains_key(http::header::CONTENT_ENCODING) {
+            return None;
+        }
+        let (tee, writer) = crate::fanout::Tee::new(
+            parts.status,
+            parts.headers.clone(),
+            self.binding,
+            self.cap,
+            read,
+        );
+        leader.stream(tee);
+        Some(writer)
+    }
+
     /// Keeps a copy of `data`; false (and nothing is stored) once the body
     /// runs over the cap.
     pub(crate) fn keep(&mut self, data: &Bytes) -> bool {

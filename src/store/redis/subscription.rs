@@ -6,6 +6,13 @@
 //! dedicated pub/sub connection: it reports each message, pings every
 //! second, and on any failure reports the subscription lost (the tier drops
 //! everything) before it subscribes again.
+//!
+//! Outside a cluster, `PUBLISH` reaches the subscribers of the server it
+//! runs on only: a replica never hears what its master publishes. So the
+//! subscription is made on a master only (a replica among the servers is
+//! passed over), and a server that stops being one (a failover, a
+//! `REPLICAOF`) is noticed at the next ping and left for the one that is.
+//! On a cluster every node hears every message.
 
 #![cfg_attr(not(feature = "tier"), allow(dead_code, unused_imports))]
 
@@ -67,13 +74,25 @@ pub(crate) fn task(
             let client = &clients[turn % clients.len()];
             turn += 1;
             let subscribed = tokio::time::timeout(WITHIN, async {
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                if !hears_publishes(&mut conn).await? {
+                    return Ok(None);
+                }
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&*channel).await?;
-                Ok::<_, redis::RedisError>(pubsub.split())
+                let (sink, stream) = pubsub.split();
+                Ok::<_, redis::RedisError>(Some((sink, stream, conn)))
             })
             .await;
             match subscribed {
-                Ok(Ok((sink, stream))) => {
+                // A replica: the next server.
+                Ok(Ok(None)) => {
+                    tracing::debug!(
+                        server = %client.get_connection_info().addr(),
+                        "in-process tier: not a master, its publishes are not heard here"
+                    );
+                }
+                Ok(Ok(Some((sink, stream, conn)))) => {
                     if !watcher.live() {
                         return;
                     }
@@ -81,7 +100,7 @@ pub(crate) fn task(
                         channel = &*channel,
                         "in-process tier on: subscribed to invalidations"
                     );
-                    let why = listen(sink, stream, &watcher).await;
+                    let why = listen(sink, stream, conn, &watcher).await;
                     if !watcher.lost() {
                         return;
                     }
@@ -111,16 +130,46 @@ pub(crate) fn task(
 enum Event {
     Message(Option<redis::Msg>),
     Tick,
-    Pinged(bool),
+    /// The ping's outcome: `None` failed, else whether the server still
+    /// hears publishes.
+    Pinged(Option<bool>),
 }
 
 #[cfg(feature = "tier")]
-type Ping = Pin<Box<dyn Future<Output = bool> + Send>>;
+type Ping = Pin<Box<dyn Future<Output = Option<bool>> + Send>>;
 
-/// Reports messages until the connection ends, a ping fails or the tier is
-/// gone; returns why it stopped.
+/// Whether the server on `conn` hears what the invalidation script
+/// publishes: a master, or any node of a cluster. A user who may not run
+/// `INFO` is believed to be on one.
 #[cfg(feature = "tier")]
-async fn listen(sink: PubSubSink, mut stream: PubSubStream, watcher: &Watcher) -> &'static str {
+async fn hears_publishes(conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<bool> {
+    let mut read = redis::pipe();
+    read.ignore_errors();
+    read.cmd("INFO").arg("replication");
+    read.cmd("INFO").arg("cluster");
+    let replies: Vec<redis::Value> = read.query_async(conn).await?;
+    let text = |value: Option<&redis::Value>| match value {
+        Some(redis::Value::BulkString(info)) => Some(String::from_utf8_lossy(info).into_owned()),
+        Some(redis::Value::VerbatimString { text, .. }) => Some(text.clone()),
+        _ => None,
+    };
+    Ok(match (text(replies.first()), text(replies.get(1))) {
+        (_, Some(cluster)) if cluster.contains("cluster_enabled:1") => true,
+        (Some(replication), _) => replication.contains("role:master"),
+        // Refused (`NOPERM`): as before the check.
+        (None, _) => true,
+    })
+}
+
+/// Reports messages until the connection ends, a ping fails, the server
+/// stops being a master or the tier is gone; returns why it stopped.
+#[cfg(feature = "tier")]
+async fn listen(
+    sink: PubSubSink,
+    mut stream: PubSubStream,
+    conn: redis::aio::MultiplexedConnection,
+    watcher: &Watcher,
+) -> &'static str {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ping: Option<Ping> = None;
@@ -144,14 +193,18 @@ async fn listen(sink: PubSubSink, mut stream: PubSubStream, watcher: &Watcher) -
             Event::Message(None) => return "connection closed",
             Event::Tick if !watcher.wanted() => return "tier gone",
             Event::Tick => {
-                let mut sink = sink.clone();
+                let (mut sink, mut conn) = (sink.clone(), conn.clone());
                 ping = Some(Box::pin(async move {
-                    let pong = tokio::time::timeout(WITHIN, sink.ping::<redis::Value>());
-                    matches!(pong.await, Ok(Ok(_)))
+                    let checked = tokio::time::timeout(WITHIN, async {
+                        sink.ping::<redis::Value>().await.ok()?;
+                        hears_publishes(&mut conn).await.ok()
+                    });
+                    checked.await.ok().flatten()
                 }));
             }
-            Event::Pinged(true) => ping = None,
-            Event::Pinged(false) => return "ping failed",
+            Event::Pinged(Some(true)) => ping = None,
+            Event::Pinged(Some(false)) => return "the server is no longer a master",
+            Event::Pinged(None) => return "ping failed",
         }
     }
 }

@@ -303,7 +303,7 @@ where
     let layer = CacheLayer::new(policy);
     BoxCloneService::new(
         ServiceBuilder::new().layer(layer).service(base)
-            .map_response(|r| r.map(|b| b.map_err(|x: Infallible| -> E { match x {} }).boxed_unsync()))
+            .map_response(|r| r.map(|b| b.map_err(e).boxed_unsync()))
             .map_err(|x: Infallible| -> E { match x {} }),
     )
 }
