@@ -109,6 +109,12 @@ pub(crate) mod sealed {
         fn is_cluster(&self) -> bool {
             false
         }
+
+        /// The server (`host:port`) the live connection is on, when the
+        /// source knows it: where an in-process tier must hear publishes.
+        fn server(&self) -> Option<String> {
+            None
+        }
     }
 }
 
@@ -591,6 +597,12 @@ impl sealed::Source for Reconnecting {
     fn live(&self) -> Option<(Batched<MultiplexedConnection>, Epoch, u64)> {
         self.current()
             .map(|live| (live.conn, live.epoch, live.generation))
+    }
+
+    fn server(&self) -> Option<String> {
+        lock(&self.inner.live)
+            .as_ref()
+            .map(|live| live.server.clone())
     }
 
     fn persistence(&self) -> Option<&'static str> {

@@ -548,7 +548,14 @@ impl<C: Connect> Store for RedisStore<C> {
         if link.channel.is_empty() || link.subscribe_via.is_empty() {
             return None;
         }
-        subscription::task(link.subscribe_via.clone(), link.channel.clone(), watcher)
+        let source = link.source.clone();
+        let master = std::sync::Arc::new(move || connection::sealed::Source::server(&source));
+        subscription::task(
+            link.subscribe_via.clone(),
+            link.channel.clone(),
+            master,
+            watcher,
+        )
     }
 
     fn health(&self) -> StoreHealth {

@@ -10,9 +10,13 @@
 //! Outside a cluster, `PUBLISH` reaches the subscribers of the server it
 //! runs on only: a replica never hears what its master publishes. So the
 //! subscription is made on a master only (a replica among the servers is
-//! passed over), and a server that stops being one (a failover, a
-//! `REPLICAOF`) is noticed at the next ping and left for the one that is.
-//! On a cluster every node hears every message.
+//! passed over), on the very server the store's connection is on when it
+//! is among them (after a Sentinel failover the old master may still call
+//! itself one for seconds, while writes go to the new one), and a server
+//! that stops being the master (a failover, a `REPLICAOF`, the store's
+//! connection moving elsewhere) is noticed at the next ping and left for
+//! the one that is. The tier is off, its entries dropped, in between. On a
+//! cluster every node hears every message.
 
 #![cfg_attr(not(feature = "tier"), allow(dead_code, unused_imports))]
 
@@ -38,6 +42,11 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 /// How long a ping, a connection or a subscription may take.
 const WITHIN: Duration = Duration::from_secs(1);
 
+/// How often the store's connection is checked for a move to another
+/// master (an in-memory read): the tier drops what it holds this soon
+/// after the store's connection left the server it heard.
+const MOVE_CHECK: Duration = Duration::from_millis(50);
+
 /// The pause before subscribing again.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
@@ -54,24 +63,52 @@ pub(crate) fn published_keys(payload: &[u8]) -> impl Iterator<Item = &str> {
     })
 }
 
+/// The server (`host:port`) the store's connection is on, when known.
+pub(crate) type Master = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Without the tier, nothing subscribes.
 #[cfg(not(feature = "tier"))]
-pub(crate) fn task(_: Arc<[redis::Client]>, _: Arc<str>, _: Watcher) -> Option<WatchTask> {
+pub(crate) fn task(
+    _: Arc<[redis::Client]>,
+    _: Arc<str>,
+    _: Master,
+    _: Watcher,
+) -> Option<WatchTask> {
     None
 }
 
+/// `client`'s server as `host:port`.
+fn address(client: &redis::Client) -> String {
+    client.get_connection_info().addr().to_string()
+}
+
 /// The task that keeps `watcher` told, over a subscription to `channel`
-/// on one of `clients` (tried in turn), until the tier is gone.
+/// on one of `clients` (the one `master` names first, else tried in turn),
+/// until the tier is gone.
 #[cfg(feature = "tier")]
 pub(crate) fn task(
     clients: Arc<[redis::Client]>,
     channel: Arc<str>,
+    master: Master,
     watcher: Watcher,
 ) -> Option<WatchTask> {
     Some(Box::pin(async move {
         let mut turn = 0;
+        // The server the store is on was tried and is not a master (a
+        // store pinned to a demoted server): the others are, in turn.
+        let mut passed_named = false;
         while watcher.wanted() && !clients.is_empty() {
-            let client = &clients[turn % clients.len()];
+            // The server the store is on, when it is among the clients.
+            let named = master()
+                .filter(|named| clients.iter().any(|c| address(c) == *named))
+                .filter(|_| !std::mem::take(&mut passed_named));
+            let client = match &named {
+                Some(named) => clients
+                    .iter()
+                    .find(|c| address(c) == *named)
+                    .unwrap_or(&clients[0]),
+                None => &clients[turn % clients.len()],
+            };
             turn += 1;
             let subscribed = tokio::time::timeout(WITHIN, async {
                 let mut conn = client.get_multiplexed_async_connection().await?;
@@ -87,6 +124,7 @@ pub(crate) fn task(
             match subscribed {
                 // A replica: the next server.
                 Ok(Ok(None)) => {
+                    passed_named = named.is_some();
                     tracing::debug!(
                         server = %client.get_connection_info().addr(),
                         "in-process tier: not a master, its publishes are not heard here"
@@ -100,7 +138,14 @@ pub(crate) fn task(
                         channel = &*channel,
                         "in-process tier on: subscribed to invalidations"
                     );
-                    let why = listen(sink, stream, conn, &watcher).await;
+                    // Moved: the store's connection is on another of the
+                    // servers (one it was not on, or not connected, when
+                    // this subscription was made).
+                    let on = address(client);
+                    let moved = || {
+                        master().is_some_and(|m| m != on && clients.iter().any(|c| address(c) == m))
+                    };
+                    let why = listen(sink, stream, conn, &moved, &watcher).await;
                     if !watcher.lost() {
                         return;
                     }
@@ -129,6 +174,7 @@ pub(crate) fn task(
 #[cfg(feature = "tier")]
 enum Event {
     Message(Option<redis::Msg>),
+    Moved,
     Tick,
     /// The ping's outcome: `None` failed, else whether the server still
     /// hears publishes.
@@ -168,15 +214,21 @@ async fn listen(
     sink: PubSubSink,
     mut stream: PubSubStream,
     conn: redis::aio::MultiplexedConnection,
+    moved: &(dyn Fn() -> bool + Sync),
     watcher: &Watcher,
 ) -> &'static str {
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut moves = tokio::time::interval(MOVE_CHECK);
+    moves.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ping: Option<Ping> = None;
     loop {
         let event = std::future::poll_fn(|cx| {
             if let Poll::Ready(message) = Pin::new(&mut stream).poll_next(cx) {
                 return Poll::Ready(Event::Message(message));
+            }
+            if moves.poll_tick(cx).is_ready() && moved() {
+                return Poll::Ready(Event::Moved);
             }
             match ping.as_mut() {
                 Some(ping) => ping.as_mut().poll(cx).map(Event::Pinged),
@@ -192,6 +244,8 @@ async fn listen(
             }
             Event::Message(None) => return "connection closed",
             Event::Tick if !watcher.wanted() => return "tier gone",
+            // The store's connection moved to another of the servers.
+            Event::Moved => return "the store's connection moved to another master",
             Event::Tick => {
                 let (mut sink, mut conn) = (sink.clone(), conn.clone());
                 ping = Some(Box::pin(async move {
