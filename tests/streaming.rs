@@ -22,27 +22,37 @@ use tower_redis_cache::{CacheLayer, Policy, Route};
 const CHUNKS: usize = 10;
 const APART: Duration = Duration::from_millis(50);
 
-/// `[0,1,…]` as JSON, one element per chunk, `APART` between chunks.
-fn export(calls: Arc<AtomicUsize>) -> Response<Body> {
-    calls.fetch_add(1, Ordering::SeqCst);
-    let chunks = futures_util::stream::unfold(0, |i| async move {
-        if i > CHUNKS {
-            return None;
+/// `[0,1,…]` as JSON, one element per chunk, `apart` between chunks;
+/// `produced` runs as each chunk is made.
+fn chunked(apart: Duration, produced: impl Fn() + Clone + Send + Sync + 'static) -> Response<Body> {
+    let chunks = futures_util::stream::unfold(0, move |i| {
+        let produced = produced.clone();
+        async move {
+            if i > CHUNKS {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(apart).await;
+            }
+            produced();
+            let chunk = match i {
+                0 => "[".to_owned(),
+                i if i == CHUNKS => format!("{}]", i - 1),
+                i => format!("{},", i - 1),
+            };
+            Some((Ok::<_, std::io::Error>(chunk), i + 1))
         }
-        if i > 0 {
-            tokio::time::sleep(APART).await;
-        }
-        let chunk = match i {
-            0 => "[".to_owned(),
-            i if i == CHUNKS => format!("{}]", i - 1),
-            i => format!("{},", i - 1),
-        };
-        Some((Ok::<_, std::io::Error>(chunk), i + 1))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from_stream(chunks))
         .unwrap()
+}
+
+/// The export, `APART` between chunks, its calls counted.
+fn export(calls: Arc<AtomicUsize>) -> Response<Body> {
+    calls.fetch_add(1, Ordering::SeqCst);
+    chunked(APART, || {})
 }
 
 fn whole() -> String {
@@ -51,10 +61,17 @@ fn whole() -> String {
 }
 
 fn app(backend: &Backend, calls: Arc<AtomicUsize>) -> Router {
-    let handler = move || {
-        let calls = calls.clone();
-        async move { export(calls) }
-    };
+    cached(
+        backend,
+        get(move || {
+            let calls = calls.clone();
+            async move { export(calls) }
+        }),
+    )
+}
+
+/// `/export/{n}` served by `handler`, cached 60 s under `export:{n}`.
+fn cached(backend: &Backend, handler: axum::routing::MethodRouter) -> Router {
     let policy = Policy::builder()
         .store(backend.store.clone())
         .route(
@@ -65,7 +82,7 @@ fn app(backend: &Backend, calls: Arc<AtomicUsize>) -> Router {
         .build()
         .unwrap();
     Router::new()
-        .route("/export/{n}", get(handler))
+        .route("/export/{n}", handler)
         .layer(CacheLayer::new(policy))
 }
 
@@ -241,46 +258,18 @@ struct Producer {
 }
 
 fn app_streaming(backend: &Backend, producer: Arc<Producer>, apart: Duration) -> Router {
-    let handler = move || {
-        let producer = producer.clone();
-        async move {
-            producer.calls.fetch_add(1, Ordering::SeqCst);
-            let chunks = futures_util::stream::unfold(0, move |i| {
-                let producer = producer.clone();
-                async move {
-                    if i > CHUNKS {
-                        return None;
-                    }
-                    if i > 0 {
-                        tokio::time::sleep(apart).await;
-                    }
+    cached(
+        backend,
+        get(move || {
+            let producer = producer.clone();
+            async move {
+                producer.calls.fetch_add(1, Ordering::SeqCst);
+                chunked(apart, move || {
                     producer.produced.fetch_add(1, Ordering::SeqCst);
-                    let chunk = match i {
-                        0 => "[".to_owned(),
-                        i if i == CHUNKS => format!("{}]", i - 1),
-                        i => format!("{},", i - 1),
-                    };
-                    Some((Ok::<_, std::io::Error>(chunk), i + 1))
-                }
-            });
-            Response::builder()
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from_stream(chunks))
-                .unwrap()
-        }
-    };
-    let policy = Policy::builder()
-        .store(backend.store.clone())
-        .route(
-            Route::get("/export/{n}")
-                .key("export:{n}")
-                .ttl(Duration::from_secs(60)),
-        )
-        .build()
-        .unwrap();
-    Router::new()
-        .route("/export/{n}", get(handler))
-        .layer(CacheLayer::new(policy))
+                })
+            }
+        }),
+    )
 }
 
 /// Eight readers arriving 20 ms apart on a cold key whose handler streams
