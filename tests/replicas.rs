@@ -113,16 +113,8 @@ async fn named_master(sentinel: u16) -> Option<u16> {
     addr.get(1)?.parse().ok()
 }
 
-/// Two processes on a store that follows Sentinel (one master, one
-/// replica, one sentinel on loopback): a writer on one, readers of the item
-/// and the list on the other, while Sentinel fails the master over mid-run.
-/// Every answer is a 200, and a read that starts after a write returned
-/// shows it; once the new master serves, hits come back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
-async fn a_sentinel_failover_mid_run_leaves_every_answer_correct() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
+/// One master, one replica synced to it, and a Sentinel that knows both.
+async fn sentinel_pair() -> (RedisServer, RedisServer, common::Sentinel) {
     let (master, replica) = (RedisServer::start(), RedisServer::start());
     command(
         replica.port,
@@ -139,16 +131,119 @@ async fn a_sentinel_failover_mid_run_leaves_every_answer_correct() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let store = || -> Arc<dyn Store> {
-        Arc::new(
-            RedisStore::builder(tower_redis_cache::store::RedisSource::sentinel(
-                "mymaster",
-                [sentinel.url()],
-            ))
-            .build()
-            .unwrap(),
-        )
-    };
+    (master, replica, sentinel)
+}
+
+/// A store over the master `sentinel` names.
+fn sentinel_store(sentinel: &common::Sentinel) -> Arc<dyn Store> {
+    Arc::new(
+        RedisStore::builder(tower_redis_cache::store::RedisSource::sentinel(
+            "mymaster",
+            [sentinel.url()],
+        ))
+        .build()
+        .unwrap(),
+    )
+}
+
+/// The role (`master`, `slave`) the server at `port` reports.
+async fn role(port: u16) -> String {
+    let info = command(port, &["INFO", "replication"]).await;
+    let info: String = redis::from_redis_value(info).unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("role:"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// Asks Sentinel to fail its master over to the server at `to` (it refuses
+/// while the previous failover is still ending) and waits until it names it.
+async fn fail_over(sentinel: u16, to: u16) {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{sentinel}/"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for _ in 0..250 {
+        let asked: redis::RedisResult<redis::Value> = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg("mymaster")
+            .query_async(&mut conn)
+            .await;
+        if asked.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..500 {
+        if named_master(sentinel).await == Some(to) && role(to).await == "master" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("Sentinel never failed over to {to}");
+}
+
+/// Two Sentinel failovers a few seconds apart: B is promoted, and before
+/// Sentinel demotes A (it waits 8 s for that) A is promoted back. A never
+/// changed (same `run_id`, same `master_replid`) and still holds the entry
+/// of the item from before the write, whose purge went to B. Sentinel's
+/// configuration epoch, part of every entry's epoch over Sentinel, is what
+/// changed: the item is read fresh after the second failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_master_failed_over_and_back_before_its_demotion_serves_nothing_from_before() {
+    let (a, b, sentinel) = sentinel_pair().await;
+    let db = Db::default();
+    db.set("1", 0);
+    let (writer, _) = app(sentinel_store(&sentinel), db.clone());
+    let (reader, _) = app(sentinel_store(&sentinel), db.clone());
+    let item = "/persons/1";
+    send(&reader, get_req(item)).await;
+    assert_eq!(send(&reader, get_req(item)).await.1, "HIT", "kept on A");
+
+    fail_over(sentinel.port, b.port).await;
+    // Each store asks Sentinel every second: the writer is on B after that.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, cache_status, _) =
+        send_reading(&writer, method_req("PATCH", item), "cache-status").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        cache_status.contains("detail=invalidated"),
+        "the write's purge reached B: {cache_status}"
+    );
+    assert_eq!(
+        role(a.port).await,
+        "master",
+        "Sentinel demoted A already: the case under test did not arise"
+    );
+
+    fail_over(sentinel.port, a.port).await;
+    let last = db.revisions.lock().unwrap()["1"];
+    let began = tokio::time::Instant::now();
+    let mut stale = 0;
+    while began.elapsed() < Duration::from_secs(3) {
+        let (code, _, body) = send(&reader, get_req(item)).await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        stale += usize::from(revision(item, &body) < last);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stale, 0, "reads of the item from before the write");
+}
+
+/// Two processes on a store that follows Sentinel (one master, one
+/// replica, one sentinel on loopback): a writer on one, readers of the item
+/// and the list on the other, while Sentinel fails the master over mid-run.
+/// Every answer is a 200, and a read that starts after a write returned
+/// shows it; once the new master serves, hits come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_sentinel_failover_mid_run_leaves_every_answer_correct() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let (_master, replica, sentinel) = sentinel_pair().await;
+    let store = || sentinel_store(&sentinel);
     let db = Db::default();
     db.set("1", 0);
     let (writer, _) = app(store(), db.clone());

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 #[cfg(feature = "cluster")]
 use super::cluster::ClusterSource;
-use super::connection::{self, Connect, Reconnecting};
+use super::connection::{Connect, Reconnecting};
 use super::lookups::SeenVersions;
+use super::target::Target;
 use super::{scripts, Link, RedisStore, DEFAULT_CHANNEL, DEFAULT_DEADLINE, DEFAULT_WRITE_DEADLINE};
 use crate::error::ConfigError;
 use crate::store::resilient::{BreakerConfig, ReplayConfig, Resilient};
@@ -68,7 +69,7 @@ impl RedisSource<Reconnecting> {
         Self {
             subscribe_via: vec![client.clone()],
             conn: Ok(Reconnecting::new(
-                connection::Target::Server(client),
+                Target::Server(client),
                 Duration::from_secs(1),
                 scripts::scripts(),
             )),
@@ -114,7 +115,7 @@ impl RedisSource<Reconnecting> {
     pub fn sentinel_client(client: redis::sentinel::SentinelClient) -> Self {
         Self {
             conn: Ok(Reconnecting::new(
-                connection::Target::Sentinel(tokio::sync::Mutex::new(client)),
+                Target::Sentinel(super::target::sentinel::SentinelTarget::new(client)),
                 Duration::from_secs(1),
                 scripts::scripts(),
             )),

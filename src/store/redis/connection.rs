@@ -30,6 +30,12 @@ use tokio::sync::watch;
 use super::batch::Batched;
 use super::errors::{backend, refusal};
 use super::replicas::{connected_replicas, Replicas};
+use super::target::{Standing, Target};
+
+mod upkeep;
+
+pub(crate) use self::upkeep::EPOCH_CHECK;
+use self::upkeep::{check_epochs, measure_clock};
 use crate::store::StoreError;
 
 /// What a connection reports about the server it talks to: its `run_id`,
@@ -192,33 +198,6 @@ impl std::fmt::Debug for Reconnecting {
     }
 }
 
-/// Where each connection attempt goes.
-pub(crate) enum Target {
-    /// One server.
-    Server(redis::Client),
-    /// The master Sentinel names at the time of the attempt; a server
-    /// that is not a master (Sentinel's view lags a failover) fails it.
-    #[cfg(feature = "sentinel")]
-    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
-}
-
-impl Target {
-    /// The client of the server to connect to now.
-    async fn client(&self) -> redis::RedisResult<redis::Client> {
-        match self {
-            Self::Server(client) => Ok(client.clone()),
-            #[cfg(feature = "sentinel")]
-            Self::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
-        }
-    }
-
-    /// Whether a connection must reach a master (a replica serves no
-    /// lookup: they write leases).
-    fn needs_master(&self) -> bool {
-        !matches!(self, Self::Server(_))
-    }
-}
-
 /// After a failed connection attempt, operations fail at once for this
 /// long instead of starting another.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
@@ -237,25 +216,12 @@ struct Live {
     /// The server it is connected to (`host:port`).
     server: String,
     epoch: Epoch,
+    /// Sentinel's failover count for the master, folded into `epoch`.
+    failovers: Option<u64>,
     generation: u64,
     persistence: Option<&'static str>,
     /// The guarantee this connection cannot keep, if any.
     degraded: Option<&'static str>,
-}
-
-/// The server's clock against this process's: `TIME` on `conn`, the
-/// server's reading taken as made halfway through the round trip.
-pub(crate) async fn measure_clock<C: ConnectionLike>(conn: &mut C) -> Option<i64> {
-    let sent = crate::clock::unix_ms() as i64;
-    let time = redis::cmd("TIME").query_async(conn).await.ok()?;
-    clock_of(time, sent, crate::clock::unix_ms() as i64)
-}
-
-/// The server's clock against this process's from its reply to `TIME`,
-/// sent at `sent` and answered at `received` (Unix ms, this process's).
-fn clock_of(time: redis::Value, sent: i64, received: i64) -> Option<i64> {
-    let (secs, micros): (i64, i64) = redis::from_redis_value(time).ok()?;
-    Some(secs * 1000 + micros / 1000 - (sent + received) / 2)
 }
 
 /// The epoch stamped on entries for a server that tells `lifetime`.
@@ -265,11 +231,13 @@ fn epoch_of(lifetime: &str) -> Epoch {
 }
 
 /// The epoch of the server whose `INFO server` and `INFO replication`
-/// read `server` and `replication`: its lifetime and its dataset's history.
-/// A restart changes the first, a promotion or a full resync the second.
+/// read `server` and `replication`: its lifetime and its dataset's history,
+/// and over Sentinel the `failovers` behind it (see `target.rs`).
+/// A restart changes the first, a promotion or a full resync the second,
+/// every Sentinel failover the third.
 /// Every entry carries it, and every hit reads it back: the first 12 bytes
 /// of its SHA-256 stand for the 81 of `run_id.replid`.
-fn epoch_from(server: &str, replication: &str) -> Epoch {
+fn epoch_from(server: &str, replication: &str, failovers: Option<u64>) -> Epoch {
     let field = |info: &str, name: &str| {
         info.lines()
             .find_map(|line| line.strip_prefix(name))
@@ -279,7 +247,10 @@ fn epoch_from(server: &str, replication: &str) -> Epoch {
         field(server, "run_id:"),
         field(replication, "master_replid:"),
     ) {
-        (Some(run), Some(replid)) => epoch_of(&format!("{run}.{replid}")),
+        (Some(run), Some(replid)) => match failovers {
+            Some(failovers) => epoch_of(&format!("{run}.{replid}.{failovers}")),
+            None => epoch_of(&format!("{run}.{replid}")),
+        },
         (Some(run), None) => epoch_of(&run),
         _ => Epoch::new(),
     }
@@ -302,9 +273,12 @@ fn is_master(replies: &[redis::Value]) -> bool {
     }
 }
 
-/// The epoch in the replies to `INFO server` and `INFO replication`;
-/// `None` when the user may not run `INFO`.
-fn read_epoch(replies: Vec<redis::Value>) -> Result<Option<Epoch>, StoreError> {
+/// The epoch in the replies to `INFO server` and `INFO replication`, with
+/// Sentinel's `failovers`; `None` when the user may not run `INFO`.
+fn read_epoch(
+    replies: Vec<redis::Value>,
+    failovers: Option<u64>,
+) -> Result<Option<Epoch>, StoreError> {
     let mut texts = Vec::with_capacity(2);
     for reply in replies {
         match refusal(Ok(reply)) {
@@ -317,7 +291,7 @@ fn read_epoch(replies: Vec<redis::Value>) -> Result<Option<Epoch>, StoreError> {
         }
     }
     match texts.as_slice() {
-        [server, replication] => Ok(Some(epoch_from(server, replication))),
+        [server, replication] => Ok(Some(epoch_from(server, replication, failovers))),
         _ => Err(StoreError::Backend("INFO answered nothing".to_owned())),
     }
 }
@@ -409,9 +383,26 @@ impl Reconnecting {
                 "Sentinel named a server that is not a master (yet)".to_owned(),
             ));
         }
+        // Read after the server said it is a master: the count is at least
+        // that of its promotion.
+        let standing = tokio::time::timeout(
+            self.inner.setup_timeout,
+            self.inner.target.standing(&server),
+        )
+        .await;
+        let failovers = match standing {
+            Ok(Ok(Standing::Master { failovers })) => failovers,
+            Ok(Ok(Standing::Replaced)) => {
+                return Err(StoreError::Unreachable(
+                    "Sentinel no longer names this server its master".to_owned(),
+                ))
+            }
+            Ok(Err(err)) => return Err(backend(err)),
+            Err(_) => return Err(StoreError::Timeout),
+        };
         let connected = connected_replicas(&replies).unwrap_or(0);
         lock(&self.inner.replicas).read(connected, true);
-        let epoch = match read_epoch(replies)? {
+        let epoch = match read_epoch(replies, failovers)? {
             Some(epoch) => epoch,
             None => {
                 tracing::warn!("{NO_EPOCH}");
@@ -435,6 +426,7 @@ impl Reconnecting {
             persistence,
             degraded: epoch.is_empty().then_some(NO_EPOCH),
             epoch,
+            failovers,
         })
     }
 
@@ -461,92 +453,6 @@ impl Reconnecting {
             }
         };
         done.send_replace(Some(outcome));
-    }
-}
-
-/// How often a live connection's server epoch is read again: a master
-/// demoted in place (made a replica of another server without closing our
-/// connection, as a proxy or a DNS flip does) serves nothing written
-/// before it for longer than this.
-pub(crate) const EPOCH_CHECK: Duration = Duration::from_secs(1);
-
-/// Reads the live connection's epoch, clock and replica count again at
-/// least every [`EPOCH_CHECK`] while the store exists; a connection whose
-/// server's epoch changed is replaced, and the next one reads the new
-/// epoch. List lookups (`MGET`) never meet the `READONLY` that tells item
-/// lookups of a demotion. The reads ride in the pipeline of a request's
-/// command when one goes out within half the period (so a busy
-/// connection spends no round trip of its own on them), else alone.
-async fn check_epochs(shared: std::sync::Weak<Shared>) {
-    loop {
-        tokio::time::sleep(EPOCH_CHECK / 2).await;
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        let live = shared
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let Some(live) = live.filter(|live| !live.epoch.is_empty()) else {
-            continue;
-        };
-        let mut upkeep = vec![redis::cmd("INFO"), redis::cmd("INFO"), redis::cmd("TIME")];
-        upkeep[0].arg("server");
-        upkeep[1].arg("replication");
-        let conn = live.conn.clone();
-        // The store is not kept alive while the rider waits.
-        let setup_timeout = shared.setup_timeout;
-        let weak = Arc::downgrade(&shared);
-        drop(shared);
-        let carried = tokio::time::timeout(
-            EPOCH_CHECK / 2 + setup_timeout,
-            conn.ride(upkeep, EPOCH_CHECK / 2),
-        )
-        .await;
-        let Ok(Ok(carried)) = carried else {
-            continue;
-        };
-        let Some(shared) = weak.upgrade() else {
-            return;
-        };
-        let mut replies = carried.values;
-        let time = (replies.len() == 3).then(|| replies.pop()).flatten();
-        if let Some(connected) = connected_replicas(&replies) {
-            lock(&shared.replicas).read(connected, false);
-        }
-        if shared.target.needs_master() {
-            // Sentinel may have promoted another server while this one still
-            // answers as a master (its demotion comes later): move now.
-            let named = tokio::time::timeout(shared.setup_timeout, shared.target.client()).await;
-            if let Ok(Ok(client)) = named {
-                let named = client.get_connection_info().addr().to_string();
-                if named != live.server {
-                    tracing::warn!(
-                        from = %live.server,
-                        to = %named,
-                        "Sentinel names another master: reconnecting"
-                    );
-                    drop_live(&shared, live.generation);
-                    continue;
-                }
-            }
-        }
-        if let Some(clock) =
-            time.and_then(|time| clock_of(time, carried.sent_ms, carried.received_ms))
-        {
-            shared.clock.store(clock, Ordering::Relaxed);
-        }
-        match read_epoch(replies) {
-            Ok(Some(epoch)) if epoch != live.epoch => {
-                tracing::warn!(
-                    "the Redis server's epoch changed under a live connection (a demotion \
-                     or a failover): entries written before it are no longer served"
-                );
-                drop_live(&shared, live.generation);
-            }
-            _ => {}
-        }
     }
 }
 

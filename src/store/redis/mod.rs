@@ -24,6 +24,7 @@ mod lookups;
 mod replicas;
 mod scripts;
 mod subscription;
+mod target;
 #[cfg(test)]
 mod tests;
 
