@@ -82,6 +82,10 @@ pub(crate) struct Leader {
     flights: Flights,
     name: String,
     sender: watch::Sender<Option<Landed>>,
+    /// The flight landed with an entry: it stays listed, landed, until the
+    /// leader is dropped (its write done), so a request whose lookup saw
+    /// the flight's lease joins it and gets the entry at once.
+    shared: bool,
 }
 
 impl FlightTable {
@@ -129,6 +133,7 @@ impl FlightTable {
             flights: self.flights.clone(),
             name,
             sender,
+            shared: false,
         })
     }
 }
@@ -140,14 +145,19 @@ impl Leader {
         self.sender.send_replace(Some(Landed::Streaming(tee)));
     }
 
-    /// Hands the stored form of the response to every follower.
-    pub(crate) fn share(self, entry: Bytes) {
+    /// Hands the stored form of the response to every follower, and to
+    /// every request that joins until the leader is dropped.
+    pub(crate) fn share(&mut self, entry: Bytes) {
+        self.shared = true;
         self.sender.send_replace(Some(Landed::Entry(entry)));
     }
 
-    /// Tells the followers to call the inner service themselves.
+    /// Tells the followers to call the inner service themselves, unless
+    /// the flight landed with an entry already.
     pub(crate) fn unshareable(self) {
-        self.sender.send_replace(Some(Landed::Unshareable));
+        if !self.shared {
+            self.sender.send_replace(Some(Landed::Unshareable));
+        }
     }
 }
 

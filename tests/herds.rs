@@ -228,3 +228,33 @@ async fn a_lease_holder_that_went_away_costs_at_most_the_wait() {
     let (_, x_cache, _) = send(&b, get_req("/persons/1")).await;
     assert_eq!(x_cache, "HIT", "B filled the entry");
 }
+
+/// Bursts of 64 concurrent cold reads, a handler that answers at once,
+/// over one redis-server: one handler call per key. The leader lands its
+/// flight within a few microseconds, before some of its followers have
+/// read their lookup's reply (this process's lease, from the same
+/// pipeline); they look again instead of taking a landed flight's lease
+/// for one its request left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(redis_missing, ignore = "redis-server is not on PATH")]
+async fn a_cold_key_with_a_fast_handler_costs_one_handler_call() {
+    let server = common::RedisServer::start();
+    let store = tower_redis_cache::store::RedisStore::builder(server.url())
+        .build()
+        .unwrap();
+    let db = Db::default();
+    let (app, policy) = app(std::sync::Arc::new(store), db.clone());
+    let uris: Vec<&'static str> = (1..=20)
+        .map(|id| &*Box::leak(format!("/persons/{id}").into_boxed_str()))
+        .collect();
+    for (id, _) in uris.iter().enumerate() {
+        db.set(&(id + 1).to_string(), 1);
+    }
+    for uri in &uris {
+        let answers = burst(&app, uri, 64).await;
+        assert!(answers.iter().all(|(status, ..)| *status == StatusCode::OK));
+    }
+    eprintln!("20 bursts of 64 cold reads: {} handler calls", db.calls());
+    assert_eq!(calls(&policy, ITEM), [("miss", 20)]);
+    assert_eq!(db.calls(), 20);
+}

@@ -6,7 +6,7 @@ use super::body::ResponseBody;
 use crate::coding::etag_for;
 use crate::entry::{Entry, Slot};
 use crate::flight::{Landed, Role};
-use crate::store::{Lookup, Observed, StoreError, StoreFuture};
+use crate::store::{LeaseHolder, Lookup, Observed, StoreError, StoreFuture};
 use bytes::Bytes;
 use http::header::{self};
 use http::{Response, StatusCode};
@@ -124,11 +124,22 @@ impl Ctx {
             }
         }
         self.end_lookup_span("miss");
-        let foreign = found.foreign_lease();
+        let holder = found.lease_holder();
         match self.missed(found) {
             Some(wait) => Next::Join(wait),
-            None if foreign && self.leader.is_some() && !self.policy.lease_wait().is_zero() => {
+            // Another process fills the entry: wait for it, polling.
+            None if holder == LeaseHolder::Another
+                && self.leader.is_some()
+                && !self.policy.lease_wait().is_zero() =>
+            {
                 Next::AwaitFill(tokio::time::Instant::now() + self.policy.lease_wait())
+            }
+            // A lease of this process, and no flight for it: the flight
+            // landed between this lookup and now (a fast handler), or its
+            // request went away. One more look tells: the entry, or the
+            // same lease again, which `filled` answers with a call.
+            None if holder == LeaseHolder::Us && self.leader.is_some() => {
+                Next::AwaitFill(tokio::time::Instant::now())
             }
             None => Next::Call,
         }

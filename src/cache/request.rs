@@ -337,9 +337,10 @@ impl Ctx {
         KeyText(self.key.as_ref())
     }
 
-    /// Gives the stored form of the response to the requests waiting on it.
+    /// Gives the stored form of the response to the requests waiting on
+    /// it, and to those that join until this request ends (its write done).
     pub(crate) fn share(&mut self, entry: &Bytes) {
-        if let Some(leader) = self.leader.take() {
+        if let Some(leader) = &mut self.leader {
             leader.share(entry.clone());
         }
     }

@@ -117,13 +117,17 @@ impl Filling {
         let Ok((_, encoded)) = made else {
             return None;
         };
-        if let Some(leader) = self.leader.take() {
+        // Listed until the write is done: a request that saw the flight's
+        // lease joins it and gets the entry.
+        let mut leader = self.leader.take();
+        if let Some(leader) = &mut leader {
             leader.share(encoded.clone());
         }
         let ttl = self.ttl + self.policy.route(self.route).stale_window;
         let (policy, route, key) = (self.policy.clone(), self.route, self.key);
         let seen = self.seen;
         let writing: Writing = Box::pin(async move {
+            let _listed = leader;
             let seen = match seen {
                 Seen::Known(seen) => seen,
                 // A hedged miss: the handler may have read before its

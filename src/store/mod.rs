@@ -108,12 +108,23 @@ pub struct Lookup {
     /// The server epoch the lookup read under (empty when unknown): a write
     /// under another epoch is refused.
     origin: Bytes,
-    /// The entry is the lease of a miss made through another store (another
-    /// process): that miss is filling it.
-    foreign_lease: bool,
+    /// Whose lease the lookup met where the entry would be.
+    lease: LeaseHolder,
     /// The versions read were already current when [`Store::lookup`] was
     /// called: no bump came between the call and the read.
     versions_current_at_call: bool,
+}
+
+/// Whose lease a lookup met where the entry would be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseHolder {
+    /// None, or the lookup took it.
+    Nobody,
+    /// Another request of this store (this process): filling the entry, or
+    /// gone with its lease left behind.
+    Us,
+    /// A miss made through another store (another process), filling it.
+    Another,
 }
 
 impl Lookup {
@@ -125,21 +136,26 @@ impl Lookup {
             payload: entry.clone(),
             entry,
             origin: Bytes::new(),
-            foreign_lease: false,
+            lease: LeaseHolder::Nobody,
             versions_current_at_call: false,
         }
     }
 
-    /// The same lookup, whose entry is another process's lease.
+    /// The same lookup, whose entry is the lease `holder` took.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn with_foreign_lease(mut self) -> Self {
-        self.foreign_lease = true;
+    pub(crate) fn with_lease(mut self, holder: LeaseHolder) -> Self {
+        self.lease = holder;
         self
     }
 
     /// True when another process's miss is filling the entry.
     pub(crate) fn foreign_lease(&self) -> bool {
-        self.foreign_lease
+        self.lease == LeaseHolder::Another
+    }
+
+    /// Whose lease the lookup met where the entry would be.
+    pub(crate) fn lease_holder(&self) -> LeaseHolder {
+        self.lease
     }
 
     /// The same lookup, made under the server epoch `origin`.
@@ -175,7 +191,7 @@ impl Lookup {
             entry: own(self.entry),
             payload: own(self.payload),
             origin: self.origin,
-            foreign_lease: self.foreign_lease,
+            lease: self.lease,
             versions_current_at_call: self.versions_current_at_call,
         }
     }

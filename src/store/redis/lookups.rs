@@ -8,17 +8,17 @@ use redis::{Cmd, Value};
 use super::connection::Epoch;
 use super::errors::{backend, refusal};
 use super::scripts::{ensure_versions, millis};
-use crate::store::{CacheKey, Lookup, Observed, StoreError, VersionKey};
+use crate::store::{CacheKey, LeaseHolder, Lookup, Observed, StoreError, VersionKey};
 
 /// A plain key's lookup: one command, the entry if there is one, else
-/// this miss's lease (`SET key lease NX PX ttl GET`); and whether what it
-/// read is the lease of another store's miss (another process fills it).
+/// this miss's lease (`SET key lease NX PX ttl GET`); and whose lease it
+/// met, if it met one.
 pub(super) async fn plain_lookup<C: ConnectionLike>(
     conn: &mut C,
     key: &str,
     lease_ttl: std::time::Duration,
     minter: &crate::store::tokens::Minter,
-) -> Result<(Observed, bool), StoreError> {
+) -> Result<(Observed, LeaseHolder), StoreError> {
     let lease = crate::store::tokens::lease_by(minter);
     let mut set = Cmd::with_capacity(7, key.len() + lease.len() + 32);
     set.arg("SET")
@@ -30,10 +30,16 @@ pub(super) async fn plain_lookup<C: ConnectionLike>(
         .arg("GET");
     let found = match refusal(conn.req_packed_command(&set).await) {
         Ok(Value::BulkString(value)) => {
-            // This store's own lease: a miss of this process left it (its
-            // request went away), and nobody is filling the entry.
-            let foreign = crate::store::tokens::is_lease_of_another(&value, minter);
-            return Ok((Observed::Value(Bytes::from(value)), foreign));
+            let holder = if !crate::store::tokens::is_lease(&value) {
+                LeaseHolder::Nobody
+            } else if crate::store::tokens::is_lease_of_another(&value, minter) {
+                LeaseHolder::Another
+            } else {
+                // Another request of this process: filling the entry (its
+                // flight may have landed already), or gone.
+                LeaseHolder::Us
+            };
+            return Ok((Observed::Value(Bytes::from(value)), holder));
         }
         Ok(Value::Nil) => Observed::Value(Bytes::copy_from_slice(&lease)),
         Err(err) if err.code() == Some("WRONGTYPE") => Observed::WrongType,
@@ -51,7 +57,7 @@ pub(super) async fn plain_lookup<C: ConnectionLike>(
         Ok(other) => return Err(unexpected("SET", other)),
         Err(err) => return Err(backend(err)),
     };
-    Ok((found, false))
+    Ok((found, LeaseHolder::Nobody))
 }
 
 /// A reply no command here expects.

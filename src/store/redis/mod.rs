@@ -309,14 +309,10 @@ impl<C: Connect> Store for Link<C> {
                 let (source, live) = (source.clone(), source.live());
                 Box::pin(async move {
                     on_live(&source, deadline, live, |mut conn, epoch| async move {
-                        let (entry, foreign) =
+                        let (entry, holder) =
                             plain_lookup(&mut conn, &key, lease_ttl, &minter).await?;
                         let epoch = C::served_by(&conn).unwrap_or(epoch);
-                        let lookup = looked_up(Vec::new(), entry, epoch);
-                        Ok(match foreign {
-                            true => lookup.with_foreign_lease(),
-                            false => lookup,
-                        })
+                        Ok(looked_up(Vec::new(), entry, epoch).with_lease(holder))
                     })
                     .await
                 })
