@@ -388,9 +388,83 @@ async fn a_cut_stream_cuts_its_followers_too(backend: Backend) {
     );
 }
 
+/// A reader on another `Host` that arrives while a streamed miss of the
+/// same key is under way never reads that stream: the entry is bound to
+/// the leader's `Host`, so it calls the handler itself and gets its own
+/// body, whatever the two bodies say.
+async fn a_follower_on_another_host_gets_its_own_stream(backend: Backend) {
+    use futures_util::StreamExt;
+    let calls = Arc::new(AtomicUsize::new(0));
+    backend.store.ping().await.unwrap();
+    let counted = calls.clone();
+    let policy = Policy::builder()
+        .store(backend.store.clone())
+        .route(
+            Route::get("/export/{n}")
+                .key("export:{n}")
+                .ttl(Duration::from_secs(60)),
+        )
+        .build()
+        .unwrap();
+    let handler = get(move |headers: axum::http::HeaderMap| {
+        let calls = counted.clone();
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let host = headers[header::HOST].to_str().unwrap().to_owned();
+            let chunks = [format!("[\"{host}\""), ",\"a\"".into(), ",\"b\"]".into()];
+            let chunks = futures_util::stream::iter(chunks).then(|chunk| async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok::<_, std::io::Error>(chunk)
+            });
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from_stream(chunks))
+                .unwrap()
+        }
+    });
+    let app = Router::new()
+        .route("/export/{n}", handler)
+        .layer(CacheLayer::new(policy.clone()));
+    let read = |host: &'static str, after: Duration| {
+        let app = app.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let request = Request::get("/export/3")
+                .header(header::HOST, host)
+                .body(Body::empty())
+                .unwrap();
+            let response = tower::ServiceExt::oneshot(app, request).await.unwrap();
+            let status = response.headers()["cache-status"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8(body.to_vec()).unwrap())
+        })
+    };
+    let leader = read("a.example", Duration::ZERO);
+    let other = read("b.example", Duration::from_millis(20));
+    let (leader, other) = (leader.await.unwrap(), other.await.unwrap());
+    assert_eq!(leader.1, r#"["a.example","a","b"]"#, "{}", leader.0);
+    assert_eq!(other.1, r#"["b.example","a","b"]"#, "{}", other.0);
+    assert!(leader.0.contains("detail=streamed"), "{}", leader.0);
+    assert!(!other.0.contains("collapsed"), "{}", other.0);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let why: Vec<_> = policy
+        .stats()
+        .route("GET /export/{n}")
+        .unwrap()
+        .handler_calls
+        .iter()
+        .map(|(why, n)| (why.as_str(), *n))
+        .collect();
+    assert_eq!(why, [("miss", 1), ("other-variant", 1)]);
+}
+
 backend_tests!(
     a_streamed_miss_reaches_the_client_as_it_comes,
     a_stream_the_client_dropped_stores_nothing,
     followers_of_a_streamed_miss_read_it_as_it_comes,
     a_cut_stream_cuts_its_followers_too,
+    a_follower_on_another_host_gets_its_own_stream,
 );

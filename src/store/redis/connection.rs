@@ -34,6 +34,7 @@ use super::target::{Standing, Target};
 
 mod upkeep;
 
+#[cfg(feature = "cluster")]
 pub(crate) use self::upkeep::EPOCH_CHECK;
 use self::upkeep::{check_epochs, measure_clock};
 use crate::store::StoreError;

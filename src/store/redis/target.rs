@@ -11,7 +11,9 @@
 //! folds it into the epoch it stamps on entries: none written before a
 //! failover is served after it, whichever server it lands on.
 
-/// Where each connection attempt goes.
+/// Where each connection attempt goes. One per store, made once and never
+/// moved on a request's path: its variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Target {
     /// One server.
     Server(redis::Client),
@@ -62,6 +64,7 @@ pub(crate) enum Standing {
     /// (Sentinel's configuration epoch for the master).
     Master { failovers: Option<u64> },
     /// Sentinel names another master.
+    #[cfg_attr(not(feature = "sentinel"), allow(dead_code))]
     Replaced,
 }
 
