@@ -70,9 +70,9 @@ fn app(backend: &Backend, calls: Arc<AtomicUsize>) -> Router {
     )
 }
 
-/// `/export/{n}` served by `handler`, cached 60 s under `export:{n}`.
-fn cached(backend: &Backend, handler: axum::routing::MethodRouter) -> Router {
-    let policy = Policy::builder()
+/// `/export/{n}` cached 60 s under `export:{n}`.
+fn export_policy(backend: &Backend) -> Policy {
+    Policy::builder()
         .store(backend.store.clone())
         .route(
             Route::get("/export/{n}")
@@ -80,10 +80,19 @@ fn cached(backend: &Backend, handler: axum::routing::MethodRouter) -> Router {
                 .ttl(Duration::from_secs(60)),
         )
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// `/export/{n}` served by `handler` behind `policy`.
+fn served(policy: &Policy, handler: axum::routing::MethodRouter) -> Router {
     Router::new()
         .route("/export/{n}", handler)
-        .layer(CacheLayer::new(policy))
+        .layer(CacheLayer::new(policy.clone()))
+}
+
+/// `/export/{n}` served by `handler`, cached 60 s under `export:{n}`.
+fn cached(backend: &Backend, handler: axum::routing::MethodRouter) -> Router {
+    served(&export_policy(backend), handler)
 }
 
 fn export_req(n: usize) -> Request<Body> {
@@ -397,15 +406,7 @@ async fn a_follower_on_another_host_gets_its_own_stream(backend: Backend) {
     let calls = Arc::new(AtomicUsize::new(0));
     backend.store.ping().await.unwrap();
     let counted = calls.clone();
-    let policy = Policy::builder()
-        .store(backend.store.clone())
-        .route(
-            Route::get("/export/{n}")
-                .key("export:{n}")
-                .ttl(Duration::from_secs(60)),
-        )
-        .build()
-        .unwrap();
+    let policy = export_policy(&backend);
     let handler = get(move |headers: axum::http::HeaderMap| {
         let calls = counted.clone();
         async move {
@@ -422,9 +423,7 @@ async fn a_follower_on_another_host_gets_its_own_stream(backend: Backend) {
                 .unwrap()
         }
     });
-    let app = Router::new()
-        .route("/export/{n}", handler)
-        .layer(CacheLayer::new(policy.clone()));
+    let app = served(&policy, handler);
     let read = |host: &'static str, after: Duration| {
         let app = app.clone();
         tokio::spawn(async move {
