@@ -105,6 +105,10 @@ impl ClusterSource {
 impl Source for ClusterSource {
     type Conn = Batched<ClusterConnection>;
 
+    fn send(conn: &mut Self::Conn, cmd: redis::Cmd) -> redis::RedisFuture<'_, redis::Value> {
+        conn.send(cmd)
+    }
+
     fn connect(&self) -> Connecting<Batched<ClusterConnection>> {
         let shared = self.inner.clone();
         Box::pin(async move {

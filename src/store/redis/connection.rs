@@ -92,6 +92,12 @@ pub(crate) mod sealed {
             None
         }
 
+        /// Sends `cmd`, which `conn` may keep rather than copy (a batch
+        /// queues it as it is): the path of a hit's one command.
+        fn send(conn: &mut Self::Conn, cmd: redis::Cmd) -> redis::RedisFuture<'_, redis::Value> {
+            Box::pin(async move { conn.req_packed_command(&cmd).await })
+        }
+
         /// The epoch of the server that answered the commands `conn` sent,
         /// when it is only known from the replies (a cluster's node).
         fn served_by(conn: &Self::Conn) -> Option<Epoch> {
@@ -460,6 +466,10 @@ impl Reconnecting {
 impl sealed::Source for Reconnecting {
     type Conn = Batched<MultiplexedConnection>;
 
+    fn send(conn: &mut Self::Conn, cmd: redis::Cmd) -> redis::RedisFuture<'_, redis::Value> {
+        conn.send(cmd)
+    }
+
     /// The live connection; else the attempt under way; else a new attempt,
     /// unless one failed less than [`RETRY_AFTER`] ago. One attempt at a
     /// time, as its own task: an operation that gives up at its deadline
@@ -501,9 +511,12 @@ impl sealed::Source for Reconnecting {
         })
     }
 
+    /// What a request needs of the live connection, taken under the lock
+    /// without copying the rest (its server's name is a `String`).
     fn live(&self) -> Option<(Batched<MultiplexedConnection>, Epoch, u64)> {
-        self.current()
-            .map(|live| (live.conn, live.epoch, live.generation))
+        lock(&self.inner.live)
+            .as_ref()
+            .map(|live| (live.conn.clone(), live.epoch.clone(), live.generation))
     }
 
     fn server(&self) -> Option<String> {

@@ -5,6 +5,7 @@ use bytes::Bytes;
 use redis::aio::ConnectionLike;
 use redis::{Cmd, Value};
 
+use super::connection::sealed::Source;
 use super::connection::Epoch;
 use super::errors::{backend, refusal};
 use super::scripts::{ensure_versions, millis};
@@ -13,8 +14,8 @@ use crate::store::{CacheKey, LeaseHolder, Lookup, Observed, StoreError, VersionK
 /// A plain key's lookup: one command, the entry if there is one, else
 /// this miss's lease (`SET key lease NX PX ttl GET`); and whose lease it
 /// met, if it met one.
-pub(super) async fn plain_lookup<C: ConnectionLike>(
-    conn: &mut C,
+pub(super) async fn plain_lookup<S: Source>(
+    conn: &mut S::Conn,
     key: &str,
     lease_ttl: std::time::Duration,
     minter: &crate::store::tokens::Minter,
@@ -28,7 +29,7 @@ pub(super) async fn plain_lookup<C: ConnectionLike>(
         .arg("PX")
         .arg(millis(lease_ttl))
         .arg("GET");
-    let found = match refusal(conn.req_packed_command(&set).await) {
+    let found = match refusal(S::send(conn, set).await) {
         Ok(Value::BulkString(value)) => {
             let holder = if !crate::store::tokens::is_lease(&value) {
                 LeaseHolder::Nobody
@@ -161,8 +162,8 @@ impl SeenVersions {
 /// key is created by a script, and then no entry can exist under it.
 /// Every command names its keys (no key is built inside Redis). Returns
 /// the versions, the entry, and whether the versions read were the guess.
-pub(super) async fn versioned_lookup<C: ConnectionLike>(
-    conn: &mut C,
+pub(super) async fn versioned_lookup<S: Source>(
+    conn: &mut S::Conn,
     guess: Option<Vec<Observed>>,
     key: &CacheKey,
 ) -> Result<(Vec<Observed>, Observed, bool), StoreError> {
@@ -179,11 +180,10 @@ pub(super) async fn versioned_lookup<C: ConnectionLike>(
         mget.arg(EntryKey(key, &values(&current).collect::<Vec<_>>()));
     }
     // MGET answers nil for a missing key and for one of another type alike.
-    let replies = match refusal(conn.req_packed_command(&mget).await).map_err(backend)? {
+    let replies = match refusal(S::send(conn, mget).await).map_err(backend)? {
         Value::Array(replies) => replies,
         other => return Err(unexpected("MGET", other)),
     };
-    drop(mget);
     let mut replies = replies.into_iter();
     let mut matched = guessed;
     let mut read = 0;

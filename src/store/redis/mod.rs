@@ -310,7 +310,7 @@ impl<C: Connect> Store for Link<C> {
                 Box::pin(async move {
                     on_live(&source, deadline, live, |mut conn, epoch| async move {
                         let (entry, holder) =
-                            plain_lookup(&mut conn, &key, lease_ttl, &minter).await?;
+                            plain_lookup::<C>(&mut conn, &key, lease_ttl, &minter).await?;
                         let epoch = C::served_by(&conn).unwrap_or(epoch);
                         Ok(looked_up(Vec::new(), entry, epoch).with_lease(holder))
                     })
@@ -333,7 +333,7 @@ impl<C: Connect> Store for Link<C> {
                             None => (None, None),
                         };
                         let (versions, entry, matched) =
-                            versioned_lookup(&mut conn, values, key).await?;
+                            versioned_lookup::<C>(&mut conn, values, key).await?;
                         let epoch = C::served_by(&conn).unwrap_or(epoch);
                         let again = matched && guessed_under.as_ref() == Some(&epoch);
                         if !again {

@@ -2,7 +2,7 @@
 //! tower-http-cache (Redis or memory backend), behind hitbox (hitbox-tower with
 //! the hitbox-redis or hitbox-moka backend), or, built with the `ours`
 //! feature, behind tower-redis-cache (Redis or memory store).
-//! Usage: peer-harness <nocache|thc-redis|thc-memory|hbx-redis|hbx-memory|arc-memory|ours-redis|ours-memory|ours-tier|ours-cluster> <port> [redis_url | cluster_urls]
+//! Usage: peer-harness <nocache|floor-headers|floor-redis|floor-cluster|thc-redis|thc-memory|hbx-redis|hbx-memory|arc-memory|ours-redis|ours-memory|ours-tier|ours-cluster> <port> [redis_url | cluster_urls]
 //! (`arc-memory`: axum-response-cache 0.4, which takes axum's request and
 //! response types only: the same handler, as an axum service.)
 //! (`ours-tier`: tower-redis-cache over Redis with its in-process tier;
@@ -38,7 +38,8 @@ impl std::fmt::Display for E {
 impl std::error::Error for E {}
 fn e(err: BoxError) -> E { E(err.to_string()) }
 
-type Svc = BoxCloneService<Request<hyper::body::Incoming>, Response<http_body_util::combinators::UnsyncBoxBody<Bytes, E>>, E>;
+type UnsyncBoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, E>;
+type Svc = BoxCloneService<Request<hyper::body::Incoming>, Response<UnsyncBoxBody>, E>;
 
 fn body() -> Bytes {
     Bytes::from(format!(
@@ -140,6 +141,7 @@ async fn main() {
         }
         "hbx-memory" | "hbx-redis" => hbx(&mode, args.get(3).cloned()),
         "arc-memory" => arc(),
+        "floor-headers" | "floor-redis" | "floor-cluster" => floor(&mode, args.get(3).cloned()).await,
         "ours-memory" | "ours-redis" | "ours-tier" | "ours-cluster" => ours(&mode, args.get(3).cloned(), base),
         other => panic!("unknown mode {other}"),
     };
@@ -178,6 +180,70 @@ async fn main() {
             let _ = conn.await;
         });
     }
+}
+
+/// The headers a hit from tower-redis-cache's in-process tier adds to the
+/// handler's (the values of the harness's `/item`): every floor mode sends them.
+const HIT_HEADERS: [(&str, &str); 4] = [
+    ("etag", "\"913ac1094e741ba8cf4bff87fcc979ac\""),
+    ("age", "0"),
+    ("x-cache", "HIT"),
+    ("cache-status", "tower-redis-cache; hit; ttl=300; detail=in-process"),
+];
+
+/// Floors, no cache: what a hit cannot cost less than. `floor-headers`:
+/// the handler's response plus the headers a hit carries. `floor-redis`
+/// and `floor-cluster`: the body read with one `GET` per request through
+/// one redis-rs multiplexed connection (a cluster connection for
+/// `floor-cluster`), sent with those headers; the handler does not run.
+async fn floor(mode: &str, url: Option<String>) -> Svc {
+    match mode {
+        "floor-headers" => BoxCloneService::new(tower::service_fn(|req: Request<hyper::body::Incoming>| async move {
+            Ok(with_hit_headers(handler(req).await.map_err(|x| -> E { match x {} })?))
+        })),
+        "floor-redis" => {
+            let url = url.unwrap_or_else(|| "redis://127.0.0.1:6379/0".into());
+            let client = redis::Client::open(url).expect("redis url");
+            let conn = client.get_multiplexed_async_connection().await.expect("connect");
+            BoxCloneService::new(floor_get(conn, "floor:item").await)
+        }
+        _ => {
+            let seeds = url.expect("cluster seed URLs, comma separated");
+            let client = redis::cluster::ClusterClient::new(seeds.split(',').collect::<Vec<_>>()).expect("cluster seeds");
+            let conn = client.get_async_connection().await.expect("connect");
+            BoxCloneService::new(floor_get(conn, "{floor}item").await)
+        }
+    }
+}
+
+/// `response` with the headers a hit carries added, as static values (no
+/// allocation: the floor's own cost is the least it can be).
+fn with_hit_headers(mut response: Response<Full<Bytes>>) -> Response<UnsyncBoxBody> {
+    use http::header::{HeaderName, HeaderValue};
+    use http_body_util::BodyExt;
+    let headers = response.headers_mut();
+    for (name, value) in HIT_HEADERS {
+        headers.insert(HeaderName::from_static(name), HeaderValue::from_static(value));
+    }
+    response.map(|body| body.map_err(|x| match x {}).boxed_unsync())
+}
+
+/// Stores the handler's body under `key`, then serves `GET key` per request.
+async fn floor_get<C>(mut conn: C, key: &'static str) -> impl tower::Service<
+    Request<hyper::body::Incoming>, Response = Response<UnsyncBoxBody>, Error = E, Future: Send> + Clone + Send + Sync + 'static
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    use redis::AsyncCommands;
+    let _: () = conn.set(key, body().to_vec()).await.expect("SET");
+    tower::service_fn(move |_req: Request<hyper::body::Incoming>| {
+        let mut conn = conn.clone();
+        async move {
+            let body: Vec<u8> = conn.get(key).await.map_err(|x| E(x.to_string()))?;
+            let response = Response::builder().header("content-type", "application/json");
+            Ok(with_hit_headers(response.body(Full::new(Bytes::from(body))).unwrap()))
+        }
+    })
 }
 
 /// axum-response-cache on the same handler, kept 300 s: the layer wants
